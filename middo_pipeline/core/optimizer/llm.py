@@ -1,0 +1,64 @@
+"""The contract between the optimizer operations and the LLM backends.
+
+A backend takes a batch of chat requests and returns one ``Completion`` per request, in order.
+It never raises for one failed request: the failure is returned as ``Completion(error=...)``
+so that the round can keep the original sample and count the failure. It raises only when
+the backend as a whole cannot work (wrong URL, unauthorized, model missing):
+``BackendUnavailable``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: tuple[tuple[str, str], ...]  # ((role, content), ...)
+    max_tokens: int = 256
+    temperature: float = 0.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    # text the assistant turn starts with (prefill); local backends continue it, HTTP backends
+    # that cannot prefill send it as the last instruction line; the completion excludes it
+    prefill: str = ""
+
+    @staticmethod
+    def from_messages(messages: Sequence[dict], **kw) -> "ChatRequest":
+        return ChatRequest(messages=tuple((m["role"], m["content"]) for m in messages), **kw)
+
+    def as_messages(self) -> list[dict]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+    def cache_key(self, backend_id: str) -> str:
+        """Backend + model + prompt + sampling parameters -> a stable key."""
+        payload = json.dumps({"backend": backend_id, **asdict(self)}, sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class Completion:
+    text: str | None = None
+    error: str | None = None  # short reason when the call failed ("timeout", "http 500", ...)
+    cached: bool = False
+    usage: dict = field(default_factory=dict)  # prompt_tokens / completion_tokens where known
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.text is not None
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot be used at all: say why and how to fix it."""
+
+
+class LLMBackend(Protocol):
+    @property
+    def backend_id(self) -> str:
+        """Identifies backend kind + model (+ base_url) for the cache key; never the API key."""
+
+    def complete(self, requests: Sequence[ChatRequest], progress=None) -> list[Completion]:
+        """One Completion per request, same order. ``progress(done, total)`` when given."""
