@@ -127,3 +127,12 @@ def schema_problems(df: pl.DataFrame) -> list[str]:
     if orphan:
         problems.append(f"{orphan} derived rows without origin_id")
     return problems
+
+
+def fingerprint(df: pl.DataFrame) -> str:
+    """Content hash of a sample table: its ordered sample ids (ids hash the text)."""
+    h = hashlib.sha256()
+    for sid in df["sample_id"].to_list():
+        h.update(sid.encode("ascii"))
+        h.update(b"\n")
+    return h.hexdigest()[:16]

@@ -2,7 +2,8 @@
 
 One root folder holds every table (Parquet), checkpoint, plot and cache of the pipeline:
 
-    <root>/tables/<asset>/<partition or "all">.parquet
+    <root>/tables/<asset>.parquet                (unpartitioned assets)
+    <root>/tables/<asset>/<partition>.parquet    (one file per round partition)
     <root>/checkpoints/<partition>/            (a transformers-loadable model folder)
     <root>/cache/                              (optimizer completion cache, converted models)
 
@@ -53,8 +54,15 @@ class Storage:
         self.root = Path(root) if root else default_root()
 
     # -- paths -----------------------------------------------------------------------------
+    @property
+    def tables_dir(self) -> Path:
+        return self.root / "tables"
+
     def table_path(self, asset: str, partition: str | None = None) -> Path:
-        return self.root / "tables" / safe_name(asset) / f"{safe_name(partition or UNPARTITIONED)}.parquet"
+        """The same layout as Dagster's UPathIOManager uses (see ``middo_pipeline.io``)."""
+        if partition is None:
+            return self.tables_dir / f"{safe_name(asset)}.parquet"
+        return self.tables_dir / safe_name(asset) / f"{safe_name(partition)}.parquet"
 
     def checkpoint_dir(self, partition: str) -> Path:
         return self.root / "checkpoints" / safe_name(partition)

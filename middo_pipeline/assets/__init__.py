@@ -1,0 +1,1 @@
+"""Thin Dagster assets: load inputs, call ``middo_pipeline.core``, write outputs, attach metadata."""

@@ -1,0 +1,106 @@
+"""Step 1 of the loop: fine-tune on the round's dataset."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+from pydantic import Field
+
+from middo_pipeline.assets._meta import image_md
+from middo_pipeline.core.plots import loss_curve_png
+from middo_pipeline.core.progress import ProgressLogger
+from middo_pipeline.core.training import TrainConfig, train_sft
+from middo_pipeline.resources import ModelResource, StorageResource
+from middo_pipeline.rounds import round_key, round_number, rounds_partitions
+
+
+ROUND_INFO = "middo_round.json"  # inside each checkpoint: what it was trained from
+
+
+def trained_from(checkpoint_dir) -> str | None:
+    """The folder a checkpoint was initialised from (None: the base model)."""
+    info = checkpoint_dir / ROUND_INFO
+    return json.loads(info.read_text()).get("initialized_from") if info.exists() else None
+
+
+class TrainingConfig(Config):
+    epochs: float = Field(default=1.0)
+    learning_rate: float = Field(default=2e-4, description="2e-4 suits LoRA; the paper used 2e-5 (Llama) / 1e-5 (Mistral) for full fine-tuning")
+    batch_size: int = Field(default=4)
+    grad_accum: int = Field(default=1)
+    max_length: int = Field(default=384, description="Tokens per sample (prompt + response)")
+    lora: bool = Field(default=True, description="LoRA (merged after training) or full fine-tuning")
+    lora_rank: int = Field(default=16)
+    lora_alpha: int = Field(default=32)
+    seed: int = Field(default=0)
+    max_steps: int = Field(default=-1, description="Stop after this many steps (-1: the epochs decide)")
+    init: str = Field(default="base", description="base: retrain from the base model each round (the paper); previous: continue from the previous round's checkpoint")
+
+
+def init_checkpoint(storage, partition_key: str, init: str) -> str | None:
+    """The folder training starts from instead of the base model, or None for the base."""
+    if init == "base":
+        return None
+    if init != "previous":
+        raise ValueError(f"training init must be 'base' or 'previous', got {init!r}")
+    r = round_number(partition_key)
+    if r == 1:
+        return None
+    prev = storage.checkpoint_dir(round_key(r - 1))
+    if not (prev / "config.json").exists():
+        raise FileNotFoundError(f"init='previous' needs {round_key(r - 1)}'s sft_checkpoint at {prev}; materialize it first")
+    return str(prev)
+
+
+@asset(
+    partitions_def=rounds_partitions,
+    group_name="loop",
+    kinds={"pytorch"},
+    description="Supervised fine-tuning (trl SFTTrainer, loss on response tokens) of the base model on round_dataset; a transformers-loadable model folder.",
+)
+def sft_checkpoint(
+    context: AssetExecutionContext,
+    config: TrainingConfig,
+    model: ModelResource,
+    storage: StorageResource,
+    round_dataset: pl.DataFrame,
+) -> MaterializeResult:
+    store = storage.get()
+    target = store.checkpoint_dir(context.partition_key)
+    start = init_checkpoint(store, context.partition_key, config.init)
+    train_cfg = TrainConfig(
+        epochs=config.epochs, learning_rate=config.learning_rate, batch_size=config.batch_size,
+        grad_accum=config.grad_accum, max_length=config.max_length, lora=config.lora,
+        lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, seed=config.seed,
+        max_steps=config.max_steps, device=model.device, threads=model.threads,
+    )
+    progress = ProgressLogger(context.log.info, "training", unit="steps")
+
+    def on_log(state: dict) -> None:
+        if state.get("max_steps"):
+            progress(int(state.get("step", 0)), int(state["max_steps"]))
+
+    context.log.info(f"fine-tuning {start or model.base_model} on {round_dataset.height} samples -> {target}")
+    with store.lock("sft_checkpoint", context.partition_key), store.atomic_path(target, is_dir=True) as tmp:
+        result = train_sft(model.base_path(), round_dataset, tmp, train_cfg, init_from=start, progress=on_log)
+        (tmp / ROUND_INFO).write_text(json.dumps({"round": context.partition_key, "initialized_from": start,
+                                                  "base_model": model.base_model}))
+    history = [(int(s), float(l)) for s, l in result.loss_history]
+    return MaterializeResult(
+        metadata={
+            "path": MetadataValue.path(str(target)),
+            "base_model": model.base_model,
+            "initialized_from": start or "base model",
+            "lora": config.lora,
+            "samples": round_dataset.height,
+            "steps": result.steps,
+            "tokens_seen": result.tokens_seen,
+            "seconds": round(result.seconds, 2),
+            "tokens_per_second": round(result.tokens_per_second, 1),
+            "final_loss": float(result.final_loss),
+            "loss_curve": image_md(loss_curve_png(history), "training loss"),
+            "loss_history": MetadataValue.json(json.loads(json.dumps(history))),
+        }
+    )

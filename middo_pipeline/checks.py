@@ -1,0 +1,1 @@
+"""Asset checks (visible in the UI beside each asset)."""

@@ -1,0 +1,64 @@
+"""The Dagster code location: assets, checks, jobs, schedule and resources.
+
+Resources come from environment variables so one code location serves a laptop and a GPU box:
+
+- MIDDO_PROFILE=default | tiny     (tiny: a random tiny model everywhere; for smoke tests)
+- MIDDO_BASE_MODEL                 model to fine-tune (default: packaged SmolLM2-135M-Instruct)
+- MIDDO_DEVICE                     auto | cpu | cuda
+- MIDDO_OPTIMIZER_BACKEND          local | openai
+- MIDDO_OPTIMIZER_MODEL            local model or served model name
+- MIDDO_OPTIMIZER_BASE_URL         e.g. http://localhost:8000/v1 (vLLM)
+- MIDDO_OPTIMIZER_API_KEY_ENV      name of the variable holding the key (default OPENAI_API_KEY)
+- MIDDO_HOME                       storage root (default $DAGSTER_HOME/middo or ./.middo)
+"""
+
+from __future__ import annotations
+
+import os
+
+from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
+
+from middo_pipeline import checks
+from middo_pipeline.assets import evaluation, ingestion, optimization, signals, training
+from middo_pipeline.io import ParquetIOManager
+from middo_pipeline.jobs import round_job, seed_job
+from middo_pipeline.models.loading import DEFAULT_MODEL, TINY_MODEL
+from middo_pipeline.resources import ModelResource, OptimizerResource, StorageResource
+from middo_pipeline.schedules import nightly_round
+
+
+def resources_from_env(env: dict | None = None) -> dict:
+    env = dict(os.environ if env is None else env)
+    profile = env.get("MIDDO_PROFILE", "default")
+    if profile not in ("default", "tiny"):
+        raise ValueError(f"MIDDO_PROFILE must be 'default' or 'tiny', got {profile!r}")
+    default_model = TINY_MODEL if profile == "tiny" else DEFAULT_MODEL
+    root = env.get("MIDDO_HOME") or None
+    device = env.get("MIDDO_DEVICE", "auto")
+    backend = env.get("MIDDO_OPTIMIZER_BACKEND", "local")
+    return {
+        "io_manager": ParquetIOManager(root=root),
+        "storage": StorageResource(root=root),
+        "model": ModelResource(base_model=env.get("MIDDO_BASE_MODEL", default_model), device=device),
+        "optimizer": OptimizerResource(
+            backend=backend,
+            model=env.get("MIDDO_OPTIMIZER_MODEL", default_model),
+            base_url=env.get("MIDDO_OPTIMIZER_BASE_URL") or None,
+            api_key_env=env.get("MIDDO_OPTIMIZER_API_KEY_ENV", "OPENAI_API_KEY"),
+            device=device,
+        ),
+    }
+
+
+def build_defs(env: dict | None = None) -> Definitions:
+    """The code location, with resources from ``env`` (default: the process environment)."""
+    return Definitions(
+        assets=load_assets_from_modules([ingestion, training, signals, optimization, evaluation]),
+        asset_checks=load_asset_checks_from_modules([checks]),
+        jobs=[seed_job, round_job],
+        schedules=[nightly_round],
+        resources=resources_from_env(env),
+    )
+
+
+defs = build_defs()

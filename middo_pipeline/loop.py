@@ -1,0 +1,162 @@
+"""Run loop rounds on a persistent Dagster instance, outside the UI (``middo loop``).
+
+Runs go through the same jobs the UI and the nightly schedule launch, recorded in the
+instance at ``$DAGSTER_HOME``, so they show up in the UI afterwards with all their metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from dagster import AssetKey, DagsterInstance
+
+from middo_pipeline.rounds import ROUNDS, existing_rounds, latest_materialization, round_key
+
+ROUND_ASSET_OPS = {  # run-config keys under "ops" that belong to the round job / the seed job
+    "round_dataset", "sft_checkpoint", "model_readouts", "loss_signals", "embedding_signals",
+    "quality_signals", "refined_samples", "optimized_dataset", "round_evaluation",
+}
+
+
+def ensure_dagster_home() -> Path:
+    """DAGSTER_HOME, created with telemetry off; ./.dagster_home when unset."""
+    home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    cfg = home / "dagster.yaml"
+    if not cfg.exists():
+        cfg.write_text("telemetry:\n  enabled: false\n")
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+PRESETS = Path(__file__).resolve().parent / "configs"
+
+
+def load_run_config(path: str | None) -> dict:
+    """A YAML run config (``ops: {asset: {config: ...}}``, ``resources: {...}``), or a preset name
+    from ``middo_pipeline/configs`` ("tiny", "gpu")."""
+    if not path:
+        return {}
+    if not Path(path).exists() and (PRESETS / f"{path}.yaml").exists():
+        path = str(PRESETS / f"{path}.yaml")
+    try:
+        cfg = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a mapping with 'ops:' at the top")
+    return cfg
+
+
+def split_config(cfg: dict) -> tuple[dict, dict]:
+    unknown_top = set(cfg) - {"ops", "resources"}
+    if unknown_top:
+        raise ValueError(f"unknown top-level config keys {sorted(unknown_top)}: use 'ops' and 'resources'")
+    ops = cfg.get("ops") or {}
+    unknown = set(ops) - ROUND_ASSET_OPS - {"seed_dataset"}
+    if unknown:
+        raise ValueError(f"unknown entries under ops: {sorted(unknown)}; known: seed_dataset, {sorted(ROUND_ASSET_OPS)}")
+    seed = {"ops": {k: v for k, v in ops.items() if k == "seed_dataset"}}
+    rnd = {"ops": {k: v for k, v in ops.items() if k in ROUND_ASSET_OPS}}
+    if cfg.get("resources"):
+        rnd["resources"] = cfg["resources"]
+    return seed, rnd
+
+
+@dataclass
+class RoundSummary:
+    round: str
+    success: bool
+    run_id: str
+    metadata: dict = field(default_factory=dict)
+
+
+def _meta(instance: DagsterInstance, asset: str, partition: str | None) -> dict:
+    rec = latest_materialization(instance, asset, partition)
+    if rec is None:
+        return {}
+    md = rec.asset_materialization.metadata if rec.asset_materialization else {}
+    return {k: v.value for k, v in md.items()}
+
+
+def summarize_round(instance: DagsterInstance, key: str) -> dict:
+    sig = {
+        "rows_in": _meta(instance, "round_dataset", key).get("rows"),
+        "hard": _meta(instance, "loss_signals", key).get("hard"),
+        "sparse": _meta(instance, "embedding_signals", key).get("sparse"),
+        "low_quality": _meta(instance, "quality_signals", key).get("low_quality"),
+    }
+    ref = _meta(instance, "refined_samples", key)
+    opt = _meta(instance, "optimized_dataset", key)
+    ev = _meta(instance, "round_evaluation", key)
+    ck = _meta(instance, "sft_checkpoint", key)
+    return sig | {
+        "train_final_loss": ck.get("final_loss"),
+        "refined_ok": ref.get("succeeded"),
+        "refined_failed": ref.get("failed"),
+        "rows_out": opt.get("rows_after"),
+        "eval_loss": ev.get("mean_response_loss"),
+        "eval_mc_accuracy": ev.get("mc_accuracy"),
+        "base_mc_accuracy": ev.get("base_mc_accuracy"),
+    }
+
+
+def run_rounds(n: int, *, seed_path: str | None = None, config: dict | None = None, log=print,
+               env: dict | None = None) -> list[RoundSummary]:
+    """Materialize the seed if needed (or when ``seed_path`` is given), then the next ``n`` rounds in order.
+    Resources come from ``env`` (default: the process environment; see ``definitions``)."""
+    from middo_pipeline.definitions import build_defs
+    from middo_pipeline.jobs import ROUND_JOB, SEED_JOB
+
+    defs = build_defs(env)
+    ensure_dagster_home()
+    seed_cfg, round_cfg = split_config(config or {})
+    if seed_path:
+        seed_cfg["ops"].setdefault("seed_dataset", {}).setdefault("config", {})["path"] = str(Path(seed_path).resolve())
+    with DagsterInstance.get() as instance:
+        seed_done = instance.get_latest_materialization_event(AssetKey("seed_dataset")) is not None
+        if seed_path or not seed_done or seed_cfg["ops"]:
+            log("materializing seed_dataset …")
+            res = defs.get_job_def(SEED_JOB).execute_in_process(instance=instance, run_config=seed_cfg, raise_on_error=False)
+            if not res.success:
+                raise RuntimeError(_failure_message(res, "seed_dataset"))
+            md = _meta(instance, "seed_dataset", None)
+            log(f"seed_dataset: {md.get('rows')} rows, {md.get('rejected')} rejected ({md.get('format')})")
+        done = existing_rounds(instance)
+        start = (max(done) + 1) if done else 1
+        if done and latest_materialization(instance, "optimized_dataset", round_key(max(done))) is None:
+            start = max(done)  # the last round did not finish: resume it (cached LLM calls are reused)
+            log(f"{round_key(start)} did not finish before: resuming it")
+        summaries = []
+        job = defs.get_job_def(ROUND_JOB)
+        for r in range(start, start + n):
+            key = round_key(r)
+            if not instance.has_dynamic_partition(ROUNDS, key):
+                instance.add_dynamic_partitions(ROUNDS, [key])
+            log(f"=== {key}: running {ROUND_JOB} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
+            res = job.execute_in_process(instance=instance, partition_key=key, run_config=round_cfg, raise_on_error=False)
+            summary = RoundSummary(key, res.success, res.run_id, summarize_round(instance, key))
+            summaries.append(summary)
+            log(f"{key}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.metadata.items()))
+            if not res.success:
+                raise RuntimeError(_failure_message(res, key))
+        return summaries
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _failure_message(res, what: str) -> str:
+    for event in res.all_events:
+        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
+            err = event.step_failure_data.error
+            while err.cause is not None and err.cls_name in ("DagsterExecutionStepExecutionError",):
+                err = err.cause
+            return f"{what} failed in step {event.step_key}: {err.cls_name}: {err.message.strip()} (run {res.run_id})"
+    return f"{what} failed (run {res.run_id}); see the run in the UI"

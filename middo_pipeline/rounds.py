@@ -1,0 +1,41 @@
+"""Loop rounds as Dagster dynamic partitions: keys ``round-1``, ``round-2``, …
+
+The step from round r-1 to round r cannot be a declared asset edge (Dagster rejects the
+cycle; see MIDDO.md), so assets read the previous round's outputs through the same storage
+layout and record where they came from. These helpers find them.
+"""
+
+from __future__ import annotations
+
+import re
+
+from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, DynamicPartitionsDefinition
+
+ROUNDS = "rounds"
+rounds_partitions = DynamicPartitionsDefinition(name=ROUNDS)
+_KEY = re.compile(r"^round-([1-9][0-9]*)$")
+
+
+def round_number(partition_key: str) -> int:
+    m = _KEY.match(partition_key)
+    if not m:
+        raise ValueError(f"round partition keys look like 'round-1', 'round-2', …; got {partition_key!r}")
+    return int(m.group(1))
+
+
+def round_key(n: int) -> str:
+    if n < 1:
+        raise ValueError(f"rounds start at 1, got {n}")
+    return f"round-{n}"
+
+
+def existing_rounds(instance: DagsterInstance) -> list[int]:
+    keys = instance.get_dynamic_partitions(ROUNDS)
+    return sorted(round_number(k) for k in keys if _KEY.match(k))
+
+
+def latest_materialization(instance: DagsterInstance, asset: str, partition: str | None = None):
+    """The latest materialization record of an asset (partition), or None."""
+    flt = AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition] if partition else None)
+    records = instance.fetch_materializations(flt, limit=1).records
+    return records[0] if records else None

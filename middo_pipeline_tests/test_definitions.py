@@ -1,0 +1,39 @@
+"""The code location loads, and reads like the method."""
+
+import pytest
+from dagster import AssetKey
+
+from middo_pipeline.definitions import build_defs, resources_from_env
+
+EXPECTED = [
+    "seed_dataset", "seed_quarantine", "round_dataset", "sft_checkpoint", "model_readouts", "loss_signals",
+    "embedding_signals", "quality_signals", "refined_samples", "optimized_dataset", "sample_accounting",
+    "round_evaluation",
+]
+
+
+def test_definitions_load():
+    defs = build_defs({})
+    repo = defs.get_repository_def()
+    keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
+    assert set(EXPECTED) <= keys
+    assert defs.get_job_def("middo_round") is not None and defs.get_job_def("seed_job") is not None
+    assert defs.get_schedule_def("nightly_round") is not None
+    graph = repo.asset_graph
+    # the round's lineage: seed -> round dataset -> checkpoint -> signals -> refined -> optimized
+    assert AssetKey("seed_dataset") in graph.get(AssetKey("round_dataset")).parent_keys
+    assert AssetKey("sft_checkpoint") in graph.get(AssetKey("model_readouts")).parent_keys
+    assert AssetKey("model_readouts") in graph.get(AssetKey("loss_signals")).parent_keys
+    assert {AssetKey("loss_signals"), AssetKey("embedding_signals"), AssetKey("quality_signals")} <= set(
+        graph.get(AssetKey("refined_samples")).parent_keys)
+    assert AssetKey("refined_samples") in graph.get(AssetKey("optimized_dataset")).parent_keys
+    for key in EXPECTED:
+        assert graph.get(AssetKey(key)).description, f"{key} has no description"
+
+
+def test_profiles():
+    assert resources_from_env({"MIDDO_PROFILE": "tiny"})["model"].base_model == "tiny-llama"
+    res = resources_from_env({"MIDDO_OPTIMIZER_BACKEND": "openai", "MIDDO_OPTIMIZER_BASE_URL": "http://127.0.0.1:9/v1"})
+    assert res["optimizer"].backend == "openai" and res["optimizer"].style() == "stepwise"
+    with pytest.raises(ValueError, match="MIDDO_PROFILE"):
+        resources_from_env({"MIDDO_PROFILE": "huge"})
