@@ -7,6 +7,8 @@ from pathlib import Path
 
 import polars as pl
 from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
     AssetExecutionContext,
     AssetOut,
     Config,
@@ -17,6 +19,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from middo_pipeline.assets._checks import schema_check, schema_spec
 from middo_pipeline.assets._meta import json_md, length_stats, preview_md
 from middo_pipeline.core.ingest import SeedFileError, read_seed
 from middo_pipeline.core.schema import fingerprint, schema_problems
@@ -44,6 +47,11 @@ class SeedConfig(Config):
         "seed_quarantine": AssetOut(description="Seed rows that could not be used, with file, line, field and reason.",
                                     kinds={"polars"}, group_name="ingestion"),
     },
+    check_specs=[
+        schema_spec("seed_dataset"),
+        AssetCheckSpec("every_row_accounted", asset="seed_dataset",
+                       description="Every record read is either in seed_dataset or in seed_quarantine"),
+    ],
 )
 def seed_dataset(context: AssetExecutionContext, config: SeedConfig):
     try:
@@ -82,18 +90,25 @@ def seed_dataset(context: AssetExecutionContext, config: SeedConfig):
             "preview": preview_md(quarantine, ["location", "field", "reason", "raw"], n=20),
         },
     )
+    yield schema_check(samples, "seed_dataset")
+    yield AssetCheckResult(
+        check_name="every_row_accounted", asset_key="seed_dataset",
+        passed=result.total_records == samples.height + quarantine.height,
+        metadata={"records_read": result.total_records, "rows": samples.height, "quarantined": quarantine.height},
+    )
 
 
 @asset(
     partitions_def=rounds_partitions,
     group_name="loop",
     kinds={"polars"},
+    check_specs=[schema_spec("round_dataset")],
     description=(
         "The dataset a round trains on: round-1 is the seed; round r>1 is round r-1's optimized_dataset, "
         "loaded from storage (the loop cannot be a declared edge) with its provenance in the metadata."
     ),
 )
-def round_dataset(context: AssetExecutionContext, storage: StorageResource, seed_dataset: pl.DataFrame) -> pl.DataFrame:
+def round_dataset(context: AssetExecutionContext, storage: StorageResource, seed_dataset: pl.DataFrame):
     r = round_number(context.partition_key)
     if r == 1:
         df = seed_dataset
@@ -110,13 +125,14 @@ def round_dataset(context: AssetExecutionContext, storage: StorageResource, seed
             )
         df = pl.read_parquet(path)
         source = {"source": "optimized_dataset", "source_partition": prev, "source_path": MetadataValue.path(str(path))}
-    problems = schema_problems(df)
-    if problems:
-        raise ValueError(f"{context.partition_key}: input dataset is malformed: {'; '.join(problems)}")
+    check = schema_check(df, "round_dataset")
+    if not check.passed:
+        raise ValueError(f"{context.partition_key}: input dataset is malformed: {'; '.join(schema_problems(df))}")
     ops = dict(df.group_by("operation").len().sort("operation").iter_rows())
     context.log.info(f"{context.partition_key}: {df.height} samples from {source['source']} {source['source_partition']}")
-    context.add_output_metadata(
-        {
+    yield Output(
+        df,
+        metadata={
             **source,
             "source_run_id": record.run_id if record else "unknown",
             "rows": df.height,
@@ -124,6 +140,6 @@ def round_dataset(context: AssetExecutionContext, storage: StorageResource, seed
             "rows_by_operation": json_md(ops),
             **length_stats(df, "output"),
             "preview": preview_md(df, ["sample_id", "operation", "origin_id", "instruction", "output"]),
-        }
+        },
     )
-    return df
+    yield check

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import polars as pl
-from dagster import AssetExecutionContext, AssetOut, Config, Output, asset, multi_asset
+from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetOut, Config, MetadataValue, Output, asset, multi_asset
 from pydantic import Field
 
+from middo_pipeline.assets._checks import schema_check, schema_spec
 from middo_pipeline.assets._meta import json_md, preview_md
 from middo_pipeline.core.merge import check_conservation, merge_round
 from middo_pipeline.core.optimizer.operations import plan_operations, run_operations
@@ -97,6 +98,12 @@ class MergeConfig(Config):
             description="What happened to every sample of the round's input: kept, replaced (with its replacement), extended beside, or kept after a failed rewrite.",
         ),
     },
+    check_specs=[
+        schema_spec("optimized_dataset"),
+        AssetCheckSpec("conservation", asset="optimized_dataset",
+                       description="Every sample of the round's input is kept, replaced (linked), or extended beside: none disappears"),
+        AssetCheckSpec("size_policy", asset="optimized_dataset", description="Growth stays within the configured bound"),
+    ],
 )
 def optimized_dataset(
     context: AssetExecutionContext,
@@ -110,9 +117,15 @@ def optimized_dataset(
     result = merge_round(round_dataset, refined_samples, round=r, size_policy=config.size_policy,
                          max_growth=config.max_growth, sparse_order=sparse_order)
     problems = check_conservation(round_dataset, result.dataset, result.accounting)
-    if problems:
+    conservation = AssetCheckResult(
+        check_name="conservation", asset_key="optimized_dataset", passed=not problems,
+        metadata={"problems": MetadataValue.md("\n".join(f"- {p}" for p in problems[:50]) or "none"),
+                  "input_samples": round_dataset.height},
+    )
+    if problems:  # never write a dataset that lost samples
         raise RuntimeError(f"{context.partition_key}: merge lost track of samples: {'; '.join(problems[:5])}")
     ds = result.dataset
+    growth = ds.height / max(round_dataset.height, 1) - 1.0
     changed = refined_samples.filter(pl.col("status") == "ok")
     yield Output(
         ds,
@@ -120,13 +133,20 @@ def optimized_dataset(
         metadata={
             "rows_before": round_dataset.height,
             "rows_after": ds.height,
-            "growth": round(ds.height / max(round_dataset.height, 1) - 1.0, 4),
+            "growth": round(growth, 4),
             "size_policy": config.size_policy,
             "counts": json_md(result.counts),
             "rows_by_operation": json_md(dict(ds.group_by("operation").len().sort("operation").iter_rows())),
             "fingerprint": fingerprint(ds),
             "before_after": preview_md(changed, ["operation", "instruction_before", "instruction_after", "output_after"], n=10),
         },
+    )
+    yield schema_check(ds, "optimized_dataset")
+    yield conservation
+    yield AssetCheckResult(
+        check_name="size_policy", asset_key="optimized_dataset",
+        passed=config.size_policy == "grow" or growth <= config.max_growth + 1e-9,
+        metadata={"growth": growth, "size_policy": config.size_policy, "max_growth": config.max_growth},
     )
     yield Output(
         result.accounting,

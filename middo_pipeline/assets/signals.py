@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
-from dagster import AssetExecutionContext, Config, MetadataValue, asset
+from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field
 
+from middo_pipeline.assets._checks import band_check, band_spec
 from middo_pipeline.assets._meta import image_md, json_md, preview_md
 from middo_pipeline.assets.training import trained_from
 from middo_pipeline.core import diversity, quality
@@ -109,13 +110,14 @@ class LossSignalConfig(ThresholdConfig):
 
 
 @asset(
+    check_specs=[band_spec("loss_signals")],
     partitions_def=rounds_partitions,
     group_name="signals",
     kinds={"polars"},
     description="Complexity signal: a sample is hard when its response loss exceeds mean + m·std both before and after training.",
 )
 def loss_signals(context: AssetExecutionContext, config: LossSignalConfig, model_readouts: pl.DataFrame,
-                 round_dataset: pl.DataFrame) -> pl.DataFrame:
+                 round_dataset: pl.DataFrame):
     r = round_number(context.partition_key)
     before = model_readouts["loss_before"].to_numpy().astype(np.float64)
     after = model_readouts["loss_after"].to_numpy().astype(np.float64)
@@ -127,7 +129,7 @@ def loss_signals(context: AssetExecutionContext, config: LossSignalConfig, model
         df.join(round_dataset.select("sample_id", "instruction", "output"), on="sample_id")
         .sort("loss_after", descending=True, nulls_last=True)
     )
-    context.add_output_metadata(
+    yield Output(df, metadata=
         {
             "m": res_after.m if res_after.m is not None else MetadataValue.text("target fraction"),
             "threshold_loss_before": float(res_before.threshold),
@@ -142,7 +144,7 @@ def loss_signals(context: AssetExecutionContext, config: LossSignalConfig, model
             "hardest": preview_md(hardest, ["sample_id", "loss_before", "loss_after", "is_hard", "instruction", "output"]),
         }
     )
-    return df
+    yield band_check(int(hard.sum()), len(hard), "loss_signals")
 
 
 # --------------------------------------------------------------------------------------
@@ -154,6 +156,7 @@ class EmbeddingSignalConfig(ThresholdConfig):
 
 
 @asset(
+    check_specs=[band_spec("embedding_signals")],
     partitions_def=rounds_partitions,
     group_name="signals",
     kinds={"polars", "sklearn"},
@@ -163,7 +166,7 @@ class EmbeddingSignalConfig(ThresholdConfig):
     ),
 )
 def embedding_signals(context: AssetExecutionContext, config: EmbeddingSignalConfig, storage: StorageResource,
-                      model_readouts: pl.DataFrame) -> pl.DataFrame:
+                      model_readouts: pl.DataFrame):
     r = round_number(context.partition_key)
     ids = model_readouts["sample_id"].to_list()
     emb = np.asarray(model_readouts["embedding"].to_list(), dtype=np.float32)
@@ -211,8 +214,8 @@ def embedding_signals(context: AssetExecutionContext, config: EmbeddingSignalCon
             meta[f"dynamics_{key}"] = float(value)
     if config.umap:
         meta["cluster_map"] = image_md(cluster_map_png(xy, labels, res.flagged, f"{context.partition_key}: clusters, sparse marked"), "cluster map")
-    context.add_output_metadata(meta)
-    return df
+    yield Output(df, metadata=meta)
+    yield band_check(int(res.n_flagged), len(ids), "embedding_signals")
 
 
 # --------------------------------------------------------------------------------------
@@ -224,6 +227,7 @@ class QualitySignalConfig(ThresholdConfig):
 
 
 @asset(
+    check_specs=[band_spec("quality_signals")],
     partitions_def=rounds_partitions,
     group_name="signals",
     kinds={"pytorch", "polars"},
@@ -234,7 +238,7 @@ class QualitySignalConfig(ThresholdConfig):
     ),
 )
 def quality_signals(context: AssetExecutionContext, config: QualitySignalConfig, model: ModelResource,
-                    optimizer: OptimizerResource, storage: StorageResource, round_dataset: pl.DataFrame) -> pl.DataFrame:
+                    optimizer: OptimizerResource, storage: StorageResource, round_dataset: pl.DataFrame):
     r = round_number(context.partition_key)
     store = storage.get()
     prompts, responses = _prompts_responses(round_dataset)
@@ -268,7 +272,7 @@ def quality_signals(context: AssetExecutionContext, config: QualitySignalConfig,
     cols["is_low_quality"] = res.flagged
     df = pl.DataFrame(cols)
     lowest = df.join(round_dataset.select("sample_id", "instruction", "output"), on="sample_id").sort("quality_score", nulls_last=True)
-    context.add_output_metadata(
+    yield Output(df, metadata=
         {
             **res.as_metadata(),
             "mode": config.mode,
@@ -284,4 +288,4 @@ def quality_signals(context: AssetExecutionContext, config: QualitySignalConfig,
             "lowest_scored": preview_md(lowest, ["sample_id", "quality_score", "factuality", "clarity", "completeness", "instruction", "output"]),
         }
     )
-    return df
+    yield band_check(int(res.n_flagged), df.height, "quality_signals")

@@ -1,0 +1,111 @@
+"""The ``middo`` command line.
+
+One subparser and one ``cmd_<name>`` function per subcommand; heavy imports (polars, torch,
+dagster) happen inside the command that needs them, so ``middo --help`` stays fast.
+
+    middo validate PATH [--format F] [--max-chars N] [--show N]
+
+Exit codes of ``validate``: 0 every record is usable, 1 some records were rejected, 2 the file
+as a whole is unusable (or the command line is wrong).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+# kept in sync with middo_pipeline.core.ingest (not imported here: it pulls in polars)
+SEED_FORMATS = ("alpaca_json", "alpaca_jsonl", "sharegpt", "messages", "parquet")
+DEFAULT_SHOW = 20
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check a seed file: format, usable rows, every rejected row and why."""
+    from middo_pipeline.core.ingest import SeedFileError, read_seed
+
+    try:
+        result = read_seed(args.path, format=args.format, max_chars=args.max_chars)
+    except SeedFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    how = "given" if args.format else "detected"
+    print(f"{result.source_file}: format {result.format} ({how})")
+    print(f"records: {result.total_records}")
+    print(f"usable: {result.usable}")
+    print(f"rejected: {result.rejected}")
+    if result.format in ("sharegpt", "messages") or result.truncated_conversations:
+        print(f"truncated conversations (first pair kept): {result.truncated_conversations}")
+    if not result.rejected:
+        return 0
+
+    lines = result.rejection_lines()
+    shown = lines if args.show < 0 else lines[: args.show]
+    for line in shown:
+        print(line)
+    if len(shown) < len(lines):
+        print(f"... and {len(lines) - len(shown)} more rejected records (--show N lists more, --show -1 all)")
+    print("rejected by reason:")
+    counts = result.rejected_by_reason()
+    width = max(len(str(n)) for n in counts.values())
+    for kind, n in counts.items():
+        print(f"  {n:>{width}}  {kind}")
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="middo", description="Middo closed-loop data optimization for LLM fine-tuning."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    validate = sub.add_parser(
+        "validate",
+        help="check a seed file and list every record that cannot be used",
+        description=(
+            "Read a seed file (Alpaca JSON/JSONL, ShareGPT, OpenAI messages, Parquet) as the "
+            "pipeline would and report every rejected record. Exit status: 0 clean, "
+            "1 some records rejected, 2 the file is unusable."
+        ),
+    )
+    validate.add_argument("path", metavar="PATH", help="the seed file")
+    validate.add_argument(
+        "--format", choices=SEED_FORMATS, default=None, help="skip detection and read as this format"
+    )
+    validate.add_argument(
+        "--max-chars", type=_positive_int, default=16_000, metavar="N",
+        help="reject records whose instruction+input+output is longer (default: 16000)",
+    )
+    validate.add_argument(
+        "--show", type=int, default=DEFAULT_SHOW, metavar="N",
+        help=f"list at most N rejected records (default: {DEFAULT_SHOW}; -1: all; 0: none)",
+    )
+    validate.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2)
+        return e.code if isinstance(e.code, int) else 2
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
