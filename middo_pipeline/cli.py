@@ -4,6 +4,8 @@ One subparser and one ``cmd_<name>`` function per subcommand; heavy imports (pol
 dagster) happen inside the command that needs them, so ``middo --help`` stays fast.
 
     middo validate PATH [--format F] [--max-chars N] [--show N]
+    middo loop --rounds N [--seed PATH] [--config FILE|tiny|gpu]
+    middo export --round R --format jsonl|json|parquet [--layout alpaca|messages] --out PATH
 
 Exit codes of ``validate``: 0 every record is usable, 1 some records were rejected, 2 the file
 as a whole is unusable (or the command line is wrong).
@@ -64,6 +66,51 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_loop(args: argparse.Namespace) -> int:
+    """Run the next N rounds on the Dagster instance at $DAGSTER_HOME and print a summary per round."""
+    from middo_pipeline.loop import load_run_config, run_rounds
+
+    try:
+        config = load_run_config(args.config)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summaries = run_rounds(args.rounds, seed_path=args.seed, config=config, log=lambda m: print(m, flush=True))
+    except (RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("\nround summary")
+    keys = list(summaries[0].metadata) if summaries else []
+    print("  " + "  ".join(["round"] + keys))
+    for s in summaries:
+        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in s.metadata.values()]
+        print("  " + "  ".join([s.round] + cells))
+    print("open the UI with: bash scripts/ui.sh   (DAGSTER_HOME must be the same)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a round's optimized dataset with provenance on every row."""
+    from middo_pipeline.core.export import export_table
+    from middo_pipeline.core.storage import Storage
+    from middo_pipeline.loop import ensure_dagster_home
+    from middo_pipeline.rounds import round_key
+
+    import polars as pl
+
+    ensure_dagster_home()
+    path = Storage().table_path("optimized_dataset", round_key(args.round))
+    if not path.exists():
+        print(f"error: round {args.round} has no optimized_dataset at {path}; run `middo loop` first "
+              f"(and use the same DAGSTER_HOME / MIDDO_HOME)", file=sys.stderr)
+        return 2
+    df = pl.read_parquet(path)
+    out = export_table(df, args.out, fmt=args.format, layout=args.layout)
+    print(f"wrote {df.height} rows of round-{args.round} to {out} ({args.format}, {args.layout} layout)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="middo", description="Middo closed-loop data optimization for LLM fine-tuning."
@@ -92,6 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"list at most N rejected records (default: {DEFAULT_SHOW}; -1: all; 0: none)",
     )
     validate.set_defaults(func=cmd_validate)
+
+    loop = sub.add_parser(
+        "loop", help="run the next N Middo rounds on the Dagster instance at $DAGSTER_HOME",
+        description="Materialize the seed (if needed) and the next N round partitions in order; "
+                    "they show up in the UI afterwards. DAGSTER_HOME defaults to ./.dagster_home.",
+    )
+    loop.add_argument("--rounds", type=_positive_int, default=1, metavar="N", help="how many rounds (default 1)")
+    loop.add_argument("--seed", default=None, metavar="PATH", help="(re)ingest this seed file first")
+    loop.add_argument("--config", default=None, metavar="FILE",
+                      help="YAML run config (ops/resources), or a preset: tiny, gpu")
+    loop.set_defaults(func=cmd_loop)
+
+    export = sub.add_parser("export", help="write a round's optimized dataset with provenance fields")
+    export.add_argument("--round", type=_positive_int, required=True, metavar="R")
+    export.add_argument("--format", choices=("jsonl", "json", "parquet"), default="jsonl")
+    export.add_argument("--layout", choices=("alpaca", "messages"), default="alpaca",
+                        help="alpaca: instruction/input/output (LLaMA-Factory); messages: chat turns")
+    export.add_argument("--out", required=True, metavar="PATH")
+    export.set_defaults(func=cmd_export)
     return parser
 
 
