@@ -95,3 +95,17 @@ def test_next_call_continues_and_missing_previous_round_is_clear(two_rounds, tin
         err = [e for e in res.all_events if e.is_step_failure][0].step_failure_data.error
         text = json.dumps(err.to_string() if hasattr(err, "to_string") else str(err))
         assert "round-6" in text and "not materialized" in text, msgs
+
+
+def test_export_cli_after_loop(two_rounds, tmp_path, capsys):
+    from middo_pipeline.cli import main
+
+    _, _, store = two_rounds
+    out = tmp_path / "round2.jsonl"
+    assert main(["export", "--round", "2", "--format", "jsonl", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = pl.read_parquet(store.table_path("optimized_dataset", "round-2"))
+    assert len(rows) == expected.height
+    assert all(r["round"] == 2 and r["origin_id"] and r["operation"] for r in rows)
+    assert main(["export", "--round", "9", "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "no optimized_dataset" in capsys.readouterr().err
