@@ -1,7 +1,6 @@
 """Asset checks emitted by the assets themselves, so each runs for the round partition at hand
 (standalone @asset_check is per asset, not per partition) and shows in the UI beside the asset."""
 
-from __future__ import annotations
 
 import polars as pl
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue

@@ -1,6 +1,5 @@
 """How good is this round's checkpoint? Held-out loss and multiple-choice accuracy, beside the base model."""
 
-from __future__ import annotations
 
 import hashlib
 import json

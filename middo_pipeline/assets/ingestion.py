@@ -1,6 +1,5 @@
 """Seed data in, and each round's input dataset."""
 
-from __future__ import annotations
 
 import os
 from pathlib import Path

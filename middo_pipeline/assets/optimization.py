@@ -1,6 +1,5 @@
 """Steps 3 and 4 of the loop: the optimizer LLM rewrites flagged samples; the merge builds D_{r+1}."""
 
-from __future__ import annotations
 
 import polars as pl
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetOut, Config, MetadataValue, Output, asset, multi_asset

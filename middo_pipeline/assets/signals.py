@@ -1,6 +1,5 @@
 """Step 2 of the loop: the three self-referential signals, read off this round's checkpoint."""
 
-from __future__ import annotations
 
 import numpy as np
 import polars as pl

@@ -1,6 +1,5 @@
 """Step 1 of the loop: fine-tune on the round's dataset."""
 
-from __future__ import annotations
 
 import json
 
