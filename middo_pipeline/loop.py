@@ -122,7 +122,7 @@ def run_rounds(n: int, *, seed_path: str | None = None, config: dict | None = No
         seed_done = instance.get_latest_materialization_event(AssetKey("seed_dataset")) is not None
         if seed_path or not seed_done or seed_cfg["ops"]:
             log("materializing seed_dataset …")
-            res = defs.get_job_def(SEED_JOB).execute_in_process(instance=instance, run_config=seed_cfg, raise_on_error=False)
+            res = defs.resolve_job_def(SEED_JOB).execute_in_process(instance=instance, run_config=seed_cfg, raise_on_error=False)
             if not res.success:
                 raise RuntimeError(_failure_message(res, "seed_dataset"))
             md = _meta(instance, "seed_dataset", None)
@@ -133,7 +133,7 @@ def run_rounds(n: int, *, seed_path: str | None = None, config: dict | None = No
             start = max(done)  # the last round did not finish: resume it (cached LLM calls are reused)
             log(f"{round_key(start)} did not finish before: resuming it")
         summaries = []
-        job = defs.get_job_def(ROUND_JOB)
+        job = defs.resolve_job_def(ROUND_JOB)
         for r in range(start, start + n):
             key = round_key(r)
             if not instance.has_dynamic_partition(ROUNDS, key):
@@ -158,5 +158,8 @@ def _failure_message(res, what: str) -> str:
             err = event.step_failure_data.error
             while err.cause is not None and err.cls_name in ("DagsterExecutionStepExecutionError",):
                 err = err.cause
-            return f"{what} failed in step {event.step_key}: {err.cls_name}: {err.message.strip()} (run {res.run_id})"
+            msg = err.message.strip()
+            if not msg.startswith(f"{err.cls_name}:"):
+                msg = f"{err.cls_name}: {msg}"
+            return f"{what} failed in step {event.step_key}: {msg} (run {res.run_id})"
     return f"{what} failed (run {res.run_id}); see the run in the UI"

@@ -17,8 +17,8 @@ def test_definitions_load():
     repo = defs.get_repository_def()
     keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
     assert set(EXPECTED) <= keys
-    assert defs.get_job_def("middo_round") is not None and defs.get_job_def("seed_job") is not None
-    assert defs.get_schedule_def("nightly_round") is not None
+    assert defs.resolve_job_def("middo_round") is not None and defs.resolve_job_def("seed_job") is not None
+    assert defs.resolve_schedule_def("nightly_round") is not None
     graph = repo.asset_graph
     # the round's lineage: seed -> round dataset -> checkpoint -> signals -> refined -> optimized
     assert AssetKey("seed_dataset") in graph.get(AssetKey("round_dataset")).parent_keys

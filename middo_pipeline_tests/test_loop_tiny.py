@@ -12,15 +12,33 @@ from middo_pipeline.core.schema import schema_problems
 from middo_pipeline.core.storage import Storage
 from middo_pipeline.loop import load_run_config, run_rounds
 from middo_pipeline.rounds import latest_materialization
+from middo_pipeline_tests.conftest import EVAL_FILE, SEED_FILE
 
 
-@pytest.fixture
-def two_rounds(tiny_env, small_seed, small_eval):
+@pytest.fixture(scope="module")
+def loop_env(tmp_path_factory, model_cache):
+    """One tiny-profile environment for the whole module (the loop runs once)."""
+    tmp = tmp_path_factory.mktemp("loop")
+    env = {"MIDDO_PROFILE": "tiny", "MIDDO_HOME": str(tmp / "middo"), "MIDDO_DEVICE": "cpu",
+           "MIDDO_MODEL_CACHE": str(model_cache), "DAGSTER_HOME": str(tmp / "dagster_home")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield env, tmp
+
+
+@pytest.fixture(scope="module")
+def two_rounds(loop_env):
+    env, tmp = loop_env
+    seed = tmp / "seed_small.json"
+    seed.write_text(json.dumps(json.loads(SEED_FILE.read_text())[:40]))
+    ev = tmp / "eval_small.jsonl"
+    ev.write_text("\n".join(EVAL_FILE.read_text().splitlines()[:12]) + "\n")
     cfg = load_run_config("tiny")
-    cfg["ops"]["round_evaluation"]["config"]["path"] = str(small_eval)
+    cfg["ops"]["round_evaluation"]["config"]["path"] = str(ev)
     logs: list[str] = []
-    summaries = run_rounds(2, seed_path=str(small_seed), config=cfg, log=logs.append, env=tiny_env)
-    return summaries, logs, Storage(tiny_env["MIDDO_HOME"])
+    summaries = run_rounds(2, seed_path=str(seed), config=cfg, log=logs.append, env=env)
+    return summaries, logs, Storage(env["MIDDO_HOME"])
 
 
 def test_two_round_loop(two_rounds):
@@ -79,15 +97,13 @@ def test_metadata_in_instance(two_rounds):
     assert summaries[1].metadata["rows_in"] == summaries[0].metadata["rows_out"]
 
 
-def test_next_call_continues_and_missing_previous_round_is_clear(two_rounds, tiny_env):
-    _, _, store = two_rounds
-    # removing round-2's output makes `loop` resume round-2 rather than skip ahead
+def test_missing_previous_round_is_clear(two_rounds, loop_env):
     from middo_pipeline.definitions import build_defs
 
-    defs = build_defs(tiny_env)
+    defs = build_defs(loop_env[0])
     with DagsterInstance.get() as instance:
         instance.add_dynamic_partitions("rounds", ["round-7"])
-        res = defs.get_job_def("middo_round").get_subset(
+        res = defs.resolve_job_def("middo_round").get_subset(
             asset_selection={AssetKey("round_dataset")}).execute_in_process(
             instance=instance, partition_key="round-7", raise_on_error=False)
         assert not res.success

@@ -1,0 +1,209 @@
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from middo_pipeline.core import diversity
+from middo_pipeline.core.diversity import (
+    cluster_dynamics,
+    default_n_clusters,
+    kmeans_clusters,
+    sparsity_scores,
+    topk_cosine,
+    umap_2d,
+)
+
+
+def _dense_topk(emb: np.ndarray, k: int):
+    x = emb.astype(np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    s = x @ x.T
+    np.fill_diagonal(s, -np.inf)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, order, axis=1), order, s
+
+
+@pytest.fixture(scope="module")
+def emb500():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(500, 24)).astype(np.float32)
+    emb[10] = emb[3]  # exact duplicates at different indices are real neighbours
+    emb[11] = emb[3] * 2.5  # same direction, different norm: cosine 1
+    emb[400] = emb[250]
+    return emb
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("block_size", [37, 64, 100, 499, 500, 4096])
+def test_topk_matches_brute_force(emb500, k, block_size):
+    sims, idx = topk_cosine(emb500, k=k, block_size=block_size)
+    ref_v, ref_i, dense = _dense_topk(emb500, k)
+    assert sims.shape == (500, k) and sims.dtype == np.float32
+    assert idx.shape == (500, k) and idx.dtype == np.int64
+    np.testing.assert_allclose(sims, ref_v, atol=1e-5)
+    # indices: identical where there are no ties; always pointing at neighbours of that similarity
+    np.testing.assert_allclose(np.take_along_axis(dense, idx, axis=1), sims, atol=1e-5)
+    assert not (idx == np.arange(500)[:, None]).any()  # never itself
+    assert all(len(set(row)) == k for row in idx.tolist())  # no repeated neighbour
+    ref_v1, _, _ = _dense_topk(emb500, k + 1)  # rows whose top k+1 have no (near) ties
+    untied = (np.abs(np.diff(ref_v1, axis=1)) > 1e-5).all(axis=1)
+    assert untied.sum() > 450
+    np.testing.assert_array_equal(idx[untied], ref_i[untied])
+    assert (np.diff(sims, axis=1) <= 1e-6).all()  # most similar first
+
+
+def test_duplicates_are_neighbours_but_self_is_not(emb500):
+    sims, idx = topk_cosine(emb500, k=2, block_size=64)
+    assert set(idx[3].tolist()) == {10, 11}
+    assert set(idx[10].tolist()) == {3, 11}
+    assert idx[250, 0] == 400 and idx[400, 0] == 250
+    np.testing.assert_allclose(sims[3], [1.0, 1.0], atol=1e-5)
+
+
+def test_small_n():
+    emb = np.eye(3, dtype=np.float32)
+    sims, idx = topk_cosine(emb, k=2)
+    assert sims.shape == (3, 2)
+    assert sorted(idx[0].tolist()) == [1, 2]
+    sims, idx = topk_cosine(emb, k=5)  # N <= k: k' = N - 1
+    assert sims.shape == (3, 2) and idx.shape == (3, 2)
+    sims, idx = topk_cosine(np.ones((1, 4), dtype=np.float32), k=2)
+    assert sims.shape == (1, 0) and idx.shape == (1, 0)
+    assert np.isnan(sparsity_scores(sims)).all()
+    sims, idx = topk_cosine(np.zeros((0, 4), dtype=np.float32), k=2)
+    assert sims.shape == (0, 0)
+    with pytest.raises(ValueError):
+        topk_cosine(emb, k=0)
+
+
+def test_zero_and_nonfinite_vectors_do_not_poison():
+    emb = np.array([[1, 0], [0, 0], [np.nan, 1], [0.9, 0.1]], dtype=np.float32)
+    sims, idx = topk_cosine(emb, k=1)
+    assert np.isfinite(sims).all()
+    assert idx[0, 0] == 3 and idx[3, 0] == 0
+
+
+def test_never_allocates_n_by_n(monkeypatch):
+    n, block = 10_000, 512  # a dense float32 N×N would be 400 MB
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(n, 32)).astype(np.float32)
+    real_mm = torch.mm
+    biggest = [0]
+
+    def checked_mm(a, b, *args, **kwargs):
+        biggest[0] = max(biggest[0], a.shape[0] * b.shape[1])
+        assert a.shape[0] <= block and b.shape[1] <= block
+        return real_mm(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", checked_mm)
+    t0 = time.perf_counter()
+    sims, idx = topk_cosine(emb, k=2, block_size=block)
+    elapsed = time.perf_counter() - t0
+    assert biggest[0] == block * block
+    assert sims.shape == (n, 2)
+    # spot-check a few rows against a direct computation
+    x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    for i in (0, 4321, n - 1):
+        s = x @ x[i]
+        s[i] = -np.inf
+        np.testing.assert_allclose(sims[i], np.sort(s)[::-1][:2], atol=1e-5)
+    print(f"topk_cosine N={n} block={block}: {elapsed:.2f}s")
+
+
+def test_sparsity_scores():
+    sims = np.array([[0.9, 0.7], [0.2, 0.0]], dtype=np.float32)
+    np.testing.assert_allclose(sparsity_scores(sims), [0.8, 0.1], atol=1e-7)
+
+
+def _blobs(n_per=40, seed=0, dim=16, centers=3):
+    rng = np.random.default_rng(seed)
+    c = np.eye(dim)[:centers] * 10
+    x = np.concatenate([c[j] + rng.normal(scale=0.3, size=(n_per, dim)) for j in range(centers)])
+    truth = np.repeat(np.arange(centers), n_per)
+    return x.astype(np.float32), truth
+
+
+def test_kmeans_on_separable_blobs():
+    x, truth = _blobs()
+    labels = kmeans_clusters(x, n_clusters=3, seed=0)
+    assert labels.dtype == np.int64 and labels.shape == (120,)
+    from sklearn.metrics import adjusted_rand_score
+
+    assert adjusted_rand_score(truth, labels) == pytest.approx(1.0)
+    default = kmeans_clusters(x)  # sqrt(120/2) ≈ 8 clusters by default
+    assert len(np.unique(default)) == default_n_clusters(120) == 8
+
+
+def test_default_n_clusters():
+    assert default_n_clusters(2) == 2
+    assert default_n_clusters(1) == 1
+    assert default_n_clusters(8) == 2
+    assert default_n_clusters(200) == 10
+    assert default_n_clusters(10**6) == 50
+
+
+def test_kmeans_small_inputs():
+    assert kmeans_clusters(np.zeros((0, 4))).shape == (0,)
+    assert kmeans_clusters(np.ones((1, 4))).tolist() == [0]
+    assert kmeans_clusters(np.ones((5, 4)), n_clusters=3).tolist() == [0] * 5  # one distinct point
+    assert len(kmeans_clusters(np.eye(4), n_clusters=10)) == 4
+
+
+def test_cluster_dynamics():
+    assert cluster_dynamics(None, None, ["a"], [0]) == {}
+    assert cluster_dynamics([], np.array([]), ["a"], [0]) == {}
+    x, truth = _blobs()
+    ids = [f"s{i}" for i in range(len(truth))]
+    d = cluster_dynamics(ids, truth, ids, (truth + 1) % 3)  # same partition, other names
+    assert d["adjusted_rand_index"] == pytest.approx(1.0)
+    assert d["normalized_mutual_info"] == pytest.approx(1.0)
+    assert d["n_shared"] == 120 and d["n_new"] == 0 and d["n_gone"] == 0
+    assert d["cluster_sizes"] == [40, 40, 40] and d["prev_cluster_sizes"] == [40, 40, 40]
+
+    # only shared ids count: previous round had 20 ids that are gone, this round 10 new ones
+    prev_ids = [f"old{i}" for i in range(20)] + ids[:100]
+    prev_labels = np.concatenate([np.zeros(20, dtype=int), truth[:100]])
+    cur_ids = ids[:100] + [f"new{i}" for i in range(10)]
+    cur_labels = np.concatenate([truth[:100], np.full(10, 2)])
+    d = cluster_dynamics(prev_ids, prev_labels, cur_ids, cur_labels)
+    assert d["n_shared"] == 100 and d["n_new"] == 10 and d["n_gone"] == 20
+    assert d["adjusted_rand_index"] == pytest.approx(1.0)
+
+    # a reshuffled clustering scores low
+    rng = np.random.default_rng(0)
+    d = cluster_dynamics(ids, truth, ids, rng.permutation(truth))
+    assert d["adjusted_rand_index"] < 0.2
+    d = cluster_dynamics(["a"], [0], ["a"], [1])
+    assert np.isnan(d["adjusted_rand_index"]) and d["n_shared"] == 1
+
+
+def test_map_pca_fallback_for_small_n():
+    rng = np.random.default_rng(0)
+    xy, method = umap_2d(rng.normal(size=(6, 8)))
+    assert method == "pca" and xy.shape == (6, 2) and xy.dtype == np.float32
+    assert np.isfinite(xy).all()
+    xy, method = umap_2d(rng.normal(size=(1, 8)))
+    assert method == "pca" and xy.shape == (1, 2)
+    xy, method = umap_2d(np.zeros((0, 8)))
+    assert method == "none" and xy.shape == (0, 2)
+
+
+def test_umap_is_imported_lazily():
+    import sys
+
+    src = open(diversity.__file__).read()
+    assert "\nimport umap" not in src and "\nfrom umap" not in src
+    # importing the module must not import umap (slow): checked in a clean interpreter
+    import subprocess
+
+    code = "import sys, middo_pipeline.core.diversity; print('umap' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"
+
+
+@pytest.mark.slow
+def test_umap_map():
+    x, truth = _blobs(n_per=30)
+    xy, method = umap_2d(x, seed=0, n_neighbors=10)
+    assert method == "umap" and xy.shape == (90, 2) and np.isfinite(xy).all()

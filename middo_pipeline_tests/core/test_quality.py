@@ -1,0 +1,408 @@
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from middo_pipeline.core import quality
+from middo_pipeline.core.optimizer.llm import ChatRequest, Completion
+from middo_pipeline.core.quality import (
+    COLUMNS,
+    DIMENSIONS,
+    combine_scores,
+    expected_scores,
+    find_score_tokens,
+    generated_scores,
+    judgement_messages,
+    parse_score,
+)
+
+PROMPTS = [
+    "Name a primary colour.",
+    "Explain the difference between a list and a tuple in Python, with an example of each.",
+    "What is 12 times 7?",
+    "Write a short poem about autumn leaves falling in the quiet evening, in four lines.",
+    "Summarize the passage in one sentence.\n\nThe quick brown fox jumps over the lazy dog.",
+]
+RESPONSES = [
+    "Red.",
+    "A list is mutable, a tuple is not: [1, 2] vs (1, 2).",
+    "84",
+    "Leaves drift down\nin the quiet evening\ngold on the ground\nautumn is here",
+    "A fox jumps over a dog.",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# a language model whose next-token logits we control: they depend only on the current token
+
+
+class BigramLM(torch.nn.Module):
+    """logits[b, t] = table[input_ids[b, t]]: what comes next depends only on the current token."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.zeros(vocab_size, vocab_size), requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=None):
+        logits = self.table[input_ids]
+        if logits_to_keep is not None:
+            logits = logits[:, logits_to_keep]
+        return SimpleNamespace(logits=logits)
+
+
+class BigramLMFullLogits(BigramLM):
+    """Same, without ``logits_to_keep`` support (the reader must then slice full logits)."""
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tiny_model_dir):
+    from middo_pipeline.models.loading import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+def _score_position_token(tok, st) -> int:
+    """The token the score is predicted from: the last token of the prompt + prefill."""
+    text = quality._render(tok, judge_messages_any(), st.prefill)
+    return quality._encode(tok, text)[-1]
+
+
+def judge_messages_any():
+    return quality.judge_messages("clarity", "x", "y")
+
+
+def _set_row(model, row: int, probs: dict[int, float], floor: float = -1e4):
+    """Make the next-token distribution after token ``row`` equal ``probs`` (other tokens ~0)."""
+    with torch.no_grad():
+        model.table[row] = floor
+        for tid, p in probs.items():
+            model.table[row, tid] = math.log(p)
+
+
+def test_find_score_tokens_tiny(tiny_tok):
+    st = find_score_tokens(tiny_tok)
+    assert st is not None and st.two_step_ten  # tiny tokenizer: digits are single tokens, "10" = "1","0"
+    assert [tiny_tok.decode([t]).strip() for t in st.digit_ids] == [str(d) for d in range(10)]
+    assert st.one_id == st.digit_ids[1] and st.zero_id == st.digit_ids[0]
+
+
+@pytest.mark.parametrize("cls", [BigramLM, BigramLMFullLogits])
+def test_expected_scores_known_answers(tiny_tok, cls):
+    st = find_score_tokens(tiny_tok)
+    at = _score_position_token(tiny_tok, st)
+    d = st.digit_ids
+    model = cls(len(tiny_tok))
+
+    _set_row(model, at, {d[7]: 1.0})
+    s = expected_scores(model, tiny_tok, PROMPTS, RESPONSES)
+    assert s.shape == (5, 6)
+    np.testing.assert_allclose(s, 7.0, atol=1e-3)
+
+    # "1" then "0": ten
+    _set_row(model, at, {d[1]: 1.0})
+    _set_row(model, st.one_id, {st.zero_id: 1.0})
+    np.testing.assert_allclose(expected_scores(model, tiny_tok, PROMPTS, RESPONSES), 10.0, atol=1e-3)
+
+    # "1" then anything but "0": one
+    _set_row(model, st.one_id, {d[5]: 1.0})
+    np.testing.assert_allclose(expected_scores(model, tiny_tok, PROMPTS, RESPONSES), 1.0, atol=1e-3)
+
+    # a spread distribution: P(2)=.25, P(5)=.5, P("1")=.25 with P("0"|"1")=.25
+    _set_row(model, at, {d[2]: 0.25, d[5]: 0.5, d[1]: 0.25})
+    _set_row(model, st.one_id, {st.zero_id: 0.25, d[3]: 0.75})
+    hand = 2 * 0.25 + 5 * 0.5 + 1 * 0.25 * 0.75 + 10 * 0.25 * 0.25  # = 3.8125
+    s, mass = expected_scores(model, tiny_tok, PROMPTS, RESPONSES, return_mass=True)
+    np.testing.assert_allclose(s, hand, atol=1e-4)
+    np.testing.assert_allclose(mass, 1.0, atol=1e-4)
+
+
+def test_renormalised_over_score_tokens(tiny_tok):
+    """Mass outside the score tokens is ignored: only the digits' relative weights count."""
+    st = find_score_tokens(tiny_tok)
+    at = _score_position_token(tiny_tok, st)
+    d = st.digit_ids
+    model = BigramLM(len(tiny_tok))
+    other = next(t for t in range(len(tiny_tok)) if t not in d)
+    _set_row(model, at, {d[4]: 0.1, d[8]: 0.1, other: 0.8})
+    _set_row(model, st.one_id, {st.zero_id: 0.5, d[2]: 0.5})
+    s, mass = expected_scores(model, tiny_tok, PROMPTS[:2], RESPONSES[:2], return_mass=True)
+    np.testing.assert_allclose(s, 6.0, atol=1e-3)
+    np.testing.assert_allclose(mass, 0.2, atol=1e-3)
+
+
+def test_low_mass_is_missing_not_zero(tiny_tok):
+    st = find_score_tokens(tiny_tok)
+    at = _score_position_token(tiny_tok, st)
+    model = BigramLM(len(tiny_tok))
+    other = next(t for t in range(len(tiny_tok)) if t not in st.digit_ids)
+    _set_row(model, at, {other: 1.0}, floor=-30.0)  # digits get ~e-30 each
+    s = expected_scores(model, tiny_tok, PROMPTS, RESPONSES)
+    assert np.isnan(s).all()
+    # a lower floor accepts the same judgements
+    s = expected_scores(model, tiny_tok, PROMPTS, RESPONSES, min_mass=0.0)
+    assert np.isfinite(s).all()
+
+
+def test_padding_invariance_reads_own_positions(tiny_tok):
+    """Different-length judge prompts in one right-padded batch: each read at its own end.
+    The bigram model makes a wrong position visible (the pad token's row is uniform)."""
+    st = find_score_tokens(tiny_tok)
+    at = _score_position_token(tiny_tok, st)
+    model = BigramLM(len(tiny_tok))
+    _set_row(model, at, {st.digit_ids[3]: 0.5, st.digit_ids[9]: 0.5})
+    one = expected_scores(model, tiny_tok, PROMPTS, RESPONSES, max_batch_size=1)
+    many = expected_scores(model, tiny_tok, PROMPTS, RESPONSES, max_batch_size=30)
+    np.testing.assert_allclose(one, 6.0, atol=1e-3)
+    np.testing.assert_allclose(many, one, atol=1e-6)
+
+
+def test_padding_invariance_real_model(tiny_model_dir, monkeypatch):
+    from middo_pipeline.models.loading import load_model
+
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    prompts, responses = PROMPTS[:3], RESPONSES[:3]
+    # simulate a judge prompt that does not start with the shared prefix (cut from the left):
+    # it must run whole, in the second group
+    real_build = quality._build_sequences
+
+    def build(tok, ps, rs, prefill, max_length):
+        seqs = real_build(tok, ps, rs, prefill, max_length)
+        if list(ps) == list(prompts):
+            seqs[7] = seqs[7][5:]
+        return seqs
+
+    monkeypatch.setattr(quality, "_build_sequences", build)
+    prefixes = []
+    real_set_prefix = quality._Reader.set_prefix
+
+    def spy(self, prefix):
+        prefixes.append(len(prefix))
+        return real_set_prefix(self, prefix)
+
+    monkeypatch.setattr(quality._Reader, "set_prefix", spy)
+    plain = expected_scores(lm.model, lm.tokenizer, prompts, responses, max_batch_size=1, share_prefix=False,
+                            max_length=320)
+    assert prefixes == []
+    one = expected_scores(lm.model, lm.tokenizer, prompts, responses, max_batch_size=1, max_length=320)
+    many = expected_scores(lm.model, lm.tokenizer, prompts, responses, max_batch_size=7, max_length=320)
+    assert len(prefixes) == 2 and prefixes[0] >= 8  # the shared-prefix KV cache was used
+    assert one.shape == (3, 6) and np.isfinite(one).all()
+    assert np.abs(one - plain).max() < 1e-4 and not np.isclose(one[1, 1], one[1, 4])
+    assert ((one >= 0) & (one <= 10)).all()
+    np.testing.assert_allclose(one, plain, atol=1e-4)
+    np.testing.assert_allclose(many, one, atol=1e-4)
+    # a forward without logits_to_keep / past_key_values: full logits, whole prompts, same scores
+    full = expected_scores(_FullLogits(lm.model), lm.tokenizer, prompts, responses, max_batch_size=7, max_length=320)
+    assert len(prefixes) == 2
+    np.testing.assert_allclose(full, one, atol=1e-4)
+
+
+class _FullLogits(torch.nn.Module):
+    """A real model seen through a forward without ``logits_to_keep``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_long_samples_are_shortened_to_max_length(tiny_tok):
+    st = find_score_tokens(tiny_tok)
+    long_prompt = "Explain the difference between a list and a tuple. " * 200
+    long_response = "The quick brown fox jumps over the lazy dog. " * 300
+    seqs = quality._build_sequences(tiny_tok, [long_prompt, "short"], [long_response, "ok"], st.prefill, 360)
+    assert len(seqs) == 12
+    tail = quality._encode(tiny_tok, quality._render(tiny_tok, judge_messages_any(), st.prefill))[-3:]
+    for ids in seqs:
+        assert len(ids) <= 359
+        assert ids[-3:] == tail  # the question + generation prompt + prefill are kept
+    text = tiny_tok.decode(seqs[3])
+    assert "[Response]" in text and quality.TRUNCATION_MARK.strip() in text
+    model = BigramLM(len(tiny_tok))
+    _set_row(model, _score_position_token(tiny_tok, st), {st.digit_ids[7]: 1.0})
+    s = expected_scores(model, tiny_tok, [long_prompt], [long_response], max_length=360)
+    np.testing.assert_allclose(s, 7.0, atol=1e-3)
+
+
+def test_empty_input_and_length_mismatch(tiny_tok):
+    model = BigramLM(len(tiny_tok))
+    with pytest.raises(ValueError, match="too short"):
+        expected_scores(model, tiny_tok, ["a"], ["b"], max_length=100)
+    assert expected_scores(model, tiny_tok, [], []).shape == (0, 6)
+    with pytest.raises(ValueError):
+        expected_scores(model, tiny_tok, ["a"], [])
+
+
+# ----------------------------------------------------------------------------------------------
+# a tokenizer with a single-token "10"
+
+
+@pytest.fixture(scope="module")
+def wordlevel_tok():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from middo_pipeline.models.tiny import CHAT_TEMPLATE
+
+    words = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "Score:", "user", "assistant"]
+    words += [str(i) for i in range(11)]
+    vocab = {w: i for i, w in enumerate(words)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<|endoftext|>",
+                                  eos_token="<|im_end|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def test_single_token_ten(wordlevel_tok):
+    tok = wordlevel_tok
+    st = find_score_tokens(tok)
+    assert st is not None and not st.two_step_ten
+    assert st.ten_id == tok.convert_tokens_to_ids("10")
+    model = BigramLM(len(tok))
+    at = tok.convert_tokens_to_ids("Score:")
+    _set_row(model, at, {st.ten_id: 0.5, st.digit_ids[4]: 0.5})
+    np.testing.assert_allclose(expected_scores(model, tok, PROMPTS, RESPONSES), 7.0, atol=1e-3)
+    _set_row(model, at, {st.ten_id: 1.0})
+    np.testing.assert_allclose(expected_scores(model, tok, PROMPTS[:1], RESPONSES[:1]), 10.0, atol=1e-3)
+
+
+def test_no_score_tokens_gives_missing():
+    class NoDigits:
+        """A tokenizer that cannot spell digits as single tokens (every char of a digit string
+        maps to the same id)."""
+
+        chat_template = None
+        pad_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1 if c.isdigit() else 2 for c in text]}
+
+    s = expected_scores(BigramLM(4), NoDigits(), ["a", "b"], ["c", "d"])
+    assert s.shape == (2, 6) and np.isnan(s).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# generated scores
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("7", 7.0),
+        ("Score: 7/10", 7.0),
+        ("7.", 7.0),
+        ("**8**", 8.0),
+        (" 10", 10.0),
+        ("10/10", 10.0),
+        ("0", 0.0),
+        ("I'd say 6.5 overall", 6.5),
+        ("score=9", 9.0),
+        ("11", None),
+        ("-3", None),
+        ("no idea", None),
+        ("", None),
+        (None, None),
+        ("100", None),
+    ],
+)
+def test_parse_score(text, expected):
+    assert parse_score(text) == expected
+
+
+class FakeBackend:
+    backend_id = "fake"
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.requests: list[ChatRequest] = []
+        self.progress_calls = []
+
+    def complete(self, requests, progress=None):
+        self.requests = list(requests)
+        out = [self.answer(i, r) for i, r in enumerate(requests)]
+        if progress:
+            progress(len(requests), len(requests))
+        return out
+
+
+def test_generated_scores_fake_backend():
+    texts = ["7", "Score: 9/10", "garbage", "**4**", "11", "3."]
+
+    def answer(i, req):
+        if i == 7:  # one failed request: sample 1, column 1
+            return Completion(error="timeout")
+        return Completion(text=texts[i % 6])
+
+    backend = FakeBackend(answer)
+    seen = []
+    s = generated_scores(backend, PROMPTS[:2], RESPONSES[:2], progress=lambda d, t: seen.append((d, t)))
+    assert s.shape == (2, 6)
+    nan = np.nan
+    np.testing.assert_array_equal(s[0], [7, 9, nan, 4, nan, 3])
+    np.testing.assert_array_equal(s[1], [7, nan, nan, 4, nan, 3])
+    assert seen == [(12, 12)]
+    reqs = backend.requests
+    assert len(reqs) == 12
+    assert all(r.max_tokens == 8 and r.temperature == 0.0 and r.prefill == "Score: " for r in reqs)
+    # prompt-only judgements do not show the response; full ones do
+    for j, r in enumerate(reqs[:6]):
+        content = r.messages[-1][1]
+        assert PROMPTS[0] in content
+        assert (RESPONSES[0] in content) == (j >= 3)
+        assert DIMENSIONS[j % 3].upper() in content
+
+
+def test_generated_scores_failures_are_nan():
+    backend = FakeBackend(lambda i, r: Completion(error="http 500") if i % 2 else Completion(text="5"))
+    s = generated_scores(backend, ["p"], ["r"])
+    np.testing.assert_array_equal(np.isnan(s[0]), [False, True, False, True, False, True])
+    assert generated_scores(backend, [], []).shape == (0, 6)
+
+    class Short(FakeBackend):
+        def complete(self, requests, progress=None):
+            return [Completion(text="1")]
+
+    with pytest.raises(RuntimeError):
+        generated_scores(Short(None), ["p"], ["r"])
+
+
+def test_judgement_messages_order():
+    msgs = judgement_messages("the prompt", "the response")
+    assert len(msgs) == 6 == len(COLUMNS)
+    assert COLUMNS[:3] == ("factuality_prompt", "clarity_prompt", "completeness_prompt")
+    for j, m in enumerate(msgs):
+        assert len(m) == 1 and m[0]["role"] == "user"
+        assert ("the response" in m[0]["content"]) == (j >= 3)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_combine_scores():
+    nan = np.nan
+    s = np.array(
+        [
+            [8, 6, 4, 6, 8, 2],  # dims 7, 7, 3 -> 17/3
+            [8, nan, nan, nan, nan, 2],  # dims 8, NaN, 2 -> 5
+            [nan] * 6,  # all missing
+        ]
+    )
+    c = combine_scores(s)
+    np.testing.assert_allclose(c["factuality"], [7, 8, nan])
+    np.testing.assert_allclose(c["clarity"], [7, nan, nan])
+    np.testing.assert_allclose(c["completeness"], [3, 2, nan])
+    np.testing.assert_allclose(c["quality_score"], [17 / 3, 5, nan])
+    assert c["n_missing"].tolist() == [0, 4, 6]
+    assert set(c) == set(DIMENSIONS) | {"quality_score", "n_missing"}
+    with pytest.raises(ValueError):
+        combine_scores(np.zeros((2, 5)))
