@@ -9,6 +9,7 @@ Resources come from environment variables so one code location serves a laptop a
 - MIDDO_OPTIMIZER_MODEL            local model or served model name
 - MIDDO_OPTIMIZER_BASE_URL         e.g. http://localhost:8000/v1 (vLLM)
 - MIDDO_OPTIMIZER_API_KEY_ENV      name of the variable holding the key (default OPENAI_API_KEY)
+- MIDDO_OPTIMIZER_CONCURRENCY      parallel requests to the server (default 8)
 - MIDDO_HOME                       storage root (default $DAGSTER_HOME/middo or ./.middo)
 """
 
@@ -45,6 +46,7 @@ def resources_from_env(env: dict | None = None) -> dict:
             model=env.get("MIDDO_OPTIMIZER_MODEL", default_model),
             base_url=env.get("MIDDO_OPTIMIZER_BASE_URL") or None,
             api_key_env=env.get("MIDDO_OPTIMIZER_API_KEY_ENV", "OPENAI_API_KEY"),
+            max_concurrency=int(env.get("MIDDO_OPTIMIZER_CONCURRENCY", "8")),
             device=device,
         ),
     }

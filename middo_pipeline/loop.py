@@ -36,7 +36,7 @@ PRESETS = Path(__file__).resolve().parent / "configs"
 
 
 def load_run_config(path: str | None) -> dict:
-    """A YAML run config (``ops: {asset: {config: ...}}``, ``resources: {...}``), or a preset name
+    """A YAML run config (``ops: {asset: {config: ...}}``), or a preset name
     from ``middo_pipeline/configs`` ("tiny", "gpu")."""
     if not path:
         return {}
@@ -54,17 +54,16 @@ def load_run_config(path: str | None) -> dict:
 
 
 def split_config(cfg: dict) -> tuple[dict, dict]:
-    unknown_top = set(cfg) - {"ops", "resources"}
+    unknown_top = set(cfg) - {"ops"}
     if unknown_top:
-        raise ValueError(f"unknown top-level config keys {sorted(unknown_top)}: use 'ops' and 'resources'")
+        raise ValueError(f"unknown top-level config keys {sorted(unknown_top)}: only 'ops' (resources come from "
+                         "MIDDO_* environment variables, see README)")
     ops = cfg.get("ops") or {}
     unknown = set(ops) - ROUND_ASSET_OPS - {"seed_dataset"}
     if unknown:
         raise ValueError(f"unknown entries under ops: {sorted(unknown)}; known: seed_dataset, {sorted(ROUND_ASSET_OPS)}")
     seed = {"ops": {k: v for k, v in ops.items() if k == "seed_dataset"}}
     rnd = {"ops": {k: v for k, v in ops.items() if k in ROUND_ASSET_OPS}}
-    if cfg.get("resources"):
-        rnd["resources"] = cfg["resources"]
     return seed, rnd
 
 

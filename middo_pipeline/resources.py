@@ -61,16 +61,10 @@ class OptimizerResource(ConfigurableResource):
     max_retries: int = Field(default=4, description="openai backend: retries on 429/5xx/connection errors (exponential backoff)")
     batch_size: int = Field(default=8, description="local backend: generations per batch")
     device: str = Field(default="auto", description="local backend device")
-    prompt_style: str = Field(default="auto", description="direct (small models) | stepwise (strong models) | auto: direct for local, stepwise for openai")
-    max_prompt_tokens: int = Field(default=160, description="Max new tokens for a new prompt (stepwise needs ~768)")
-    max_response_tokens: int = Field(default=192, description="Max new tokens for a new response")
-    temperature: float = Field(default=0.0)
-    seed: int = Field(default=0)
     use_cache: bool = Field(default=True, description="Cache every completion on disk so reruns resume")
 
-    def style(self) -> str:
-        if self.prompt_style != "auto":
-            return self.prompt_style
+    def default_style(self) -> str:
+        """direct prompts (prefilled answers) suit small local models; stepwise suits strong served ones."""
         return "direct" if self.backend == "local" else "stepwise"
 
     def make_backend(self, storage: Storage, cache_dir: str | None = None):

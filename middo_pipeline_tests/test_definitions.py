@@ -34,6 +34,6 @@ def test_definitions_load():
 def test_profiles():
     assert resources_from_env({"MIDDO_PROFILE": "tiny"})["model"].base_model == "tiny-llama"
     res = resources_from_env({"MIDDO_OPTIMIZER_BACKEND": "openai", "MIDDO_OPTIMIZER_BASE_URL": "http://127.0.0.1:9/v1"})
-    assert res["optimizer"].backend == "openai" and res["optimizer"].style() == "stepwise"
+    assert res["optimizer"].backend == "openai" and res["optimizer"].default_style() == "stepwise"
     with pytest.raises(ValueError, match="MIDDO_PROFILE"):
         resources_from_env({"MIDDO_PROFILE": "huge"})

@@ -94,6 +94,8 @@ def test_metadata_in_instance(two_rounds):
         ck = latest_materialization(instance, "sft_checkpoint", "round-1").asset_materialization.metadata
         assert ck["steps"].value > 0 and "data:image/png;base64" in ck["loss_curve"].value
         assert instance.get_latest_materialization_event(AssetKey("seed_quarantine")) is not None
+        ref = latest_materialization(instance, "refined_samples", "round-1").asset_materialization.metadata
+        assert ref["optimizer"].value == "local:tiny-llama"  # the profile's model, not the default
     assert summaries[1].metadata["rows_in"] == summaries[0].metadata["rows_out"]
 
 

@@ -20,6 +20,11 @@ class RefineConfig(Config):
     simplify: bool = Field(default=True, description="Simplify hard samples (complexity signal)")
     extend: bool = Field(default=True, description="Extend sparse samples (diversity signal)")
     rewrite: bool = Field(default=True, description="Rewrite low-quality samples (quality signal)")
+    prompt_style: str = Field(default="auto", description="direct (small models) | stepwise (strong models) | auto: direct for the local backend, stepwise for openai")
+    max_prompt_tokens: int | None = Field(default=None, description="Max new tokens for a new prompt (default 160 direct, 768 stepwise)")
+    max_response_tokens: int = Field(default=192, description="Max new tokens for a new response")
+    temperature: float = Field(default=0.0)
+    seed: int = Field(default=0)
 
 
 @asset(
@@ -54,9 +59,10 @@ def refined_samples(
     context.log.info(f"{plan.height} operations planned: hard={len(hard)} low_quality={len(low)} sparse={len(sparse)}")
 
     backend = optimizer.make_backend(storage.get())
-    prompt_cfg = PromptConfig(style=optimizer.style(), max_prompt_tokens=optimizer.max_prompt_tokens,
-                              max_response_tokens=optimizer.max_response_tokens,
-                              temperature=optimizer.temperature, seed=optimizer.seed)
+    style = optimizer.default_style() if config.prompt_style == "auto" else config.prompt_style
+    max_prompt = config.max_prompt_tokens or (160 if style == "direct" else 768)
+    prompt_cfg = PromptConfig(style=style, max_prompt_tokens=max_prompt, max_response_tokens=config.max_response_tokens,
+                              temperature=config.temperature, seed=config.seed)
     refined = run_operations(round_dataset, plan, neighbors, backend, prompt_cfg, round=r,
                              progress=ProgressLogger(context.log.info, "optimizer calls", unit="calls"))
     ok = refined.filter(pl.col("status") == "ok")
