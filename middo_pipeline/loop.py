@@ -12,7 +12,9 @@ from pathlib import Path
 
 import yaml
 from dagster import AssetKey, DagsterInstance
+from filelock import Timeout
 
+from middo_pipeline.core.storage import Storage
 from middo_pipeline.rounds import ROUNDS, existing_rounds, latest_materialization, round_key
 
 ROUND_ASSET_OPS = {  # run-config keys under "ops" that belong to the round job / the seed job
@@ -21,13 +23,35 @@ ROUND_ASSET_OPS = {  # run-config keys under "ops" that belong to the round job 
 }
 
 
+# Instance settings written into a new DAGSTER_HOME: no telemetry, and runs launched from the
+# UI or the schedule are queued so that at most one run per round partition executes at a time.
+DAGSTER_YAML = """\
+telemetry:
+  enabled: false
+run_coordinator:
+  module: dagster.core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    max_concurrent_runs: 4
+    tag_concurrency_limits:
+      - key: "dagster/partition"
+        value:
+          applyLimitPerUniqueValue: true
+        limit: 1
+"""
+
+
+class RoundBusy(RuntimeError):
+    """Another process is running this round right now."""
+
+
 def ensure_dagster_home() -> Path:
-    """DAGSTER_HOME, created with telemetry off; ./.dagster_home when unset."""
+    """DAGSTER_HOME (./.dagster_home when unset), created with DAGSTER_YAML when new."""
     home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "dagster.yaml"
     if not cfg.exists():
-        cfg.write_text("telemetry:\n  enabled: false\n")
+        cfg.write_text(DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 
@@ -114,6 +138,7 @@ def run_rounds(n: int, *, seed_path: str | None = None, config: dict | None = No
 
     defs = build_defs(env)
     ensure_dagster_home()
+    store = Storage((env or os.environ).get("MIDDO_HOME") or None)
     seed_cfg, round_cfg = split_config(config or {})
     if seed_path:
         seed_cfg["ops"].setdefault("seed_dataset", {}).setdefault("config", {})["path"] = str(Path(seed_path).resolve())
@@ -138,7 +163,17 @@ def run_rounds(n: int, *, seed_path: str | None = None, config: dict | None = No
             if not instance.has_dynamic_partition(ROUNDS, key):
                 instance.add_dynamic_partitions(ROUNDS, [key])
             log(f"=== {key}: running {ROUND_JOB} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
-            res = job.execute_in_process(instance=instance, partition_key=key, run_config=round_cfg, raise_on_error=False)
+            lock = store.lock("round", key)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                raise RoundBusy(f"{key} is being run by another process right now (lock {lock.lock_file}); "
+                                "wait for it to finish") from None
+            try:
+                res = job.execute_in_process(instance=instance, partition_key=key, run_config=round_cfg,
+                                             raise_on_error=False)
+            finally:
+                lock.release()
             summary = RoundSummary(key, res.success, res.run_id, summarize_round(instance, key))
             summaries.append(summary)
             log(f"{key}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.metadata.items()))

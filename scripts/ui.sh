@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
 export DAGSTER_HOME=${DAGSTER_HOME:-$(pwd)/.dagster_home}
-mkdir -p "$DAGSTER_HOME"
-[ -f "$DAGSTER_HOME/dagster.yaml" ] || printf 'telemetry:\n  enabled: false\n' > "$DAGSTER_HOME/dagster.yaml"
+# a new DAGSTER_HOME gets the project's instance settings (no telemetry; one queued run per round)
+.venv/bin/python -c "from middo_pipeline.loop import ensure_dagster_home; ensure_dagster_home()"
 exec .venv/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p "${PORT:-3000}"

@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     env = dict(os.environ, DAGSTER_HOME=str(tmp / "dagster_home"), MIDDO_HOME=str(tmp / "middo"),
                MIDDO_PROFILE="tiny", MIDDO_DEVICE="cpu", PYTHONUNBUFFERED="1")
     (tmp / "dagster_home").mkdir()
-    (tmp / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    from middo_pipeline.loop import DAGSTER_YAML
+    (tmp / "dagster_home" / "dagster.yaml").write_text(DAGSTER_YAML)
     seed = json.loads((REPO / "data" / "seed_alpaca.json").read_text())[:40]
     (tmp / "seed.json").write_text(json.dumps(seed))
     failures: list[str] = []
