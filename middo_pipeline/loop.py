@@ -138,8 +138,10 @@ def run_rounds(n: int, *, seed_path: str | None = None, config: dict | None = No
 
     defs = build_defs(env)
     ensure_dagster_home()
+    # progress lines at INFO; the step-by-step DEBUG events stay in the instance (and the UI)
+    quiet = {"loggers": {"console": {"config": {"log_level": os.environ.get("MIDDO_LOG_LEVEL", "INFO")}}}}
+    seed_cfg, round_cfg = ({**quiet, **c} for c in split_config(config or {}))
     store = Storage((env or os.environ).get("MIDDO_HOME") or None)
-    seed_cfg, round_cfg = split_config(config or {})
     if seed_path:
         seed_cfg["ops"].setdefault("seed_dataset", {}).setdefault("config", {})["path"] = str(Path(seed_path).resolve())
     with DagsterInstance.get() as instance:

@@ -169,7 +169,9 @@ def main(argv=None) -> int:
                       f"{asset} checks ran: {statuses}", failures)
 
         base = f"http://127.0.0.1:{port}"
+        gql(port, "mutation { setNuxSeen }")  # the first-visit community dialog would cover the pages
         shots = [("lineage.png", f"{base}/asset-groups"),
+                 ("round_job_graph.png", f"{base}/locations/middo_pipeline.definitions/jobs/middo_round"),
                  ("asset_loss_signals.png", f"{base}/assets/loss_signals?partition=round-1"),
                  ("asset_round_evaluation.png", f"{base}/assets/round_evaluation?partition=round-1"),
                  ("runs.png", f"{base}/runs")]
