@@ -37,3 +37,28 @@ def test_profiles():
     assert res["optimizer"].backend == "openai" and res["optimizer"].default_style() == "stepwise"
     with pytest.raises(ValueError, match="MIDDO_PROFILE"):
         resources_from_env({"MIDDO_PROFILE": "huge"})
+
+
+@pytest.mark.parametrize("preset", ["tiny", "gpu"])
+def test_presets_are_valid_run_config(preset):
+    from dagster import validate_run_config
+
+    from middo_pipeline.loop import load_run_config, split_config
+
+    _, round_cfg = split_config(load_run_config(preset))
+    assert round_cfg["ops"], preset
+    validate_run_config(build_defs({}).resolve_job_def("middo_round"), round_cfg)
+
+
+def test_bad_run_config_is_clear(tmp_path):
+    from middo_pipeline.loop import load_run_config, split_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ops:\n  sft_checkpint: {config: {epochs: 2}}\n")
+    with pytest.raises(ValueError, match="sft_checkpint"):
+        split_config(load_run_config(str(bad)))
+    bad.write_text("resources: {optimizer: {config: {model: x}}}\n")
+    with pytest.raises(ValueError, match="MIDDO_"):
+        split_config(load_run_config(str(bad)))
+    with pytest.raises(FileNotFoundError):
+        load_run_config(str(tmp_path / "missing.yaml"))
