@@ -241,7 +241,7 @@ def quality_signals(context: AssetExecutionContext, config: QualitySignalConfig,
     r = round_number(context.partition_key)
     store = storage.get()
     prompts, responses = _prompts_responses(round_dataset)
-    progress = ProgressLogger(context.log.info, "quality judgements")
+    progress = ProgressLogger(context.log.info, "quality judgements", unit="judgements")
     if config.judge == "optimizer":
         scores6 = quality.generated_scores(optimizer.make_backend(store), prompts, responses, progress=progress)
     elif config.judge == "self":
