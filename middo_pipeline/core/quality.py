@@ -63,33 +63,26 @@ TRUNCATION_MARK = " […]"
 
 Progress = Callable[[int, int], None]
 
-# The judge prompt is laid out so that everything that does not depend on the sample comes
-# first (one KV cache serves every judgement, see ``expected_scores``), then the sample, then
-# the one criterion of this judgement, then the request for a number.
+# The judge prompt is laid out for sharing work between judgements (see ``expected_scores``):
+#   [framing: template opening, system prompt, _INTRO with the rubric of all three criteria]
+#   [the sample: "[Instruction]" + prompt, then (full view only) "[Response]" + response]
+#   [the question of this judgement: one criterion, one view] [end of turn, prefill]
+# The framing is the same for every judgement; the sample part of the prompt-alone view is a
+# prefix of the full view's; only the short question differs between the dimensions.
 _INTRO = (
-    "You are rating one sample from a dataset used to fine-tune an AI assistant. Read the sample, "
-    "then rate it on the single criterion stated after it, from 0 (very poor) to 10 (excellent)."
+    "Rate one sample of an AI assistant's training data (an instruction, sometimes followed by a response) "
+    "on the single criterion asked after it, from 0 (very poor) to 10 (excellent). Reply with the number only.\n"
+    "FACTUALITY: 10 = every fact, premise and calculation is correct; 0 = mostly false or invented.\n"
+    "CLARITY: 10 = unambiguous, precise and easy to follow; 0 = impossible to understand.\n"
+    "COMPLETENESS: 10 = an instruction gives all the information needed to answer it, a response covers "
+    "every part of its instruction; 0 = most of what is needed is missing."
 )
-# what each judgement asks: (dimension, view) -> criterion
-_CRITERIA = {
-    ("factuality", "prompt"): (
-        "FACTUALITY of the instruction: are the facts, premises and assumptions it states correct? "
-        "An instruction that assumes nothing false deserves a high score."
-    ),
-    ("clarity", "prompt"): (
-        "CLARITY of the instruction: is it unambiguous and well written, so that it is clear what is asked?"
-    ),
-    ("completeness", "prompt"): (
-        "COMPLETENESS of the instruction: does it give all the information and context needed to answer it well?"
-    ),
-    ("factuality", "full"): (
-        "FACTUALITY of the response: is everything it states correct, with no false facts, wrong "
-        "calculations or invented details?"
-    ),
-    ("clarity", "full"): "CLARITY of the response: is it well organised, precise and easy to follow?",
-    ("completeness", "full"): "COMPLETENESS of the response: does it fully address every part of the instruction?",
+# what each judgement asks: (dimension, view) -> question (the last line of the user message)
+_QUESTIONS = {
+    (d, v): f"Rate the {d.upper()} of the {'instruction' if v == 'prompt' else 'response'}."
+    for d in DIMENSIONS
+    for v in VIEWS
 }
-_ASK = "Reply with a single integer from 0 to 10 and nothing else."
 
 
 def judge_messages(dimension: str, prompt: str, response: str | None) -> list[dict]:
@@ -102,7 +95,7 @@ def judge_messages(dimension: str, prompt: str, response: str | None) -> list[di
     parts = [_INTRO, "", "[Instruction]", prompt]
     if response is not None:
         parts += ["", "[Response]", response]
-    parts += ["", f"Criterion: {_CRITERIA[(dimension, view)]}", _ASK]
+    parts += ["", _QUESTIONS[(dimension, view)]]
     return [{"role": "user", "content": "\n".join(parts)}]
 
 
@@ -201,7 +194,20 @@ def _cut(tokenizer, ids: list[int], n: int) -> str:
 
 def _fit_texts(tokenizer, prompt_ids, response_ids, prompt, response, budget: int) -> tuple[str, str | None]:
     """Shorten prompt/response (token-wise) so that together they take at most ``budget``
-    tokens; each keeps at least half of the budget when it needs it."""
+    tokens; each keeps at least half of the budget when it needs it. A cut text is re-encoded
+    (with its truncation mark it can take more tokens than it was cut to): the cut is repeated
+    with a smaller budget while it does not fit."""
+    target = budget
+    for _ in range(4):
+        p, r = _fit_once(tokenizer, prompt_ids, response_ids, prompt, response, target)
+        used = len(_encode(tokenizer, p)) + (0 if r is None else len(_encode(tokenizer, r)))
+        if used <= budget or target <= 2:
+            break
+        target = max(target - (used - budget), 2)
+    return p, r
+
+
+def _fit_once(tokenizer, prompt_ids, response_ids, prompt, response, budget: int) -> tuple[str, str | None]:
     lp = len(prompt_ids)
     lr = 0 if response_ids is None else len(response_ids)
     if lp + lr <= budget:
@@ -236,19 +242,20 @@ def _build_sequences(tokenizer, prompts, responses, prefill: str, max_length: in
             f"max_length={max_length} is too short: the judge prompt framing alone takes {worst} tokens "
             f"with this tokenizer; use at least {worst + margin + 17}"
         )
+    # one shortening per sample, shared by its 6 judgements: the prompt-alone view shows the same
+    # (possibly shortened) instruction as the full view, so its token sequence starts like the
+    # full view's (the shared path in ``expected_scores`` relies on it; the result is the same)
+    budget = limit - worst - margin
     seqs: list[list[int]] = []
     n_cut = 0
     for prompt, response in zip(prompts, responses):
         prompt = prompt or ""
         response = response or ""
-        p_ids = _encode(tokenizer, prompt)
-        r_ids = _encode(tokenizer, response)
+        p, r = _fit_texts(tokenizer, _encode(tokenizer, prompt), _encode(tokenizer, response), prompt, response,
+                          budget)
         for view in VIEWS:
             for d in DIMENSIONS:
-                budget = limit - overhead[(d, view)] - margin
-                p, r = _fit_texts(tokenizer, p_ids, r_ids if view == "full" else None, prompt,
-                                  response if view == "full" else None, budget)
-                ids = _encode(tokenizer, _render(tokenizer, judge_messages(d, p, r), prefill))
+                ids = _encode(tokenizer, _render(tokenizer, judge_messages(d, p, r if view == "full" else None), prefill))
                 if len(ids) > limit:  # last resort: keep the end (the question and the prefill)
                     ids = ids[-limit:]
                     n_cut += 1
@@ -354,6 +361,141 @@ class _Reader:
         return _score_probs(first, second, self.st, self.min_mass)
 
 
+def _lcp(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class _Packed:
+    """One sample laid out for the shared path: the tokens after the common framing up to the
+    end of the full view's shared part (``content``), where the prompt-alone view branches off
+    (``branch``, an offset into ``content``), and the 6 judgements' own tails (``COLUMNS``
+    order), each continuing its view's branch point (``bases``)."""
+
+    index: int  # the sample's row in the output
+    content: list[int]
+    branch: int
+    suffixes: list[list[int]]
+    bases: list[int]
+
+
+def _plan_sample(index: int, seqs6: list[list[int]], prefix_len: int) -> _Packed | None:
+    """Split the 6 judge prompts of one sample into content + branch points + tails; None when
+    they do not all start with the framing (e.g. cut from the left)."""
+    full = seqs6[3:]
+    # P: shared by all 6 (framing + instruction); F: shared by the 3 full-view ones (+ response).
+    # Each judgement keeps at least one token of its own, where its score is read.
+    p = min(min(_lcp(seqs6[0], x) for x in seqs6[1:]), min(len(x) for x in seqs6) - 1)
+    f = min(min(_lcp(full[0], x) for x in full[1:]), min(len(x) for x in full) - 1)
+    if p < prefix_len or f < p:
+        return None
+    content = full[0][prefix_len:f]
+    suffixes = [x[p:] for x in seqs6[:3]] + [x[f:] for x in full]
+    bases = [p - prefix_len] * 3 + [f - prefix_len] * 3
+    return _Packed(index, content, p - prefix_len, suffixes, bases)
+
+
+def _packed_supported(model) -> bool:
+    """The shared path needs a transformers-style causal LM: explicit positions, a custom 4D
+    additive attention mask (honoured by the eager and sdpa attention implementations), a past
+    KV cache and ``logits_to_keep``."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
+        return False
+    return all(_accepts(model, name) for name in ("attention_mask", "position_ids", "past_key_values",
+                                                    "logits_to_keep"))
+
+
+class _PackedReader:
+    """Runs the 6 judgements of several samples in one forward pass per batch.
+
+    Each batch row is one sample, packed as ``[content | tail_1 | … | tail_6]`` after the shared
+    framing (its KV cache, ``prefix_cache``, is reused). A 4D attention mask makes every token see
+    exactly what it sees in its own judge prompt: content tokens attend causally to the framing
+    and the content; a judgement's tail attends to the framing, to the content up to its view's
+    branch point (the end of the instruction for the prompt-alone view, so it never sees the
+    response; the end of the response for the full view) and causally to itself, never to the
+    other tails. Position ids continue from the branch point, so each score is computed from the
+    same keys, values and positions as in a separate forward pass over its whole judge prompt.
+
+    Tails are right-aligned in per-judgement slots of equal width across the batch, so the
+    score positions are the same columns in every row (``logits_to_keep``)."""
+
+    def __init__(self, model, st: ScoreTokens, pad_id: int, min_mass: float, prefix_cache, prefix_len: int):
+        self.model, self.st, self.pad_id, self.min_mass = model, st, pad_id, min_mass
+        self.prefix_cache, self.prefix_len = prefix_cache, prefix_len
+        self.device = _model_device(model)
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        weight = getattr(emb, "weight", None)
+        self.dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+        self.extra = [st.one_id] if st.two_step_ten else []
+
+    def run(self, items: list[_Packed]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and score-token mass, (B, 6) each."""
+        g, extra = self.prefix_len, self.extra
+        b = len(items)
+        width = max(len(it.content) for it in items)
+        slots = [max(len(it.suffixes[j]) + len(extra) for it in items) for j in range(6)]
+        q = width + sum(slots)
+        input_ids = torch.full((b, q), self.pad_id, dtype=torch.long)
+        positions = torch.full((b, q), g, dtype=torch.long)
+        # query at column c sees columns [0, seen[c]) (its view's content) and [start[c], c] (its
+        # own block: the content itself for content tokens, its tail for tail tokens); padding
+        # sees only itself
+        seen = torch.zeros((b, q), dtype=torch.long)
+        start = torch.arange(q).repeat(b, 1)
+        for r, it in enumerate(items):
+            n = len(it.content)
+            if n:
+                input_ids[r, :n] = torch.tensor(it.content, dtype=torch.long)
+                positions[r, :n] = torch.arange(g, g + n)
+                start[r, :n] = 0
+            col = width
+            for j in range(6):
+                tail = it.suffixes[j] + extra
+                c0 = col + slots[j] - len(tail)
+                c1 = col + slots[j]
+                input_ids[r, c0:c1] = torch.tensor(tail, dtype=torch.long)
+                positions[r, c0:c1] = torch.arange(g + it.bases[j], g + it.bases[j] + len(tail))
+                seen[r, c0:c1] = it.bases[j]
+                start[r, c0:c1] = c0
+                col = c1
+        keys = torch.arange(q)
+        allowed = (keys[None, None, :] < seen[:, :, None]) | (
+            (keys[None, None, :] >= start[:, :, None]) & (keys[None, None, :] <= keys[None, :, None]))
+        if g:
+            allowed = torch.cat([torch.ones((b, q, g), dtype=torch.bool), allowed], dim=2)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        ends = np.cumsum([width] + slots)[1:]
+        first_cols = [int(e) - 1 - len(extra) for e in ends]
+        second_cols = [int(e) - 1 for e in ends] if extra else []
+        keep = first_cols + second_cols
+        kwargs = dict(input_ids=input_ids.to(self.device), attention_mask=mask[:, None].to(self.device),
+                      position_ids=positions.to(self.device),
+                      logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device))
+        if g:
+            cache = copy.deepcopy(self.prefix_cache)
+            cache.batch_repeat_interleave(b)
+            kwargs.update(past_key_values=cache, use_cache=True)
+        else:
+            kwargs.update(use_cache=False)
+        logits = self.model(**kwargs).logits  # (b, 6 or 12, V)
+        first = torch.log_softmax(logits[:, :6].float(), -1).reshape(b * 6, -1)
+        second = torch.log_softmax(logits[:, 6:12].float(), -1).reshape(b * 6, -1) if extra else None
+        scores, mass = _score_probs(first, second, self.st, self.min_mass)
+        return scores.reshape(b, 6), mass.reshape(b, 6)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    a, b = a.double().cpu(), b.double().cpu()
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    return bool(torch.equal(nan_a, nan_b) and ((a - b).abs()[~nan_a] <= tol).all())
+
+
 def expected_scores(
     model,
     tokenizer,
@@ -370,15 +512,25 @@ def expected_scores(
 ):
     """Expected 0–10 scores, float64 (N, 6) in ``COLUMNS`` order; NaN = missing.
 
-    Judge prompts are sorted by length and run ``max_batch_size`` at a time, right-padded with
-    an attention mask; each sequence's scores are read at its own last positions. Samples too
-    long for ``max_length`` tokens are shortened (response and prompt, from their ends).
+    Every judgement's score is read from its own judge prompt (template, framing, the sample,
+    the question, the prefill). Samples too long for ``max_length`` tokens per judge prompt are
+    shortened (response and prompt, from their ends; both views show the same shortening).
 
-    With ``share_prefix`` (default) the token prefix common to all judge prompts (the chat
-    template's opening, a default system prompt, the judge's instructions) runs once and its
-    KV cache is reused by every batch, for models that take ``past_key_values`` (transformers
-    causal LMs); otherwise, or if that fails, every prompt runs whole. Both give the same
-    scores up to float rounding.
+    With ``share_prefix`` (default) the work common to several judgements is done once:
+
+    - the framing shared by all judge prompts (the chat template's opening, a default system
+      prompt, the judge's instructions and rubric) runs once and its KV cache is reused;
+    - per sample, ONE pass over the instruction + response serves all 6 judgements: the
+      prompt-alone judgements branch off at the end of the instruction (they see nothing
+      after it), the full ones at the end of the response, and each adds only its short
+      question + prefill. ``max_batch_size`` samples share one forward pass (``_PackedReader``).
+
+    This needs a transformers causal LM with eager or sdpa attention (custom 4D masks). It is
+    checked once per call against the plain computation on one sample; models that do not
+    qualify or fail the check fall back to one forward pass per judgement (with the shared
+    framing cache when the model takes ``past_key_values``), ``max_batch_size`` judge prompts
+    at a time, right-padded. ``share_prefix=False`` always runs every judge prompt whole (the
+    plain computation). All ways give the same scores up to float rounding.
 
     ``progress(done, total)`` counts judgements. With ``return_mass=True`` also returns the
     (N, 6) probability mass that fell on the score tokens."""
@@ -406,6 +558,13 @@ def expected_scores(
     was_training = getattr(model, "training", False)
     model.eval()
     done = 0
+
+    def report(k: int) -> None:
+        nonlocal done
+        done += k
+        if progress:
+            progress(done, total)
+
     try:
         with torch.inference_mode():
             prefix: list[int] = []
@@ -424,18 +583,44 @@ def expected_scores(
             else:
                 prefix = []
             p = len(prefix)
-            shared = [bool(p) and len(x) > p and x[:p] == prefix for x in seqs]
+
+            pending = np.ones(n, dtype=bool)  # samples whose judgements are still to compute
+            if share_prefix and _packed_supported(model):
+                plans = []
+                for i in range(n):
+                    six = seqs[6 * i: 6 * i + 6]
+                    if all(x[:p] == prefix for x in six):
+                        plan = _plan_sample(i, six, p)
+                        if plan is not None:
+                            plans.append(plan)
+                if plans:
+                    packed = _PackedReader(model, st, pad_id, min_mass, reader.prefix_cache, p)
+                    plans = _run_packed(packed, reader, plans, seqs, flat, flat_mass, pending, report)
+                    if plans:
+                        # the order is by content length: similar rows share a batch (less padding)
+                        plans.sort(key=lambda it: (-(len(it.content) + sum(map(len, it.suffixes))), it.index))
+                        for b0 in range(0, len(plans), max_batch_size):
+                            batch = plans[b0: b0 + max_batch_size]
+                            scores, mass = packed.run(batch)
+                            for it, s_row, m_row in zip(batch, scores.cpu().double().numpy(),
+                                                        mass.cpu().double().numpy()):
+                                flat[6 * it.index: 6 * it.index + 6] = s_row
+                                flat_mass[6 * it.index: 6 * it.index + 6] = m_row
+                                pending[it.index] = False
+                            report(6 * len(batch))
+
+            # one forward pass per judgement: samples the shared path did not take
+            left = [6 * i + j for i in np.flatnonzero(pending) for j in range(6)]
+            shared = {i: bool(p) and len(seqs[i]) > p and seqs[i][:p] == prefix for i in left}
             for group in (True, False):  # prompts that start with the prefix, then any others
-                members = [i for i in range(total) if shared[i] == group]
+                members = [i for i in left if shared[i] == group]
                 order = sorted(members, key=lambda i: (-len(seqs[i]), i))
                 for b0 in range(0, len(order), max_batch_size):
                     batch = order[b0: b0 + max_batch_size]
                     scores, mass = reader.run([seqs[i][p:] if group else seqs[i] for i in batch], with_prefix=group)
                     flat[batch] = scores.cpu().double().numpy()
                     flat_mass[batch] = mass.cpu().double().numpy()
-                    done += len(batch)
-                    if progress:
-                        progress(done, total)
+                    report(len(batch))
     finally:
         if was_training:
             model.train()
@@ -446,6 +631,34 @@ def expected_scores(
         log.info("%d of %d judgements had < %g probability on the score tokens: recorded as missing",
                  n_low, total, min_mass)
     return (out, mass_out) if return_mass else out
+
+
+def _run_packed(packed: _PackedReader, reader: _Reader, plans: list[_Packed], seqs, flat, flat_mass, pending,
+                report) -> list[_Packed]:
+    """Check the shared path once against whole judge prompts, on the sample that is cheapest to
+    judge (its plain scores are kept). Returns the plans still to run: all but the checked one,
+    or none when the check fails (the model does not honour the packed layout: every judgement
+    then runs on its own)."""
+    probe = min(plans, key=lambda it: (len(it.content) + sum(map(len, it.suffixes)), it.index))
+    rows = list(range(6 * probe.index, 6 * probe.index + 6))
+    try:
+        got, got_mass = packed.run([probe])
+    except Exception as exc:  # noqa: BLE001 - any model that rejects the packed inputs
+        log.warning("shared judgement passes unavailable (%s: %s); one forward pass per judgement",
+                    type(exc).__name__, exc)
+        return []
+    want, want_mass = reader.run([seqs[i] for i in rows], with_prefix=False)
+    tol = 1e-3 if packed.dtype in (torch.float32, torch.float64) else 0.15
+    if not (_close(got[0], want, tol) and _close(got_mass[0], want_mass, max(tol / 10, 1e-4))):
+        log.warning("shared judgement passes disagree with whole judge prompts on this model "
+                    "(max |Δscore| %.4g); one forward pass per judgement",
+                    float((got[0].double().cpu() - want.double().cpu()).abs().nan_to_num(0).max()))
+        return []
+    flat[rows] = want.cpu().double().numpy()
+    flat_mass[rows] = want_mass.cpu().double().numpy()
+    pending[probe.index] = False
+    report(6)
+    return [it for it in plans if it is not probe]
 
 
 # ----------------------------------------------------------------------------------------------

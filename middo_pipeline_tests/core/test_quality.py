@@ -186,10 +186,10 @@ def test_padding_invariance_real_model(tiny_model_dir, monkeypatch):
 
     monkeypatch.setattr(quality._Reader, "set_prefix", spy)
     plain = expected_scores(lm.model, lm.tokenizer, prompts, responses, max_batch_size=1, share_prefix=False,
-                            max_length=320)
+                            max_length=448)
     assert prefixes == []
-    one = expected_scores(lm.model, lm.tokenizer, prompts, responses, max_batch_size=1, max_length=320)
-    many = expected_scores(lm.model, lm.tokenizer, prompts, responses, max_batch_size=7, max_length=320)
+    one = expected_scores(lm.model, lm.tokenizer, prompts, responses, max_batch_size=1, max_length=448)
+    many = expected_scores(lm.model, lm.tokenizer, prompts, responses, max_batch_size=7, max_length=448)
     assert len(prefixes) == 2 and prefixes[0] >= 8  # the shared-prefix KV cache was used
     assert one.shape == (3, 6) and np.isfinite(one).all()
     assert np.abs(one - plain).max() < 1e-4 and not np.isclose(one[1, 1], one[1, 4])
@@ -197,7 +197,7 @@ def test_padding_invariance_real_model(tiny_model_dir, monkeypatch):
     np.testing.assert_allclose(one, plain, atol=1e-4)
     np.testing.assert_allclose(many, one, atol=1e-4)
     # a forward without logits_to_keep / past_key_values: full logits, whole prompts, same scores
-    full = expected_scores(_FullLogits(lm.model), lm.tokenizer, prompts, responses, max_batch_size=7, max_length=320)
+    full = expected_scores(_FullLogits(lm.model), lm.tokenizer, prompts, responses, max_batch_size=7, max_length=448)
     assert len(prefixes) == 2
     np.testing.assert_allclose(full, one, atol=1e-4)
 
@@ -217,17 +217,17 @@ def test_long_samples_are_shortened_to_max_length(tiny_tok):
     st = find_score_tokens(tiny_tok)
     long_prompt = "Explain the difference between a list and a tuple. " * 200
     long_response = "The quick brown fox jumps over the lazy dog. " * 300
-    seqs = quality._build_sequences(tiny_tok, [long_prompt, "short"], [long_response, "ok"], st.prefill, 360)
+    seqs = quality._build_sequences(tiny_tok, [long_prompt, "short"], [long_response, "ok"], st.prefill, 448)
     assert len(seqs) == 12
     tail = quality._encode(tiny_tok, quality._render(tiny_tok, judge_messages_any(), st.prefill))[-3:]
     for ids in seqs:
-        assert len(ids) <= 359
+        assert len(ids) <= 447
         assert ids[-3:] == tail  # the question + generation prompt + prefill are kept
     text = tiny_tok.decode(seqs[3])
     assert "[Response]" in text and quality.TRUNCATION_MARK.strip() in text
     model = BigramLM(len(tiny_tok))
     _set_row(model, _score_position_token(tiny_tok, st), {st.digit_ids[7]: 1.0})
-    s = expected_scores(model, tiny_tok, [long_prompt], [long_response], max_length=360)
+    s = expected_scores(model, tiny_tok, [long_prompt], [long_response], max_length=448)
     np.testing.assert_allclose(s, 7.0, atol=1e-3)
 
 
@@ -406,3 +406,76 @@ def test_combine_scores():
     assert set(c) == set(DIMENSIONS) | {"quality_score", "n_missing"}
     with pytest.raises(ValueError):
         combine_scores(np.zeros((2, 5)))
+
+
+# ----------------------------------------------------------------------------------------------
+# the shared path: one packed forward pass serves a sample's 6 judgements
+
+
+def _spy_packed(monkeypatch):
+    batches = []
+    real_run = quality._PackedReader.run
+
+    def run(self, items):
+        batches.append([it.index for it in items])
+        return real_run(self, items)
+
+    monkeypatch.setattr(quality._PackedReader, "run", run)
+    return batches
+
+
+def test_packed_judgements_equal_whole_judge_prompts(tiny_model_dir, monkeypatch):
+    from middo_pipeline.models.loading import load_model
+
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    batches = _spy_packed(monkeypatch)
+    long_prompt = "Explain the difference between a list and a tuple. " * 40  # shortened to fit
+    prompts, responses = PROMPTS + [long_prompt, "Say nothing."], RESPONSES + ["A list. " * 60, ""]
+    plain = expected_scores(lm.model, lm.tokenizer, prompts, responses, share_prefix=False, max_length=448)
+    for batch_size in (1, 3, 16):
+        batches.clear()
+        shared = expected_scores(lm.model, lm.tokenizer, prompts, responses, max_batch_size=batch_size,
+                                 max_length=448)
+        # the probe sample runs alone to check the layout, then the rest in batches of batch_size
+        assert batches[0] == [batches[0][0]]
+        assert sorted(i for b in batches for i in b) == list(range(len(prompts)))
+        assert max(len(b) for b in batches) == min(batch_size, len(prompts) - 1)
+        np.testing.assert_allclose(shared, plain, atol=1e-4)
+    assert np.isfinite(plain).all() and not np.allclose(plain[:, 0], plain[:, 3])
+
+
+def test_packed_prompt_alone_judgements_never_see_the_response(tiny_model_dir, monkeypatch):
+    from middo_pipeline.models.loading import load_model
+
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    batches = _spy_packed(monkeypatch)  # max_length: room for every sample whole (no shortening)
+    a = expected_scores(lm.model, lm.tokenizer, PROMPTS, RESPONSES, max_batch_size=8, max_length=1024)
+    b = expected_scores(lm.model, lm.tokenizer, PROMPTS, ["Something else entirely, and longer: " + r for r in RESPONSES],
+                        max_batch_size=8, max_length=1024)
+    assert batches  # the shared path ran
+    np.testing.assert_allclose(a[:, :3], b[:, :3], atol=1e-3)  # prompt-alone views: unchanged (float32)
+    assert np.abs(a[:, 3:] - b[:, 3:]).max() > 1e-3  # the full views do see the response
+
+
+def test_packed_layout_that_disagrees_falls_back_to_whole_prompts(tiny_model_dir, monkeypatch, caplog):
+    from middo_pipeline.models.loading import load_model
+
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    plain = expected_scores(lm.model, lm.tokenizer, PROMPTS, RESPONSES, share_prefix=False, max_length=448)
+    calls = []
+
+    def wrong(self, items):  # a model that silently ignores the 4D mask would give other scores
+        calls.append(len(items))
+        return torch.full((len(items), 6), 5.0), torch.ones((len(items), 6))
+
+    monkeypatch.setattr(quality._PackedReader, "run", wrong)
+    with caplog.at_level("WARNING"):
+        got = expected_scores(lm.model, lm.tokenizer, PROMPTS, RESPONSES, max_length=448)
+    assert calls == [1]  # only the probe; everything then ran whole
+    assert "disagree" in caplog.text
+    np.testing.assert_allclose(got, plain, atol=1e-4)
+
+
+def test_packed_path_needs_a_transformers_causal_lm(tiny_tok):
+    model = BigramLM(len(tiny_tok))  # no position_ids / 4D masks: never packed, scores still read
+    assert not quality._packed_supported(model)
