@@ -7,6 +7,8 @@ returns, so code outside Dagster (the CLI, the next round) finds the same files.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import polars as pl
 from dagster import ConfigurableIOManagerFactory, InputContext, OutputContext, UPathIOManager
 from pydantic import Field
@@ -21,6 +23,10 @@ class PolarsParquetIOManager(UPathIOManager):
     def __init__(self, storage: Storage):
         self.storage = storage
         super().__init__(base_path=UPath(storage.tables_dir))
+
+    def make_directory(self, path: UPath) -> None:
+        # through Storage: an unwritable root fails with StorageError naming the folder and the fix
+        self.storage.ensure_dir(Path(path))
 
     def dump_to_path(self, context: OutputContext, obj: pl.DataFrame, path: UPath) -> None:
         if not isinstance(obj, pl.DataFrame):

@@ -188,11 +188,16 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+_DAGSTER_WRAPPERS = ("DagsterExecutionStepExecutionError", "DagsterExecutionHandleOutputError",
+                     "DagsterExecutionLoadInputError")
+
+
 def _failure_message(res, what: str) -> str:
     for event in res.all_events:
         if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
             err = event.step_failure_data.error
-            while err.cause is not None and err.cls_name in ("DagsterExecutionStepExecutionError",):
+            # Dagster wraps the real error (an asset's, or the IO manager's while storing / loading)
+            while err.cause is not None and err.cls_name in _DAGSTER_WRAPPERS:
                 err = err.cause
             msg = err.message.strip()
             if not msg.startswith(f"{err.cls_name}:"):

@@ -17,7 +17,7 @@ _KEY = re.compile(r"^round-([1-9][0-9]*)$")
 
 
 def round_number(partition_key: str) -> int:
-    m = _KEY.match(partition_key)
+    m = _KEY.fullmatch(partition_key)
     if not m:
         raise ValueError(f"round partition keys look like 'round-1', 'round-2', …; got {partition_key!r}")
     return int(m.group(1))
@@ -31,7 +31,7 @@ def round_key(n: int) -> str:
 
 def existing_rounds(instance: DagsterInstance) -> list[int]:
     keys = instance.get_dynamic_partitions(ROUNDS)
-    return sorted(round_number(k) for k in keys if _KEY.match(k))
+    return sorted(round_number(k) for k in keys if _KEY.fullmatch(k))
 
 
 def latest_materialization(instance: DagsterInstance, asset: str, partition: str | None = None):

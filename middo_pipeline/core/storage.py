@@ -44,7 +44,7 @@ def default_root() -> Path:
 
 def safe_name(name: str) -> str:
     """A path component derived from user input: letters, digits, '.', '_' and '-' only."""
-    if not _SAFE.match(name) or name in (".", ".."):
+    if not _SAFE.fullmatch(name) or name in (".", ".."):  # fullmatch: "$" alone lets a trailing "\n" in
         raise ValueError(f"unsafe name for a path component: {name!r}")
     return name
 
