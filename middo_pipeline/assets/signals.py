@@ -4,7 +4,7 @@
 import numpy as np
 import polars as pl
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from middo_pipeline.assets._checks import band_check, band_spec
 from middo_pipeline.assets._meta import image_md, json_md, preview_md
@@ -149,9 +149,21 @@ def loss_signals(context: AssetExecutionContext, config: LossSignalConfig, model
 # --------------------------------------------------------------------------------------
 class EmbeddingSignalConfig(ThresholdConfig):
     k: int = Field(default=2, description="Neighbours per sample (itself excluded)")
+    knn_method: str = Field(
+        default="auto",
+        description="Top-k neighbour search: exact (blockwise all-pairs), approx (faiss IVF; for very large N), "
+                    "or auto (exact up to 200k samples, approx above)",
+    )
     n_clusters: int | None = Field(default=None, description="k-means clusters (default: about sqrt(N/2), 2..50)")
     umap: bool = Field(default=True, description="Draw the UMAP cluster map (numba compiles for ~15 s per process)")
     seed: int = Field(default=0)
+
+    @field_validator("knn_method")
+    @classmethod
+    def _known_knn_method(cls, v: str) -> str:
+        if v not in diversity.KNN_METHODS:
+            raise ValueError(f"knn_method must be one of {', '.join(diversity.KNN_METHODS)}, got {v!r}")
+        return v
 
 
 @asset(
@@ -169,7 +181,7 @@ def embedding_signals(context: AssetExecutionContext, config: EmbeddingSignalCon
     r = round_number(context.partition_key)
     ids = model_readouts["sample_id"].to_list()
     emb = np.asarray(model_readouts["embedding"].to_list(), dtype=np.float32)
-    sims, idx = diversity.topk_cosine(emb, k=config.k)
+    sims, idx, knn_info = diversity.topk_cosine(emb, k=config.k, method=config.knn_method, return_info=True)
     score = diversity.sparsity_scores(sims)
     res = flag_below(score.astype(np.float64), config.spec(), r)
     labels = diversity.kmeans_clusters(emb, n_clusters=config.n_clusters, seed=config.seed)
@@ -201,6 +213,7 @@ def embedding_signals(context: AssetExecutionContext, config: EmbeddingSignalCon
     meta = {
         **{f"{k}": v for k, v in res.as_metadata().items()},
         "k": config.k,
+        "knn_method": knn_info["method"],
         "sparse": int(res.n_flagged),
         "sparse_fraction": float(res.fraction),
         "clusters": len(sizes),

@@ -207,3 +207,108 @@ def test_umap_map():
     x, truth = _blobs(n_per=30)
     xy, method = umap_2d(x, seed=0, n_neighbors=10)
     assert method == "umap" and xy.shape == (90, 2) and np.isfinite(xy).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# approximate top-k (faiss IVF) and the auto switch
+
+
+def _clustered(n=3000, dim=32, centers=30, noise=0.6, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centers, dim))
+    return (c[rng.integers(0, centers, n)] + noise * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def _recall(idx_a, idx_b):
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(idx_a.tolist(), idx_b.tolist())]))
+
+
+@pytest.fixture(scope="module")
+def clustered3k():
+    return _clustered()
+
+
+def test_approx_matches_exact_on_clustered_data(clustered3k):
+    k = 5
+    ex_s, ex_i = topk_cosine(clustered3k, k=k, method="exact")
+    ap_s, ap_i, info = topk_cosine(clustered3k, k=k, method="approx", return_info=True)
+    assert info["method"] == "approx" and info["nlist"] == round(4 * np.sqrt(3000)) and info["nprobe"] == 16
+    assert ap_s.shape == (3000, k) and ap_s.dtype == np.float32 and ap_i.dtype == np.int64
+    assert _recall(ap_i, ex_i) >= 0.95
+    n = len(clustered3k)
+    assert not (ap_i == np.arange(n)[:, None]).any()  # never itself
+    assert (ap_i >= 0).all() and np.isfinite(ap_s).all()
+    assert all(len(set(row)) == k for row in ap_i.tolist())
+    assert (np.diff(ap_s, axis=1) <= 1e-6).all()  # most similar first
+    # the similarities are the true cosines of the neighbours it returns, never above the exact ones
+    x = clustered3k / np.linalg.norm(clustered3k, axis=1, keepdims=True)
+    np.testing.assert_allclose(ap_s, np.einsum("nd,nkd->nk", x, x[ap_i]), atol=1e-5)
+    assert (ap_s <= ex_s + 1e-5).all()
+
+
+def test_approx_self_excluded_and_duplicates_are_neighbours():
+    emb = _clustered(n=2000, seed=1)
+    emb[100:107] = emb[99]  # a group of 8 identical rows: more than k + 1
+    emb[500] = emb[42] * 3.0  # a pair (same direction)
+    sims, idx = topk_cosine(emb, k=3, method="approx")
+    group = set(range(99, 107))
+    for i in group:
+        assert i not in idx[i] and set(idx[i].tolist()) <= group - {i}
+        np.testing.assert_allclose(sims[i], 1.0, atol=1e-5)
+    assert idx[42, 0] == 500 and idx[500, 0] == 42
+    assert not (idx == np.arange(len(emb))[:, None]).any()
+
+
+def test_approx_rows_with_too_few_candidates_are_recomputed_exactly(clustered3k):
+    emb = clustered3k[:400]
+    # ~4 rows per list, 1 list probed: many rows find fewer than k others and fall back to exact
+    sims, idx, info = topk_cosine(emb, k=3, method="approx", nlist=100, nprobe=1, return_info=True)
+    assert 0 < info["exact_fallback_rows"] < 400
+    assert (idx >= 0).all() and np.isfinite(sims).all()  # no -1 / NaN padding left
+    assert not (idx == np.arange(400)[:, None]).any()
+    assert all(len(set(row)) == 3 for row in idx.tolist())
+    ex_s, _ = topk_cosine(emb, k=3, method="exact")
+    assert (sims <= ex_s + 1e-5).all()
+    # every row fell back: the result is the exact one
+    sims, idx, info = topk_cosine(emb, k=3, method="approx", nlist=400, nprobe=1, return_info=True)
+    assert info["exact_fallback_rows"] == 400
+    np.testing.assert_allclose(sims, ex_s, atol=1e-6)
+
+
+def test_approx_small_n():
+    rng = np.random.default_rng(0)
+    sims, idx = topk_cosine(rng.normal(size=(5, 8)).astype(np.float32), k=10, method="approx")
+    assert sims.shape == (5, 4) and sorted(idx[0].tolist()) == [1, 2, 3, 4]
+    sims, idx = topk_cosine(np.ones((1, 4), dtype=np.float32), k=2, method="approx")
+    assert sims.shape == (1, 0)
+
+
+def test_auto_is_exact_below_the_threshold_and_approx_above(clustered3k, monkeypatch):
+    _, _, info = topk_cosine(clustered3k, k=2, return_info=True)
+    assert diversity.EXACT_MAX_ROWS >= 100_000 and info["method"] == "exact"
+    monkeypatch.setattr(diversity, "EXACT_MAX_ROWS", 1000)
+    sims, idx, info = topk_cosine(clustered3k, k=2, return_info=True)
+    assert info["method"] == "approx"
+    _, ex_i = topk_cosine(clustered3k, k=2, method="exact")
+    assert _recall(idx, ex_i) >= 0.95
+    _, _, info = topk_cosine(clustered3k[:1000], k=2, return_info=True)  # at the threshold: exact
+    assert info["method"] == "exact"
+    with pytest.raises(ValueError):
+        topk_cosine(clustered3k, k=2, method="fast")
+
+
+def test_topk_cosine_rows_matches_full_exact(emb500):
+    rows = np.array([3, 0, 499, 250, 3])
+    s, i = diversity.topk_cosine_rows(emb500, rows, k=3, block_size=64)
+    fs, fi = topk_cosine(emb500, k=3, block_size=64)
+    np.testing.assert_allclose(s, fs[rows], atol=1e-6)
+    np.testing.assert_allclose(np.take_along_axis(_dense_topk(emb500, 3)[2][rows], i, axis=1), s, atol=1e-5)
+
+
+def test_embedding_config_validates_knn_method():
+    from middo_pipeline.assets.signals import EmbeddingSignalConfig
+
+    assert EmbeddingSignalConfig().knn_method == "auto"
+    assert EmbeddingSignalConfig(knn_method="approx").knn_method == "approx"
+    with pytest.raises(Exception, match="knn_method"):
+        EmbeddingSignalConfig(knn_method="fast")

@@ -1,0 +1,235 @@
+"""A controlled dataset with known, injected defects, built deterministically from the seed data.
+
+Every row carries ``defect`` (the signal that should find it) and ``kind`` (how it was made):
+
+- ``none`` / ``clean``: seed samples left as they are.
+- ``quality`` (the quality signal should flag these), four kinds in turn:
+  ``unrelated_response`` (the response of a seed sample from another category),
+  ``wrong_answer`` (a factual question with a confidently wrong answer, from a small bank
+  written here), ``garbled_prompt`` (the prompt's words shuffled and letters scrambled),
+  ``truncated_prompt`` (the prompt cut after its first few words, mid-sentence).
+- ``hard`` (the complexity signal): seed material turned into tasks whose exact answers a
+  small model cannot predict, answers computed here so they are *correct*:
+  ``caesar`` (a sentence enciphered with a shift), ``reverse_words`` (every word spelt
+  backwards), ``arithmetic`` (a multi-step product of large numbers: hard to *compute*, but a
+  wrong digit costs a model at most about ln 10 nats, so it is the kind a loss signal finds
+  least), ``reverse_chars`` (the whole sentence backwards).
+- ``isolated`` (the diversity signal should find these sparse): prompts on topics and in
+  formats that nothing else in the set shares (German, DNA, Morse, chess notation, LaTeX,
+  knitting, ...), one per domain so that they are not each other's neighbours, with sensible
+  answers. Chosen before any measurement, not by the signal.
+- ``duplicate``: near-duplicate clusters (one seed sample and light edits of it). They are
+  the opposite of sparse: reported as a side figure (their similarity should be the highest).
+
+Seeded: the same seed file and settings always give the same rows in the same order.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+# ----------------------------------------------------------------------------------------------
+# banks written for this benchmark
+
+
+WRONG_ANSWERS = [
+    ("What is the capital of France?", "The capital of France is Berlin, which has been the seat of the French government since 1789."),
+    ("How many legs does a spider have?", "A spider has six legs, the same as every other insect."),
+    ("What is the boiling point of water at sea level in Celsius?", "Water boils at 50 degrees Celsius at sea level."),
+    ("Who wrote the play Romeo and Juliet?", "Romeo and Juliet was written by Charles Dickens in 1920."),
+    ("What is the largest planet in our solar system?", "The largest planet in our solar system is Mercury."),
+    ("What is 12 multiplied by 12?", "12 multiplied by 12 is 124."),
+    ("Which gas do plants absorb from the air for photosynthesis?", "Plants absorb helium from the air for photosynthesis."),
+    ("What is the chemical symbol for gold?", "The chemical symbol for gold is Ag."),
+    ("How many continents are there on Earth?", "There are eleven continents on Earth."),
+    ("What is the freezing point of water in Fahrenheit?", "Water freezes at 100 degrees Fahrenheit."),
+    ("Who painted the Mona Lisa?", "The Mona Lisa was painted by Vincent van Gogh."),
+    ("What is the square root of 81?", "The square root of 81 is 7."),
+    ("In which year did the first human land on the Moon?", "The first human landed on the Moon in 1492."),
+    ("What is the longest river in Africa?", "The longest river in Africa is the Thames."),
+    ("How many days are there in a leap year?", "A leap year has 300 days."),
+    ("What is the main language spoken in Brazil?", "The main language spoken in Brazil is Japanese."),
+]
+
+# One item per domain, and no two alike in topic or form (two translation requests would be
+# each other's nearest neighbours and not isolated at all). None of these topics is in the seed.
+ISOLATED = [
+    ("Fasse den folgenden Satz in einfachen Worten zusammen: Die Bundesregierung hat beschlossen, den Ausbau der erneuerbaren Energien im kommenden Jahrzehnt deutlich zu beschleunigen.",
+     "Die Regierung will in den nächsten zehn Jahren viel schneller mehr Strom aus Sonne, Wind und anderen erneuerbaren Quellen gewinnen."),
+    ("Transcribe this DNA strand into messenger RNA: TACGGATTCAGCTTAAGC",
+     "The complementary mRNA is AUGCCUAAGUCGAAUUCG (A pairs with U, T with A, C with G and G with C)."),
+    ("Decode this Morse code message: .... . .-.. .-.. --- / .-- --- .-. .-.. -..",
+     "The message reads: HELLO WORLD."),
+    ("In the chess position after 1. e4 e5 2. Nf3 Nc6 3. Bb5 a6, what is the name of this opening and what does White usually play next?",
+     "This is the Ruy Lopez, Morphy Defence. White usually retreats with 4. Ba4, keeping the pin idea on the knight, or exchanges with 4. Bxc6."),
+    ("Explain what this LaTeX renders to: \\int_0^{\\infty} e^{-x^2} \\, dx = \\frac{\\sqrt{\\pi}}{2}",
+     "It renders the Gaussian integral: the integral of e to the minus x squared from zero to infinity equals the square root of pi divided by two."),
+    ("What does this cron expression mean: 15 3 * * 1-5",
+     "It runs at 03:15 every Monday to Friday: minute 15, hour 3, any day of the month, any month, weekdays 1 to 5."),
+    ("Give the IUPAC name of the molecule with the SMILES string CC(=O)OC1=CC=CC=C1C(=O)O",
+     "That SMILES string is aspirin; its IUPAC name is 2-acetoxybenzoic acid (2-(acetyloxy)benzoic acid)."),
+    ("In a knitting pattern, what do the abbreviations k2tog, yo and ssk mean?",
+     "k2tog: knit two stitches together (a right-leaning decrease); yo: yarn over (an increase that makes a small hole); ssk: slip, slip, knit the two slipped stitches together (a left-leaning decrease)."),
+    ("In figured bass, what does the figure 6/4 under a bass note indicate?",
+     "It indicates a second-inversion triad: the notes a sixth and a fourth above the bass, so the fifth of the chord is in the bass."),
+    ("In sailing, what is the difference between tacking and gybing?",
+     "Both change the side the wind comes from. Tacking turns the bow through the wind; gybing turns the stern through the wind, which swings the boom across more violently."),
+]
+
+_DUP_EDITS = [
+    lambda s: "Please " + s[0].lower() + s[1:],
+    lambda s: s.rstrip(".?!") + ", please.",
+    lambda s: s + " Keep it brief.",
+    lambda s: "Could you " + s[0].lower() + s[1:].rstrip(".?!") + "?",
+    lambda s: s.replace(" the ", " this ", 1) if " the " in s else s + " Thanks.",
+    lambda s: "Task: " + s,
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# transformations
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def garble(text: str, rng: random.Random) -> str:
+    words = _words(text)
+    rng.shuffle(words)
+    out = []
+    for w in words:
+        letters = list(w)
+        if len(letters) > 3:
+            mid = letters[1:-1]
+            rng.shuffle(mid)
+            letters = [letters[0], *mid, letters[-1]]
+        if rng.random() < 0.3 and len(letters) > 2:
+            del letters[rng.randrange(len(letters))]
+        out.append("".join(letters))
+    return " ".join(out)
+
+
+def truncate(text: str, rng: random.Random) -> str:
+    words = _words(text)
+    keep = max(2, min(4, len(words) // 4))
+    return " ".join(words[:keep])
+
+
+def _first_sentence(text: str, max_words: int = 14) -> str:
+    """The first sentence or line with at least four words (material for the hard tasks)."""
+    for s in re.split(r"(?<=[.!?])\s+|\n+", text.strip()):
+        words = [w for w in _words(s) if any(c.isalpha() for c in w)]
+        if len(words) >= 4:
+            return " ".join(words[:max_words]).strip(" ,;:")
+    return "The quick brown fox jumps over the lazy dog"
+
+
+def caesar(text: str, shift: int) -> str:
+    def rot(c: str) -> str:
+        if "a" <= c <= "z":
+            return chr((ord(c) - 97 + shift) % 26 + 97)
+        if "A" <= c <= "Z":
+            return chr((ord(c) - 65 + shift) % 26 + 65)
+        return c
+
+    return "".join(rot(c) for c in text)
+
+
+def make_hard(row: dict, kind: str, rng: random.Random) -> tuple[str, str]:
+    material = _first_sentence(row["output"])
+    if kind == "arithmetic":
+        a, b, c = rng.randrange(10_000, 99_999), rng.randrange(1_000, 9_999), rng.randrange(100_000, 999_999)
+        d = rng.randrange(11, 97)
+        p = a * b
+        q = p - c
+        r = q * d
+        prompt = (f"Multiply {a} by {b}, subtract {c} from the product, then multiply the difference by {d}. "
+                  f"Give the intermediate results and the exact final result.")
+        response = f"The product is {p}. Subtracting gives {q}. The final result is {r}."
+        return prompt, response
+    if kind == "caesar":
+        shift = rng.randrange(3, 23)
+        return (f"Encrypt the following sentence with a Caesar cipher that shifts every letter forward by {shift} "
+                f"positions: \"{material}\""), caesar(material, shift)
+    if kind == "reverse_words":
+        return (f"Write every word of the following sentence with its letters in reverse order, keeping the word "
+                f"order: \"{material}\""), " ".join(w[::-1] for w in _words(material))
+    if kind == "reverse_chars":
+        return (f"Write the following sentence backwards, character by character: \"{material}\""), material[::-1]
+    raise ValueError(kind)
+
+
+QUALITY_KINDS = ("unrelated_response", "wrong_answer", "garbled_prompt", "truncated_prompt")
+HARD_KINDS = ("caesar", "reverse_words", "arithmetic", "reverse_chars")
+
+
+def _row(instruction: str, input_: str, output: str, defect: str, kind: str, source: int | None,
+         category: str = "") -> dict:
+    return {"instruction": instruction, "input": input_, "output": output, "defect": defect, "kind": kind,
+            "source_index": -1 if source is None else source, "category": category}
+
+
+def build(seed_rows: list[dict], *, n_clean: int, n_quality: int, n_hard: int, n_dup_clusters: int,
+          dup_size: int, n_isolated: int, seed: int = 0) -> list[dict]:
+    """The labelled controlled dataset (rows shuffled deterministically)."""
+    rng = random.Random(seed)
+    order = list(range(len(seed_rows)))
+    rng.shuffle(order)
+    need = n_clean + n_quality + n_hard + n_dup_clusters
+    if len(order) < need:
+        raise ValueError(f"the seed has {len(order)} rows; the controlled set needs {need} distinct ones")
+    take = iter(order)
+    rows: list[dict] = []
+
+    for _ in range(n_clean):
+        i = next(take)
+        r = seed_rows[i]
+        rows.append(_row(r["instruction"], r.get("input", ""), r["output"], "none", "clean", i, r.get("category", "")))
+
+    wrong = list(WRONG_ANSWERS)
+    rng.shuffle(wrong)
+    for j in range(n_quality):
+        kind = QUALITY_KINDS[j % len(QUALITY_KINDS)]
+        i = next(take)
+        r = seed_rows[i]
+        if kind == "unrelated_response":
+            cat = r.get("category", "")
+            others = [k for k in order if seed_rows[k].get("category", "") != cat and k != i] or [k for k in order if k != i]
+            donor = seed_rows[rng.choice(others)]
+            rows.append(_row(r["instruction"], r.get("input", ""), donor["output"], "quality", kind, i, r.get("category", "")))
+        elif kind == "wrong_answer":
+            q, a = wrong[(j // len(QUALITY_KINDS)) % len(wrong)]
+            rows.append(_row(q, "", a, "quality", kind, None, "wrong_fact"))
+        elif kind == "garbled_prompt":
+            rows.append(_row(garble(r["instruction"], rng), garble(r.get("input", ""), rng) if r.get("input") else "",
+                             r["output"], "quality", kind, i, r.get("category", "")))
+        else:
+            rows.append(_row(truncate(r["instruction"], rng), "", r["output"], "quality", kind, i, r.get("category", "")))
+
+    for j in range(n_hard):
+        kind = HARD_KINDS[j % len(HARD_KINDS)]
+        i = next(take)
+        prompt, response = make_hard(seed_rows[i], kind, rng)
+        rows.append(_row(prompt, "", response, "hard", kind, i, seed_rows[i].get("category", "")))
+
+    for c in range(n_dup_clusters):
+        i = next(take)
+        r = seed_rows[i]
+        rows.append(_row(r["instruction"], r.get("input", ""), r["output"], "duplicate", f"cluster_{c}", i, r.get("category", "")))
+        edits = list(_DUP_EDITS)
+        rng.shuffle(edits)
+        for e in edits[: dup_size - 1]:
+            rows.append(_row(e(r["instruction"].strip()), r.get("input", ""), r["output"], "duplicate", f"cluster_{c}", i,
+                             r.get("category", "")))
+
+    iso = list(ISOLATED)
+    rng.shuffle(iso)
+    for q, a in iso[:n_isolated]:
+        rows.append(_row(q, "", a, "isolated", "isolated_topic", None, "isolated"))
+
+    rng.shuffle(rows)
+    for k, r in enumerate(rows):
+        r["row"] = k
+    return rows
