@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -397,9 +398,12 @@ def umap_2d(emb: np.ndarray, seed: int = 0, n_neighbors: int = 15) -> tuple[np.n
             n_neighbors=max(2, min(int(n_neighbors), n - 1)),
             metric="cosine",
             random_state=seed,
+            n_jobs=1,  # a seeded UMAP is single-threaded anyway (and says so in a warning otherwise)
             init="spectral" if n > 20 else "random",
         )
-        xy = reducer.fit_transform(x)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+            xy = reducer.fit_transform(x)
         return np.asarray(xy, dtype=np.float32), "umap"
     except Exception as exc:  # a map is a view, not a result: fall back rather than fail the round
         log.warning("UMAP failed (%s: %s); using PCA for the map", type(exc).__name__, exc)
