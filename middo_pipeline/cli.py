@@ -68,6 +68,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_loop(args: argparse.Namespace) -> int:
     """Run the next N rounds on the Dagster instance at $DAGSTER_HOME and print a summary per round."""
+    import os
+
+    # the steps log their own progress (done, rate, ETA); transformers' per-load and per-save
+    # bars would only interleave with it. Set before transformers is imported; env wins.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from middo_pipeline.loop import load_run_config, run_rounds
 
     try:
