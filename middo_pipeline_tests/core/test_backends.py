@@ -103,7 +103,22 @@ def test_local_order_batching_and_determinism(local, lively_model_dir):
     assert [c.text for c in local.complete(reqs)] == [c.text for c in out]
     assert calls[-1] == (len(reqs), len(reqs)) and len(calls) == 2  # one call per batch
     assert all(c.usage["completion_tokens"] <= 12 and c.usage["prompt_tokens"] > 0 for c in out)
-    assert local.backend_id == f"local:{lively_model_dir.resolve()}"
+    assert local.backend_id.startswith(f"local:{lively_model_dir.resolve()}@")
+
+
+def test_local_backend_id_changes_when_the_folder_is_rewritten(tmp_path):
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"x" * 10)
+    first = LocalBackend(str(folder)).backend_id
+    assert first == LocalBackend(str(folder)).backend_id  # stable while nothing changes
+    (folder / "model.safetensors").write_bytes(b"y" * 11)  # a new round's checkpoint, same path
+    assert LocalBackend(str(folder)).backend_id != first
+    shutil.rmtree(folder)
+    assert LocalBackend(str(folder)).backend_id == f"local:{folder}"  # gone: the name only
 
 
 def test_local_prefill_excluded_and_continued(local):

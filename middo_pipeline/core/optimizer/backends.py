@@ -15,6 +15,7 @@ message this module produces passes through a redaction step first.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -50,6 +51,22 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
 # --------------------------------------------------------------------------------------------
 # local transformers backend
 # --------------------------------------------------------------------------------------------
+
+
+def _folder_fingerprint(folder: Path) -> str | None:
+    """A short hash of the names, sizes and modification times of a model folder's weight,
+    config and tokenizer files; None when ``folder`` is not a folder (a named model)."""
+    try:
+        if not folder.is_dir():
+            return None
+        parts = []
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".gguf", ".model", ".txt"):
+                st = f.stat()
+                parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    except OSError:
+        return None
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12] if parts else None
 
 
 class LocalBackend:
@@ -97,6 +114,9 @@ class LocalBackend:
             # name: resolving the default would convert it just to compute an id
             ident = str(path.resolve()) if path.exists() else self.model_name
         bid = f"local:{ident}"
+        fp = _folder_fingerprint(Path(ident))
+        if fp:  # a checkpoint rewritten in place (same path) must not hit the old generations
+            bid += f"@{fp}"
         if self.repetition_penalty != DEFAULT_REPETITION_PENALTY:
             # changes the text, so it must change the cache key
             bid += f"?repetition_penalty={self.repetition_penalty:g}"
