@@ -15,6 +15,7 @@ from middo_pipeline.core.plots import cluster_map_png, histogram_png, loss_scatt
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.schema import prompt_text
 from middo_pipeline.core.thresholds import ThresholdSpec, flag_below, flag_both_above
+from middo_pipeline.models.loading import pick_device
 from middo_pipeline.resources import ModelResource, OptimizerResource, StorageResource
 from middo_pipeline.rounds import round_key, round_number, rounds_partitions
 
@@ -154,6 +155,8 @@ class EmbeddingSignalConfig(ThresholdConfig):
         description="Top-k neighbour search: exact (blockwise all-pairs), approx (faiss IVF; for very large N), "
                     "or auto (exact up to 200k samples, approx above)",
     )
+    knn_nprobe: int | None = Field(
+        default=None, description="approx only: IVF lists searched per query (default 16; more = higher recall, slower)")
     n_clusters: int | None = Field(default=None, description="k-means clusters (default: about sqrt(N/2), 2..50)")
     umap: bool = Field(default=True, description="Draw the UMAP cluster map (numba compiles for ~15 s per process)")
     seed: int = Field(default=0)
@@ -177,11 +180,13 @@ class EmbeddingSignalConfig(ThresholdConfig):
     ),
 )
 def embedding_signals(context: AssetExecutionContext, config: EmbeddingSignalConfig, storage: StorageResource,
-                      model_readouts: pl.DataFrame):
+                      model: ModelResource, model_readouts: pl.DataFrame):
     r = round_number(context.partition_key)
     ids = model_readouts["sample_id"].to_list()
     emb = np.asarray(model_readouts["embedding"].to_list(), dtype=np.float32)
-    sims, idx, knn_info = diversity.topk_cosine(emb, k=config.k, method=config.knn_method, return_info=True)
+    # the exact search runs where the model runs (a GPU when there is one)
+    sims, idx, knn_info = diversity.topk_cosine(emb, k=config.k, method=config.knn_method, nprobe=config.knn_nprobe,
+                                                device=pick_device(model.device), return_info=True)
     score = diversity.sparsity_scores(sims)
     res = flag_below(score.astype(np.float64), config.spec(), r)
     labels = diversity.kmeans_clusters(emb, n_clusters=config.n_clusters, seed=config.seed)
