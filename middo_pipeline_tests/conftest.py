@@ -25,21 +25,50 @@ def tiny_model_dir(model_cache) -> Path:
     return Path(resolve_model_path(TINY_MODEL, model_cache))
 
 
+def write_small_seed(folder: Path) -> Path:
+    """The first 40 seed samples, as an Alpaca JSON file of their own in ``folder``."""
+    path = folder / "seed_small.json"
+    path.write_text(json.dumps(json.loads(SEED_FILE.read_text())[:40]))
+    return path
+
+
+def write_small_eval(folder: Path) -> Path:
+    """The first 12 held-out items, as a JSONL file of their own in ``folder``."""
+    path = folder / "eval_small.jsonl"
+    path.write_text("\n".join(EVAL_FILE.read_text().splitlines()[:12]) + "\n")
+    return path
+
+
+def small_tiny_run(folder: Path) -> tuple[Path, dict]:
+    """A small seed file in ``folder`` and the ``tiny`` preset's run config, evaluating on a
+    small held-out file there too: the inputs of a tiny loop that takes seconds per step."""
+    from middo_pipeline.loop import load_run_config
+
+    cfg = load_run_config("tiny")
+    cfg["ops"]["round_evaluation"]["config"]["path"] = str(write_small_eval(folder))
+    return write_small_seed(folder), cfg
+
+
 @pytest.fixture
 def small_seed(tmp_path) -> Path:
-    """The first 40 seed samples, as an Alpaca JSON file of their own."""
-    rows = json.loads(SEED_FILE.read_text())[:40]
-    path = tmp_path / "seed_small.json"
-    path.write_text(json.dumps(rows))
-    return path
+    return write_small_seed(tmp_path)
 
 
 @pytest.fixture
 def small_eval(tmp_path) -> Path:
-    lines = EVAL_FILE.read_text().splitlines()[:12]
-    path = tmp_path / "eval_small.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_small_eval(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules that run the tiny model a lot: it is faster on one thread, and far steadier
+    on a busy 2-core machine (use with ``pytestmark = pytest.mark.usefixtures(...)``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

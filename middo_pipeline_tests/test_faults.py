@@ -32,10 +32,10 @@ from dagster import AssetKey, DagsterInstance
 
 from middo_pipeline import definitions
 from middo_pipeline.core.storage import Storage, StorageError
-from middo_pipeline.loop import DAGSTER_YAML, RoundBusy, ensure_dagster_home, load_run_config, run_rounds
+from middo_pipeline.loop import DAGSTER_YAML, RoundBusy, ensure_dagster_home, run_rounds
 from middo_pipeline.resources import OptimizerResource
 from middo_pipeline.rounds import latest_materialization
-from middo_pipeline_tests.conftest import EVAL_FILE, REPO, SEED_FILE
+from middo_pipeline_tests.conftest import REPO, SEED_FILE, small_tiny_run
 from middo_pipeline_tests.core.fake_openai_server import FakeOpenAI, Reply, chat_ok, closed_port, error, last_user
 
 ROUND = "round-1"
@@ -45,15 +45,7 @@ OPTIMIZE_ASSETS = {AssetKey("refined_samples"), AssetKey("optimized_dataset"), A
 PROMPT_SYSTEM_MARK = "training data"  # in the stepwise system prompt, not in the response-step one
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model is faster on one thread, and far steadier on a busy 2-core machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 def _h(text: str) -> str:
@@ -83,12 +75,7 @@ def _tables(store: Storage, asset: str) -> list[str]:
 def pipeline(tmp_path_factory, model_cache):
     """A tiny-profile environment with the openai optimizer backend, short timeouts, 1 retry."""
     tmp = tmp_path_factory.mktemp("faults")
-    seed = tmp / "seed_small.json"
-    seed.write_text(json.dumps(json.loads(SEED_FILE.read_text())[:40]))
-    ev = tmp / "eval_small.jsonl"
-    ev.write_text("\n".join(EVAL_FILE.read_text().splitlines()[:12]) + "\n")
-    cfg = load_run_config("tiny")
-    cfg["ops"]["round_evaluation"]["config"]["path"] = str(ev)
+    seed, cfg = small_tiny_run(tmp)
     env = {
         "MIDDO_PROFILE": "tiny", "MIDDO_HOME": str(tmp / "middo"), "MIDDO_DEVICE": "cpu",
         "MIDDO_MODEL_CACHE": str(model_cache), "DAGSTER_HOME": str(tmp / "dagster_home"),

@@ -10,9 +10,9 @@ from dagster import AssetKey, DagsterInstance
 
 from middo_pipeline.core.schema import schema_problems
 from middo_pipeline.core.storage import Storage
-from middo_pipeline.loop import load_run_config, run_rounds
+from middo_pipeline.loop import run_rounds
 from middo_pipeline.rounds import latest_materialization
-from middo_pipeline_tests.conftest import EVAL_FILE, SEED_FILE
+from middo_pipeline_tests.conftest import small_tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +30,7 @@ def loop_env(tmp_path_factory, model_cache):
 @pytest.fixture(scope="module")
 def two_rounds(loop_env):
     env, tmp = loop_env
-    seed = tmp / "seed_small.json"
-    seed.write_text(json.dumps(json.loads(SEED_FILE.read_text())[:40]))
-    ev = tmp / "eval_small.jsonl"
-    ev.write_text("\n".join(EVAL_FILE.read_text().splitlines()[:12]) + "\n")
-    cfg = load_run_config("tiny")
-    cfg["ops"]["round_evaluation"]["config"]["path"] = str(ev)
+    seed, cfg = small_tiny_run(tmp)
     logs: list[str] = []
     summaries = run_rounds(2, seed_path=str(seed), config=cfg, log=logs.append, env=env)
     return summaries, logs, Storage(env["MIDDO_HOME"])

@@ -43,18 +43,25 @@ def test_max_rounds_stops():
     assert not d.launch and "max_rounds" in d.reason
 
 
+def _tick(instance):
+    # a schedule context enters the instance (and with it Dagster's current defs-state storage):
+    # used outside ``with`` it never leaves, and a later test resolving definitions finds a
+    # dead instance behind that storage
+    with build_schedule_context(instance=instance) as ctx:
+        return nightly_round(ctx)
+
+
 def test_schedule_on_instance(tmp_path):
     with instance_for_test() as instance:
-        ctx = build_schedule_context(instance=instance)
-        assert isinstance(nightly_round(ctx), SkipReason)  # no seed yet
+        assert isinstance(_tick(instance), SkipReason)  # no seed yet
 
         instance.report_runless_asset_event(AssetMaterialization("seed_dataset"))
-        out = nightly_round(build_schedule_context(instance=instance))
+        out = _tick(instance)
         assert isinstance(out, RunRequest) and out.partition_key == "round-1"
         assert instance.has_dynamic_partition(ROUNDS, "round-1")
 
         # round-1 exists, never ran -> start it; once its optimized_dataset exists -> round-2
         instance.report_runless_asset_event(AssetMaterialization("optimized_dataset", partition="round-1"))
-        out = nightly_round(build_schedule_context(instance=instance))
+        out = _tick(instance)
         assert isinstance(out, RunRequest) and out.partition_key == "round-2"
         assert instance.has_dynamic_partition(ROUNDS, "round-2")

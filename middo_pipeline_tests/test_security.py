@@ -19,7 +19,7 @@ from middo_pipeline.core.optimizer.prompts import PromptConfig, operation_reques
 from middo_pipeline.core.schema import EXTENDED, REWRITTEN, SIMPLIFIED, prompt_text
 from middo_pipeline.core.storage import Storage
 from middo_pipeline.rounds import round_key, round_number
-from middo_pipeline_tests.conftest import EVAL_FILE, REPO, SEED_FILE
+from middo_pipeline_tests.conftest import REPO, small_tiny_run
 from middo_pipeline_tests.core.fake_openai_server import FakeOpenAI, chat_ok, error, last_user
 
 
@@ -51,7 +51,7 @@ def _serialize(obj) -> str:
 
 def test_api_key_never_leaks(tmp_path, model_cache, monkeypatch, capfd, caplog):
     from middo_pipeline.cli import main
-    from middo_pipeline.loop import load_run_config, run_rounds
+    from middo_pipeline.loop import run_rounds
 
     secret = f"sk-middo-test-{uuid.uuid4().hex}"
     monkeypatch.setenv(KEY_ENV, secret)
@@ -85,12 +85,7 @@ def test_api_key_never_leaks(tmp_path, model_cache, monkeypatch, capfd, caplog):
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    seed = tmp_path / "seed.json"
-    seed.write_text(json.dumps(json.loads(SEED_FILE.read_text())[:40]))
-    ev = tmp_path / "eval.jsonl"
-    ev.write_text("\n".join(EVAL_FILE.read_text().splitlines()[:12]) + "\n")
-    cfg = load_run_config("tiny")
-    cfg["ops"]["round_evaluation"]["config"]["path"] = str(ev)
+    seed, cfg = small_tiny_run(tmp_path)
     lines: list[str] = []
     try:
         summaries = run_rounds(1, seed_path=str(seed), config=cfg, env=env, log=lines.append)

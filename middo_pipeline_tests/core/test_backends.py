@@ -28,15 +28,7 @@ from middo_pipeline_tests.core.fake_openai_server import (
 KEY_ENV = "MIDDO_TEST_OPENAI_KEY"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model is faster on one thread, and far steadier on a busy 2-core machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 
 def req(text: str, **kw) -> ChatRequest:

@@ -528,8 +528,6 @@ class OpenAIBackend:
         return messages
 
     def _one(self, req: ChatRequest) -> Completion:
-        import openai
-
         self._tls.attempts = 0
         kwargs: dict = {
             "model": self.model,
