@@ -5,6 +5,7 @@ dagster) happen inside the command that needs them, so ``middo --help`` stays fa
 
     middo validate PATH [--format F] [--max-chars N] [--show N]
     middo loop --rounds N [--seed PATH] [--config FILE|tiny|gpu]
+    middo summary
     middo export --round R --format jsonl|json|parquet [--layout alpaca|messages] --out PATH
 
 Exit codes of ``validate``: 0 every record is usable, 1 some records were rejected, 2 the file
@@ -86,12 +87,38 @@ def cmd_loop(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print("\nround summary")
-    keys = list(summaries[0].metadata) if summaries else []
-    print("  " + "  ".join(["round"] + keys))
-    for s in summaries:
-        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in s.metadata.values()]
-        print("  " + "  ".join([s.round] + cells))
+    _print_rounds([(s.round, s.metadata) for s in summaries])
     print("open the UI with: bash scripts/ui.sh   (DAGSTER_HOME must be the same)")
+    return 0
+
+
+def _print_rounds(rows: list[tuple[str, dict]]) -> None:
+    """One line per round, columns aligned; '-' where a figure is missing (a round not finished)."""
+    keys = list(rows[0][1]) if rows else []
+    table = [["round"] + keys] + [
+        [key] + ["-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in (md.get(k) for k in keys)]
+        for key, md in rows
+    ]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        print("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    """Print the figures of every round recorded in the instance at $DAGSTER_HOME (runs nothing)."""
+    from dagster import DagsterInstance
+
+    from middo_pipeline.loop import ensure_dagster_home, summarize_round
+    from middo_pipeline.rounds import existing_rounds, round_key
+
+    home = ensure_dagster_home()
+    with DagsterInstance.get() as instance:
+        rows = [(round_key(n), summarize_round(instance, round_key(n))) for n in existing_rounds(instance)]
+    if not rows:
+        print(f"no rounds recorded in {home}; run `middo loop --rounds N` first (with the same DAGSTER_HOME)",
+              file=sys.stderr)
+        return 1
+    _print_rounds(rows)
     return 0
 
 
@@ -155,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--config", default=None, metavar="FILE",
                       help="YAML run config (ops/resources), or a preset: tiny, gpu")
     loop.set_defaults(func=cmd_loop)
+
+    summary = sub.add_parser("summary", help="print every recorded round's figures (runs nothing)",
+                             description="The per-round table `middo loop` prints, for every round in $DAGSTER_HOME.")
+    summary.set_defaults(func=cmd_summary)
 
     export = sub.add_parser("export", help="write a round's optimized dataset with provenance fields")
     export.add_argument("--round", type=_positive_int, required=True, metavar="R")

@@ -122,3 +122,25 @@ def test_export_cli_after_loop(two_rounds, tmp_path, capsys):
     assert all(r["round"] == 2 and r["origin_id"] and r["operation"] for r in rows)
     assert main(["export", "--round", "9", "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "no optimized_dataset" in capsys.readouterr().err
+
+
+def test_summary_cli_lists_every_round(two_rounds, capsys, tmp_path, monkeypatch):
+    from middo_pipeline.cli import main
+
+    summaries, _, _ = two_rounds
+    capsys.readouterr()
+    assert main(["summary"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["round"] + list(summaries[0].metadata)
+    for line, s in zip(lines[1:], summaries):  # the same figures `middo loop` reported, one line per round
+        cells = line.split()
+        assert cells[0] == s.round and len(cells) == len(s.metadata) + 1
+        assert cells[1:] == ["-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+                             for v in s.metadata.values()]
+    # a round partition added but never run (the missing-previous-round test adds one) has no figures
+    for line in lines[1 + len(summaries):]:
+        key, *cells = line.split()
+        assert key.startswith("round-") and set(cells) == {"-"}
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "empty"))
+    assert main(["summary"]) == 1
+    assert "no rounds recorded" in capsys.readouterr().err
