@@ -80,6 +80,7 @@ def headline(sections: dict) -> dict:
         "knn_1m_measured": bool(_get(k1m, "ours.measured")) if k1m else None,
         "judge_speedup_vs_generate": jd.get("speedup_vs_generate"),
         "judge_spearman_vs_generate": jd.get("spearman_vs_generate"),
+        "judge_spearman_vs_generate_number_only": jd.get("spearman_vs_generate_number_only"),
         "mfu_signal_pass": sp.get("mfu_ours"),
         "matmul_fp32_gflops": _get(hw, "fp32.gflops"),
         "detection_auroc": de.get("detection_auroc") or {"complexity": None, "diversity": None, "quality": None},
@@ -150,6 +151,10 @@ def table(sections: dict, head: dict, gl: dict) -> str:
                      _fmt(jd["speedup_vs_generate"], 1) + "x", _goal(gl, "judge_speedup_vs_generate")))
         rows.append(("  Spearman expected vs generated", _fmt(jd.get("spearman_vs_generate")), "",
                      f"parsed {100 * (jd['generate'].get('parsed_fraction') or 0):.0f}%", _goal(gl, "judge_spearman_vs_generate")))
+        if "generate_number_only" in jd:
+            g = jd["generate_number_only"]
+            rows.append(("  vs number-only generation", _fmt(jd.get("spearman_vs_generate_number_only")),
+                         _fmt(g["seconds_per_sample"], 3) + " s/sample", f"parsed {100 * g['parsed_fraction']:.0f}%", ""))
     de = sections.get("detection") or {}
     for sig in ("complexity", "diversity", "quality"):
         if sig in de:

@@ -664,18 +664,22 @@ def _run_packed(packed: _PackedReader, reader: _Reader, plans: list[_Packed], se
 # ----------------------------------------------------------------------------------------------
 # generated scores
 
-_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
+_NUMBER = re.compile(r"(?<![\w.])(?P<value>-?\d+(?:\.\d+)?)(?P<per100>\s*%|\s*/\s*100(?!\d|\.\d))?")
 
 
 def parse_score(text: str | None) -> float | None:
     """The first number in ``text`` when it is within 0..10 ("Score: 7/10" -> 7, "**8**" -> 8,
-    "7." -> 7, "6.5" -> 6.5); None when there is no number or the first one is out of range."""
+    "7." -> 7, "6.5" -> 6.5); a percentage or a score out of 100 is rescaled ("95%" -> 9.5,
+    "85/100" -> 8.5: small judges often answer that way). None when there is no number or the
+    first one is out of range."""
     if not text:
         return None
     match = _NUMBER.search(text)
     if match is None:
         return None
-    value = float(match.group(0))
+    value = float(match.group("value"))
+    if match.group("per100"):
+        value /= 10.0
     if not (0.0 <= value <= 10.0) or math.isnan(value):
         return None
     return value

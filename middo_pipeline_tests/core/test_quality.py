@@ -313,6 +313,13 @@ def test_no_score_tokens_gives_missing():
         ("", None),
         (None, None),
         ("100", None),
+        # percentages and scores out of 100 (what the 135M default writes after "Score: ")
+        ("95%\nThe instruction is clear", 9.5),
+        ("70 %", 7.0),
+        ("85/100", 8.5),
+        ("85 / 100.", 8.5),
+        ("120%", None),
+        ("9/1000", 9.0),  # not "out of 100": the first number as it stands
     ],
 )
 def test_parse_score(text, expected):
