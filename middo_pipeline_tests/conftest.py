@@ -59,6 +59,16 @@ def small_eval(tmp_path) -> Path:
     return write_small_eval(tmp_path)
 
 
+@pytest.fixture
+def fake():
+    """A local OpenAI-compatible HTTP server (``core/fake_openai_server.py``), stopped after the test."""
+    from middo_pipeline_tests.core.fake_openai_server import FakeOpenAI
+
+    server = FakeOpenAI().start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """For modules that run the tiny model a lot: it is faster on one thread, and far steadier

@@ -18,7 +18,6 @@ from middo_pipeline.core.optimizer.backends import (
 )
 from middo_pipeline.core.optimizer.llm import BackendUnavailable, ChatRequest
 from middo_pipeline_tests.core.fake_openai_server import (
-    FakeOpenAI,
     Reply,
     chat_ok,
     closed_port,
@@ -195,13 +194,6 @@ def test_truncate_at_stop():
 # ---------------------------------------------------------------------------------------------
 # OpenAIBackend against a real HTTP server
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fake():
-    server = FakeOpenAI().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 from middo_pipeline.core.optimizer.backends import LocalBackend, OpenAIBackend
 from middo_pipeline.core.optimizer.cache import CachedBackend, CompletionCache
 from middo_pipeline.core.optimizer.llm import BackendUnavailable, ChatRequest, Completion
-from middo_pipeline_tests.core.fake_openai_server import FakeOpenAI, chat_ok, error, last_user
+from middo_pipeline_tests.core.fake_openai_server import chat_ok, error, last_user
 
 KEY_ENV = "MIDDO_TEST_OPENAI_KEY"
 
@@ -198,13 +198,6 @@ def test_concurrent_writers_threads_and_processes(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # with the real backends
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fake():
-    server = FakeOpenAI().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -168,24 +168,24 @@ def _request(cfg: PromptConfig, system: str, user: str, *, max_tokens: int, pref
     )
 
 
-def simplify_request(prompt: str, config: PromptConfig) -> ChatRequest:
-    """Ask for an easier version of a hard prompt (``prompt`` = instruction + input)."""
+def _one_prompt_request(prompt: str, config: PromptConfig, stepwise: str, direct: str, operation: str) -> ChatRequest:
+    """The prompt step of an operation on one prompt (simplify, rewrite), in the configured style."""
     prompt = _shorten(prompt, config.max_source_chars)
     if config.style == "stepwise":
-        user = _STEPWISE_SIMPLIFY.format(final=_FINAL_RULE, prompt=prompt)
+        user = stepwise.format(final=_FINAL_RULE, prompt=prompt)
         return _request(config, _STEPWISE_SYSTEM, user, max_tokens=config.max_prompt_tokens)
-    return _request(config, _DIRECT_SYSTEM, _DIRECT_SIMPLIFY.format(prompt=prompt),
-                    max_tokens=config.max_prompt_tokens, prefill=DIRECT_PREFILL[SIMPLIFIED])
+    return _request(config, _DIRECT_SYSTEM, direct.format(prompt=prompt),
+                    max_tokens=config.max_prompt_tokens, prefill=DIRECT_PREFILL[operation])
+
+
+def simplify_request(prompt: str, config: PromptConfig) -> ChatRequest:
+    """Ask for an easier version of a hard prompt (``prompt`` = instruction + input)."""
+    return _one_prompt_request(prompt, config, _STEPWISE_SIMPLIFY, _DIRECT_SIMPLIFY, SIMPLIFIED)
 
 
 def rewrite_request(prompt: str, config: PromptConfig) -> ChatRequest:
     """Ask for a better version of a low-quality prompt."""
-    prompt = _shorten(prompt, config.max_source_chars)
-    if config.style == "stepwise":
-        user = _STEPWISE_REWRITE.format(final=_FINAL_RULE, prompt=prompt)
-        return _request(config, _STEPWISE_SYSTEM, user, max_tokens=config.max_prompt_tokens)
-    return _request(config, _DIRECT_SYSTEM, _DIRECT_REWRITE.format(prompt=prompt),
-                    max_tokens=config.max_prompt_tokens, prefill=DIRECT_PREFILL[REWRITTEN])
+    return _one_prompt_request(prompt, config, _STEPWISE_REWRITE, _DIRECT_REWRITE, REWRITTEN)
 
 
 def extend_request(prompt: str, neighbor_prompts: Sequence[str], config: PromptConfig) -> ChatRequest:
