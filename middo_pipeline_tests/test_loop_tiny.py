@@ -91,6 +91,9 @@ def test_metadata_in_instance(two_rounds):
         assert instance.get_latest_materialization_event(AssetKey("seed_quarantine")) is not None
         ref = latest_materialization(instance, "refined_samples", "round-1").asset_materialization.metadata
         assert ref["optimizer"].value == "local:tiny-llama"  # the profile's model, not the default
+        q = latest_materialization(instance, "quality_signals", "round-1").asset_materialization.metadata
+        # the fast judge path ran in the pipeline (a fall-back would say so here and in the run log)
+        assert q["judge_path"].value == "packed" and "judge_fallback_reason" not in q
     assert summaries[1].metadata["rows_in"] == summaries[0].metadata["rows_out"]
 
 

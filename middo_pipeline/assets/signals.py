@@ -1,6 +1,8 @@
 """Step 2 of the loop: the three self-referential signals, read off this round's checkpoint."""
 
 
+import time
+
 import numpy as np
 import polars as pl
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
@@ -260,13 +262,20 @@ def quality_signals(context: AssetExecutionContext, config: QualitySignalConfig,
     store = storage.get()
     prompts, responses = _prompts_responses(round_dataset)
     progress = ProgressLogger(context.log.info, "quality judgements", unit="judgements")
+    judge_info: dict = {"judge_path": f"generate ({config.judge})"}
+    t0 = time.perf_counter()
     if config.judge == "optimizer":
         scores6 = quality.generated_scores(optimizer.make_backend(store), prompts, responses, progress=progress)
     elif config.judge == "self":
         lm = model.load(str(store.checkpoint_dir(context.partition_key)))
         if config.mode == "expected":
             scores6 = quality.expected_scores(lm.model, lm.tokenizer, prompts, responses, max_length=config.max_length,
-                                              max_batch_size=config.max_batch_size, progress=progress)
+                                              max_batch_size=config.max_batch_size, progress=progress,
+                                              info=judge_info)
+            if judge_info["judge_path"] != "packed":
+                context.log.warning(
+                    f"self-judge fell back to one forward pass per judgement (about 5x slower): "
+                    f"{judge_info['fallback_reason']}")
         elif config.mode == "generate":
             from middo_pipeline.core.optimizer.backends import LocalBackend
 
@@ -294,6 +303,10 @@ def quality_signals(context: AssetExecutionContext, config: QualitySignalConfig,
             **res.as_metadata(),
             "mode": config.mode,
             "judge": config.judge,
+            "judge_path": judge_info["judge_path"],
+            **({"judge_fallback_reason": str(judge_info["fallback_reason"])}
+               if judge_info.get("fallback_reason") and judge_info["judge_path"] != "packed" else {}),
+            "judge_seconds": round(time.perf_counter() - t0, 1),
             "low_quality": int(res.n_flagged),
             "low_quality_fraction": float(res.fraction),
             "missing_judgements": int(np.isnan(scores6).sum()),

@@ -49,6 +49,8 @@ __all__ = [
     "ScoreTokens",
     "find_score_tokens",
     "expected_scores",
+    "cache_param",
+    "packed_unsupported_reason",
     "parse_score",
     "generated_scores",
     "combine_scores",
@@ -307,6 +309,25 @@ def _accepts(model, name: str) -> bool:
         return False
 
 
+# transformers ≤ 5.23 calls the KV-cache argument (and output field) ``past_key_values``; 5.24
+# renamed both to ``cache`` (the old name still works there, with a deprecation warning, until
+# 5.40). Probe both spellings, newest first, so neither release loses the shared-prefix path.
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_param(model) -> str | None:
+    """The name under which ``model.forward`` takes a past KV cache, or None."""
+    return next((name for name in _CACHE_NAMES if _accepts(model, name)), None)
+
+
+def _returned_cache(out):
+    for name in _CACHE_NAMES:
+        cache = getattr(out, name, None)
+        if cache is not None:
+            return cache
+    return None
+
+
 class _Reader:
     """Runs batches of judge prompts and reads the score distribution at each one's end."""
 
@@ -317,12 +338,13 @@ class _Reader:
         self.extra = [st.one_id] if st.two_step_ten else []
         self.prefix_cache = None
         self.prefix_len = 0
+        self.cache_name = cache_param(model)
 
     def set_prefix(self, prefix: list[int]) -> None:
         """Run the shared prefix once; its KV cache is reused (copied) by every batch."""
         out = self.model(input_ids=torch.tensor([prefix], dtype=torch.long, device=self.device), use_cache=True)
-        cache = getattr(out, "past_key_values", None)
-        if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        cache = _returned_cache(out)
+        if self.cache_name is None or cache is None or not hasattr(cache, "batch_repeat_interleave"):
             raise TypeError("the model returned no usable KV cache")
         self.prefix_cache, self.prefix_len = cache, len(prefix)
 
@@ -343,7 +365,7 @@ class _Reader:
         if with_prefix:
             cache = copy.deepcopy(self.prefix_cache)
             cache.batch_repeat_interleave(b)
-            kwargs.update(past_key_values=cache, use_cache=True)
+            kwargs.update({self.cache_name: cache, "use_cache": True})
         first_pos = [L - 1 for L in lengths]
         second_pos = lengths if self.extra else []
         wanted = sorted(set(first_pos) | set(second_pos))
@@ -403,11 +425,20 @@ def _packed_supported(model) -> bool:
     """The shared path needs a transformers-style causal LM: explicit positions, a custom 4D
     additive attention mask (honoured by the eager and sdpa attention implementations), a past
     KV cache and ``logits_to_keep``."""
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
-        return False
-    return all(_accepts(model, name) for name in ("attention_mask", "position_ids", "past_key_values",
-                                                    "logits_to_keep"))
+    return packed_unsupported_reason(model) is None
+
+
+def packed_unsupported_reason(model) -> str | None:
+    """Why the shared (packed) judge path cannot run on ``model``; None when it can."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl not in ("eager", "sdpa"):
+        return f"attention implementation {impl!r} takes no custom 4D mask (needs eager or sdpa)"
+    missing = [name for name in ("attention_mask", "position_ids", "logits_to_keep") if not _accepts(model, name)]
+    if cache_param(model) is None:
+        missing.append(" or ".join(_CACHE_NAMES))
+    if missing:
+        return f"{type(model).__name__}.forward takes no {', '.join(missing)}"
+    return None
 
 
 class _PackedReader:
@@ -433,6 +464,7 @@ class _PackedReader:
         weight = getattr(emb, "weight", None)
         self.dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
         self.extra = [st.one_id] if st.two_step_ten else []
+        self.cache_name = cache_param(model)
 
     def run(self, items: list[_Packed]) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores and score-token mass, (B, 6) each."""
@@ -480,7 +512,7 @@ class _PackedReader:
         if g:
             cache = copy.deepcopy(self.prefix_cache)
             cache.batch_repeat_interleave(b)
-            kwargs.update(past_key_values=cache, use_cache=True)
+            kwargs.update({self.cache_name: cache, "use_cache": True})
         else:
             kwargs.update(use_cache=False)
         logits = self.model(**kwargs).logits  # (b, 6 or 12, V)
@@ -509,6 +541,7 @@ def expected_scores(
     min_mass: float = DEFAULT_MIN_MASS,
     share_prefix: bool = True,
     return_mass: bool = False,
+    info: dict | None = None,
 ):
     """Expected 0–10 scores, float64 (N, 6) in ``COLUMNS`` order; NaN = missing.
 
@@ -528,12 +561,18 @@ def expected_scores(
     This needs a transformers causal LM with eager or sdpa attention (custom 4D masks). It is
     checked once per call against the plain computation on one sample; models that do not
     qualify or fail the check fall back to one forward pass per judgement (with the shared
-    framing cache when the model takes ``past_key_values``), ``max_batch_size`` judge prompts
+    framing cache when the model takes a KV cache), ``max_batch_size`` judge prompts
     at a time, right-padded. ``share_prefix=False`` always runs every judge prompt whole (the
     plain computation). All ways give the same scores up to float rounding.
 
     ``progress(done, total)`` counts judgements. With ``return_mass=True`` also returns the
-    (N, 6) probability mass that fell on the score tokens."""
+    (N, 6) probability mass that fell on the score tokens.
+
+    ``info`` (a dict, filled in place) says which path ran, because the fall-back is an order
+    of magnitude slower and callers must be able to say so: ``judge_path`` is ``packed`` (one
+    pass per sample), ``per_judgement`` (one pass per judgement) or ``whole`` (share_prefix
+    off); ``packed_samples`` / ``per_judgement_samples`` count samples by path, and
+    ``fallback_reason`` says why the packed path was not taken (None when it was)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if max_batch_size < 1:
@@ -541,11 +580,16 @@ def expected_scores(
     n = len(prompts)
     out = np.full((n, 6), np.nan, dtype=np.float64)
     mass_out = np.zeros((n, 6), dtype=np.float64)
+    if info is None:
+        info = {}
+    info.update(judge_path="whole" if not share_prefix else "per_judgement", packed_samples=0,
+                per_judgement_samples=n, fallback_reason=None if not share_prefix else "no samples")
     if n == 0:
         return (out, mass_out) if return_mass else out
     st = find_score_tokens(tokenizer, prefill)
     if st is None:
         log.warning("the score tokens 0..10 cannot be found in this tokenizer: all quality judgements are missing")
+        info.update(fallback_reason="no score tokens in the tokenizer", per_judgement_samples=0)
         if progress:
             progress(6 * n, 6 * n)
         return (out, mass_out) if return_mass else out
@@ -568,7 +612,7 @@ def expected_scores(
     try:
         with torch.inference_mode():
             prefix: list[int] = []
-            if share_prefix and _accepts(model, "past_key_values"):
+            if share_prefix and cache_param(model) is not None:
                 # the template's part that no sample changes: common to judge prompts of two
                 # made-up samples (every real prompt is then checked token by token)
                 ref = _build_sequences(tokenizer, ["a b", "c"], ["d", "e f"], st.prefill, max_length)
@@ -585,7 +629,12 @@ def expected_scores(
             p = len(prefix)
 
             pending = np.ones(n, dtype=bool)  # samples whose judgements are still to compute
-            if share_prefix and _packed_supported(model):
+            reason = packed_unsupported_reason(model) if share_prefix else None
+            if share_prefix and reason is not None:
+                info["fallback_reason"] = reason
+                log.warning("shared judgement passes unavailable (%s); one forward pass per judgement, "
+                            "about 5x slower", reason)
+            if share_prefix and reason is None:
                 plans = []
                 for i in range(n):
                     six = seqs[6 * i: 6 * i + 6]
@@ -593,9 +642,14 @@ def expected_scores(
                         plan = _plan_sample(i, six, p)
                         if plan is not None:
                             plans.append(plan)
-                if plans:
+                if not plans:
+                    info["fallback_reason"] = "no judge prompt starts with the shared framing"
+                else:
                     packed = _PackedReader(model, st, pad_id, min_mass, reader.prefix_cache, p)
-                    plans = _run_packed(packed, reader, plans, seqs, flat, flat_mass, pending, report)
+                    plans, failure = _run_packed(packed, reader, plans, seqs, flat, flat_mass, pending, report)
+                    info["fallback_reason"] = failure
+                    if failure is None:
+                        info["judge_path"] = "packed"
                     if plans:
                         # the order is by content length: similar rows share a batch (less padding)
                         plans.sort(key=lambda it: (-(len(it.content) + sum(map(len, it.suffixes))), it.index))
@@ -624,6 +678,8 @@ def expected_scores(
     finally:
         if was_training:
             model.train()
+    n_per = int(pending.sum())
+    info.update(packed_samples=n - n_per if info["judge_path"] == "packed" else 0, per_judgement_samples=n_per)
     out[:] = flat.reshape(n, 6)
     mass_out[:] = flat_mass.reshape(n, 6)
     n_low = int(np.isnan(out).sum())
@@ -634,31 +690,31 @@ def expected_scores(
 
 
 def _run_packed(packed: _PackedReader, reader: _Reader, plans: list[_Packed], seqs, flat, flat_mass, pending,
-                report) -> list[_Packed]:
+                report) -> tuple[list[_Packed], str | None]:
     """Check the shared path once against whole judge prompts, on the sample that is cheapest to
     judge (its plain scores are kept). Returns the plans still to run: all but the checked one,
     or none when the check fails (the model does not honour the packed layout: every judgement
-    then runs on its own)."""
+    then runs on its own), and why it failed (None when it did not)."""
     probe = min(plans, key=lambda it: (len(it.content) + sum(map(len, it.suffixes)), it.index))
     rows = list(range(6 * probe.index, 6 * probe.index + 6))
     try:
         got, got_mass = packed.run([probe])
     except Exception as exc:  # noqa: BLE001 - any model that rejects the packed inputs
-        log.warning("shared judgement passes unavailable (%s: %s); one forward pass per judgement",
-                    type(exc).__name__, exc)
-        return []
+        reason = f"the model rejects the packed inputs ({type(exc).__name__}: {exc})"
+        log.warning("shared judgement passes unavailable: %s; one forward pass per judgement", reason)
+        return [], reason
     want, want_mass = reader.run([seqs[i] for i in rows], with_prefix=False)
     tol = 1e-3 if packed.dtype in (torch.float32, torch.float64) else 0.15
     if not (_close(got[0], want, tol) and _close(got_mass[0], want_mass, max(tol / 10, 1e-4))):
-        log.warning("shared judgement passes disagree with whole judge prompts on this model "
-                    "(max |Δscore| %.4g); one forward pass per judgement",
-                    float((got[0].double().cpu() - want.double().cpu()).abs().nan_to_num(0).max()))
-        return []
+        diff = float((got[0].double().cpu() - want.double().cpu()).abs().nan_to_num(0).max())
+        reason = f"packed passes disagree with whole judge prompts on this model (max |Δscore| {diff:.4g})"
+        log.warning("%s; one forward pass per judgement", reason)
+        return [], reason
     flat[rows] = want.cpu().double().numpy()
     flat_mass[rows] = want_mass.cpu().double().numpy()
     pending[probe.index] = False
     report(6)
-    return [it for it in plans if it is not probe]
+    return [it for it in plans if it is not probe], None
 
 
 # ----------------------------------------------------------------------------------------------

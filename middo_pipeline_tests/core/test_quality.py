@@ -486,3 +486,69 @@ def test_packed_layout_that_disagrees_falls_back_to_whole_prompts(tiny_model_dir
 def test_packed_path_needs_a_transformers_causal_lm(tiny_tok):
     model = BigramLM(len(tiny_tok))  # no position_ids / 4D masks: never packed, scores still read
     assert not quality._packed_supported(model)
+
+
+def test_judge_path_is_reported(tiny_model_dir):
+    from middo_pipeline.models.loading import load_model
+
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    info: dict = {}
+    expected_scores(lm.model, lm.tokenizer, PROMPTS, RESPONSES, max_length=448, info=info)
+    assert info["judge_path"] == "packed" and info["fallback_reason"] is None
+    assert info["packed_samples"] == len(PROMPTS) and info["per_judgement_samples"] == 0
+    whole: dict = {}
+    expected_scores(lm.model, lm.tokenizer, PROMPTS, RESPONSES, max_length=448, share_prefix=False, info=whole)
+    assert whole["judge_path"] == "whole"
+    slow: dict = {}
+    expected_scores(_FullLogits(lm.model), lm.tokenizer, PROMPTS, RESPONSES, max_length=448, info=slow)
+    assert slow["judge_path"] == "per_judgement" and slow["fallback_reason"]
+    assert slow["per_judgement_samples"] == len(PROMPTS)
+
+
+class _OldCacheName(torch.nn.Module):
+    """A real model behind the transformers ≤ 5.23 spelling: ``past_key_values`` in and out."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.config = model.config
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=None, logits_to_keep=0):
+        name = quality.cache_param(self.inner)
+        kwargs = {name: past_key_values} if past_key_values is not None else {}
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        cache = quality._returned_cache(out)
+        return type("Out", (), {"logits": out.logits, "past_key_values": cache})()
+
+
+def test_both_cache_spellings_take_the_packed_path(tiny_model_dir):
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``: the fast path must probe
+    both names (a probe for one spelling silently fell back to per-judgement passes)."""
+    from middo_pipeline.models.loading import load_model
+
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    assert quality.cache_param(lm.model) in ("cache", "past_key_values")
+    old = _OldCacheName(lm.model)
+    assert quality.cache_param(old) == "past_key_values"
+    new_info: dict = {}
+    old_info: dict = {}
+    new = expected_scores(lm.model, lm.tokenizer, PROMPTS, RESPONSES, max_length=448, info=new_info)
+    got = expected_scores(old, lm.tokenizer, PROMPTS, RESPONSES, max_length=448, info=old_info)
+    assert new_info["judge_path"] == old_info["judge_path"] == "packed"
+    np.testing.assert_allclose(got, new, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_default_model_takes_the_packed_judge_path():
+    """Fails loudly (not a silent 5x slower fall-back) when the installed transformers stops
+    supporting the packed judge path on the default model."""
+    from middo_pipeline.models.loading import load_model
+
+    lm = load_model(device="cpu")
+    assert quality.packed_unsupported_reason(lm.model) is None, quality.packed_unsupported_reason(lm.model)
+    info: dict = {}
+    scores = expected_scores(lm.model, lm.tokenizer, PROMPTS[:3], RESPONSES[:3], max_length=256, info=info)
+    assert info["judge_path"] == "packed", info
+    assert info["packed_samples"] == 3 and np.isfinite(scores).all()
