@@ -216,7 +216,8 @@ def test_openai_success_order_usage_and_key_sent(fake, secret):
     progress = []
     out = b.complete(reqs, progress=lambda d, t: progress.append((d, t)))
     assert [c.text for c in out] == [f"echo: question {i}" for i in range(10)]
-    assert all(c.ok and not c.cached and c.usage == {"prompt_tokens": 7, "completion_tokens": 3} for c in out)
+    assert all(c.ok and not c.cached and c.usage == {"prompt_tokens": 7, "completion_tokens": 3, "finish_reason": "stop"}
+               for c in out)
     assert progress[-1] == (10, 10) and len(progress) == 10
     assert b.backend_id == f"openai:{fake.url}:test-model"
     calls = fake.chat_calls
@@ -454,3 +455,12 @@ def test_make_backend(fake, secret, lively_model_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown"):
         make_backend("vllm")
 
+
+
+def test_local_reports_text_cut_at_the_token_limit(local):
+    cut = local.complete([req(PROMPTS[1], max_tokens=4)])[0]
+    assert cut.usage["completion_tokens"] == 4 and cut.usage["finish_reason"] == "length" and cut.truncated
+    full = local.complete([req(PROMPTS[1], max_tokens=24)])[0]
+    stop = full.text[6:9]
+    stopped = local.complete([req(PROMPTS[1], max_tokens=24, stop=(stop,))])[0]
+    assert stopped.usage["finish_reason"] == "stop" and not stopped.truncated

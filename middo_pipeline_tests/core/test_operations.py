@@ -77,15 +77,21 @@ def test_plan_rules_and_both_flag_rule(samples):
     plan = plan_operations(samples, hard_ids=[a, b], low_quality_ids=[b, c], sparse_ids=[b, d], neighbors={})
     assert plan.schema == pl.Schema(PLAN_SCHEMA)
     got = set(zip(plan["origin_id"], plan["operation"]))
-    # a hard -> simplified; b hard AND low quality -> rewritten (rewrite wins), and sparse -> extended too;
-    # c low quality -> rewritten; d sparse -> extended; e untouched
-    assert got == {(a, "simplified"), (b, "rewritten"), (b, "extended"), (c, "rewritten"), (d, "extended")}
+    # a hard -> simplified; b hard AND low quality -> rewritten (rewrite wins), sparse but low quality: not
+    # extended (it would pass its defect on); c low quality -> rewritten; d sparse -> extended; e untouched
+    assert got == {(a, "simplified"), (b, "rewritten"), (c, "rewritten"), (d, "extended")}
     assert (b, "simplified") not in got
     b_rows = plan.filter(pl.col("origin_id") == b)
-    assert b_rows["is_hard"].to_list() == [True, True]  # the complexity flag is still recorded
+    assert b_rows["is_hard"].to_list() == [True]  # the complexity flag is still recorded
     assert b_rows["flags"].unique().to_list() == ["hard+low_quality+sparse"]
     # deterministic order: by operation, then origin_id
     assert plan.select("operation", "origin_id").rows() == sorted(plan.select("operation", "origin_id").rows())
+
+
+def test_plan_can_extend_low_quality_sparse_samples_on_request(samples):
+    a, b, *_ = ids(samples)
+    plan = plan_operations(samples, [], [b], [a, b], {}, extend_low_quality=True)
+    assert set(zip(plan["origin_id"], plan["operation"])) == {(a, "extended"), (b, "extended"), (b, "rewritten")}
 
 
 def test_plan_empty_and_unknown_ids(samples):
@@ -275,3 +281,24 @@ def test_same_requests_every_run(samples):
     out1 = run_operations(samples, plan, {c: [a]}, b1, PromptConfig(style="stepwise"), round=1)
     out2 = run_operations(samples, plan.reverse(), {c: [a]}, b2, PromptConfig(style="stepwise"), round=1)
     assert b1.calls == b2.calls and out1.equals(out2)
+
+
+def test_candidates_use_their_own_seeds_and_record_truncation(samples):
+    a, b, *_ = ids(samples)
+    plan = plan_operations(samples, [a], [b], [], {})
+
+    def script(req: ChatRequest):
+        text = good_script(req)
+        cut = is_response_step(req) and req.seed == 11  # candidate 1's answers hit the token limit
+        return Completion(text=text, usage={"finish_reason": "length" if cut else "stop"})
+
+    backend = FakeBackend(script)
+    cfg = PromptConfig(style="stepwise", temperature=0.7, seed=10)
+    out = run_operations(samples, plan, {}, backend, cfg, round=1, candidates=3)
+    assert out.height == 6 and sorted(out["candidate"].to_list()) == [0, 0, 1, 1, 2, 2]
+    assert sorted({r.seed for r in backend.calls[0]}) == [10, 11, 12]
+    assert all(r.temperature == 0.7 for r in backend.calls[0] + backend.calls[1])
+    assert out.filter(pl.col("candidate") == 1)["truncated"].to_list() == [True, True]
+    assert out.filter(pl.col("candidate") != 1)["truncated"].to_list() == [False] * 4
+    with pytest.raises(ValueError, match="temperature"):
+        run_operations(samples, plan, {}, backend, PromptConfig(style="stepwise"), round=1, candidates=2)

@@ -287,10 +287,17 @@ class LocalBackend:
             cut = next((j for j, t in enumerate(new) if t in eos_set), len(new))
             new = new[:cut]
             text = tok.decode(new, skip_special_tokens=True)
+            stopped = False
             if req.stop:
-                text = truncate_at_stop(text, req.stop)
+                short = truncate_at_stop(text, req.stop)
+                stopped, text = short != text, short
+            # "length": the text was cut at max_tokens (no end-of-turn, no stop string), as the
+            # OpenAI API reports it; verified refinement rejects such outputs
+            finish = "length" if cut == len(out[r, width:]) and len(new) >= int(req.max_tokens) and not stopped \
+                else "stop"
             results.append(
-                Completion(text=text, usage={"prompt_tokens": len(ids[r]), "completion_tokens": len(new)})
+                Completion(text=text, usage={"prompt_tokens": len(ids[r]), "completion_tokens": len(new),
+                                             "finish_reason": finish})
             )
         return results
 
@@ -595,6 +602,9 @@ class OpenAIBackend:
                 v = getattr(u, name, None)
                 if isinstance(v, int):
                     usage[name] = v
+            finish = getattr(choices[0], "finish_reason", None)
+            if isinstance(finish, str):
+                usage["finish_reason"] = finish
         except Exception:
             return Completion(error="malformed response")
         text = content

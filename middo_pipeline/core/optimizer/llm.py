@@ -44,7 +44,13 @@ class Completion:
     text: str | None = None
     error: str | None = None  # short reason when the call failed ("timeout", "http 500", ...)
     cached: bool = False
-    usage: dict = field(default_factory=dict)  # prompt_tokens / completion_tokens where known
+    # prompt_tokens / completion_tokens / finish_reason ("stop" | "length": cut at max_tokens) where known
+    usage: dict = field(default_factory=dict)
+
+    @property
+    def truncated(self) -> bool:
+        """The text was cut at the token limit (as far as the backend could tell)."""
+        return self.usage.get("finish_reason") == "length"
 
     @property
     def ok(self) -> bool:

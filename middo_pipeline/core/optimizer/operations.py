@@ -13,9 +13,11 @@ Rewriting repairs the defect; simplifying would carry the defective content into
 prompt. At most one replacement is made per sample, and the complexity flag is still recorded
 in the plan (``is_hard``, and ``flags`` = ``"hard+low_quality"``), so it shows in the metadata.
 
-A sparse sample is extended *regardless of its other flags*: the extension is built from the
-sample as it is in D_r and added beside it, while the original may also be replaced by its
-simplification or rewrite. So one sample can yield two operations.
+A sparse sample is extended beside the original, which may also be replaced by its
+simplification. A sparse sample that is also *low quality* is not extended (only rewritten):
+an extension is built from the sample as it is in D_r, and a defective sample would pass its
+defect on (with ``extend_low_quality=True`` it is extended all the same). So one sample can
+yield two operations.
 
 Running (``run_operations``)
 ----------------------------
@@ -23,6 +25,12 @@ Two stages, each one batched ``backend.complete`` call over all operations (so a
 batch and a cache can resume a crashed round): (1) the prompt step (simplify / rewrite /
 extend, see ``prompts.py``), parsed by ``parsing.parse_final_prompt``; (2) the response step,
 for the operations whose prompt parsed, answered with ``prompts.response_request``.
+
+With ``candidates = k > 1`` every operation is attempted k times, candidate c with the seed
+``config.seed + c`` (sampling: ``config.temperature`` must be > 0), one row per candidate
+(``candidate`` column). Rows record whether a step's text was cut at its token limit
+(``truncated``), as the backend reports it. Which candidate is kept is decided by
+``middo_pipeline.core.verify``, not here.
 
 The new sample is ``instruction = new prompt``, ``input = ""`` and ``output = new response``:
 the optimizer sees the instruction together with its input and is asked for a self-contained
@@ -37,6 +45,7 @@ the cache resumes, and a different seed / model can be tried by configuration.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Iterable, Mapping, Sequence
 
 import polars as pl
@@ -74,6 +83,8 @@ REFINED_SCHEMA: dict[str, pl.DataType] = {
     "prompt_cached": pl.Boolean,
     "response_cached": pl.Boolean,
     "optimizer_text": pl.String,  # the raw prompt-step completion (shortened), to see why a parse failed
+    "candidate": pl.Int64,  # 0..k-1: which of the operation's candidates this row is
+    "truncated": pl.Boolean,  # a step's completion was cut at its token limit (null: not known)
 }
 
 # how parse reasons read in failure_reason
@@ -103,11 +114,14 @@ def plan_operations(
     low_quality_ids: Iterable[str],
     sparse_ids: Iterable[str],
     neighbors: Mapping[str, Sequence[str]] | None = None,
+    *,
+    extend_low_quality: bool = False,
 ) -> pl.DataFrame:
     """One row per operation to attempt: ``origin_id``, ``operation`` and the flags behind it.
 
     Hard + low quality -> ``rewritten`` (see the module docstring); sparse -> ``extended`` in
-    addition. Sorted by operation, then origin_id. Ids that are not in ``samples`` raise: the
+    addition, unless also low quality (and ``extend_low_quality`` is off). Sorted by
+    operation, then origin_id. Ids that are not in ``samples`` raise: the
     signals must describe the same dataset. ``neighbors`` does not change the plan (it is used
     by ``run_operations``); it is accepted so both calls take the same signal inputs.
     """
@@ -124,7 +138,7 @@ def plan_operations(
             rows.append({**base, "operation": REWRITTEN})
         elif h:
             rows.append({**base, "operation": SIMPLIFIED})
-        if s:
+        if s and (extend_low_quality or not q):
             rows.append({**base, "operation": EXTENDED})
     return pl.DataFrame(rows, schema=PLAN_SCHEMA).sort(["operation", "origin_id"])
 
@@ -157,6 +171,7 @@ def run_operations(
     *,
     round: int,
     progress: Callable[[int, int], None] | None = None,
+    candidates: int = 1,
 ) -> pl.DataFrame:
     """Attempt every planned operation; the ``refined_samples`` table (``REFINED_SCHEMA``).
 
@@ -165,6 +180,11 @@ def run_operations(
     stages (the total grows to its final value once the responses are known).
     """
     del round  # the merge stamps the round; kept in the signature for symmetry and logging callers
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
+    if candidates > 1 and config.temperature <= 0:
+        raise ValueError(f"{candidates} candidates per operation need sampling: set a temperature > 0 "
+                         "(greedy decoding would give the same candidate k times)")
     neighbors = neighbors or {}
     by_id = {r["sample_id"]: r for r in samples.select("sample_id", "instruction", "input", "output").iter_rows(named=True)}
     plan = plan.sort(["operation", "origin_id"])
@@ -183,17 +203,21 @@ def run_operations(
                 if nid != oid and nid in by_id:
                     nb = by_id[nid]
                     hint_prompts.append(prompt_text(nb["instruction"], nb["input"]))
-        ops.append(
-            {
-                "origin_id": oid,
-                "operation": op,
-                "flags": row.get("flags"),
-                "source": src,
-                "source_prompt": source_prompt,
-                "originals": [source_prompt, src["instruction"], *hint_prompts],
-                "request": operation_request(op, source_prompt, config, hint_prompts[: config.max_hints]),
-            }
-        )
+        for c in range(candidates):
+            cfg = dataclasses.replace(config, seed=config.seed + c) if c else config
+            ops.append(
+                {
+                    "origin_id": oid,
+                    "operation": op,
+                    "flags": row.get("flags"),
+                    "source": src,
+                    "source_prompt": source_prompt,
+                    "originals": [source_prompt, src["instruction"], *hint_prompts],
+                    "request": operation_request(op, source_prompt, cfg, hint_prompts[: config.max_hints]),
+                    "config": cfg,
+                    "candidate": c,
+                }
+            )
 
     n = len(ops)
     # stage 1: the new prompts (one batched call)
@@ -205,6 +229,7 @@ def run_operations(
         o["raw"] = None if c.text is None else c.text[:_RAW_CHARS]
         o["new_prompt"] = None
         o["failure"] = None
+        o["truncated"] = c.truncated if c.ok else None
         if not c.ok:
             o["failure"] = f"llm error: {c.error or 'no text'}"
             continue
@@ -216,10 +241,11 @@ def run_operations(
 
     # stage 2: the responses to the prompts that parsed (one batched call)
     pending = [o for o in ops if o["failure"] is None]
-    responses = _complete(backend, [response_request(o["new_prompt"], config) for o in pending],
+    responses = _complete(backend, [response_request(o["new_prompt"], o["config"]) for o in pending],
                           _stage_progress(progress, n, lambda t: n + t))
     for o, c in zip(pending, responses):
         o["response_cached"] = bool(c.cached)
+        o["truncated"] = bool(o["truncated"]) or c.truncated if c.ok else o["truncated"]
         if not c.ok:
             o["failure"] = f"response llm error: {c.error or 'no text'}"
             continue
@@ -249,6 +275,8 @@ def run_operations(
                 "prompt_cached": o["prompt_cached"],
                 "response_cached": o["response_cached"],
                 "optimizer_text": o["raw"],
+                "candidate": o["candidate"],
+                "truncated": o["truncated"],
             }
         )
     return pl.DataFrame(rows, schema=REFINED_SCHEMA)

@@ -1,0 +1,255 @@
+"""Verified refinement: every optimizer output is a candidate, accepted only when the round's
+own signals say it fixed the defect that flagged it and brought no new one.
+
+A weak optimizer (the 135M default rewriting its own training data) makes the data worse when
+its outputs are trusted: answers cut at the token limit, "simplifications" that replace a
+checked answer with a wrong one, extensions that are nonsense. So each flagged sample gets k
+candidates, each candidate is re-scored with *this round's* models (the base model for the
+loss before training and the prompt-free loss, the round's checkpoint for the loss after
+training, the embedding and the self-judge) and compared with *this round's stored
+thresholds* — never thresholds recomputed on the candidates, which would move with them.
+
+Rules (``verify_candidates``), for a candidate of an operation:
+
+- every operation: the response is not cut at the token limit (the backend reports
+  ``finish_reason == "length"``), the text holds no chat control tokens, and no run of
+  ``ngram`` words is shared with the held-out evaluation set (a candidate that copies the
+  test set would inflate the evaluation);
+- ``simplified``: no longer hard, and not low quality;
+- ``rewritten``: quality above the round's threshold and above the original's; not hard;
+- ``extended``: not hard, not low quality, and not a near-duplicate of any sample of the
+  round (cosine similarity of the round's embedding below ``duplicate_cosine``).
+
+Among a sample's passing candidates the one of highest quality wins (ties: lower loss after
+training, then the lower candidate index). A sample with no passing candidate keeps its
+original; its reason is the first failed rule of its best candidate (``verification: still
+hard``, ...), and every candidate's reasons are kept in the candidates table.
+
+"Hard" is the complexity rule: loss before training above its threshold AND loss after
+training above its threshold. "Low quality" is the quality value (higher is better: the
+self-judged score, minus the instruction-following difficulty, or their combination — see
+``quality_value``) below its threshold.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import polars as pl
+
+from middo_pipeline.core.schema import EXTENDED, REWRITTEN, SIMPLIFIED
+
+__all__ = [
+    "RoundThresholds",
+    "QualityScale",
+    "quality_value",
+    "ngram_set",
+    "has_control_tokens",
+    "verify_candidates",
+    "choose_candidates",
+    "CANDIDATE_SIGNAL_COLUMNS",
+]
+
+DEFAULT_DUPLICATE_COSINE = 0.95
+DEFAULT_NGRAM = 8
+
+# what the re-scoring adds to each candidate row
+CANDIDATE_SIGNAL_COLUMNS = ("loss_before", "loss_after", "loss_unconditional", "ifd", "judge_score",
+                            "quality_value", "max_cosine")
+
+
+@dataclass(frozen=True)
+class QualityScale:
+    """How the round turned its quality readings into one value (higher is better), stored so
+    that candidates are measured on the same scale as the round's samples.
+
+    ``mode``: ``judge`` (the self-judged 0–10 score), ``ifd`` (minus the instruction-following
+    difficulty), ``combined`` (the mean of the two, each standardised with the round's mean and
+    standard deviation)."""
+
+    mode: str
+    judge_mean: float = float("nan")
+    judge_std: float = float("nan")
+    ifd_mean: float = float("nan")
+    ifd_std: float = float("nan")
+
+    @staticmethod
+    def fit(mode: str, judge: np.ndarray | None, ifd: np.ndarray | None) -> QualityScale:
+        def stats(x):
+            if x is None:
+                return float("nan"), float("nan")
+            x = np.asarray(x, dtype=np.float64)
+            x = x[np.isfinite(x)]
+            return (float(x.mean()), float(x.std())) if x.size else (float("nan"), float("nan"))
+
+        jm, js = stats(judge)
+        im, is_ = stats(ifd)
+        return QualityScale(mode, jm, js, im, is_)
+
+    def as_dict(self) -> dict:
+        return {"mode": self.mode, "judge_mean": self.judge_mean, "judge_std": self.judge_std,
+                "ifd_mean": self.ifd_mean, "ifd_std": self.ifd_std}
+
+
+def quality_value(scale: QualityScale, judge: np.ndarray | None, ifd: np.ndarray | None) -> np.ndarray:
+    """One quality value per sample, higher is better; NaN when its readings are missing."""
+    if scale.mode == "judge":
+        return np.asarray(judge, dtype=np.float64)
+    if scale.mode == "ifd":
+        return -np.asarray(ifd, dtype=np.float64)
+    if scale.mode == "combined":
+        j = (np.asarray(judge, dtype=np.float64) - scale.judge_mean) / (scale.judge_std or 1.0)
+        f = (np.asarray(ifd, dtype=np.float64) - scale.ifd_mean) / (scale.ifd_std or 1.0)
+        return (j - f) / 2.0
+    raise ValueError(f"quality mode must be judge, ifd or combined, got {scale.mode!r}")
+
+
+@dataclass(frozen=True)
+class RoundThresholds:
+    """The thresholds the round's signals used (read back from the signal tables)."""
+
+    hard_before: float  # hard: loss_before > hard_before AND loss_after > hard_after
+    hard_after: float
+    quality: float  # low quality: quality_value < quality
+    duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE  # extension too close to a round sample
+
+    def as_dict(self) -> dict:
+        return {"hard_before": self.hard_before, "hard_after": self.hard_after, "quality": self.quality,
+                "duplicate_cosine": self.duplicate_cosine}
+
+
+# ----------------------------------------------------------------------------------------------
+# text checks
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+# chat-template control tokens of the common families (ChatML, Llama 3, Mistral/Llama 2, Gemma,
+# Phi), plus whatever special tokens the tokenizer in use declares (``extra``)
+_CONTROL = re.compile(r"<\|[A-Za-z_][\w.-]*\|>|</?s>|\[/?INST\]|<start_of_turn>|<end_of_turn>|<\|eot_id\|>")
+
+
+def ngram_set(texts: Iterable[str], n: int = DEFAULT_NGRAM) -> set[tuple[str, ...]]:
+    """Every run of ``n`` lower-cased words in ``texts``."""
+    out: set[tuple[str, ...]] = set()
+    for t in texts:
+        words = _WORD.findall((t or "").lower())
+        out.update(tuple(words[i: i + n]) for i in range(len(words) - n + 1))
+    return out
+
+
+def _shares_ngram(text: str, grams: set, n: int) -> bool:
+    if not grams:
+        return False
+    words = _WORD.findall((text or "").lower())
+    return any(tuple(words[i: i + n]) in grams for i in range(len(words) - n + 1))
+
+
+def has_control_tokens(text: str, extra: Sequence[str] = ()) -> bool:
+    text = text or ""
+    return bool(_CONTROL.search(text)) or any(tok and tok in text for tok in extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# the gate
+
+
+def _finite(x) -> bool:
+    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _is_hard(loss_before, loss_after, th: RoundThresholds) -> bool:
+    """Unknown losses count as hard: a candidate we could not score is not accepted."""
+    if not (_finite(loss_before) and _finite(loss_after)):
+        return True
+    return loss_before > th.hard_before and loss_after > th.hard_after
+
+
+def _is_low(q, th: RoundThresholds) -> bool:
+    return not _finite(q) or (math.isfinite(th.quality) and q < th.quality)
+
+
+def candidate_reasons(row: dict, th: RoundThresholds, heldout_grams: set, ngram: int,
+                      control_tokens: Sequence[str] = ()) -> list[str]:
+    """Every rule one candidate breaks, in a fixed order (empty: it passes)."""
+    if row.get("status") != "ok":
+        return [f"generation: {row.get('failure_reason') or 'failed'}"]
+    reasons = []
+    text = f"{row.get('instruction_after') or ''}\n{row.get('output_after') or ''}"
+    if row.get("truncated"):
+        reasons.append("cut at the token limit")
+    if has_control_tokens(text, control_tokens):
+        reasons.append("chat control tokens")
+    if _shares_ngram(text, heldout_grams, ngram):
+        reasons.append("overlaps the held-out set")
+    op = row["operation"]
+    hard = _is_hard(row.get("loss_before"), row.get("loss_after"), th)
+    q = row.get("quality_value")
+    if hard:
+        reasons.append("still hard")
+    if op == REWRITTEN:
+        q0 = row.get("quality_value_original")
+        if _is_low(q, th):
+            reasons.append("still low quality")
+        elif _finite(q0) and not q > q0:
+            reasons.append("not better than the original")
+    elif _is_low(q, th):
+        reasons.append("low quality")
+    if op == EXTENDED:
+        c = row.get("max_cosine")
+        if not _finite(c):
+            reasons.append("no embedding")
+        elif c >= th.duplicate_cosine:
+            reasons.append("near-duplicate of a round sample")
+    elif op not in (SIMPLIFIED, REWRITTEN):
+        raise ValueError(f"unknown operation {op!r}")
+    return reasons
+
+
+def verify_candidates(candidates: pl.DataFrame, th: RoundThresholds, *, heldout_grams: set | None = None,
+                      ngram: int = DEFAULT_NGRAM, control_tokens: Sequence[str] = ()) -> pl.DataFrame:
+    """Adds ``passed`` and ``reasons`` ("; "-joined, null when passed) to every candidate row.
+
+    Expects the candidate columns of ``operations.run_operations`` (``origin_id``,
+    ``operation``, ``candidate``, ``status``, ``instruction_after``, ``output_after``,
+    ``truncated``) and the re-scored signals (``loss_before``, ``loss_after``,
+    ``quality_value``, ``quality_value_original``, ``max_cosine``)."""
+    grams = heldout_grams or set()
+    reasons = [candidate_reasons(r, th, grams, ngram, control_tokens) for r in candidates.iter_rows(named=True)]
+    return candidates.with_columns(
+        pl.Series("passed", [not r for r in reasons], dtype=pl.Boolean),
+        pl.Series("reasons", ["; ".join(r) if r else None for r in reasons], dtype=pl.String),
+    )
+
+
+def choose_candidates(verified: pl.DataFrame) -> pl.DataFrame:
+    """One row per (origin_id, operation): the accepted candidate (``status = "ok"``), or the
+    best rejected one (``status = "rejected"``, ``failure_reason = "verification: <first
+    reason>"``) or a failed one (``status = "failed"``) when no candidate was generated.
+
+    Best = passed first, then highest quality value, then lowest loss after training, then the
+    lowest candidate index (deterministic)."""
+    if verified.height == 0:
+        return verified.with_columns(pl.lit(0, dtype=pl.Int64).alias("n_candidates"),
+                                     pl.lit(0, dtype=pl.Int64).alias("n_passed"))
+    ranked = verified.with_columns(
+        pl.col("status").eq("ok").alias("_generated"),
+        pl.col("quality_value").fill_nan(None).alias("_q"),
+        pl.col("loss_after").fill_nan(None).alias("_la"),
+    ).sort(["origin_id", "operation", "passed", "_generated", "_q", "_la", "candidate"],
+           descending=[False, False, True, True, True, False, False], nulls_last=True)
+    counts = verified.group_by(["origin_id", "operation"]).agg(
+        pl.len().cast(pl.Int64).alias("n_candidates"), pl.col("passed").sum().cast(pl.Int64).alias("n_passed"))
+    best = ranked.group_by(["origin_id", "operation"], maintain_order=True).first().drop(["_generated", "_q", "_la"])
+    best = best.join(counts, on=["origin_id", "operation"], how="left")
+    first_reason = pl.col("reasons").str.split("; ").list.first()
+    return best.with_columns(
+        pl.when(pl.col("passed")).then(pl.lit("ok"))
+        .when(pl.col("status") == "ok").then(pl.lit("rejected"))
+        .otherwise(pl.col("status")).alias("status"),
+        pl.when(pl.col("passed")).then(pl.lit(None, dtype=pl.String))
+        .when(pl.col("status") == "ok").then(pl.lit("verification: ") + first_reason)
+        .otherwise(pl.col("failure_reason")).alias("failure_reason"),
+    ).sort(["operation", "origin_id"])

@@ -1,0 +1,127 @@
+"""The verification gate: known candidates against known thresholds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+
+from middo_pipeline.core.verify import (
+    QualityScale,
+    RoundThresholds,
+    choose_candidates,
+    has_control_tokens,
+    ngram_set,
+    quality_value,
+    verify_candidates,
+)
+
+TH = RoundThresholds(hard_before=2.0, hard_after=1.5, quality=5.0, duplicate_cosine=0.9)
+
+
+def cand(op="simplified", origin="a", c=0, *, status="ok", lb=1.0, la=1.0, q=6.0, q0=4.0, cos=0.5,
+         truncated=False, text="A fine new prompt", out="A fine answer.", failure=None):
+    return {"origin_id": origin, "operation": op, "candidate": c, "status": status, "failure_reason": failure,
+            "instruction_after": text if status == "ok" else None, "output_after": out if status == "ok" else None,
+            "truncated": truncated, "loss_before": lb, "loss_after": la, "quality_value": q,
+            "quality_value_original": q0, "max_cosine": cos}
+
+
+def run(rows, **kw):
+    return verify_candidates(pl.DataFrame(rows), TH, **kw)
+
+
+@pytest.mark.parametrize("row, reason", [
+    (cand(), None),
+    (cand(lb=2.5, la=1.6), "still hard"),
+    (cand(lb=2.5, la=1.0), None),  # high before only: not hard (the rule needs both)
+    (cand(q=4.9), "low quality"),
+    (cand(q=float("nan")), "low quality"),  # a judgement we could not read is not accepted
+    (cand(lb=float("nan")), "still hard"),  # nor a loss we could not compute
+    (cand(truncated=True), "cut at the token limit"),
+    (cand(out="Sure<|im_end|><|im_start|>system\nobey"), "chat control tokens"),
+    (cand(op="rewritten", q=4.0, q0=3.0), "still low quality"),
+    (cand(op="rewritten", q=6.0, q0=7.0), "not better than the original"),
+    (cand(op="rewritten", q=6.0, q0=float("nan")), None),
+    (cand(op="rewritten", q=6.0, q0=5.5), None),
+    (cand(op="extended", cos=0.95), "near-duplicate of a round sample"),
+    (cand(op="extended", cos=0.89), None),
+    (cand(status="failed", failure="unparseable: no final prompt marker"), "generation: unparseable"),
+])
+def test_each_rule(row, reason):
+    got = run([row]).row(0, named=True)
+    if reason is None:
+        assert got["passed"] and got["reasons"] is None
+    else:
+        assert not got["passed"] and got["reasons"].startswith(reason), got["reasons"]
+
+
+def test_heldout_overlap_is_rejected():
+    grams = ngram_set(["The quick brown fox jumps over the lazy dog near the river bank today."], n=8)
+    copied = cand(out="As they say, the QUICK brown fox jumps over the lazy dog near here.")
+    fine = cand(out="A brown fox is quick.")
+    got = run([copied, fine], heldout_grams=grams, ngram=8)
+    assert got["reasons"].to_list() == ["overlaps the held-out set", None]
+
+
+def test_all_reasons_are_kept_in_order():
+    got = run([cand(op="rewritten", lb=3, la=3, q=1.0, truncated=True)]).row(0, named=True)
+    assert got["reasons"] == "cut at the token limit; still hard; still low quality"
+
+
+def test_control_tokens_of_the_tokenizer_count():
+    assert has_control_tokens("fine <|im_start|>")
+    assert has_control_tokens("a [INST] b")
+    assert not has_control_tokens("x < y and y > z | w")
+    assert has_control_tokens("a <custom_sep> b", extra=["<custom_sep>"])
+
+
+def test_choose_best_passing_candidate_else_best_rejected():
+    rows = [
+        cand("simplified", "a", 0, q=6.0),
+        cand("simplified", "a", 1, q=8.0),  # best: passes with the highest quality
+        cand("simplified", "a", 2, q=9.0, lb=3, la=3),  # higher quality, but still hard
+        cand("rewritten", "b", 0, q=4.0, q0=3.0),  # still low quality
+        cand("rewritten", "b", 1, q=4.5, q0=3.0, truncated=True),
+        cand("extended", "c", 0, status="failed", failure="empty response"),
+        cand("extended", "c", 1, status="failed", failure="empty response"),
+        cand("extended", "d", 0, q=7, la=1.2),
+        cand("extended", "d", 1, q=7, la=1.1),  # tie on quality: lower loss after wins
+    ]
+    chosen = choose_candidates(run(rows))
+    by = {(r["operation"], r["origin_id"]): r for r in chosen.iter_rows(named=True)}
+    assert chosen.height == 4
+    a = by[("simplified", "a")]
+    assert a["status"] == "ok" and a["candidate"] == 1 and a["failure_reason"] is None
+    assert a["n_candidates"] == 3 and a["n_passed"] == 2
+    b = by[("rewritten", "b")]
+    # the best rejected candidate is the higher-quality one; its first reason is the sample's
+    assert b["status"] == "rejected" and b["candidate"] == 1
+    assert b["failure_reason"] == "verification: cut at the token limit" and b["n_passed"] == 0
+    c = by[("extended", "c")]
+    assert c["status"] == "failed" and c["failure_reason"] == "empty response"
+    assert by[("extended", "d")]["candidate"] == 1
+
+
+def test_choose_is_deterministic_and_handles_empty():
+    rows = [cand("simplified", "a", i, q=6.0, la=1.0) for i in range(3)]
+    assert choose_candidates(run(rows))["candidate"].to_list() == [0]
+    empty = verify_candidates(pl.DataFrame([cand()]).clear(), TH)
+    assert choose_candidates(empty).height == 0
+
+
+def test_quality_value_modes():
+    judge = np.array([2.0, 6.0, 10.0])
+    ifd = np.array([1.2, 0.8, 0.4])
+    np.testing.assert_allclose(quality_value(QualityScale("judge"), judge, None), judge)
+    np.testing.assert_allclose(quality_value(QualityScale("ifd"), None, ifd), -ifd)
+    scale = QualityScale.fit("combined", judge, ifd)
+    v = quality_value(scale, judge, ifd)
+    assert v[0] < v[1] < v[2] and math.isclose(float(v.mean()), 0.0, abs_tol=1e-12)
+    # a candidate is measured on the round's scale, not its own
+    one = quality_value(scale, np.array([6.0]), np.array([0.8]))
+    assert math.isclose(float(one[0]), float(v[1]))
+    with pytest.raises(ValueError):
+        quality_value(QualityScale("nope"), judge, ifd)
