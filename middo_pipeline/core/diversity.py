@@ -25,7 +25,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["topk_cosine", "topk_cosine_rows", "KNN_METHODS", "sparsity_scores", "kmeans_clusters", "default_n_clusters", "cluster_dynamics", "umap_2d"]
+__all__ = ["TopComponents", "max_cosine_to", "topk_cosine", "topk_cosine_rows", "KNN_METHODS", "sparsity_scores", "kmeans_clusters", "default_n_clusters", "cluster_dynamics", "umap_2d"]
 
 UMAP_MIN_SAMPLES = 10  # below this, the 2-D map is a PCA projection
 
@@ -34,6 +34,58 @@ EXACT_MAX_ROWS = 200_000  # method="auto": exact top-k up to this many rows, app
 APPROX_NPROBE = 16  # IVF lists searched per row
 APPROX_TRAIN_PER_LIST = 25  # k-means training rows per list (subsampled)
 APPROX_KMEANS_ITERS = 10
+
+
+class TopComponents:
+    """Centre the embeddings and remove their top ``n`` principal directions.
+
+    Hidden states of a language model share a few dominant directions (a common offset, token
+    frequency) that make every cosine similarity high and compress the differences between
+    topics; removing them ("all-but-the-top", Mu & Viswanath, ICLR 2018) spreads the
+    similarities out. Fitted on the round's samples and applied unchanged to anything compared
+    with them (candidates), so both live in the same space. ``n = 0`` is the identity."""
+
+    def __init__(self, n: int = 1):
+        if n < 0:
+            raise ValueError(f"components to remove must be >= 0, got {n}")
+        self.n = int(n)
+        self.mean: np.ndarray | None = None
+        self.components: np.ndarray | None = None
+
+    def fit(self, emb: np.ndarray) -> TopComponents:
+        x = np.asarray(emb, dtype=np.float64)
+        x = np.where(np.isfinite(x), x, 0.0)
+        if self.n == 0 or x.shape[0] < 2:
+            return self
+        self.mean = x.mean(axis=0)
+        c = x - self.mean
+        # the d x d covariance, not the N x d SVD: cheap at 1M rows
+        vals, vecs = np.linalg.eigh(c.T @ c)
+        k = min(self.n, vecs.shape[1])
+        self.components = vecs[:, ::-1][:, :k].T.copy()
+        return self
+
+    def transform(self, emb: np.ndarray) -> np.ndarray:
+        x = np.asarray(emb, dtype=np.float32)
+        if self.mean is None or self.components is None:
+            return x
+        c = x.astype(np.float64) - self.mean
+        c -= (c @ self.components.T) @ self.components
+        return c.astype(np.float32)
+
+
+def max_cosine_to(queries: np.ndarray, keys: np.ndarray, block_size: int = 4096) -> np.ndarray:
+    """For each query row, its highest cosine similarity to any key row (float64 (Q,); NaN when
+    there is no key)."""
+    q, kx = _normalize(queries), _normalize(keys)
+    if q.shape[0] == 0:
+        return np.zeros(0, dtype=np.float64)
+    if kx.shape[0] == 0:
+        return np.full(q.shape[0], np.nan)
+    out = np.full(q.shape[0], -np.inf)
+    for a in range(0, kx.shape[0], block_size):
+        out = np.maximum(out, (q @ kx[a: a + block_size].T).max(axis=1))
+    return out.astype(np.float64)
 
 
 def _normalize(emb: np.ndarray) -> np.ndarray:

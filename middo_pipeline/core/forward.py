@@ -13,9 +13,12 @@ One call of the decoder (``model.get_decoder()``) per batch gives the last hidde
   logged and the whole call switches to the full model (``model(...)`` logits; the embedding
   still comes from the decoder's output, caught with a forward hook). ``head="full"`` forces
   that path, ``head="fast"`` skips the check.
-- **embedding**: the masked mean of those same hidden states over the ``prompt_span`` tokens
-  (the user-message content, no template framing). When a prompt has no token (empty), the
-  mean over all of the sample's tokens is used instead.
+- **embedding** (``EmbeddingSpec``): from the last hidden states (after the final norm) or
+  from the output of one decoder layer (``layer``: ``"middle"`` or a 1-based index, caught
+  with a forward hook on that layer in the same pass), pooled over the ``prompt_span`` tokens
+  (the user-message content, no template framing): their mean (``pooling="mean"``) or the
+  last prompt token's state (``pooling="last"``, which in a causal model has read the whole
+  prompt). When a prompt has no token (empty), all of the sample's tokens are used instead.
 
 Batches are length-bucketed: samples are sorted by token count (longest first, so a batch
 that does not fit in memory fails at once), and each batch takes as many samples as fit
@@ -44,9 +47,43 @@ from middo_pipeline.core.encoding import EncodedSample, encode_samples
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ForwardResult", "score_samples", "score_encoded", "mean_response_loss", "make_batches"]
+__all__ = ["EmbeddingSpec", "ForwardResult", "score_samples", "score_encoded", "mean_response_loss", "make_batches"]
 
 Progress = Callable[[int, int], None]
+
+
+POOLINGS = ("mean", "last")
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """Which hidden states make the prompt embedding, and how they are pooled.
+
+    ``layer``: ``"last"`` (after the final norm), ``"middle"`` (the output of decoder layer
+    ⌈L/2⌉ of L) or a 1-based layer index. ``pooling``: ``"mean"`` over the prompt tokens or
+    the ``"last"`` prompt token."""
+
+    pooling: str = "mean"
+    layer: str | int = "last"
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"embedding pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if isinstance(self.layer, str) and self.layer not in ("last", "middle"):
+            if not self.layer.isdigit():
+                raise ValueError(f"embedding layer must be 'last', 'middle' or a layer number, got {self.layer!r}")
+            object.__setattr__(self, "layer", int(self.layer))
+        if isinstance(self.layer, int) and self.layer < 1:
+            raise ValueError(f"embedding layer numbers start at 1, got {self.layer}")
+
+    def layer_index(self, n_layers: int) -> int | None:
+        """0-based index of the decoder layer whose output is used; None for the final states."""
+        if self.layer == "last":
+            return None
+        i = (n_layers + 1) // 2 if self.layer == "middle" else int(self.layer)
+        if i > n_layers:
+            raise ValueError(f"embedding layer {i} does not exist: the model has {n_layers} layers")
+        return None if i == n_layers and self.layer != "middle" else i - 1
 
 
 @dataclass
@@ -258,6 +295,18 @@ def _prompt_mean(hidden: torch.Tensor, encs: Sequence[EncodedSample], lengths: l
     return summed / mask.sum(dim=1, keepdim=True)
 
 
+def _prompt_last(hidden: torch.Tensor, encs: Sequence[EncodedSample], lengths: list[int]) -> torch.Tensor:
+    pos = [min(e.prompt_span[1], lengths[b]) - 1 if e.prompt_span[1] > e.prompt_span[0] else lengths[b] - 1
+           for b, e in enumerate(encs)]
+    idx = torch.tensor(pos, dtype=torch.long, device=hidden.device)
+    return hidden[torch.arange(len(encs), device=hidden.device), idx].float()
+
+
+def _decoder_layers(decoder) -> Sequence | None:
+    layers = getattr(decoder, "layers", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) else None
+
+
 def _per_sample_mean(ce: torch.Tensor, sample_idx: list[int], n_samples: int) -> tuple[np.ndarray, np.ndarray]:
     idx = torch.tensor(sample_idx, dtype=torch.long, device=ce.device)
     sums = torch.zeros(n_samples, dtype=torch.float64, device=ce.device).index_add_(0, idx, ce.double())
@@ -269,9 +318,10 @@ def _per_sample_mean(ce: torch.Tensor, sample_idx: list[int], n_samples: int) ->
 
 
 class _Scorer:
-    def __init__(self, model, *, with_embeddings: bool, head: str):
+    def __init__(self, model, *, with_embeddings: bool, head: str, embedding: EmbeddingSpec | None = None):
         self.model = _unwrap(model)
         self.with_embeddings = with_embeddings
+        self.spec = embedding or EmbeddingSpec()
         self.device = _model_device(self.model)
         self.decoder, self.lm_head = _decoder_and_head(self.model)
         self.transform = _head_transform(self.model)
@@ -283,6 +333,29 @@ class _Scorer:
             log.info("model exposes no decoder/lm_head pair: scoring with the full model")
         vocab = getattr(self.lm_head, "out_features", None) or getattr(_text_config(self.model), "vocab_size", 32000)
         self.chunk = max(1, (1 << 25) // max(int(vocab), 1))  # ~128 MB of float32 logits per chunk
+        self.layer = None  # the decoder layer whose output is the embedding's source (None: final states)
+        if with_embeddings and self.spec.layer != "last":
+            layers = _decoder_layers(self.decoder) if self.decoder is not None else None
+            if layers is None:
+                raise ValueError(f"embedding layer {self.spec.layer!r} needs a decoder with a .layers list; "
+                                 f"{type(self.model).__name__} has none (use layer='last')")
+            i = self.spec.layer_index(len(layers))
+            self.layer = layers[i] if i is not None else None
+
+    @contextmanager
+    def _catch_layer(self, caught: dict):
+        if self.layer is None:
+            yield
+            return
+        handle = self.layer.register_forward_hook(lambda m, i, o: caught.__setitem__("layer", _last_hidden(o)))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _embed(self, hidden: torch.Tensor, encs, lengths) -> np.ndarray:
+        pool = _prompt_last if self.spec.pooling == "last" else _prompt_mean
+        return pool(hidden, encs, lengths).cpu().numpy()
 
     def _decoder_hidden(self, batch: _Batch) -> torch.Tensor:
         out = self.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
@@ -310,16 +383,18 @@ class _Scorer:
     def score(self, encs: Sequence[EncodedSample], pad_id: int):
         batch = _collate(encs, pad_id, self.device)
         rows, pos, tok = _targets(encs)
-        if self.mode == "fast":
-            hidden = self._decoder_hidden(batch)
-            ce = _token_ce_fast(hidden, self.lm_head, self.transform, rows, pos, tok, self.chunk) if rows else \
-                torch.zeros(0, device=hidden.device)
-        else:
-            logits, hidden = self._full(batch)
-            ce = _token_ce_full(logits, rows, pos, tok) if rows else torch.zeros(0, device=logits.device)
-            del logits
+        caught: dict = {}
+        with self._catch_layer(caught):
+            if self.mode == "fast":
+                hidden = self._decoder_hidden(batch)
+                ce = _token_ce_fast(hidden, self.lm_head, self.transform, rows, pos, tok, self.chunk) if rows else \
+                    torch.zeros(0, device=hidden.device)
+            else:
+                logits, hidden = self._full(batch)
+                ce = _token_ce_full(logits, rows, pos, tok) if rows else torch.zeros(0, device=logits.device)
+                del logits
         loss, counts = _per_sample_mean(ce, rows, len(encs))
-        emb = _prompt_mean(hidden, encs, batch.lengths).cpu().numpy() if self.with_embeddings else None
+        emb = self._embed(caught.get("layer", hidden), encs, batch.lengths) if self.with_embeddings else None
         if self.verify:
             self.verify = False
             self._check(encs, loss, pad_id)
@@ -364,6 +439,7 @@ def score_encoded(
     with_embeddings: bool = True,
     progress: Progress | None = None,
     head: str = "auto",
+    embedding: EmbeddingSpec | None = None,
 ) -> ForwardResult:
     """``score_samples`` on samples already encoded (see ``middo_pipeline.core.encoding``)."""
     t0 = time.perf_counter()
@@ -371,7 +447,7 @@ def score_encoded(
     loss = np.full(n, np.nan, dtype=np.float32)
     counts = np.zeros(n, dtype=np.int64)
     emb: np.ndarray | None = None
-    scorer = _Scorer(model, with_embeddings=with_embeddings, head=head)
+    scorer = _Scorer(model, with_embeddings=with_embeddings, head=head, embedding=embedding)
     lengths = [_fed_length(e) for e in encoded]
     n_tokens = 0
     done = 0
@@ -422,14 +498,16 @@ def score_samples(
     with_embeddings: bool = True,
     progress: Progress | None = None,
     head: str = "auto",
+    embedding: EmbeddingSpec | None = None,
 ) -> ForwardResult:
-    """Per-sample mean response cross-entropy and mean-pooled prompt embedding, batched.
+    """Per-sample mean response cross-entropy and pooled prompt embedding, batched.
 
     ``prompts[i]`` is the user turn (see ``schema.prompt_text``), ``responses[i]`` the
     assistant turn (``None``: no response, loss NaN). Samples longer than ``max_length``
     tokens are truncated (response first, see ``encoding``). ``progress(done, total)`` is
     called after each batch. ``head``: "auto" (fast path, checked once against the full
-    model), "fast" or "full".
+    model), "fast" or "full". ``embedding``: which states and how they are pooled (default:
+    the mean of the last hidden states over the prompt tokens).
     """
     encoded = encode_samples(tokenizer, list(prompts), list(responses), max_length)
     return score_encoded(
@@ -441,6 +519,7 @@ def score_samples(
         with_embeddings=with_embeddings,
         progress=progress,
         head=head,
+        embedding=embedding,
     )
 
 

@@ -249,3 +249,37 @@ def test_default_model_seed_like_samples():
     assert ((res.loss > 0.1) & (res.loss < 10)).all(), res.loss
     assert res.embedding.shape == (8, 576) and np.isfinite(res.embedding).all()
     assert res.head == "fast"
+
+
+@pytest.mark.parametrize("pooling, layer", [("mean", "middle"), ("last", "last"), ("last", "middle"), ("mean", 1)])
+def test_embedding_pooling_and_layer_equal_hand_computation(lm, pooling, layer):
+    from middo_pipeline.core.forward import EmbeddingSpec
+
+    spec = EmbeddingSpec(pooling=pooling, layer=layer)
+    res = score_samples(lm.model, lm.tokenizer, PROMPTS, RESPONSES, embedding=spec, max_batch_tokens=100_000)
+    plain = score_samples(lm.model, lm.tokenizer, PROMPTS, RESPONSES)
+    np.testing.assert_allclose(res.loss, plain.loss, atol=1e-6)  # the loss does not change
+    n_layers = lm.model.config.num_hidden_layers
+    for i, (p, r) in enumerate(zip(PROMPTS, RESPONSES)):
+        e = encode_sample(lm.tokenizer, p, r, 512)
+        with torch.no_grad():
+            out = lm.model(input_ids=torch.tensor([e.input_ids]), output_hidden_states=True)
+        # hidden_states[j] is the output of layer j (the last one after the final norm)
+        j = n_layers if layer == "last" else (n_layers + 1) // 2 if layer == "middle" else layer
+        hidden = out.hidden_states[j][0].double()
+        ps, pe = e.prompt_span
+        want = hidden[ps:pe].mean(0) if pooling == "mean" else hidden[pe - 1]
+        np.testing.assert_allclose(res.embedding[i], want.numpy(), atol=1e-4)
+
+
+def test_embedding_spec_validates():
+    from middo_pipeline.core.forward import EmbeddingSpec
+
+    with pytest.raises(ValueError, match="pooling"):
+        EmbeddingSpec(pooling="max")
+    with pytest.raises(ValueError, match="layer"):
+        EmbeddingSpec(layer="first")
+    assert EmbeddingSpec(layer="3").layer == 3
+    assert EmbeddingSpec(layer="middle").layer_index(30) == 14 and EmbeddingSpec(layer="middle").layer_index(2) == 0
+    with pytest.raises(ValueError, match="does not exist"):
+        EmbeddingSpec(layer=5).layer_index(2)
