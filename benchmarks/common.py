@@ -50,15 +50,22 @@ class Settings:
     judge_max_new_tokens: int = 192  # the reference allows 1024: a lower cap makes its way cheaper here
     judge_batch_size: int = 8
     # detection (controlled dataset)
-    det_clean: int = 48
-    det_quality: int = 16  # 4 kinds x 4
-    det_hard: int = 8
-    det_dup_clusters: int = 2
+    # 40 clean topics x 3 (the sample and 2 paraphrases: neighbours for k = 2), 30 of each quality
+    # defect kind, 32 hard, 32 isolated; one real epoch of LoRA for the "after" checkpoint
+    det_clean: int = 40
+    det_clean_siblings: int = 2
+    det_quality: int = 120  # 4 kinds x 30
+    det_hard: int = 32
+    det_dup_clusters: int = 0
     det_dup_size: int = 3
-    det_isolated: int = 8
-    det_train_steps: int = 4
-    det_batch_size: int = 4
+    det_isolated: int = 32
+    det_train_steps: int = -1  # -1: det_epochs decide
+    det_epochs: float = 1.0
+    det_batch_size: int = 8
     det_max_length: int = 256
+    det_bootstrap: int = 1000
+    det_embedding: tuple = ("last", "middle", 1)  # the pipeline's default (pooling, layer, top components removed)
+    det_quality_mode: str = "ifd"  # the pipeline's default quality reading
     # downstream
     downstream: bool = False
     down_seeds: tuple[int, ...] = (0, 1, 2)
@@ -85,14 +92,6 @@ class Settings:
             judge_samples=48,
             judge_max_new_tokens=1024,  # the reference's
             judge_batch_size=16,
-            det_clean=120,
-            det_quality=24,
-            det_hard=16,
-            det_dup_clusters=4,
-            det_dup_size=5,
-            det_isolated=8,
-            det_train_steps=30,
-            det_batch_size=8,
             det_max_length=384,
             downstream=True,
         )

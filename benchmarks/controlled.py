@@ -2,10 +2,11 @@
 
 Every row carries ``defect`` (the signal that should find it) and ``kind`` (how it was made):
 
-- ``none`` / ``clean``: seed samples left as they are.
+- ``none`` / ``clean``: seed samples left as they are, each with ``clean_siblings`` light
+  paraphrases of its prompt (a topic with neighbours: what "not isolated" means).
 - ``quality`` (the quality signal should flag these), four kinds in turn:
   ``unrelated_response`` (the response of a seed sample from another category),
-  ``wrong_answer`` (a factual question with a confidently wrong answer, from a small bank
+  ``wrong_answer`` (a factual question with a confidently wrong answer, from a bank of 32
   written here), ``garbled_prompt`` (the prompt's words shuffled and letters scrambled),
   ``truncated_prompt`` (the prompt cut after its first few words, mid-sentence).
 - ``hard`` (the complexity signal): seed material turned into tasks whose exact answers a
@@ -16,8 +17,8 @@ Every row carries ``defect`` (the signal that should find it) and ``kind`` (how 
   least), ``reverse_chars`` (the whole sentence backwards).
 - ``isolated`` (the diversity signal should find these sparse): prompts on topics and in
   formats that nothing else in the set shares (German, DNA, Morse, chess notation, LaTeX,
-  knitting, ...), one per domain so that they are not each other's neighbours, with sensible
-  answers. Chosen before any measurement, not by the signal.
+  knitting, ...), 32 written here, one per domain so that they are not each other's
+  neighbours, with sensible answers. Chosen before any measurement, not by the signal.
 - ``duplicate``: near-duplicate clusters (one seed sample and light edits of it). They are
   the opposite of sparse: reported as a side figure (their similarity should be the highest).
 
@@ -50,6 +51,22 @@ WRONG_ANSWERS = [
     ("What is the longest river in Africa?", "The longest river in Africa is the Thames."),
     ("How many days are there in a leap year?", "A leap year has 300 days."),
     ("What is the main language spoken in Brazil?", "The main language spoken in Brazil is Japanese."),
+    ("What is the capital of Japan?", "The capital of Japan is Seoul, on the island of Honshu."),
+    ("How many sides does a hexagon have?", "A hexagon has eight sides."),
+    ("What is the largest ocean on Earth?", "The largest ocean on Earth is the Arctic Ocean."),
+    ("Which planet is known as the Red Planet?", "Venus is known as the Red Planet because of its iron-rich soil."),
+    ("What is 15 plus 27?", "15 plus 27 is 32."),
+    ("Who developed the theory of general relativity?", "The theory of general relativity was developed by Isaac Newton in 1950."),
+    ("How many hours are there in a day?", "There are 36 hours in a day."),
+    ("What is the hardest natural substance?", "The hardest natural substance is chalk."),
+    ("What is the capital of Italy?", "The capital of Italy is Madrid."),
+    ("How many bones are in the adult human body?", "The adult human body has 12 bones."),
+    ("What do bees make?", "Bees make milk, which they store in their hives."),
+    ("What is the chemical formula of water?", "The chemical formula of water is CO2."),
+    ("Which animal is the largest mammal?", "The largest mammal is the house cat."),
+    ("What is 9 times 8?", "9 times 8 is 98."),
+    ("How many minutes are in an hour?", "There are 100 minutes in an hour."),
+    ("What is the tallest mountain on Earth?", "The tallest mountain on Earth is Ben Nevis in Scotland."),
 ]
 
 # One item per domain, and no two alike in topic or form (two translation requests would be
@@ -75,6 +92,52 @@ ISOLATED = [
      "It indicates a second-inversion triad: the notes a sixth and a fourth above the bass, so the fifth of the chord is in the bass."),
     ("In sailing, what is the difference between tacking and gybing?",
      "Both change the side the wind comes from. Tacking turns the bow through the wind; gybing turns the stern through the wind, which swings the boom across more violently."),
+    ("Traduis en anglais : « Le boulanger ouvre sa boutique à six heures du matin. »",
+     "The baker opens his shop at six o'clock in the morning."),
+    ("What does the regular expression ^[A-Z]{2}\\d{4}$ match?",
+     "Strings of exactly two capital letters followed by exactly four digits, such as AB1234, and nothing else."),
+    ("In music theory, how many sharps does the key of E major have and what are they?",
+     "E major has four sharps: F sharp, C sharp, G sharp and D sharp."),
+    ("Convert the hexadecimal colour code #FF8000 to its RGB components.",
+     "#FF8000 is red 255, green 128, blue 0: a bright orange."),
+    ("In bridge, how many high-card points is an ace worth under the Milton Work count?",
+     "An ace is worth four points; a king three, a queen two and a jack one."),
+    ("What is the Köppen climate classification code for a hot desert climate?",
+     "A hot desert climate is BWh: B for arid, W for desert, h for hot."),
+    ("In SQL, what is the difference between WHERE and HAVING?",
+     "WHERE filters rows before grouping; HAVING filters groups after GROUP BY, so it can use aggregates such as COUNT(*)."),
+    ("Name the three bones of the middle ear.",
+     "The malleus (hammer), the incus (anvil) and the stapes (stirrup)."),
+    ("In cricket, what does LBW stand for?",
+     "Leg before wicket: the batter is out when the ball would have hit the stumps but struck the batter's body first."),
+    ("Read this Roman numeral: MCMXCIV",
+     "MCMXCIV is 1994: M = 1000, CM = 900, XC = 90, IV = 4."),
+    ("Welche Farbe entsteht, wenn man Blau und Gelb mischt?",
+     "Wenn man Blau und Gelb mischt, entsteht Grün."),
+    ("In a bash script, what does the expression ${VAR:-default} do?",
+     "It expands to the value of VAR, or to the word default when VAR is unset or empty."),
+    ("In heraldry, what is the tincture called 'gules'?",
+     "Gules is the heraldic name for the colour red."),
+    ("What does the Unix permission string rwxr-x--- mean for the owner, group and others?",
+     "The owner can read, write and execute; the group can read and execute; others have no access."),
+    ("In origami, what is a valley fold?",
+     "A valley fold folds the paper towards you so that the crease sinks like a valley; its opposite is the mountain fold."),
+    ("What is the plural of the Latin word 'corpus'?",
+     "The plural of corpus is corpora."),
+    ("In beekeeping, what is a 'super'?",
+     "A super is a box placed above the brood chamber of a hive where the bees store surplus honey for harvesting."),
+    ("In the NATO phonetic alphabet, how is the word CAB spelled out?",
+     "Charlie, Alpha, Bravo."),
+    ("In typography, what is kerning?",
+     "Kerning is adjusting the space between two specific letters, such as A and V, so the text looks evenly spaced."),
+    ("In astronomy, what is a parsec?",
+     "A parsec is the distance at which one astronomical unit subtends an angle of one arcsecond, about 3.26 light-years."),
+    ("¿Cuántos días tiene una semana?",
+     "Una semana tiene siete días."),
+    ("In Git, what does 'git stash' do?",
+     "It saves your uncommitted changes on a stack and restores a clean working tree; 'git stash pop' brings them back."),
+    ("In pharmacology, what does 'b.i.d.' mean on a prescription?",
+     "b.i.d. (bis in die) means twice a day."),
 ]
 
 _DUP_EDITS = [
@@ -172,14 +235,22 @@ def _row(instruction: str, input_: str, output: str, defect: str, kind: str, sou
 
 
 def build(seed_rows: list[dict], *, n_clean: int, n_quality: int, n_hard: int, n_dup_clusters: int,
-          dup_size: int, n_isolated: int, seed: int = 0) -> list[dict]:
-    """The labelled controlled dataset (rows shuffled deterministically)."""
+          dup_size: int, n_isolated: int, seed: int = 0, clean_siblings: int = 0) -> list[dict]:
+    """The labelled controlled dataset (rows shuffled deterministically).
+
+    ``n_quality`` defective rows, the four kinds in turn (so ``4 * m`` gives m of each);
+    ``clean_siblings > 0``: every clean seed sample comes with that many light paraphrases of
+    its prompt (same answer, ``kind = "clean"``), so a clean topic has neighbours and
+    "isolated" means having none."""
     rng = random.Random(seed)
     order = list(range(len(seed_rows)))
     rng.shuffle(order)
-    need = n_clean + n_quality + n_hard + n_dup_clusters
+    n_material = sum(1 for j in range(n_quality) if QUALITY_KINDS[j % len(QUALITY_KINDS)] != "wrong_answer")
+    need = n_clean + n_material + n_hard + n_dup_clusters
     if len(order) < need:
         raise ValueError(f"the seed has {len(order)} rows; the controlled set needs {need} distinct ones")
+    if n_isolated > len(ISOLATED):
+        raise ValueError(f"only {len(ISOLATED)} isolated items are written; {n_isolated} asked")
     take = iter(order)
     rows: list[dict] = []
 
@@ -187,11 +258,27 @@ def build(seed_rows: list[dict], *, n_clean: int, n_quality: int, n_hard: int, n
         i = next(take)
         r = seed_rows[i]
         rows.append(_row(r["instruction"], r.get("input", ""), r["output"], "none", "clean", i, r.get("category", "")))
+        edits = list(_DUP_EDITS)
+        rng.shuffle(edits)
+        seen = {r["instruction"].strip()}
+        for e in edits:
+            if len(seen) > clean_siblings:
+                break
+            text = e(r["instruction"].strip())
+            if text not in seen:
+                seen.add(text)
+                rows.append(_row(text, r.get("input", ""), r["output"], "none", "clean", i, r.get("category", "")))
 
     wrong = list(WRONG_ANSWERS)
     rng.shuffle(wrong)
+    n_wrong = 0
     for j in range(n_quality):
         kind = QUALITY_KINDS[j % len(QUALITY_KINDS)]
+        if kind == "wrong_answer":
+            q, a = wrong[n_wrong % len(wrong)]
+            n_wrong += 1
+            rows.append(_row(q, "", a, "quality", kind, None, "wrong_fact"))
+            continue
         i = next(take)
         r = seed_rows[i]
         if kind == "unrelated_response":
@@ -199,9 +286,6 @@ def build(seed_rows: list[dict], *, n_clean: int, n_quality: int, n_hard: int, n
             others = [k for k in order if seed_rows[k].get("category", "") != cat and k != i] or [k for k in order if k != i]
             donor = seed_rows[rng.choice(others)]
             rows.append(_row(r["instruction"], r.get("input", ""), donor["output"], "quality", kind, i, r.get("category", "")))
-        elif kind == "wrong_answer":
-            q, a = wrong[(j // len(QUALITY_KINDS)) % len(wrong)]
-            rows.append(_row(q, "", a, "quality", kind, None, "wrong_fact"))
         elif kind == "garbled_prompt":
             rows.append(_row(garble(r["instruction"], rng), garble(r.get("input", ""), rng) if r.get("input") else "",
                              r["output"], "quality", kind, i, r.get("category", "")))

@@ -1,0 +1,97 @@
+"""Re-scoring optimizer candidates with the round's own models, the way the round's samples
+were scored, so that ``verify`` can compare them with the round's stored thresholds.
+
+For every generated candidate (``status == "ok"``), with the new prompt and response:
+
+- ``loss_before``: response loss under the **base** model ("before training" is always the
+  base model: a previous round's checkpoint has already seen the kept samples);
+- ``loss_unconditional`` and ``ifd``: the prompt-free response loss under the base model and
+  the ratio (``core/ifd.py``);
+- ``loss_after`` and the embedding: under the round's checkpoint, in one pass, with the
+  round's ``EmbeddingSpec``; the embedding is mapped with the round's ``TopComponents`` and
+  ``max_cosine`` is its highest cosine similarity to any of the round's samples;
+- ``judge_score``: the round's checkpoint judges the candidate (expected score), only when the
+  round's quality reading uses the judge;
+- ``quality_value``: those readings on the round's ``QualityScale``.
+
+Rows that were not generated keep nulls. Order and rows are unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import polars as pl
+
+from middo_pipeline.core import quality
+from middo_pipeline.core.diversity import TopComponents, max_cosine_to
+from middo_pipeline.core.forward import EmbeddingSpec, score_samples
+from middo_pipeline.core.ifd import ifd_scores, unconditional_loss
+from middo_pipeline.core.schema import prompt_text
+from middo_pipeline.core.verify import QualityScale, quality_value
+
+__all__ = ["RescoreSettings", "rescore_candidates"]
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class RescoreSettings:
+    max_length: int = 384
+    max_batch_tokens: int = 8192
+    embedding: EmbeddingSpec = EmbeddingSpec()
+    judge_max_length: int = 512
+    judge_batch_size: int = 16
+
+
+def rescore_candidates(candidates: pl.DataFrame, *, base, checkpoint, scale: QualityScale,
+                       round_embeddings: np.ndarray, components: TopComponents,
+                       settings: RescoreSettings | None = None, log: Callable[[str], None] | None = None,
+                       progress: Callable[[str], Progress | None] | None = None) -> pl.DataFrame:
+    """``candidates`` with the signal columns added (see the module docstring). ``base`` and
+    ``checkpoint`` are loaded models (``.model``, ``.tokenizer``); ``round_embeddings`` are the
+    round's samples' embeddings *already mapped* by ``components``."""
+    st = settings or RescoreSettings()
+    n = candidates.height
+    cols = {name: np.full(n, np.nan) for name in ("loss_before", "loss_after", "loss_unconditional", "ifd",
+                                                   "judge_score", "quality_value", "max_cosine")}
+    ok = np.flatnonzero(candidates["status"].eq("ok").fill_null(False).to_numpy()) if n else np.zeros(0, dtype=int)
+    if len(ok):
+        instr = candidates["instruction_after"].to_list()
+        inp = candidates["input_after"].to_list() if "input_after" in candidates.columns else [""] * n
+        outs = candidates["output_after"].to_list()
+        prompts = [prompt_text(instr[i], inp[i]) for i in ok]
+        responses = [outs[i] for i in ok]
+        kw = dict(max_length=st.max_length, max_batch_tokens=st.max_batch_tokens)
+        step = progress or (lambda name: None)
+        before = score_samples(base.model, base.tokenizer, prompts, responses, with_embeddings=False,
+                               progress=step("candidates: loss before training"), **kw)
+        uncond = unconditional_loss(base.model, base.tokenizer, responses,
+                                    progress=step("candidates: prompt-free loss"), **kw)
+        after = score_samples(checkpoint.model, checkpoint.tokenizer, prompts, responses, with_embeddings=True,
+                              embedding=st.embedding, progress=step("candidates: loss + embedding after training"),
+                              **kw)
+        ifd = ifd_scores(before.loss, uncond.loss)
+        judge = None
+        if scale.mode in ("judge", "combined"):
+            info: dict = {}
+            six = quality.expected_scores(checkpoint.model, checkpoint.tokenizer, prompts, responses,
+                                          max_length=st.judge_max_length, max_batch_size=st.judge_batch_size,
+                                          progress=step("candidates: self-judgements"), info=info)
+            judge = np.asarray(quality.combine_scores(six)["quality_score"], dtype=np.float64)
+            if log and info.get("judge_path") != "packed":
+                log(f"candidate judge fell back to one pass per judgement: {info.get('fallback_reason')}")
+        emb = components.transform(after.embedding)
+        cols["loss_before"][ok] = before.loss
+        cols["loss_after"][ok] = after.loss
+        cols["loss_unconditional"][ok] = uncond.loss
+        cols["ifd"][ok] = ifd
+        if judge is not None:
+            cols["judge_score"][ok] = judge
+        cols["quality_value"][ok] = quality_value(scale, judge, ifd)
+        cols["max_cosine"][ok] = max_cosine_to(emb, round_embeddings)
+    return candidates.with_columns(
+        [pl.Series(name, np.where(np.isfinite(v), v, np.nan), dtype=pl.Float64).fill_nan(None)
+         for name, v in cols.items()])
