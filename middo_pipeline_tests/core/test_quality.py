@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from middo_pipeline.core import quality
-from middo_pipeline.core.optimizer.llm import ChatRequest, Completion
+from middo_pipeline.core.llm.protocol import ChatRequest, Completion
 from middo_pipeline.core.quality import (
     COLUMNS,
     DIMENSIONS,

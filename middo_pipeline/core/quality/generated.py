@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from middo_pipeline.core.optimizer.llm import ChatRequest
+from middo_pipeline.core.llm.protocol import ChatRequest
 from middo_pipeline.core.quality.prompts import DEFAULT_PREFILL, TRUNCATION_MARK, judgement_messages
 
 log = logging.getLogger(__name__)
