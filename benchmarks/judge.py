@@ -40,7 +40,7 @@ def reference_request(prompt: str, response: str | None, dim: str, max_tokens: i
     """The pipeline's own judge question for (dimension, view), with the reference's ending:
     no "Score: " prefill, and the rating number first *followed by an explanation*."""
     from middo_pipeline.core import quality
-    from middo_pipeline.core.optimizer.llm import ChatRequest
+    from middo_pipeline.core.llm.protocol import ChatRequest
 
     messages = quality.judge_messages(dim, prompt, response)
     content = messages[-1]["content"].replace(" Reply with the number only.", "")  # the pipeline's own ask
@@ -64,7 +64,7 @@ def first_number(text: str | None) -> float | None:
 
 
 def generate_then_parse(lm, prompts, responses, max_new_tokens: int, batch_size: int) -> dict:
-    from middo_pipeline.core.optimizer.backends import LocalBackend
+    from middo_pipeline.core.llm.local import LocalBackend
     from middo_pipeline.core.quality import DIMENSIONS, combine_scores
 
     backend = LocalBackend(loaded=lm, batch_size=batch_size)
@@ -134,7 +134,7 @@ def compare(lm, prompts, responses, settings) -> tuple[dict, np.ndarray]:
     # the pipeline's own generate mode (quality_signals mode=generate): a "Score: " prefill and
     # a few tokens, parsed; unparseable = missing. It asks the model the same question as the
     # expected score, only sampling the answer instead of reading its distribution
-    from middo_pipeline.core.optimizer.backends import LocalBackend
+    from middo_pipeline.core.llm.local import LocalBackend
 
     t0 = time.perf_counter()
     short6 = quality.generated_scores(LocalBackend(loaded=lm, batch_size=settings.judge_batch_size), prompts, responses)

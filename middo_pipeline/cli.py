@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--rounds", type=_positive_int, default=1, metavar="N", help="how many rounds (default 1)")
     loop.add_argument("--seed", default=None, metavar="PATH", help="(re)ingest this seed file first")
     loop.add_argument("--config", default=None, metavar="FILE",
-                      help="YAML run config (ops/resources), or a preset: tiny, gpu")
+                      help="YAML run config (ops only; resources come from MIDDO_* variables), or a preset: tiny, gpu")
     loop.set_defaults(func=cmd_loop)
 
     summary = sub.add_parser("summary", help="print every recorded round's figures (runs nothing)",

@@ -1,4 +1,4 @@
-"""The Dagster code location: assets, checks, jobs, schedule and resources.
+"""The Dagster code location: assets (with their checks), jobs, schedule and resources.
 
 Resources come from environment variables so one code location serves a laptop and a GPU box:
 
@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import os
 
-from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
+from dagster import Definitions, load_assets_from_modules
 
-from middo_pipeline import checks
 from middo_pipeline.assets import evaluation, ingestion, optimization, signals, training
 from middo_pipeline.io import ParquetIOManager
 from middo_pipeline.jobs import round_job, seed_job
@@ -56,7 +55,6 @@ def build_defs(env: dict | None = None) -> Definitions:
     """The code location, with resources from ``env`` (default: the process environment)."""
     return Definitions(
         assets=load_assets_from_modules([ingestion, training, signals, optimization, evaluation]),
-        asset_checks=load_asset_checks_from_modules([checks]),
         jobs=[seed_job, round_job],
         schedules=[nightly_round],
         resources=resources_from_env(env),

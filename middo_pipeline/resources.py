@@ -10,6 +10,7 @@ from __future__ import annotations
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from middo_pipeline.core.llm.protocol import LLMBackend
 from middo_pipeline.core.storage import Storage
 from middo_pipeline.models.loading import DEFAULT_MODEL, LoadedModel, load_model, resolve_model_path
 
@@ -67,21 +68,14 @@ class OptimizerResource(ConfigurableResource):
         """direct prompts (prefilled answers) suit small local models; stepwise suits strong served ones."""
         return "direct" if self.backend == "local" else "stepwise"
 
-    def make_backend(self, storage: Storage, cache_dir: str | None = None):
-        from middo_pipeline.core.optimizer.backends import make_backend
-        from middo_pipeline.core.optimizer.cache import CachedBackend, CompletionCache
+    def make_backend(self, storage: Storage) -> LLMBackend:
+        """The configured backend, behind the on-disk completion cache unless ``use_cache`` is off."""
+        from middo_pipeline.core.llm import make_backend
 
         if self.backend == "local":
-            inner = make_backend("local", model=self.model, device=self.device, batch_size=self.batch_size)
-        elif self.backend == "openai":
-            if not self.base_url:
-                raise ValueError("optimizer backend 'openai' needs base_url (e.g. http://localhost:8000/v1)")
-            inner = make_backend("openai", base_url=self.base_url, model=self.model, api_key_env=self.api_key_env,
-                                 max_concurrency=self.max_concurrency, timeout=self.timeout_s,
-                                 max_retries=self.max_retries)
+            kwargs = dict(model=self.model, device=self.device, batch_size=self.batch_size)
         else:
-            raise ValueError(f"unknown optimizer backend {self.backend!r}: use 'local' or 'openai'")
-        if not self.use_cache:
-            return inner
-        path = storage.ensure_dir(storage.cache_dir) / "completions.sqlite"
-        return CachedBackend(inner, CompletionCache(path))
+            kwargs = dict(base_url=self.base_url, model=self.model, api_key_env=self.api_key_env,
+                          max_concurrency=self.max_concurrency, timeout=self.timeout_s, max_retries=self.max_retries)
+        cache = storage.ensure_dir(storage.cache_dir) / "completions.sqlite" if self.use_cache else None
+        return make_backend(self.backend, cache=cache, **kwargs)

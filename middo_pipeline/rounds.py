@@ -1,8 +1,12 @@
 """Loop rounds as Dagster dynamic partitions: keys ``round-1``, ``round-2``, …
 
-The step from round r-1 to round r cannot be a declared asset edge (Dagster rejects the
-cycle; see MIDDO.md), so assets read the previous round's outputs through the same storage
-layout and record where they came from. These helpers find them.
+The step from round r-1 to round r cannot be a declared asset edge: round r's
+``round_dataset`` is round r-1's ``optimized_dataset``, which is computed from round r-1's
+``round_dataset``, so the edge would close a cycle round_dataset → … → optimized_dataset →
+round_dataset in the asset graph, and Dagster's asset graph must be acyclic (a partition
+mapping can point at earlier partitions of the asset itself, not back along a chain of other
+assets). So assets read the previous round's outputs through the same storage layout and
+record in their metadata where they came from. These helpers find them.
 """
 
 from __future__ import annotations

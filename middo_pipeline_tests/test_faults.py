@@ -265,8 +265,8 @@ OPTIMIZER_CHILD = textwrap.dedent(
     """
     import json, sys
     import polars as pl
-    from middo_pipeline.core.optimizer.backends import OpenAIBackend
-    from middo_pipeline.core.optimizer.cache import CachedBackend, CompletionCache
+    from middo_pipeline.core.llm.openai_compat import OpenAIBackend
+    from middo_pipeline.core.llm.cache import CachedBackend, CompletionCache
     from middo_pipeline.core.optimizer.operations import run_operations
     from middo_pipeline.core.optimizer.prompts import PromptConfig
 
@@ -282,8 +282,8 @@ OPTIMIZER_CHILD = textwrap.dedent(
 
 
 def _run_ops(url: str, cache: Path, samples: pl.DataFrame, plan: pl.DataFrame, neighbors: dict) -> pl.DataFrame:
-    from middo_pipeline.core.optimizer.backends import OpenAIBackend
-    from middo_pipeline.core.optimizer.cache import CachedBackend, CompletionCache
+    from middo_pipeline.core.llm.openai_compat import OpenAIBackend
+    from middo_pipeline.core.llm.cache import CachedBackend, CompletionCache
     from middo_pipeline.core.optimizer.operations import run_operations
     from middo_pipeline.core.optimizer.prompts import PromptConfig
 

@@ -67,7 +67,7 @@ def refined_samples(
                              progress=ProgressLogger(context.log.info, "optimizer calls", unit="calls"))
     ok = refined.filter(pl.col("status") == "ok")
     failed = refined.filter(pl.col("status") != "ok")
-    stats = backend.stats() if hasattr(backend, "stats") else {}
+    stats = backend.stats()
     context.add_output_metadata(
         {
             "attempted": refined.height,

@@ -13,6 +13,7 @@ from middo_pipeline.assets._meta import image_md, json_md, preview_md
 from middo_pipeline.assets.training import trained_from
 from middo_pipeline.core import diversity, quality
 from middo_pipeline.core.forward import score_samples
+from middo_pipeline.core.llm import make_backend
 from middo_pipeline.core.plots import cluster_map_png, histogram_png, loss_scatter_png
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.schema import prompt_text
@@ -277,9 +278,7 @@ def quality_signals(context: AssetExecutionContext, config: QualitySignalConfig,
                     f"self-judge fell back to one forward pass per judgement (about 5x slower): "
                     f"{judge_info['fallback_reason']}")
         elif config.mode == "generate":
-            from middo_pipeline.core.optimizer.backends import LocalBackend
-
-            scores6 = quality.generated_scores(LocalBackend(loaded=lm), prompts, responses, progress=progress)
+            scores6 = quality.generated_scores(make_backend("local", loaded=lm), prompts, responses, progress=progress)
         else:
             raise ValueError(f"quality mode must be 'expected' or 'generate', got {config.mode!r}")
     else:

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from middo_pipeline.core.encoding import EncodedSample, encode_samples
+from middo_pipeline.core.torch_utils import model_device
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +142,6 @@ def _unwrap(model):
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         return model.get_base_model()
     return model
-
-
-def _model_device(model) -> torch.device:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return emb.weight.device
-    return next(model.parameters()).device
 
 
 def _decoder_and_head(model):
@@ -322,7 +316,7 @@ class _Scorer:
         self.model = _unwrap(model)
         self.with_embeddings = with_embeddings
         self.spec = embedding or EmbeddingSpec()
-        self.device = _model_device(self.model)
+        self.device = model_device(self.model)
         self.decoder, self.lm_head = _decoder_and_head(self.model)
         self.transform = _head_transform(self.model)
         if head not in ("auto", "fast", "full"):

@@ -10,9 +10,10 @@ import uuid
 
 import pytest
 
-from middo_pipeline.core.optimizer.backends import LocalBackend, OpenAIBackend
-from middo_pipeline.core.optimizer.cache import CachedBackend, CompletionCache
-from middo_pipeline.core.optimizer.llm import BackendUnavailable, ChatRequest, Completion
+from middo_pipeline.core.llm.local import LocalBackend
+from middo_pipeline.core.llm.openai_compat import OpenAIBackend
+from middo_pipeline.core.llm.cache import CachedBackend, CompletionCache
+from middo_pipeline.core.llm.protocol import BackendUnavailable, ChatRequest, Completion
 from middo_pipeline_tests.core.fake_openai_server import chat_ok, error, last_user
 
 KEY_ENV = "MIDDO_TEST_OPENAI_KEY"
@@ -35,7 +36,7 @@ class CountingBackend:
         self.fail = set(fail)
         self.die_after = die_after
         if not stream:
-            self.complete = self._complete_plain  # no on_result: the wrapper stores at the end
+            self.complete = self._complete_plain  # delivers nothing through on_result: the wrapper stores at the end
 
     def _answer(self, r: ChatRequest) -> Completion:
         text = r.messages[-1][1]
@@ -57,7 +58,7 @@ class CountingBackend:
                 progress(i + 1, len(requests))
         return out
 
-    def _complete_plain(self, requests, progress=None):
+    def _complete_plain(self, requests, progress=None, on_result=None):
         return [self._answer(r) for r in requests]
 
 
@@ -131,7 +132,7 @@ def test_cached_backend_hits_misses_dedup_and_order(tmp_path):
     assert inner.sent == ["a"]
 
 
-def test_cached_backend_without_on_result_support(tmp_path):
+def test_cached_backend_when_the_inner_backend_delivers_only_at_the_end(tmp_path):
     inner = CountingBackend(stream=False)
     cb = CachedBackend(inner, tmp_path / "c.sqlite")
     progress = []
@@ -217,7 +218,7 @@ def test_second_call_is_served_from_cache(fake, openai_backend, tmp_path):
     again = cb.complete(reqs)
     assert all(c.cached for c in again) and [c.text for c in again] == [c.text for c in first]
     assert len(fake.chat_calls) == n_chat  # the server saw nothing new
-    assert again[0].usage == {"prompt_tokens": 7, "completion_tokens": 3}
+    assert again[0].usage == {"prompt_tokens": 7, "completion_tokens": 3, "finish_reason": "stop"}
 
 
 def test_half_failed_run_then_rerun_sends_only_the_missing(fake, openai_backend, tmp_path):

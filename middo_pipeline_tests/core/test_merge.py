@@ -237,7 +237,7 @@ def test_check_conservation_finds_problems(samples):
 
 def test_end_to_end_with_run_operations(samples):
     """refined_samples from run_operations feeds merge_round directly."""
-    from middo_pipeline.core.optimizer.llm import Completion
+    from middo_pipeline.core.llm.protocol import Completion
     from middo_pipeline.core.optimizer.operations import plan_operations, run_operations
     from middo_pipeline.core.optimizer.prompts import PromptConfig
 

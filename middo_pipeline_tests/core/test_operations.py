@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from middo_pipeline.core.optimizer.llm import ChatRequest, Completion
+from middo_pipeline.core.llm.protocol import ChatRequest, Completion
 from middo_pipeline.core.optimizer.operations import (
     PLAN_SCHEMA,
     REFINED_SCHEMA,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from middo_pipeline.core import quality
-from middo_pipeline.core.optimizer.llm import ChatRequest, Completion
+from middo_pipeline.core.llm.protocol import ChatRequest, Completion
 from middo_pipeline.core.quality import (
     COLUMNS,
     DIMENSIONS,
@@ -176,7 +176,7 @@ def test_padding_invariance_real_model(tiny_model_dir, monkeypatch):
             seqs[7] = seqs[7][5:]
         return seqs
 
-    monkeypatch.setattr(quality, "_build_sequences", build)
+    monkeypatch.setattr(quality.expected, "_build_sequences", build)
     prefixes = []
     real_set_prefix = quality._Reader.set_prefix
 

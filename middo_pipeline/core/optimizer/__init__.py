@@ -1,2 +1,3 @@
-"""The optimizer LLM: backends (local transformers, OpenAI-compatible HTTP), a persistent
-completion cache, the simplify / extend / rewrite operations and the merge."""
+"""The optimizer: the simplify / extend / rewrite operations on flagged samples (``operations``),
+their prompts (``prompts``) and the parsing of the LLM's answers (``parsing``). The LLM client
+itself is ``middo_pipeline.core.llm``; the merge of the refined samples is ``core.merge``."""

@@ -50,7 +50,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import polars as pl
 
-from middo_pipeline.core.optimizer.llm import Completion, LLMBackend
+from middo_pipeline.core.llm.protocol import Completion, LLMBackend
 from middo_pipeline.core.optimizer.parsing import clean_response, parse_final_prompt
 from middo_pipeline.core.optimizer.prompts import PromptConfig, operation_request, response_request
 from middo_pipeline.core.schema import EXTENDED, REWRITTEN, SIMPLIFIED, make_sample_id, normalize_text, prompt_text

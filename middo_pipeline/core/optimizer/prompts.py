@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from middo_pipeline.core.optimizer.llm import ChatRequest
+from middo_pipeline.core.llm.protocol import ChatRequest
 from middo_pipeline.core.schema import EXTENDED, REWRITTEN, SIMPLIFIED
 
 STYLES = ("direct", "stepwise")

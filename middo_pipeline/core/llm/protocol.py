@@ -1,4 +1,5 @@
-"""The contract between the optimizer operations and the LLM backends.
+"""The contract between the LLM's users (the optimizer operations, the quality judge) and
+the LLM backends.
 
 A backend takes a batch of chat requests and returns one ``Completion`` per request, in order.
 It never raises for one failed request: the failure is returned as ``Completion(error=...)``
@@ -12,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,37 @@ class BackendUnavailable(RuntimeError):
     """The backend cannot be used at all: say why and how to fix it."""
 
 
+ProgressFn = Callable[[int, int], None]
+ResultFn = Callable[[int, Completion], None]
+
+
 class LLMBackend(Protocol):
     @property
     def backend_id(self) -> str:
         """Identifies backend kind + model (+ base_url) for the cache key; never the API key."""
 
-    def complete(self, requests: Sequence[ChatRequest], progress=None) -> list[Completion]:
-        """One Completion per request, same order. ``progress(done, total)`` when given."""
+    def complete(
+        self,
+        requests: Sequence[ChatRequest],
+        progress: ProgressFn | None = None,
+        on_result: ResultFn | None = None,
+    ) -> list[Completion]:
+        """One Completion per request, same order. ``progress(done, total)`` when given.
+        ``on_result(index, completion)``, when given, is called in the calling thread as soon
+        as a result is ready (per request or per batch), so that ``CachedBackend`` can store
+        every success immediately and a crash mid-batch keeps what was done; a result not
+        delivered that way is taken from the returned list."""
+
+    def stats(self) -> dict:
+        """Counters for the run's metadata (requests, errors, cache hits, ...); may be empty."""
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Cut ``text`` at the earliest occurrence of any stop string (the stop string excluded)."""
+    cut = len(text)
+    for s in stop:
+        if s:
+            i = text.find(s)
+            if 0 <= i < cut:
+                cut = i
+    return text[:cut]

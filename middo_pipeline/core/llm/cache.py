@@ -1,4 +1,4 @@
-"""A persistent cache of optimizer completions, and a backend wrapper that uses it.
+"""A persistent cache of LLM completions, and a backend wrapper that uses it.
 
 ``CompletionCache`` is one SQLite file (stdlib ``sqlite3``, WAL journal, busy timeout): one row
 per cache key with the backend id, the request as JSON, the text, the usage as JSON and the
@@ -15,7 +15,6 @@ done and a rerun sends only the rest.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from middo_pipeline.core.optimizer.llm import ChatRequest, Completion
+from middo_pipeline.core.llm.protocol import ChatRequest, Completion, LLMBackend
 
 log = logging.getLogger(__name__)
 
@@ -189,19 +188,11 @@ class CompletionCache:
         return cur.rowcount
 
 
-def _accepts_on_result(backend) -> bool:
-    try:
-        params = inspect.signature(backend.complete).parameters
-    except (TypeError, ValueError):
-        return False
-    return "on_result" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
 class CachedBackend:
     """Any ``LLMBackend`` with a persistent cache in front. Counters: ``hits``, ``misses``
     (requests not in the cache), ``errors`` (failed misses, not stored), ``stored``."""
 
-    def __init__(self, backend, cache: CompletionCache | str | Path):
+    def __init__(self, backend: LLMBackend, cache: CompletionCache | str | Path):
         self.backend = backend
         self.cache = cache if isinstance(cache, CompletionCache) else CompletionCache(cache)
         self.hits = 0
@@ -262,7 +253,6 @@ class CachedBackend:
         miss_keys = list(pending)
         miss_reqs = [requests[pending[k][0]] for k in miss_keys]
         delivered: set[int] = set()
-        streaming = _accepts_on_result(self.backend)
 
         def deliver(j: int, comp: Completion) -> None:
             nonlocal done
@@ -283,23 +273,14 @@ class CachedBackend:
                 if on_result:
                     on_result(i, results[i])
             done += len(idxs)
-            if progress and streaming:
+            if progress:
                 progress(done, n)
 
-        if streaming:
-            out = self.backend.complete(miss_reqs, on_result=deliver)
-        else:
-            def inner_progress(d: int, t: int) -> None:
-                if progress and t and d < t:  # the final (n, n) is reported once, below
-                    progress(n_hits + round(d * (n - n_hits) / t), n)
-
-            out = self.backend.complete(miss_reqs, progress=inner_progress)
+        out = self.backend.complete(miss_reqs, on_result=deliver)
         if len(out) != len(miss_reqs):
             raise RuntimeError(
                 f"backend {bid} returned {len(out)} completions for {len(miss_reqs)} requests"
             )
-        for j, comp in enumerate(out):
+        for j, comp in enumerate(out):  # what the backend did not deliver through on_result
             deliver(j, comp)
-        if progress and not streaming:
-            progress(n, n)
         return results  # type: ignore[return-value]

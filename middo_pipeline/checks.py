@@ -1,1 +1,0 @@
-"""Asset checks (visible in the UI beside each asset)."""
