@@ -92,8 +92,10 @@ def test_metadata_in_instance(two_rounds):
         ref = latest_materialization(instance, "refined_samples", "round-1").asset_materialization.metadata
         assert ref["optimizer"].value == "local:tiny-llama"  # the profile's model, not the default
         q = latest_materialization(instance, "quality_signals", "round-1").asset_materialization.metadata
-        # the fast judge path ran in the pipeline (a fall-back would say so here and in the run log)
-        assert q["judge_path"].value == "packed" and "judge_fallback_reason" not in q
+        assert q["mode"].value == "ifd" and q["judge_path"].value == "not run (mode ifd)"
+        cand = latest_materialization(instance, "refinement_candidates", "round-1").asset_materialization.metadata
+        assert cand["per_sample"].value == 2 and cand["candidates"].value >= cand["generated"].value
+        assert ref["accepted"].value + ref["rejected"].value + ref["failed"].value == ref["attempted"].value
     assert summaries[1].metadata["rows_in"] == summaries[0].metadata["rows_out"]
 
 
@@ -147,3 +149,19 @@ def test_summary_cli_lists_every_round(two_rounds, capsys, tmp_path, monkeypatch
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "empty"))
     assert main(["summary"]) == 1
     assert "no rounds recorded" in capsys.readouterr().err
+
+
+def test_judge_mode_in_the_pipeline_takes_the_packed_path(two_rounds, loop_env):
+    """Runs last in this module: it re-materializes quality_signals of round-1 in judge mode."""
+    from middo_pipeline.definitions import build_defs
+
+    defs = build_defs(loop_env[0])
+    with DagsterInstance.get() as instance:
+        res = defs.resolve_job_def("middo_round").get_subset(
+            asset_selection={AssetKey("quality_signals")}).execute_in_process(
+            instance=instance, partition_key="round-1",
+            run_config={"ops": {"quality_signals": {"config": {"mode": "judge", "max_length": 448}}}})
+        assert res.success
+        q = latest_materialization(instance, "quality_signals", "round-1").asset_materialization.metadata
+        # the fast judge path ran in the pipeline (a fall-back would say so here and in the run log)
+        assert q["mode"].value == "judge" and q["judge_path"].value == "packed" and "judge_fallback_reason" not in q

@@ -1,52 +1,107 @@
 """Steps 3 and 4 of the loop: the optimizer LLM rewrites flagged samples; the merge builds D_{r+1}."""
 
 
+import time
+from pathlib import Path
+
+import numpy as np
 import polars as pl
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetOut, Config, MetadataValue, Output, asset, multi_asset
 from pydantic import Field
 
 from middo_pipeline.assets._checks import schema_check, schema_spec
 from middo_pipeline.assets._meta import json_md, preview_md
+from middo_pipeline.core import diversity
+from middo_pipeline.core.checkpoints import require_checkpoint
+from middo_pipeline.core.evaluation import load_eval_set
+from middo_pipeline.core.forward import EmbeddingSpec
 from middo_pipeline.core.merge import check_conservation, merge_round
 from middo_pipeline.core.optimizer.operations import plan_operations, run_operations
 from middo_pipeline.core.optimizer.prompts import PromptConfig
 from middo_pipeline.core.progress import ProgressLogger
+from middo_pipeline.core.rescore import RescoreSettings, rescore_candidates
 from middo_pipeline.core.schema import fingerprint
-from middo_pipeline.resources import OptimizerResource, StorageResource
+from middo_pipeline.core.verify import QualityScale, RoundThresholds, choose_candidates, ngram_set, verify_candidates
+from middo_pipeline.resources import ModelResource, OptimizerResource, StorageResource
 from middo_pipeline.rounds import round_number, rounds_partitions
+
+DEFAULT_EVAL = Path(__file__).resolve().parents[2] / "data" / "eval_heldout.jsonl"
 
 
 class RefineConfig(Config):
     simplify: bool = Field(default=True, description="Simplify hard samples (complexity signal)")
-    extend: bool = Field(default=True, description="Extend sparse samples (diversity signal)")
+    extend: bool = Field(default=True, description="Extend sparse samples (diversity signal); not those also low quality")
     rewrite: bool = Field(default=True, description="Rewrite low-quality samples (quality signal)")
     prompt_style: str = Field(default="auto", description="direct (small models) | stepwise (strong models) | auto: direct for the local backend, stepwise for openai")
     max_prompt_tokens: int | None = Field(default=None, description="Max new tokens for a new prompt (default 160 direct, 768 stepwise)")
     max_response_tokens: int = Field(default=192, description="Max new tokens for a new response")
-    temperature: float = Field(default=0.0)
-    seed: int = Field(default=0)
+    candidates: int = Field(default=2, ge=1, description="Candidates generated per flagged sample (k); the gate keeps the best that passes")
+    temperature: float = Field(default=0.7, ge=0.0, description="Sampling temperature of the candidates (> 0 when candidates > 1)")
+    seed: int = Field(default=0, description="Base seed: candidate c of round r samples with seed + 1000·r + c")
+    verify: bool = Field(default=True, description="Verified refinement: re-score every candidate with the round's models and thresholds; accept only fixes (off: the first candidate is taken unchecked)")
+    duplicate_cosine: float = Field(default=0.95, gt=0.0, le=1.0, description="An extension this similar (cosine, in the round's embedding space) to any round sample is a near-duplicate")
+    heldout_path: str = Field(default=str(DEFAULT_EVAL), description="Held-out set whose text candidates must not copy")
+    heldout_ngram: int = Field(default=8, ge=3, description="A candidate sharing a run of this many words with the held-out set is rejected")
 
 
-@asset(
+def _round_thresholds(loss_signals: pl.DataFrame, quality_signals: pl.DataFrame, config: RefineConfig) -> RoundThresholds:
+    def one(df: pl.DataFrame, col: str) -> float:
+        if col not in df.columns or df.height == 0:
+            raise ValueError(f"{col} is missing from the round's signals: re-materialize them with this version")
+        v = df[col][0]
+        return float("nan") if v is None else float(v)
+
+    return RoundThresholds(hard_before=one(loss_signals, "threshold_loss_before"),
+                           hard_after=one(loss_signals, "threshold_loss_after"),
+                           quality=one(quality_signals, "quality_threshold"),
+                           duplicate_cosine=config.duplicate_cosine)
+
+
+def _quality_scale(quality_signals: pl.DataFrame) -> QualityScale:
+    row = quality_signals.row(0, named=True)
+    return QualityScale(row["quality_mode"], *(float(row[k]) if row[k] is not None else float("nan")
+                                               for k in ("judge_mean", "judge_std", "ifd_mean", "ifd_std")))
+
+
+def _heldout_grams(path: str, n: int) -> set:
+    p = Path(path)
+    if not p.exists():
+        return set()
+    df = load_eval_set(str(p))
+    return ngram_set(df["instruction"].to_list() + df["input"].to_list() + df["output"].to_list(), n)
+
+
+@multi_asset(
     partitions_def=rounds_partitions,
     group_name="optimize",
-    kinds={"polars"},
-    description=(
-        "One row per attempted operation: hard → simplified, low quality → rewritten, sparse → extended (with its "
-        "neighbours as hints). Prompt and response before and after, status and failure reason. Every LLM call is cached."
-    ),
+    outs={
+        "refinement_candidates": AssetOut(
+            kinds={"polars"},
+            description="Every optimizer candidate (k per flagged sample), re-scored with the round's models: losses, "
+                        "IFD, quality value, similarity to the round; passed or the reasons it was rejected.",
+        ),
+        "refined_samples": AssetOut(
+            kinds={"polars"},
+            description="One row per flagged sample and operation (hard → simplified, low quality → rewritten, "
+                        "sparse → extended): the accepted candidate (status ok), or rejected with the reason "
+                        "('verification: still hard', ...), or failed. Before and after, signals before and after.",
+        ),
+    },
 )
 def refined_samples(
     context: AssetExecutionContext,
     config: RefineConfig,
     optimizer: OptimizerResource,
+    model: ModelResource,
     storage: StorageResource,
     round_dataset: pl.DataFrame,
+    model_readouts: pl.DataFrame,
     loss_signals: pl.DataFrame,
     embedding_signals: pl.DataFrame,
     quality_signals: pl.DataFrame,
-) -> pl.DataFrame:
+):
     r = round_number(context.partition_key)
+    store = storage.get()
 
     def flagged(df: pl.DataFrame, column: str, enabled: bool) -> list[str]:
         return df.filter(pl.col(column))["sample_id"].to_list() if enabled else []
@@ -56,33 +111,107 @@ def refined_samples(
     sparse = flagged(embedding_signals, "is_sparse", config.extend)
     neighbors = dict(zip(embedding_signals["sample_id"].to_list(), embedding_signals["neighbor_ids"].to_list()))
     plan = plan_operations(round_dataset, hard, low, sparse, neighbors)
-    context.log.info(f"{plan.height} operations planned: hard={len(hard)} low_quality={len(low)} sparse={len(sparse)}")
+    both = len(set(hard) & set(low))
+    not_extended = len(set(sparse) & set(low))
+    context.log.info(f"{plan.height} operations planned: hard={len(hard)} low_quality={len(low)} sparse={len(sparse)} "
+                     f"(hard and low quality: {both}, rewritten; sparse and low quality: {not_extended}, not extended)")
 
-    backend = optimizer.make_backend(storage.get())
+    backend = optimizer.make_backend(store)
     style = optimizer.default_style() if config.prompt_style == "auto" else config.prompt_style
     max_prompt = config.max_prompt_tokens or (160 if style == "direct" else 768)
+    k = config.candidates
+    temperature = config.temperature if k > 1 or config.temperature > 0 else 0.0
     prompt_cfg = PromptConfig(style=style, max_prompt_tokens=max_prompt, max_response_tokens=config.max_response_tokens,
-                              temperature=config.temperature, seed=config.seed)
-    refined = run_operations(round_dataset, plan, neighbors, backend, prompt_cfg, round=r,
-                             progress=ProgressLogger(context.log.info, "optimizer calls", unit="calls"))
-    ok = refined.filter(pl.col("status") == "ok")
-    failed = refined.filter(pl.col("status") != "ok")
+                              temperature=temperature, seed=config.seed + 1000 * r)
+    t0 = time.perf_counter()
+    candidates = run_operations(round_dataset, plan, neighbors, backend, prompt_cfg, round=r, candidates=k,
+                                progress=ProgressLogger(context.log.info, "optimizer calls", unit="calls"))
+    gen_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    q_orig = quality_signals.select(pl.col("sample_id").alias("origin_id"),
+                                    pl.col("quality_value").alias("quality_value_original"))
+    if config.verify and candidates.height:
+        th = _round_thresholds(loss_signals, quality_signals, config)
+        scale = _quality_scale(quality_signals)
+        readout = model_readouts.row(0, named=True)
+        spec = EmbeddingSpec(pooling=readout["embedding_pooling"], layer=readout["embedding_layer"])
+        round_emb = np.asarray(model_readouts["embedding"].to_list(), dtype=np.float32)
+        comps = diversity.TopComponents(int(embedding_signals["top_components"][0])).fit(round_emb)
+        ckpt = store.checkpoint_dir(context.partition_key)
+        require_checkpoint(ckpt, context.partition_key, fingerprint(round_dataset))
+        base_lm, round_lm = model.load(), model.load(str(ckpt))
+        scored = rescore_candidates(
+            candidates, base=base_lm, checkpoint=round_lm, scale=scale, round_embeddings=comps.transform(round_emb),
+            components=comps, settings=RescoreSettings(embedding=spec), log=context.log.warning,
+            progress=lambda name: ProgressLogger(context.log.info, name))
+        del base_lm, round_lm
+        scored = scored.join(q_orig, on="origin_id", how="left")
+        verified = verify_candidates(scored, th, heldout_grams=_heldout_grams(config.heldout_path, config.heldout_ngram),
+                                     ngram=config.heldout_ngram)
+        chosen = choose_candidates(verified)
+    else:  # the gate is off: the first candidate of each operation, unchecked (what the reference does)
+        th = None
+        verified = candidates.with_columns(pl.col("status").eq("ok").alias("passed"),
+                                           pl.lit(None, dtype=pl.String).alias("reasons"))
+        chosen = verified.filter(pl.col("candidate") == 0).with_columns(
+            pl.lit(k, dtype=pl.Int64).alias("n_candidates"), pl.col("passed").cast(pl.Int64).alias("n_passed"))
+    gate_seconds = time.perf_counter() - t0
+
+    ok = chosen.filter(pl.col("status") == "ok")
+    rejected = chosen.filter(pl.col("status") == "rejected")
+    failed = chosen.filter(pl.col("status") == "failed")
+    generated = verified.filter(pl.col("status") == "ok")
+    if ok.height == 0 and chosen.height:
+        context.log.warning(f"{context.partition_key}: no refinement was accepted ({rejected.height} rejected, "
+                            f"{failed.height} failed): the round keeps its samples unchanged")
+    by_reason = (verified.filter(~pl.col("passed")).with_columns(
+        pl.col("reasons").fill_null(pl.col("failure_reason")).str.split("; ").list.first().alias("reason"))
+        .group_by("operation", "reason").len().sort("operation", "reason"))
+    signals_cols = ["operation", "origin_id", "loss_after", "quality_value", "quality_value_original", "max_cosine",
+                    "instruction_before", "instruction_after", "output_after"]
     stats = backend.stats()
-    context.add_output_metadata(
-        {
-            "attempted": refined.height,
-            "succeeded": ok.height,
-            "failed": failed.height,
-            "by_operation": json_md(dict(refined.group_by("operation").len().sort("operation").iter_rows())),
-            "failures_by_reason": json_md(dict(failed.group_by("failure_reason").len().sort("failure_reason").iter_rows())),
-            "cache": json_md(stats),
-            "prompt_style": prompt_cfg.style,
-            "optimizer": f"{optimizer.backend}:{optimizer.model}",
-            "before_after": preview_md(ok, ["operation", "instruction_before", "instruction_after", "output_after"], n=10),
-            "failed_examples": preview_md(failed, ["operation", "origin_id", "failure_reason", "instruction_before"], n=10),
-        }
-    )
-    return refined
+    context.add_output_metadata(output_name="refinement_candidates", metadata={
+        "candidates": verified.height,
+        "generated": generated.height,
+        "passed": int(verified["passed"].sum()) if verified.height else 0,
+        "per_sample": k,
+        "temperature": temperature,
+        "rejected_by_reason": json_md({f"{o}: {r_}": n for o, r_, n in by_reason.iter_rows()}),
+        "thresholds": json_md(th.as_dict() if th else {"verify": False}),
+        "generation_seconds": round(gen_seconds, 1),
+        "verification_seconds": round(gate_seconds, 1),
+    })
+    context.add_output_metadata(output_name="refined_samples", metadata={
+        "attempted": chosen.height,
+        "accepted": ok.height,
+        "rejected": rejected.height,
+        "failed": failed.height,
+        "succeeded": ok.height,  # kept for earlier dashboards: = accepted
+        "verified": config.verify,
+        "by_operation": json_md({op: {"accepted": int(((chosen["operation"] == op) & (chosen["status"] == "ok")).sum()),
+                                      "rejected": int(((chosen["operation"] == op) & (chosen["status"] == "rejected")).sum()),
+                                      "failed": int(((chosen["operation"] == op) & (chosen["status"] == "failed")).sum())}
+                                 for op in sorted(set(chosen["operation"].to_list()))}),
+        "rejected_or_failed_by_reason": json_md(dict(chosen.filter(pl.col("status") != "ok").group_by("failure_reason")
+                                                     .len().sort("failure_reason").iter_rows())),
+        "hard_and_low_quality": MetadataValue.text(
+            f"{both} samples flagged hard and low quality: rewritten, not simplified (a sample the model cannot learn "
+            f"and whose prompt does not explain its answer is more likely defective than difficult)"),
+        "sparse_not_extended": MetadataValue.text(
+            f"{not_extended} sparse samples are also low quality: not extended (an extension would carry the defect)"),
+        "cache": json_md(stats),
+        "prompt_style": prompt_cfg.style,
+        "optimizer": f"{optimizer.backend}:{optimizer.model}",
+        "generation_seconds": round(gen_seconds, 1),
+        "verification_seconds": round(gate_seconds, 1),
+        "accepted_before_after": preview_md(ok, signals_cols, n=10),
+        "rejected_examples": preview_md(rejected, ["operation", "failure_reason", "instruction_before",
+                                                   "instruction_after", "output_after"], n=10),
+        "failed_examples": preview_md(failed, ["operation", "origin_id", "failure_reason", "instruction_before"], n=5),
+    })
+    yield Output(verified, output_name="refinement_candidates")
+    yield Output(chosen, output_name="refined_samples")
 
 
 class MergeConfig(Config):

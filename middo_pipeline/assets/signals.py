@@ -2,6 +2,7 @@
 
 
 import time
+from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -10,9 +11,12 @@ from pydantic import Field, field_validator
 
 from middo_pipeline.assets._checks import band_check, band_spec
 from middo_pipeline.assets._meta import image_md, json_md, preview_md
-from middo_pipeline.assets.training import trained_from
 from middo_pipeline.core import diversity, quality
-from middo_pipeline.core.forward import score_samples
+from middo_pipeline.core.checkpoints import require_checkpoint
+from middo_pipeline.core.forward import EmbeddingSpec, score_samples
+from middo_pipeline.core.ifd import ifd_scores, unconditional_loss
+from middo_pipeline.core.schema import fingerprint
+from middo_pipeline.core.verify import QualityScale, quality_value
 from middo_pipeline.core.llm import make_backend
 from middo_pipeline.core.plots import cluster_map_png, histogram_png, loss_scatter_png
 from middo_pipeline.core.progress import ProgressLogger
@@ -43,6 +47,19 @@ def _prompts_responses(df: pl.DataFrame) -> tuple[list[str], list[str]]:
 class ReadoutConfig(Config):
     max_length: int = Field(default=384, description="Tokens per sample; longer samples are truncated (response first)")
     max_batch_tokens: int = Field(default=8192, description="Token budget of one length-bucketed batch")
+    embedding_pooling: Literal["mean", "last"] = Field(
+        default="last", description="Prompt embedding: mean over the prompt tokens, or the last prompt token's state")
+    embedding_layer: str = Field(
+        default="middle", description="Hidden states for the embedding: last (after the final norm), middle, or a layer number")
+
+    def embedding_spec(self) -> EmbeddingSpec:
+        return EmbeddingSpec(pooling=self.embedding_pooling, layer=self.embedding_layer)
+
+    @field_validator("embedding_layer")
+    @classmethod
+    def _known_layer(cls, v: str) -> str:
+        EmbeddingSpec(layer=v)  # raises with the allowed values
+        return v
 
 
 @asset(
@@ -51,9 +68,9 @@ class ReadoutConfig(Config):
     kinds={"pytorch", "polars"},
     deps=["sft_checkpoint"],
     description=(
-        "One batched, length-bucketed forward pass per model over the round's samples: response loss under the model "
-        "before training and under this round's checkpoint, and the checkpoint's mean-pooled prompt embedding "
-        "(from the same pass as its loss)."
+        "Batched, length-bucketed forward passes over the round's samples: under the base model, the response loss "
+        "with and without the prompt (loss before training; instruction-following difficulty); under this round's "
+        "checkpoint, the response loss after training and the prompt embedding (same pass)."
     ),
 )
 def model_readouts(
@@ -65,42 +82,43 @@ def model_readouts(
 ) -> pl.DataFrame:
     store = storage.get()
     ckpt = store.checkpoint_dir(context.partition_key)
-    if not (ckpt / "config.json").exists():
-        raise FileNotFoundError(f"no sft_checkpoint for {context.partition_key} at {ckpt}: materialize sft_checkpoint first")
+    require_checkpoint(ckpt, context.partition_key, fingerprint(round_dataset))
     prompts, responses = _prompts_responses(round_dataset)
-    # "before training" = what this round's training started from: the base model, or the
-    # previous round's checkpoint when training continues across rounds
-    before_path = trained_from(ckpt)
-
-    lm = model.load(before_path)
-    before = score_samples(lm.model, lm.tokenizer, prompts, responses, max_length=config.max_length,
-                           max_batch_tokens=config.max_batch_tokens, with_embeddings=False,
-                           progress=ProgressLogger(context.log.info, "loss before training"))
+    kw = dict(max_length=config.max_length, max_batch_tokens=config.max_batch_tokens)
+    # "before training" is always the base model, whatever the training init: a previous
+    # round's checkpoint has already seen the kept samples, so new samples would look hard
+    t0 = time.perf_counter()
+    lm = model.load()
+    before = score_samples(lm.model, lm.tokenizer, prompts, responses, with_embeddings=False,
+                           progress=ProgressLogger(context.log.info, "loss before training (base model)"), **kw)
+    uncond = unconditional_loss(lm.model, lm.tokenizer, responses,
+                                progress=ProgressLogger(context.log.info, "prompt-free loss (base model)"), **kw)
     del lm
     lm = model.load(str(ckpt))
-    after = score_samples(lm.model, lm.tokenizer, prompts, responses, max_length=config.max_length,
-                          max_batch_tokens=config.max_batch_tokens, with_embeddings=True,
-                          progress=ProgressLogger(context.log.info, "loss + embedding after training"))
-    total_tokens = before.n_tokens + after.n_tokens
-    seconds = before.seconds + after.seconds
+    spec = config.embedding_spec()
+    after = score_samples(lm.model, lm.tokenizer, prompts, responses, with_embeddings=True, embedding=spec,
+                          progress=ProgressLogger(context.log.info, "loss + embedding after training"), **kw)
+    seconds = time.perf_counter() - t0
+    total_tokens = before.n_tokens + uncond.n_tokens + after.n_tokens
     df = pl.DataFrame(
         {
             "sample_id": round_dataset["sample_id"],
             "loss_before": before.loss.astype(np.float32),
             "loss_after": after.loss.astype(np.float32),
+            "loss_unconditional": uncond.loss.astype(np.float32),
             "n_response_tokens": np.asarray(after.n_response_tokens, dtype=np.int64),
             "embedding": after.embedding.astype(np.float32),
         }
-    )
+    ).with_columns(pl.lit(spec.pooling).alias("embedding_pooling"), pl.lit(str(spec.layer)).alias("embedding_layer"))
     context.add_output_metadata(
         {
             "samples": df.height,
-            "model_before": before_path or model.base_model,
+            "model_before": model.base_model,
             "checkpoint": MetadataValue.path(str(ckpt)),
+            "embedding": f"{spec.pooling} pooling, layer {spec.layer}",
             "embedding_dim": int(after.embedding.shape[1]),
             "tokens": int(total_tokens),
-            "seconds": round(seconds, 2),
-            "samples_per_second": round(2 * df.height / max(seconds, 1e-9), 2),
+            "seconds": round(seconds, 1),
             "tokens_per_second": round(total_tokens / max(seconds, 1e-9), 1),
         }
     )
@@ -126,7 +144,10 @@ def loss_signals(context: AssetExecutionContext, config: LossSignalConfig, model
     after = model_readouts["loss_after"].to_numpy().astype(np.float64)
     res_before, res_after, hard = flag_both_above(before, after, config.spec(), r)
     df = model_readouts.select("sample_id", "loss_before", "loss_after", "n_response_tokens").with_columns(
-        pl.Series("is_hard", hard)
+        pl.Series("is_hard", hard),
+        # the thresholds travel with the table: verified refinement compares candidates with them
+        pl.lit(float(res_before.threshold), dtype=pl.Float64).alias("threshold_loss_before"),
+        pl.lit(float(res_after.threshold), dtype=pl.Float64).alias("threshold_loss_after"),
     )
     hardest = (
         df.join(round_dataset.select("sample_id", "instruction", "output"), on="sample_id")
@@ -160,6 +181,9 @@ class EmbeddingSignalConfig(ThresholdConfig):
     )
     knn_nprobe: int | None = Field(
         default=None, description="approx only: IVF lists searched per query (default 16; more = higher recall, slower)")
+    top_components: int = Field(
+        default=1, ge=0, description="Remove this many top principal directions of the round's embeddings before the "
+                                     "neighbour search (0: none); they make every cosine similarity high")
     n_clusters: int | None = Field(default=None, description="k-means clusters (default: about sqrt(N/2), 2..50)")
     umap: bool = Field(default=True, description="Draw the UMAP cluster map (numba compiles for ~15 s per process)")
     seed: int = Field(default=0)
@@ -187,6 +211,7 @@ def embedding_signals(context: AssetExecutionContext, config: EmbeddingSignalCon
     r = round_number(context.partition_key)
     ids = model_readouts["sample_id"].to_list()
     emb = np.asarray(model_readouts["embedding"].to_list(), dtype=np.float32)
+    emb = diversity.TopComponents(config.top_components).fit(emb).transform(emb)
     # the exact search runs where the model runs (a GPU when there is one)
     sims, idx, knn_info = diversity.topk_cosine(emb, k=config.k, method=config.knn_method, nprobe=config.knn_nprobe,
                                                 device=pick_device(model.device), return_info=True)
@@ -216,11 +241,13 @@ def embedding_signals(context: AssetExecutionContext, config: EmbeddingSignalCon
             "map_y": xy[:, 1].astype(np.float32),
             "is_sparse": res.flagged,
         }
-    )
+    ).with_columns(pl.lit(config.top_components, dtype=pl.Int64).alias("top_components"),
+                   pl.lit(float(res.threshold), dtype=pl.Float64).alias("threshold_similarity"))
     sizes = np.bincount(labels).tolist()
     meta = {
         **{f"{k}": v for k, v in res.as_metadata().items()},
         "k": config.k,
+        "top_components_removed": config.top_components,
         "knn_method": knn_info["method"],
         "sparse": int(res.n_flagged),
         "sparse_fraction": float(res.fraction),
@@ -240,10 +267,37 @@ def embedding_signals(context: AssetExecutionContext, config: EmbeddingSignalCon
 
 # --------------------------------------------------------------------------------------
 class QualitySignalConfig(ThresholdConfig):
-    mode: str = Field(default="expected", description="expected: score from next-token probabilities (one pass); generate: the judge writes a number that is parsed")
-    judge: str = Field(default="self", description="self: this round's checkpoint judges (the paper); optimizer: the optimizer LLM judges (generate mode)")
+    mode: Literal["judge", "ifd", "combined"] = Field(
+        default="ifd",
+        description="ifd: instruction-following difficulty under the base model (response loss with ÷ without the "
+                    "prompt; works with small models); judge: the self-judge's 0-10 score (the paper; needs a "
+                    "capable model); combined: the mean of both, standardised")
+    judge_reading: Literal["expected", "generate"] = Field(
+        default="expected", description="judge: expected = score from next-token probabilities (one packed pass); "
+                                        "generate = the judge writes a number that is parsed")
+    judge: Literal["self", "optimizer"] = Field(
+        default="self", description="self: this round's checkpoint judges (the paper); optimizer: the optimizer LLM "
+                                    "judges (generate reading; use a strong model to catch wrong facts)")
     max_length: int = Field(default=512)
     max_batch_size: int = Field(default=16)
+
+
+def _judge(context, config: QualitySignalConfig, model: ModelResource, optimizer: OptimizerResource, store,
+           prompts, responses) -> tuple[np.ndarray, dict]:
+    """The 6 judgements per sample, (N, 6), and which path ran."""
+    progress = ProgressLogger(context.log.info, "quality judgements", unit="judgements")
+    info: dict = {"judge_path": f"generate ({config.judge})"}
+    if config.judge == "optimizer":
+        return quality.generated_scores(optimizer.make_backend(store), prompts, responses, progress=progress), info
+    lm = model.load(str(store.checkpoint_dir(context.partition_key)))
+    if config.judge_reading == "generate":
+        return quality.generated_scores(make_backend("local", loaded=lm), prompts, responses, progress=progress), info
+    scores6 = quality.expected_scores(lm.model, lm.tokenizer, prompts, responses, max_length=config.max_length,
+                                      max_batch_size=config.max_batch_size, progress=progress, info=info)
+    if info["judge_path"] != "packed":
+        context.log.warning(f"self-judge fell back to one forward pass per judgement (about 5x slower): "
+                            f"{info['fallback_reason']}")
+    return scores6, info
 
 
 @asset(
@@ -253,68 +307,77 @@ class QualitySignalConfig(ThresholdConfig):
     kinds={"pytorch", "polars"},
     deps=["sft_checkpoint"],
     description=(
-        "Quality signal: the checkpoint judges factuality, clarity and completeness 0-10 on the prompt alone and on "
-        "prompt + response (6 judgements); low quality below mean − m·std. Failed judgements are missing, never 0."
+        "Quality signal, one value per sample (higher is better), low quality below mean − m·std. mode ifd (default): "
+        "minus the instruction-following difficulty (the prompt should explain the response); judge: the checkpoint "
+        "judges factuality, clarity and completeness 0-10 (6 judgements; missing, never 0); combined: both."
     ),
 )
 def quality_signals(context: AssetExecutionContext, config: QualitySignalConfig, model: ModelResource,
-                    optimizer: OptimizerResource, storage: StorageResource, round_dataset: pl.DataFrame):
+                    optimizer: OptimizerResource, storage: StorageResource, round_dataset: pl.DataFrame,
+                    model_readouts: pl.DataFrame):
     r = round_number(context.partition_key)
     store = storage.get()
+    if model_readouts["sample_id"].to_list() != round_dataset["sample_id"].to_list():
+        raise ValueError(f"{context.partition_key}: model_readouts does not describe this round_dataset: "
+                         "re-materialize model_readouts")
     prompts, responses = _prompts_responses(round_dataset)
-    progress = ProgressLogger(context.log.info, "quality judgements", unit="judgements")
-    judge_info: dict = {"judge_path": f"generate ({config.judge})"}
+    n = round_dataset.height
     t0 = time.perf_counter()
-    if config.judge == "optimizer":
-        scores6 = quality.generated_scores(optimizer.make_backend(store), prompts, responses, progress=progress)
-    elif config.judge == "self":
-        lm = model.load(str(store.checkpoint_dir(context.partition_key)))
-        if config.mode == "expected":
-            scores6 = quality.expected_scores(lm.model, lm.tokenizer, prompts, responses, max_length=config.max_length,
-                                              max_batch_size=config.max_batch_size, progress=progress,
-                                              info=judge_info)
-            if judge_info["judge_path"] != "packed":
-                context.log.warning(
-                    f"self-judge fell back to one forward pass per judgement (about 5x slower): "
-                    f"{judge_info['fallback_reason']}")
-        elif config.mode == "generate":
-            scores6 = quality.generated_scores(make_backend("local", loaded=lm), prompts, responses, progress=progress)
-        else:
-            raise ValueError(f"quality mode must be 'expected' or 'generate', got {config.mode!r}")
-    else:
-        raise ValueError(f"quality judge must be 'self' or 'optimizer', got {config.judge!r}")
+    ifd = ifd_scores(model_readouts["loss_before"].to_numpy(), model_readouts["loss_unconditional"].to_numpy())
+    scores6, judge_info = np.full((n, 6), np.nan), {"judge_path": "not run (mode ifd)"}
+    if config.mode in ("judge", "combined"):
+        require_checkpoint(store.checkpoint_dir(context.partition_key), context.partition_key, fingerprint(round_dataset))
+        scores6, judge_info = _judge(context, config, model, optimizer, store, prompts, responses)
     combined = quality.combine_scores(scores6)
-    score = np.asarray(combined["quality_score"], dtype=np.float64)
-    res = flag_below(score, config.spec(), r)
+    judge_score = np.asarray(combined["quality_score"], dtype=np.float64)
+    scale = QualityScale.fit(config.mode, judge_score, ifd)
+    value = quality_value(scale, judge_score, ifd)
+    res = flag_below(value, config.spec(), r)
     cols = {"sample_id": round_dataset["sample_id"]}
     for j, dim in enumerate(quality.DIMENSIONS):
         cols[f"{dim}_prompt"] = scores6[:, j].astype(np.float32)
         cols[f"{dim}_full"] = scores6[:, 3 + j].astype(np.float32)
     for dim in quality.DIMENSIONS:
         cols[dim] = np.asarray(combined[dim], dtype=np.float32)
-    cols["quality_score"] = score.astype(np.float32)
+    cols["quality_score"] = judge_score.astype(np.float32)  # the self-judge's 0-10 (NaN when it did not run)
     cols["n_missing"] = np.asarray(combined["n_missing"], dtype=np.int64)
+    cols["ifd"] = ifd
+    cols["quality_value"] = value
     cols["is_low_quality"] = res.flagged
-    df = pl.DataFrame(cols)
-    lowest = df.join(round_dataset.select("sample_id", "instruction", "output"), on="sample_id").sort("quality_score", nulls_last=True)
+    df = pl.DataFrame(cols).with_columns(
+        pl.col("ifd", "quality_value").fill_nan(None),
+        # how the value was made and where the line is: verified refinement measures candidates the same way
+        pl.lit(config.mode).alias("quality_mode"),
+        pl.lit(float(res.threshold), dtype=pl.Float64).alias("quality_threshold"),
+        *[pl.lit(v, dtype=pl.Float64).alias(k) for k, v in scale.as_dict().items() if k != "mode"],
+    )
+    lowest = df.join(round_dataset.select("sample_id", "instruction", "output"), on="sample_id").sort(
+        "quality_value", nulls_last=True)
+    title = {"judge": "self-judged quality", "ifd": "instruction-following difficulty", "combined": "quality (combined)"}
+    hist = {"quality_value": value} | ({"ifd": ifd} if config.mode != "judge" else {}) | (
+        {d: np.asarray(combined[d]) for d in quality.DIMENSIONS} if config.mode != "ifd" else {})
     yield Output(df, metadata=
         {
             **res.as_metadata(),
             "mode": config.mode,
-            "judge": config.judge,
+            **({"judge": config.judge, "judge_reading": config.judge_reading,
+                "missing_judgements": int(np.isnan(scores6).sum()),
+                "judge_mean": round(float(np.nanmean(judge_score)), 3) if np.isfinite(judge_score).any() else None}
+               if config.mode != "ifd" else {}),
             "judge_path": judge_info["judge_path"],
             **({"judge_fallback_reason": str(judge_info["fallback_reason"])}
                if judge_info.get("fallback_reason") and judge_info["judge_path"] != "packed" else {}),
-            "judge_seconds": round(time.perf_counter() - t0, 1),
+            "seconds": round(time.perf_counter() - t0, 1),
             "low_quality": int(res.n_flagged),
             "low_quality_fraction": float(res.fraction),
-            "missing_judgements": int(np.isnan(scores6).sum()),
-            "score_mean": float(np.nanmean(score)) if np.isfinite(score).any() else float("nan"),
+            "ifd_mean": round(float(np.nanmean(ifd)), 4) if np.isfinite(ifd).any() else None,
+            "missing_values": int((~np.isfinite(value)).sum()),
             "histograms": image_md(
-                histogram_png({d: np.asarray(combined[d]) for d in quality.DIMENSIONS} | {"quality_score": score},
-                              {"quality_score": float(res.threshold)}, f"{context.partition_key}: self-judged quality"),
+                histogram_png({k: v for k, v in hist.items() if v is not None}, {"quality_value": float(res.threshold)},
+                              f"{context.partition_key}: {title[config.mode]}"),
                 "quality histograms"),
-            "lowest_scored": preview_md(lowest, ["sample_id", "quality_score", "factuality", "clarity", "completeness", "instruction", "output"]),
+            "lowest_scored": preview_md(lowest, ["sample_id", "quality_value", "ifd", "quality_score", "instruction",
+                                                 "output"]),
         }
     )
     yield band_check(int(res.n_flagged), df.height, "quality_signals")

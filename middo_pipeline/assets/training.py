@@ -8,20 +8,13 @@ from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataVa
 from pydantic import Field
 
 from middo_pipeline.assets._meta import image_md
+from middo_pipeline.core.checkpoints import write_round_info
 from middo_pipeline.core.plots import loss_curve_png
+from middo_pipeline.core.schema import fingerprint
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.training import TrainConfig, train_sft
 from middo_pipeline.resources import ModelResource, StorageResource
 from middo_pipeline.rounds import round_key, round_number, rounds_partitions
-
-
-ROUND_INFO = "middo_round.json"  # inside each checkpoint: what it was trained from
-
-
-def trained_from(checkpoint_dir) -> str | None:
-    """The folder a checkpoint was initialised from (None: the base model)."""
-    info = checkpoint_dir / ROUND_INFO
-    return json.loads(info.read_text()).get("initialized_from") if info.exists() else None
 
 
 class TrainingConfig(Config):
@@ -84,8 +77,8 @@ def sft_checkpoint(
     context.log.info(f"fine-tuning {start or model.base_model} on {round_dataset.height} samples -> {target}")
     with store.lock("sft_checkpoint", context.partition_key), store.atomic_path(target, is_dir=True) as tmp:
         result = train_sft(model.base_path(), round_dataset, tmp, train_cfg, init_from=start, progress=on_log)
-        (tmp / ROUND_INFO).write_text(json.dumps({"round": context.partition_key, "initialized_from": start,
-                                                  "base_model": model.base_model}))
+        write_round_info(tmp, round_key=context.partition_key, base_model=model.base_model, initialized_from=start,
+                         trained_on=fingerprint(round_dataset), samples=round_dataset.height)
     history = [(int(s), float(l)) for s, l in result.loss_history]
     return MaterializeResult(
         metadata={
@@ -94,6 +87,7 @@ def sft_checkpoint(
             "initialized_from": start or "base model",
             "lora": config.lora,
             "samples": round_dataset.height,
+            "trained_on": fingerprint(round_dataset),
             "steps": result.steps,
             "tokens_seen": result.tokens_seen,
             "seconds": round(result.seconds, 2),
