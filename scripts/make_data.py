@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Regenerate the embedded datasets under data/ (seed SFT set and held-out eval set).
+"""Regenerate the embedded datasets under data/ (seed SFT set and held-out eval sets).
 
-    python3 scripts/make_data.py            # write data/seed_alpaca.json, data/eval_heldout.jsonl
-    python3 scripts/make_data.py --check    # also run every code answer and validate both files
+    python3 scripts/make_data.py            # write data/seed_alpaca.json, eval_heldout.jsonl, eval_large.jsonl
+    python3 scripts/make_data.py --check    # also run every code answer and validate the three files
 
 Everything here was written for middo-pipeline (Apache-2.0, like the rest of the project).
 The math word problems marked "generated" come from fixed templates and a fixed random seed,
@@ -623,12 +623,461 @@ def build_eval() -> list[dict]:
     return items
 
 
-def write(seed: list[dict], ev: list[dict]) -> None:
+# --------------------------------------------------------------------------------------------
+# Large held-out eval (data/eval_large.jsonl): the 66 items above plus new ones, for the
+# downstream benchmark. New items: (category, instruction, input, output, correct, [3 distractors]).
+# Generated ones compute their answer exactly; the correct position is drawn with a fixed seed.
+# --------------------------------------------------------------------------------------------
+
+LARGE_SEED = 8191
+LARGE_NAMES = ["Bea", "Idris", "Yara", "Conor", "Mei", "Tobias", "Lina", "Arjun", "Freya", "Dario",
+               "Nadia", "Hugo", "Sana", "Emil", "Rosa", "Jonah", "Kofi", "Ingrid", "Farah", "Milo"]
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+def _num(x: Fraction | int) -> str:
+    x = Fraction(x)
+    return str(x.numerator) if x.denominator == 1 else f"{float(x):g}"
+
+
+def _pick(correct: str, candidates, n: int = 3) -> list[str]:
+    """The first n candidates that differ from the answer and from each other (after _norm)."""
+    seen = {_norm(correct)}
+    out: list[str] = []
+    for c in candidates:
+        c = str(c)
+        if _norm(c) not in seen and c.strip():
+            seen.add(_norm(c))
+            out.append(c)
+        if len(out) == n:
+            return out
+    raise AssertionError(f"not enough distractors for {correct!r}: {out}")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def large_reasoning(rng: random.Random) -> list[tuple]:
+    out: list[tuple] = []
+    # weekday arithmetic: n % 7 in 2..5, so the start day and the days either side of the answer differ
+    ns = rng.sample([n for n in range(9, 75) if n % 7 in (2, 3, 4, 5)], 7)
+    for i, n in enumerate(ns):
+        s = (i * 3) % 7
+        a = (s + n) % 7
+        w, d = divmod(n, 7)
+        out.append(("reasoning", f"Which weekday falls {n} days after a {DAYS[s]}?", "",
+                    f"It is a {DAYS[a]}: {n} days is {_plural(w, 'week')} and {_plural(d, 'day')}, and {_plural(d, 'day')} after {DAYS[s]} comes {DAYS[a]}.",
+                    DAYS[a], [DAYS[(a - 1) % 7], DAYS[(a + 1) % 7], DAYS[s]]))
+    # sequences
+    for kind in ("arith", "arith", "arith", "geom", "geom", "grow", "grow"):
+        if kind == "arith":
+            a0, d = rng.randint(2, 30), rng.choice([3, 4, 6, 7, 8, 9, 11, 12])
+            seq = [a0 + d * k for k in range(5)]
+            ans = seq[-1] + d
+            why = f"Each term is {d} more than the one before, so the next one is {seq[-1]} + {d} = {ans}."
+            cands = [ans + 1, ans - 1, ans + d, ans - 2]
+        elif kind == "geom":
+            a0, r = rng.choice([(2, 3), (3, 2), (5, 2), (1, 4), (4, 3)])
+            seq = [a0 * r ** k for k in range(5)]
+            ans = seq[-1] * r
+            why = f"Each term is {r} times the one before, so the next one is {seq[-1]} x {r} = {ans}."
+            cands = [seq[-1] + (seq[-1] - seq[-2]), ans + r, ans - r]
+        else:
+            a0, g0, k = rng.randint(1, 9), rng.randint(2, 5), rng.choice([2, 3])
+            seq = [a0]
+            for j in range(4):
+                seq.append(seq[-1] + g0 + k * j)
+            g = g0 + 4 * k
+            ans = seq[-1] + g
+            gaps = ", ".join(str(seq[j + 1] - seq[j]) for j in range(4))
+            why = f"The differences between terms are {gaps}, rising by {k} each step; the next difference is {g}, and {seq[-1]} + {g} = {ans}."
+            cands = [seq[-1] + (g - k), ans + 1, ans - 1, ans + k]
+        out.append(("reasoning", f"Which number continues the sequence {', '.join(map(str, seq))}?", "",
+                    f"{ans}. {why}", str(ans), _pick(str(ans), cands)))
+    # three-way comparisons
+    comps = [("taller", "tallest", "shortest"), ("older", "oldest", "youngest"), ("faster", "fastest", "slowest"),
+             ("heavier", "heaviest", "lightest"), ("richer", "richest", "poorest"), ("louder", "loudest", "quietest")]
+    names = LARGE_NAMES[:]
+    rng.shuffle(names)
+    for i, (comp, top, bottom) in enumerate(comps):
+        A, B, C = names[3 * i:3 * i + 3]
+        if i % 2 == 0:
+            sup, ans = top, C
+            why = f"{C} is {comp} than {A}, and {A} is {comp} than {B}, so {C} is ahead of both."
+        else:
+            sup, ans = bottom, B
+            why = f"{A} is {comp} than {B}, and {C} is {comp} than {A}, so {B} comes behind both."
+        others = [x for x in (A, B, C) if x != ans]
+        out.append(("reasoning", f"{A} is {comp} than {B}, and {C} is {comp} than {A}. Who is the {sup}?", "",
+                    f"{ans} is the {sup}. {why}", ans, others + ["It cannot be determined"]))
+    # 24-hour clock
+    for _ in range(4):
+        start = rng.randint(13, 23) * 60 + rng.choice([5, 15, 20, 35, 40, 50])
+        dh, dm = rng.randint(2, 9), rng.choice([25, 30, 45, 55])
+        hm = lambda t: f"{(t // 60) % 24:02d}:{t % 60:02d}"
+        ans, mid = start + dh * 60 + dm, start + dh * 60
+        out.append(("reasoning", f"On a 24-hour clock it is {hm(start)}. What time will it show {dh} hours and {dm} minutes later?", "",
+                    f"It will show {hm(ans)}. Adding {dh} hours to {hm(start)} gives {hm(mid)}, and {dm} more minutes makes {hm(ans)}.",
+                    hm(ans), _pick(hm(ans), [hm(ans + 60), hm(ans - 60), hm(mid), hm(ans + 30)])))
+    out += [
+        ("reasoning", "All violinists in the orchestra read music, and Jonah is a violinist in the orchestra. Does Jonah read music?", "",
+         "Yes. Every violinist in the orchestra reads music, and Jonah is one of them.", "Yes", ["No", "Only sometimes", "It cannot be determined"]),
+        ("reasoning", "No fish in the pond can fly, and Goldie is a fish in the pond. Can Goldie fly?", "",
+         "No. No fish in the pond can fly, and Goldie is a fish in the pond.", "No", ["Yes", "Only at night", "It cannot be determined"]),
+        ("reasoning", "Which item does not belong with the others: hammer, saw, wrench, tulip?", "",
+         "The tulip does not belong: it is a flower, while the others are tools.", "Tulip", ["Hammer", "Saw", "Wrench"]),
+        ("reasoning", "Pen is to writer as brush is to whom?", "",
+         "A painter. A writer works with a pen, and a painter works with a brush.", "Painter", ["Dentist", "Barber", "Sculptor"]),
+        ("reasoning", "A farmer has 17 sheep and all but 9 run away. How many sheep does the farmer have left?", "",
+         "The farmer has 9 sheep left, because \"all but 9\" ran away.", "9", ["8", "17", "26"]),
+    ]
+    return out
+
+
+def large_math(rng: random.Random) -> list[tuple]:
+    out: list[tuple] = []
+    names = LARGE_NAMES[:]
+    rng.shuffle(names)
+    who = iter(names)
+    # rounding up: how many containers
+    for thing, unit, verb in (("students", "bus", "seats"), ("books", "box", "holds"), ("guests", "table", "seats")):
+        k = rng.randint(6, 14) if thing != "students" else rng.choice([40, 45, 50])
+        n = rng.randint(3 * k + 1, 7 * k - 1)
+        while n % k == 0:
+            n += 1
+        q, r = divmod(n, k)
+        ans = q + 1
+        units = unit + ("es" if unit.endswith(("s", "x")) else "s")
+        ins = {"students": f"{n} students are going on a school trip, and each bus seats {k}. How many buses are needed?",
+               "books": f"A library is packing {n} books into boxes that hold {k} books each. How many boxes does it need?",
+               "guests": f"Each table at a wedding seats {k} guests. How many tables are needed for {n} guests?"}[thing]
+        out.append(("math", ins, "",
+                    f"{ans} {units}. {n} / {k} is {q} with {r} left over, and the remaining {_plural(r, thing[:-1])} need{'s' if r == 1 else ''} one more {unit}.",
+                    str(ans), [str(q), str(ans + 1), str(q - 1)]))
+    # percentage increase
+    for ctx in ("town", "salary", "rent"):
+        base = rng.choice([200, 400, 500, 800, 1200, 1500, 2500])
+        pct = rng.choice([5, 10, 15, 20, 30])
+        inc = base * pct // 100
+        ans = base + inc
+        if ctx == "town":
+            ins, unit = f"A village of {base} people grows by {pct}% in one year. What is its new population?", ""
+            fmt = lambda v: str(v)
+            out_s = f"{ans} people. {pct}% of {base} is {inc}, and {base} + {inc} = {ans}."
+        else:
+            fmt = lambda v: f"${v}"
+            ins = {"salary": f"{next(who)} earns ${base} a month and gets a {pct}% raise. What is the new monthly pay?",
+                   "rent": f"A monthly rent of ${base} goes up by {pct}%. What is the new rent?"}[ctx]
+            out_s = f"${ans}. The increase is {pct}% of ${base} = ${inc}, and ${base} + ${inc} = ${ans}."
+        out.append(("math", ins, "", out_s, fmt(ans), _pick(fmt(ans), [fmt(base + pct), fmt(ans + inc), fmt(base - inc), fmt(inc)])))
+    # unit conversions
+    for big, small, factor, wrong in (("kilometres", "metres", 1000, [100, 10000, 10]), ("kilograms", "grams", 1000, [100, 10000, 10]),
+                                      ("metres", "centimetres", 100, [10, 1000, 60]), ("litres", "millilitres", 1000, [100, 10, 10000]),
+                                      ("days", "hours", 24, [12, 60, 20]), ("hours", "seconds", 3600, [60, 360, 600])):
+        v = Fraction(rng.choice(["1.5", "2.5", "3.2", "4.5", "0.75", "6", "2.4", "7"]))
+        if big in ("days", "hours"):
+            v = Fraction(rng.randint(2, 9))
+        ans = v * factor
+        unit_big = big[:-1] if v == 1 else big
+        out.append(("math", f"How many {small} are in {_num(v)} {unit_big}?", "",
+                    f"There are {_num(ans)} {small} in {_num(v)} {unit_big}: one {big[:-1]} is {factor} {small}, and {_num(v)} x {factor} = {_num(ans)}.",
+                    _num(ans), [_num(v * w) for w in wrong]))
+    # saving towards a goal
+    for _ in range(2):
+        s, w = rng.choice([6, 8, 12, 15, 25]), rng.randint(5, 12)
+        goal = s * w
+        name = next(who)
+        out.append(("math", f"{name} puts ${s} into savings every week. After how many weeks will {name} have ${goal}?", "",
+                    f"After {w} weeks, since ${goal} / ${s} = {w}.", str(w), [str(w - 1), str(w + 1), str(w + 2)]))
+    # fraction of a quantity
+    for a, b in ((2, 3), (3, 5), (5, 8)):
+        n = b * rng.randint(4, 15)
+        ans = n * a // b
+        out.append(("math", f"What is {a}/{b} of {n}?", "",
+                    f"{a}/{b} of {n} is {ans}: one {['', '', 'half', 'third', 'fourth', 'fifth', 'sixth', 'seventh', 'eighth'][b]} of {n} is {n // b}, and {a} x {n // b} = {ans}.",
+                    str(ans), _pick(str(ans), [n // b, ans + n // b, n - ans, ans - 1, ans + 1])))
+    # two-digit multiplication
+    for _ in range(3):
+        a, b = rng.randint(14, 29), rng.randint(11, 19)
+        ans = a * b
+        out.append(("math", f"What is {a} x {b}?", "", f"{a} x {b} = {ans}.", str(ans),
+                    _pick(str(ans), [ans + 10, ans - 10, a * (b + 1), ans + 1])))
+    # perimeter of a rectangle
+    for place in ("field", "pen"):
+        L, W = rng.randint(12, 40), rng.randint(5, 11)
+        ans = 2 * (L + W)
+        ins = {"field": f"A rectangular field is {L} m long and {W} m wide. How many metres of fence are needed to go all the way around it?",
+               "pen": f"How much fencing, in metres, encloses a rectangular animal pen that measures {L} m by {W} m?"}[place]
+        out.append(("math", ins, "", f"{ans} metres. The perimeter is 2 x ({L} + {W}) = {ans} m.", f"{ans} m",
+                    _pick(f"{ans} m", [f"{L * W} m", f"{L + W} m", f"{2 * L + W} m", f"{ans + 2} m"])))
+    # sharing in a ratio
+    for p, q in ((3, 2), (2, 5)):
+        unit = rng.randint(4, 12) * 5
+        total = unit * (p + q)
+        A, B = next(who), next(who)
+        ans = unit * p
+        out.append(("math", f"{A} and {B} share ${total} in the ratio {p}:{q}. How much does {A} receive?", "",
+                    f"{A} receives ${ans}. There are {p} + {q} = {p + q} equal parts of ${total} / {p + q} = ${unit}, and {A} gets {p} of them.",
+                    f"${ans}", _pick(f"${ans}", [f"${unit * q}", f"${unit}", f"${total // 2}", f"${ans + unit}"])))
+    # travel time
+    for _ in range(2):
+        v, t = rng.choice([40, 50, 60, 70, 80, 90]), rng.randint(2, 6)
+        d = v * t
+        out.append(("math", f"How many hours does a {d} km journey take at a steady {v} km/h?", "",
+                    f"It takes {t} hours, because time is distance divided by speed: {d} / {v} = {t}.",
+                    f"{t} hours", [f"{t - 1} hours", f"{t + 1} hours", f"{t + 2} hours"]))
+    # greatest common divisor
+    for g in (12, 18):
+        x, y = rng.choice([(2, 3), (3, 4), (4, 5), (3, 5), (5, 7)])
+        a, b = g * x, g * y
+        common = [c for c in range(2, g) if a % c == 0 and b % c == 0]
+        out.append(("math", f"What is the greatest common divisor of {a} and {b}?", "",
+                    f"{g}. {a} = {g} x {x} and {b} = {g} x {y}, and {x} and {y} share no factor other than 1.",
+                    str(g), _pick(str(g), sorted(common, reverse=True) + [a * b // g])))
+    return out
+
+
+# (code, expected stdout, distractors, why). One-line snippets go into the instruction; longer ones
+# into the input. The build runs every snippet and asserts its output equals the expected answer.
+LARGE_SNIPPETS = [
+    ('print(len("mississippi"))', "11", ["10", "12", "4"], "the string has 11 characters"),
+    ('print("ab" * 3)', "ababab", ["ab3", "ab ab ab", "aaabbb"], "multiplying a string by 3 repeats it three times"),
+    ("print([10, 20, 30][-1])", "30", ["10", "20", "IndexError"], "index -1 selects the last item"),
+    ("print(7 / 2)", "3.5", ["3", "4", "3.0"], "the / operator always does true division"),
+    ('print("Python"[1:4])', "yth", ["Pyt", "ytho", "thon"], "the slice takes the characters at positions 1, 2 and 3"),
+    ("print(sorted([3, 1, 2], reverse=True))", "[3, 2, 1]", ["[1, 2, 3]", "[2, 1, 3]", "[3, 1, 2]"], "reverse=True sorts from largest to smallest"),
+    ('print(int("42") + 8)', "50", ["428", "42 8", "TypeError"], "int(\"42\") turns the string into the number 42"),
+    ('print("42" + "8")', "428", ["50", "42 8", "TypeError"], "adding two strings joins them"),
+    ("print(round(3.7))", "4", ["3", "3.7", "4.0"], "round() with one argument returns the nearest integer"),
+    ("print(list(range(2, 10, 3)))", "[2, 5, 8]", ["[2, 5, 8, 11]", "[3, 6, 9]", "[2, 4, 6, 8]"], "the range starts at 2, steps by 3 and stops before 10"),
+    ("print(min([4, -2, 7]))", "-2", ["4", "7", "2"], "-2 is the smallest value in the list"),
+    ('print("a,b,,c".split(","))', "['a', 'b', '', 'c']", ["['a', 'b', 'c']", "['a,b,,c']", "['a', 'b', ',', 'c']"], "splitting on every comma leaves an empty string between the two adjacent commas"),
+    ("print([1, 2, 3] * 2)", "[1, 2, 3, 1, 2, 3]", ["[2, 4, 6]", "[[1, 2, 3], [1, 2, 3]]", "[1, 1, 2, 2, 3, 3]"], "multiplying a list repeats its items"),
+    ('print(bool("0"))', "True", ["False", "0", "None"], "any non-empty string is truthy, even \"0\""),
+    ("print(3 == 3.0)", "True", ["False", "None", "TypeError"], "an int and a float with the same value compare equal"),
+    ("print(len({1, 2, 2, 3}))", "3", ["4", "2", "1"], "a set keeps only distinct values, so the duplicate 2 counts once"),
+    ("print(sum(range(5)))", "10", ["15", "5", "4"], "range(5) is 0 to 4, and 0 + 1 + 2 + 3 + 4 = 10"),
+    ('print("-".join(["2024", "06", "01"]))', "2024-06-01", ["20240601", "2024 06 01", "['2024', '06', '01']"], "join puts the separator between the items"),
+    ('print(max("apple", "fig", "kiwi"))', "kiwi", ["apple", "fig", "apple fig kiwi"], "strings compare alphabetically, and \"kiwi\" comes last"),
+    ('d = {"a": 1}\nd["b"] = 2\nd["a"] = 3\nprint(d)', "{'a': 3, 'b': 2}", ["{'a': 1, 'b': 2}", "{'b': 2, 'a': 3}", "{'a': 1, 'b': 2, 'a': 3}"],
+     "assigning to an existing key replaces its value but keeps its place"),
+    ("total = 0\nfor i in range(1, 5):\n    total += i * i\nprint(total)", "30", ["14", "10", "55"], "it adds the squares 1 + 4 + 9 + 16"),
+    ('s = "banana"\nprint(s.count("a"), s.find("n"))', "3 2", ["3 3", "2 2", "3 1"], "there are three a's, and the first n is at index 2"),
+    ("def f(x, y=2):\n    return x * y\n\nprint(f(3), f(3, 3))", "6 9", ["5 6", "6 6", "9 9"], "the first call uses the default y=2 and the second passes y=3"),
+    ('words = ["kiwi", "fig", "banana"]\nprint(sorted(words, key=len))', "['fig', 'kiwi', 'banana']", ["['banana', 'fig', 'kiwi']", "['banana', 'kiwi', 'fig']", "['kiwi', 'fig', 'banana']"],
+     "key=len sorts the words from shortest to longest"),
+    ("a = [1, 2]\nb = a[:]\nb.append(3)\nprint(len(a))", "2", ["3", "1", "0"], "a[:] makes a copy, so appending to b leaves a unchanged"),
+]
+LARGE_SNIPPET_WORDING = ["What does {code} output in Python?", "In Python, what does {code} print?", "What is printed by {code} in Python?"]
+LARGE_SNIPPET_PROMPTS = ["What does this Python code print after updating a dictionary?", "What does this loop print?",
+                         "What do these two string methods print?", "What does this function call with a default argument print?",
+                         "What does this Python code print after sorting by length?", "What does this list-copying snippet print?"]
+
+CODING_CONCEPTS = [
+    ("coding", "Which HTTP status code means that the requested resource was not found?", "", "Status code 404 means Not Found.", "404", ["500", "403", "200"]),
+    ("coding", "Which git command records staged changes in the repository history?", "", "git commit records the staged changes.", "git commit", ["git push", "git add", "git stash"]),
+    ("coding", "Which SQL keyword removes duplicate rows from a query result?", "", "SELECT DISTINCT removes duplicate rows.", "DISTINCT", ["UNIQUE", "GROUP", "FILTER"]),
+    ("coding", "What does JSON stand for?", "", "JSON stands for JavaScript Object Notation.", "JavaScript Object Notation",
+     ["Java Serialized Object Network", "JavaScript Online Notation", "Joint Standard Object Notation"]),
+    ("coding", "Which Python keyword catches an exception raised inside a try block?", "", "The except keyword catches exceptions raised in a try block.", "except", ["catch", "finally", "rescue"]),
+    ("coding", "At what index is the first element of a Python list?", "", "The first element of a Python list is at index 0.", "0", ["1", "-1", "None"]),
+    ("coding", "Which CSS property sets the text color of an element?", "", "The color property sets the text color.", "color", ["font-color", "text-color", "foreground"]),
+]
+
+
+def _run_snippet(code: str) -> str:
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        exec(code, {})
+    return buf.getvalue().strip()
+
+
+def large_coding() -> list[tuple]:
+    out: list[tuple] = []
+    n_multi = 0
+    for i, (code, expected, distractors, why) in enumerate(LARGE_SNIPPETS):
+        got = _run_snippet(code)
+        assert got == expected, (code, got, expected)
+        if "\n" in code:
+            ins, inp = LARGE_SNIPPET_PROMPTS[n_multi], code
+            n_multi += 1
+        else:
+            ins, inp = LARGE_SNIPPET_WORDING[i % 3].format(code=code), ""
+        out.append(("coding", ins, inp, f"It prints {expected}, because {why}.", expected, distractors))
+    return out + CODING_CONCEPTS
+
+
+FACTS_LARGE = [
+    ("What is the capital of Italy?", "Rome is the capital of Italy.", "Rome", ["Milan", "Naples", "Florence"]),
+    ("What is the capital of Kenya?", "Nairobi is the capital of Kenya.", "Nairobi", ["Mombasa", "Kampala", "Addis Ababa"]),
+    ("What is the capital of Spain?", "Madrid is the capital of Spain.", "Madrid", ["Barcelona", "Lisbon", "Seville"]),
+    ("Which planet is famous for its large, bright ring system?", "Saturn is famous for its large, bright rings.", "Saturn", ["Jupiter", "Uranus", "Neptune"]),
+    ("Who wrote the novel Nineteen Eighty-Four?", "George Orwell wrote Nineteen Eighty-Four.", "George Orwell", ["Aldous Huxley", "Ray Bradbury", "H. G. Wells"]),
+    ("What is the chemical symbol for sodium?", "The chemical symbol for sodium is Na.", "Na", ["So", "Sd", "S"]),
+    ("How many legs does a spider have?", "A spider has eight legs.", "Eight", ["Six", "Ten", "Twelve"]),
+    ("Which organ of the human body produces insulin?", "The pancreas produces insulin.", "The pancreas", ["The liver", "The kidneys", "The gallbladder"]),
+    ("Which metal is liquid at room temperature?", "Mercury is a metal that is liquid at room temperature.", "Mercury", ["Lead", "Aluminium", "Tin"]),
+    ("Who was the first President of the United States?", "George Washington was the first President of the United States.", "George Washington", ["Thomas Jefferson", "Abraham Lincoln", "John Adams"]),
+    ("Which ocean lies between Africa and Australia?", "The Indian Ocean lies between Africa and Australia.", "The Indian Ocean", ["The Atlantic Ocean", "The Arctic Ocean", "The Pacific Ocean"]),
+    ("Which river carries the most water in the world and flows through Brazil?", "The Amazon carries the most water of any river and flows through Brazil.", "The Amazon", ["The Nile", "The Orinoco", "The Paraná"]),
+    ("In which city is the Eiffel Tower?", "The Eiffel Tower is in Paris.", "Paris", ["Lyon", "Brussels", "Marseille"]),
+    ("What is the largest country in the world by area?", "Russia is the largest country in the world by area.", "Russia", ["Canada", "China", "The United States"]),
+    ("Who painted The Starry Night?", "Vincent van Gogh painted The Starry Night.", "Vincent van Gogh", ["Claude Monet", "Pablo Picasso", "Paul Cézanne"]),
+    ("Which vitamin does human skin make when it is exposed to sunlight?", "Skin makes vitamin D when it is exposed to sunlight.", "Vitamin D", ["Vitamin C", "Vitamin A", "Vitamin B12"]),
+    ("How many days are there in a leap year?", "A leap year has 366 days.", "366", ["365", "364", "367"]),
+    ("Which blood cells carry oxygen around the body?", "Red blood cells carry oxygen around the body.", "Red blood cells", ["White blood cells", "Platelets", "Plasma cells"]),
+    ("What currency do most countries of the European Union use?", "Most European Union countries use the euro.", "The euro", ["The pound", "The franc", "The dollar"]),
+    ("Who discovered penicillin?", "Alexander Fleming discovered penicillin in 1928.", "Alexander Fleming", ["Louis Pasteur", "Marie Curie", "Joseph Lister"]),
+    ("On which continent is Argentina?", "Argentina is in South America.", "South America", ["North America", "Africa", "Europe"]),
+    ("What is the tallest living land animal?", "The giraffe is the tallest living land animal.", "The giraffe", ["The elephant", "The ostrich", "The camel"]),
+    ("How many strings does a standard violin have?", "A standard violin has four strings.", "Four", ["Five", "Six", "Three"]),
+    ("Which instrument measures air pressure?", "A barometer measures air pressure.", "A barometer", ["A thermometer", "A hygrometer", "An anemometer"]),
+    ("Which ancient Greek poet is traditionally credited with the Odyssey?", "The Odyssey is traditionally credited to Homer.", "Homer", ["Virgil", "Sophocles", "Ovid"]),
+    ("What is the chemical formula of water?", "The chemical formula of water is H2O.", "H2O", ["CO2", "H2O2", "HO2"]),
+    ("Which country gave the Statue of Liberty to the United States?", "France gave the Statue of Liberty to the United States.", "France", ["The United Kingdom", "Spain", "Italy"]),
+    ("What is the largest organ of the human body?", "The skin is the largest organ of the human body.", "The skin", ["The liver", "The brain", "The lungs"]),
+]
+
+WRITING_LARGE = (
+    [(f"Which word is a synonym of \"{w}\"?", f"\"{a}\" is a synonym of \"{w}\".", a, d) for w, a, d in [
+        ("rapid", "Fast", ["Slow", "Loud", "Calm"]), ("enormous", "Huge", ["Tiny", "Narrow", "Gentle"]),
+        ("begin", "Start", ["Finish", "Pause", "Delay"]), ("brave", "Courageous", ["Fearful", "Careless", "Shy"]),
+        ("silent", "Quiet", ["Noisy", "Empty", "Dark"]), ("purchase", "Buy", ["Sell", "Borrow", "Lend"]),
+        ("fatigued", "Exhausted", ["Energetic", "Hungry", "Anxious"])]]
+    + [(f"What is an antonym of \"{w}\"?", f"\"{a}\" is an antonym of \"{w}\".", a, d) for w, a, d in [
+        ("ancient", "Modern", ["Old", "Historic", "Ruined"]), ("expand", "Shrink", ["Grow", "Stretch", "Widen"]),
+        ("accept", "Reject", ["Receive", "Allow", "Take"]), ("shallow", "Deep", ["Narrow", "Thin", "Low"]),
+        ("victory", "Defeat", ["Triumph", "Success", "Battle"]), ("scarce", "Plentiful", ["Rare", "Limited", "Scattered"])]]
+    + [(f"What is the past tense of \"{w}\"?", f"The past tense of \"{w}\" is \"{a}\".", a, d) for w, a, d in [
+        ("swim", "swam", ["swimmed", "swum", "swimming"]), ("go", "went", ["goed", "gone", "going"]),
+        ("bring", "brought", ["brang", "bringed", "brung"]), ("write", "wrote", ["writed", "written", "writted"])]]
+    + [(f"What is the plural of \"{w}\"?", f"The plural of \"{w}\" is \"{a}\".", a, d) for w, a, d in [
+        ("mouse", "mice", ["mouses", "mices", "meese"]), ("tooth", "teeth", ["tooths", "teeths", "toothes"]),
+        ("leaf", "leaves", ["leafs", "leafes", "leavs"]), ("woman", "women", ["womans", "womens", "womanes"])]]
+    + [(f"Which sentence uses \"{w}\" correctly?", f"\"{a}\" uses \"{w}\" correctly.", a, d) for w, a, d in [
+        ("its", "The dog wagged its tail.", ["Its going to rain later.", "The cat licked it's paw.", "Its' color is blue."]),
+        ("you're", "You're going to love this book.", ["Is this you're coat?", "You're coat is on the chair.", "I like you're idea."]),
+        ("too", "This soup is too hot to eat.", ["I want to go too the park.", "She has too cats.", "We walked too the shop."]),
+        ("fewer", "There are fewer cars on the road today.", ["There is fewer water in the glass.", "I have fewer money than you.", "She drinks fewer coffee now."]),
+        ("whose", "Whose jacket is this?", ["Whose going to the party?", "I wonder whose at the door.", "Whose been eating my cake?"]),
+        ("than", "She is taller than her brother.", ["First we eat, than we leave.", "If you finish early, than you can go.", "Back than, we had no phones."])]]
+    + [
+        ("Which sentence has correct subject-verb agreement?", "\"The list of items is on the desk.\" has correct agreement.",
+         "The list of items is on the desk.", ["The list of items are on the desk.", "The dogs barks at night.", "She walk to school every day."]),
+        ("Which is the correct spelling of the word meaning \"to provide room for\"?", "The correct spelling is \"accommodate\".",
+         "accommodate", ["acommodate", "accomodate", "acomodate"]),
+        ("Which is the correct spelling of the second month of the year?", "The correct spelling is \"February\".",
+         "February", ["Febuary", "Februery", "Febrary"]),
+    ]
+)
+
+EXTRACTION_LARGE = [
+    ("Who won the chess tournament described in the passage?", "After five rounds, Priya Nair finished ahead of the defending champion, Tomas Berg, while Ada Kim placed third.",
+     "Priya Nair won the tournament.", "Priya Nair", ["Tomas Berg", "Ada Kim", "The passage does not say"]),
+    ("In which year was the observatory built?", "The hilltop observatory, built in 1887, was restored in 1994 and reopened to visitors in 2001.",
+     "The observatory was built in 1887.", "1887", ["1994", "2001", "1978"]),
+    ("What is the sentiment of this restaurant review?", "The soup was cold, the waiter ignored us, and the bill was wrong. Never again.",
+     "The sentiment is negative.", "Negative", ["Positive", "Neutral", "Mixed"]),
+    ("In which language is this greeting written?", "Guten Morgen, wie geht es dir?",
+     "The greeting is written in German.", "German", ["Dutch", "Swedish", "Danish"]),
+    ("Which topic does this headline belong to?", "Underdog striker scores twice as City reach the cup final",
+     "The headline is about sports.", "Sports", ["Politics", "Business", "Science"]),
+    ("According to the notice, what time does the museum close on Saturdays?", "The museum opens at 10 a.m. every day. It closes at 6 p.m. on weekdays and at 8 p.m. on Saturdays and Sundays.",
+     "On Saturdays the museum closes at 8 p.m.", "8 p.m.", ["6 p.m.", "10 a.m.", "10 p.m."]),
+    ("In which room is the data workshop held?", "The morning keynote is in Hall A. After lunch, the data workshop takes place in Room 214, and the closing panel returns to Hall A.",
+     "The data workshop is held in Room 214.", "Room 214", ["Hall A", "Room 241", "Hall B"]),
+    ("What is the tracking number in this shipping notice?", "Your parcel has shipped. Tracking number: ZX-48213. Expected delivery: Thursday.",
+     "The tracking number is ZX-48213.", "ZX-48213", ["ZX-48231", "XZ-48213", "48213"]),
+    ("What does the tenant ask the landlord to repair?", "Hello Mr. Grant, the heating works fine now, but the kitchen tap has been leaking since Monday. Could someone come to fix it this week?",
+     "The tenant asks for the leaking kitchen tap to be repaired.", "The kitchen tap", ["The heating", "The kitchen window", "The front door"]),
+    ("How many tickets in total does this request ask for?", "Please reserve two adult tickets and three child tickets for the 4 p.m. show.",
+     "The request asks for 5 tickets in total: two adult and three child tickets.", "5", ["2", "3", "4"]),
+    ("Who will lead the support team, according to the memo?", "From next month, Carlos Reyes will lead the support team, taking over from Mia Lund, who moves to the sales department.",
+     "Carlos Reyes will lead the support team.", "Carlos Reyes", ["Mia Lund", "The sales manager", "Nobody is named"]),
+    ("What does the customer want help with in this message?", "I can't log in to my account. The reset email never arrives. Can you help me get back in?",
+     "The customer wants help getting back into their account.", "Account access", ["A refund", "Shipping", "Cancelling an order"]),
+    ("Which ingredient does the recipe add last?", "Melt the butter, stir in the sugar, beat in the eggs, and finally fold in the flour.",
+     "The flour is added last.", "Flour", ["Butter", "Sugar", "Eggs"]),
+    ("What weather does the forecast give for Wednesday?", "Monday will be sunny and Tuesday cloudy, and heavy rain is expected on Wednesday before it clears on Thursday.",
+     "The forecast for Wednesday is heavy rain.", "Heavy rain", ["Sunshine", "Clouds", "Clear skies"]),
+    ("How far is the campsite from the trailhead?", "From the trailhead it is 3 km to the waterfall and another 5 km from the waterfall to the campsite.",
+     "The campsite is 8 km from the trailhead.", "8 km", ["5 km", "3 km", "2 km"]),
+    ("Is this statement a fact or an opinion?", "Jazz is the most beautiful kind of music ever created.",
+     "It is an opinion, because it is a personal judgment that cannot be proven.", "An opinion", ["A fact", "A question", "An instruction"]),
+    ("Which team won the match described here, and by what score?", "The home side led 2-0 at half-time, but the visitors came back to win 3-2.",
+     "The visitors won 3-2.", "The visitors, 3-2", ["The home side, 2-0", "The home side, 3-2", "Nobody; it was a draw"]),
+]
+
+
+def large_extraction(rng: random.Random) -> list[tuple]:
+    out = [("extraction",) + t for t in EXTRACTION_LARGE]
+    # stock lists: how many of one item
+    for place, items in (("corner shop", ["apples", "pears", "plums", "lemons"]), ("stationery cupboard", ["pens", "folders", "staplers", "rulers"]),
+                         ("garden shed", ["rakes", "spades", "buckets", "hoses"]), ("café fridge", ["juices", "yogurts", "salads", "sandwiches"])):
+        counts = rng.sample(range(3, 40), 4)
+        k = rng.randrange(4)
+        passage = f"Stock count for the {place}: " + ", ".join(f"{c} {it}" for c, it in zip(counts[:-1], items[:-1])) + f" and {counts[-1]} {items[-1]}."
+        ans = str(counts[k])
+        out.append(("extraction", f"According to the stock count, how many {items[k]} are in the {place}?", passage,
+                    f"The stock count lists {counts[k]} {items[k]}.", ans, _pick(ans, [str(c) for c in counts] + [str(counts[k] + 1), str(counts[k] + 2)])))
+    # ages: how old is one person
+    names = LARGE_NAMES[:]
+    rng.shuffle(names)
+    for j in range(3):
+        trio = names[3 * j:3 * j + 3]
+        ages = rng.sample(range(8, 70), 3)
+        passage = f"{trio[0]} is {ages[0]} years old, {trio[1]} is {ages[1]}, and {trio[2]} is {ages[2]}."
+        ans = str(ages[j])
+        out.append(("extraction", f"How old is {trio[j]}, according to the passage?", passage,
+                    f"{trio[j]} is {ages[j]} years old.", ans, _pick(ans, [str(a) for a in ages] + [str(ages[j] + 10), str(ages[j] + 1)])))
+    # menu prices
+    menu = ["coffee", "tea", "muffin", "sandwich"]
+    for j, item in enumerate(("tea", "muffin", "sandwich")):
+        cents = [c * 5 for c in rng.sample(range(24, 120), 4)]
+        prices = [money(Fraction(c, 100)) for c in cents]
+        passage = "Today's menu: " + ", ".join(f"{m} {p}" for m, p in zip(menu, prices)) + "."
+        k = menu.index(item)
+        out.append(("extraction", f"How much does a {item} cost on today's menu?", passage,
+                    f"A {item} costs {prices[k]} on today's menu.", prices[k], _pick(prices[k], prices + [money(Fraction(cents[k] + 50, 100))])))
+    return out
+
+
+def build_eval_large() -> list[dict]:
+    """eval_heldout's items, then the new ones interleaved by category, answers placed by a fixed seed."""
+    base = build_eval()
+    rng = random.Random(LARGE_SEED)
+    new = (large_reasoning(random.Random(LARGE_SEED + 1)) + large_math(random.Random(LARGE_SEED + 2)) + large_coding()
+           + [("facts", ins, "", out, c, d) for ins, out, c, d in FACTS_LARGE]
+           + [("writing", ins, "", out, c, d) for ins, out, c, d in WRITING_LARGE]
+           + large_extraction(random.Random(LARGE_SEED + 3)))
+    by_cat = {c: [t for t in new if t[0] == c] for c in CATEGORIES}
+    ordered = [by_cat[c][i] for i in range(max(map(len, by_cat.values()))) for c in CATEGORIES if i < len(by_cat[c])]
+    # positions for the new items so that the whole file is as even as possible over 0..3
+    total = len(base) + len(ordered)
+    have = Counter(r["answer_index"] for r in base)
+    positions = [k for k in range(4) for _ in range(total // 4 + (k < total % 4) - have[k])]
+    assert len(positions) == len(ordered), (len(positions), len(ordered))
+    rng.shuffle(positions)
+    items = list(base)
+    for (cat, ins, inp, out, correct, distractors), k in zip(ordered, positions):
+        choices = list(distractors)
+        rng.shuffle(choices)
+        choices.insert(k, correct)
+        items.append({"instruction": ins, "input": inp, "output": out, "choices": choices,
+                      "answer_index": k, "category": cat})
+    return items
+
+
+def write(seed: list[dict], ev: list[dict], large: list[dict]) -> None:
     DATA.mkdir(parents=True, exist_ok=True)
     (DATA / "seed_alpaca.json").write_text(json.dumps(seed, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    with open(DATA / "eval_heldout.jsonl", "w", encoding="utf-8") as fh:
-        for item in ev:
-            fh.write(json.dumps(item, ensure_ascii=False) + "\n")
+    for name, items in (("eval_heldout.jsonl", ev), ("eval_large.jsonl", large)):
+        with open(DATA / name, "w", encoding="utf-8") as fh:
+            for item in items:
+                fh.write(json.dumps(item, ensure_ascii=False) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -741,16 +1190,96 @@ def validate(seed_path: Path = DATA / "seed_alpaca.json", eval_path: Path = DATA
     }
 
 
+def _words(s: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", s.lower())
+
+
+def _ngrams(s: str, n: int = 8) -> set[tuple[str, ...]]:
+    w = _words(s)
+    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+
+def check_large_code() -> None:
+    """Run every snippet of eval_large in a fresh python3 and compare with the marked answer."""
+    by_ins = {(r["instruction"], r["input"]): r for r in build_eval_large()}
+    n = 0
+    for i, (code, expected, _d, _why) in enumerate(LARGE_SNIPPETS):
+        got = subprocess.run(["python3", "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        assert got == expected, (code, got)
+        hits = [r for (ins, inp), r in by_ins.items() if inp == code or (not inp and f" {code} " in f" {ins} ")]
+        assert len(hits) == 1, (code, len(hits))
+        assert hits[0]["choices"][hits[0]["answer_index"]] == got, (code, hits[0])
+        n += 1
+    print(f"eval_large: all {n} Python snippet answers re-run and matched")
+
+
+# The one eval_heldout item that shares an 8-word run with a seed instruction ("what day of the week
+# will it be"). eval_heldout.jsonl is frozen and eval_large keeps its items unchanged, so it is exempt.
+LARGE_NGRAM_EXEMPT = {"If today is Monday, what day of the week will it be in 9 days?"}
+
+
+def validate_large(seed_path: Path = DATA / "seed_alpaca.json", heldout_path: Path = DATA / "eval_heldout.jsonl",
+                   large_path: Path = DATA / "eval_large.jsonl") -> dict:
+    seed = json.loads(seed_path.read_text(encoding="utf-8"))
+    heldout = [json.loads(line) for line in heldout_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    ev = [json.loads(line) for line in large_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(ev) >= 220, len(ev)
+    assert ev[:len(heldout)] == heldout, "eval_large must start with every eval_heldout item, unchanged"
+    assert len(ev) - len(heldout) >= 154, len(ev) - len(heldout)
+    seed_ins = {_norm(r["instruction"]) for r in seed}
+    seed_prompts = {_norm(r["instruction"] + "\n" + r["input"]) for r in seed}
+    seed_grams: set[tuple[str, ...]] = set()
+    for r in seed:
+        seed_grams |= _ngrams(r["instruction"]) | _ngrams(r["output"])
+    seen: set[str] = set()
+    for r in ev:
+        assert set(r) == {"instruction", "input", "output", "choices", "answer_index", "category"}, r
+        for k in ("instruction", "output", "category"):
+            assert isinstance(r[k], str) and r[k].strip(), (k, r)
+        assert isinstance(r["input"], str)
+        assert r["category"] in CATEGORIES, r
+        ch = r["choices"]
+        assert isinstance(ch, list) and len(ch) == 4 and all(isinstance(c, str) and c.strip() for c in ch), r
+        assert len({_norm(c) for c in ch}) == 4, f"choices not distinct: {ch}"
+        a = r["answer_index"]
+        assert isinstance(a, int) and not isinstance(a, bool) and 0 <= a <= 3, r
+        ins = _norm(r["instruction"])
+        assert ins not in seen, f"duplicate eval_large instruction: {r['instruction']}"
+        seen.add(ins)
+        assert ins not in seed_ins, f"eval_large instruction in seed: {r['instruction']}"
+        assert _norm(r["instruction"] + "\n" + r["input"]) not in seed_prompts, r
+        if r["instruction"] in LARGE_NGRAM_EXEMPT:
+            assert r in heldout, r
+            continue
+        for field in [r["instruction"], r["input"], r["output"], *ch]:
+            shared = _ngrams(field) & seed_grams
+            assert not shared, f"8-word run shared with the seed: {' '.join(min(shared))!r} in {r['instruction']!r}"
+        assert len(r["output"].split()) <= 60, r["output"]
+    by_cat = Counter(r["category"] for r in ev)
+    assert set(by_cat) == set(CATEGORIES) and min(by_cat.values()) >= 25, by_cat
+    pos = Counter(r["answer_index"] for r in ev)
+    assert max(pos.values()) - min(pos.values()) <= 1, pos
+    return {
+        "eval_large_total": len(ev),
+        "eval_large_new": len(ev) - len(heldout),
+        "eval_large_by_category": dict(sorted(by_cat.items())),
+        "eval_large_new_by_category": dict(sorted(Counter(r["category"] for r in ev[len(heldout):]).items())),
+        "eval_large_with_input": sum(1 for r in ev if r["input"].strip()),
+        "eval_large_answer_index": dict(sorted(pos.items())),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="run the code answers and validate the written files")
     args = ap.parse_args()
-    seed, ev = build_seed(), build_eval()
-    write(seed, ev)
-    print(f"wrote {len(seed)} seed samples and {len(ev)} eval items to {DATA}")
+    seed, ev, large = build_seed(), build_eval(), build_eval_large()
+    write(seed, ev, large)
+    print(f"wrote {len(seed)} seed samples, {len(ev)} eval items and {len(large)} large-eval items to {DATA}")
     if args.check:
         check_code()
-        print(json.dumps(validate(), indent=2))
+        check_large_code()
+        print(json.dumps({**validate(), **validate_large()}, indent=2))
 
 
 if __name__ == "__main__":
