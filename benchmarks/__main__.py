@@ -27,9 +27,12 @@ GOALS = {
     "knn_seconds_1m": ("<=", 300.0, "top-k at 1M in under a few minutes (300 s)"),
     "judge_speedup_vs_generate": (">=", 20.0, "judge >= 20x cheaper than generate-then-parse"),
     "judge_spearman_vs_generate": (">=", 0.8, "Spearman of the two judge scores >= 0.8"),
-    "detection_auroc.complexity": (">=", 0.8, "complexity AUROC >= 0.8"),
-    "detection_auroc.diversity": (">=", 0.8, "diversity AUROC >= 0.8"),
-    "detection_auroc.quality": (">=", 0.8, "quality AUROC >= 0.8"),
+    "detection_auroc.complexity": (">=", 0.9, "complexity AUROC vs clean >= 0.9"),
+    "detection_auroc.diversity": (">=", 0.85, "diversity AUROC vs clean >= 0.85"),
+    "quality_auroc_by_kind.garbled_prompt": (">=", 0.85, "quality AUROC vs clean >= 0.85 on garbled prompts"),
+    "quality_auroc_by_kind.truncated_prompt": (">=", 0.85, "quality AUROC vs clean >= 0.85 on truncated prompts"),
+    "quality_auroc_by_kind.unrelated_response": (">=", 0.85, "quality AUROC vs clean >= 0.85 on unrelated answers"),
+    "downstream_mc_accuracy_diff": (">=", 0.0, "gate-on data at least as good as the seed (mean MC accuracy diff >= 0)"),
 }
 
 
@@ -84,12 +87,14 @@ def headline(sections: dict) -> dict:
         "mfu_signal_pass": sp.get("mfu_ours"),
         "matmul_fp32_gflops": _get(hw, "fp32.gflops"),
         "detection_auroc": de.get("detection_auroc") or {"complexity": None, "diversity": None, "quality": None},
+        "detection_auroc_ci95": de.get("detection_auroc_ci95"),
+        "quality_auroc_by_kind": de.get("quality_auroc_by_kind"),
+        "quality_auroc_by_kind_ci95": de.get("quality_auroc_by_kind_ci95"),
     }
     down = sections.get("downstream") or {}
-    if down and not down.get("skipped"):
-        out["downstream_mc_accuracy_diff"] = _get(down, "difference_optimized_minus_seed.mc_accuracy")
-    else:
-        out["downstream_mc_accuracy_diff"] = None
+    for key in ("downstream_mc_accuracy_diff", "downstream_mc_accuracy_diff_ci", "downstream_gate_off_diff",
+                "downstream_gate_off_diff_ci", "downstream_by_operation"):
+        out[key] = down.get(key) if down and not down.get("skipped") else None
     return out
 
 
@@ -156,22 +161,30 @@ def table(sections: dict, head: dict, gl: dict) -> str:
             rows.append(("  vs number-only generation", _fmt(jd.get("spearman_vs_generate_number_only")),
                          _fmt(g["seconds_per_sample"], 3) + " s/sample", f"parsed {100 * g['parsed_fraction']:.0f}%", ""))
     de = sections.get("detection") or {}
+    ci = de.get("detection_auroc_ci95") or {}
     for sig in ("complexity", "diversity", "quality"):
         if sig in de:
             b = de[sig]
-            rows.append((f"detect {sig}: AUROC", _fmt(b.get("auroc")),
-                         f"P {_fmt(b.get('precision'))} / R {_fmt(b.get('recall'))} at m=1",
-                         f"vs clean {_fmt(b.get('auroc_vs_clean_only'))}", _goal(gl, f"detection_auroc.{sig}")))
+            c = ci.get(sig) or [None, None]
+            rows.append((f"detect {sig}: AUROC vs clean", _fmt((de.get("detection_auroc") or {}).get(sig)),
+                         f"95% CI {_fmt(c[0])}-{_fmt(c[1])}; P {_fmt(b.get('precision'))} / R {_fmt(b.get('recall'))} at m=1",
+                         f"vs all {_fmt(b.get('auroc'))}", _goal(gl, f"detection_auroc.{sig}")))
+    kci = de.get("quality_auroc_by_kind_ci95") or {}
+    for kind, v in (de.get("quality_auroc_by_kind") or {}).items():
+        c = kci.get(kind) or [None, None]
+        rows.append((f"  quality {kind}", _fmt(v), f"95% CI {_fmt(c[0])}-{_fmt(c[1])}", "",
+                     _goal(gl, f"quality_auroc_by_kind.{kind}")))
     dn = sections.get("downstream") or {}
     if dn:
         if dn.get("skipped"):
-            rows.append(("downstream (seed vs round 2)", "skipped", dn.get("reason", "")[:40], "", ""))
-        elif "optimized_trained" in dn:
-            a, b = dn["optimized_trained"]["mc_accuracy"], dn["seed_trained"]["mc_accuracy"]
-            d = dn["difference_optimized_minus_seed"]["mc_accuracy"]
-            rows.append(("downstream MC accuracy", f"{a['mean']:.3f}±{a['std']:.3f} (Middo r2)",
-                         f"{b['mean']:.3f}±{b['std']:.3f} (seed)", f"diff {d['mean']:+.3f}±{d['std']:.3f}",
-                         f"{len(dn['seeds'])} seeds"))
+            rows.append(("downstream (seed vs round 1)", "skipped", dn.get("reason", "")[:40], "", ""))
+        elif "variants" in dn:
+            for key, v in dn["variants"].items():
+                d = v.get("mc_accuracy_diff_vs_seed") or {}
+                c = d.get("ci95") or [None, None]
+                rows.append((f"downstream {key}: MC acc", _fmt(v["mc_accuracy_mean"], 3),
+                             f"{v['rows']} rows", f"diff {_fmt(d.get('mean'), 3)} [{_fmt(c[0], 3)}, {_fmt(c[1], 3)}]"
+                             if d else "", _goal(gl, "downstream_mc_accuracy_diff") if key == "gate_on" else ""))
     for name, blk in sections.items():
         if isinstance(blk, dict) and blk.get("error"):
             rows.append((f"{name}: FAILED", blk["error"][:60], "", "", ""))
@@ -200,16 +213,12 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None,
                    help="model to benchmark (default: the packaged SmolLM2-135M-Instruct; 'tiny-llama' smoke-tests the harness in seconds)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--downstream-from", default=None, metavar="MIDDO_HOME",
-                   help="run the downstream section on the round-2 data of a finished loop (e.g. .dagster_home/middo), also with --quick")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/{quick,full}.json)")
     args = p.parse_args(argv)
 
     over = {"device": args.device, "threads": args.threads}
     if args.model:
         over["model"] = args.model
-    if args.downstream_from:
-        over["down_from"] = args.downstream_from
     settings = (Settings.quick if args.quick else Settings.full)(**over)
     if args.threads:
         import torch
@@ -250,10 +259,11 @@ def main(argv=None) -> int:
         sections["judge"] = sections["detection"].pop("judge")  # measured inside detection
     elif "judge" in only:
         section("judge", lambda: judge.run(settings, models))
-    if settings.downstream or (settings.down_from and "downstream" in only):
+    if settings.downstream or (args.only and "downstream" in only):
         section("downstream", lambda: downstream.run(settings, models))
     elif "downstream" in only:
-        sections["downstream"] = {"skipped": True, "reason": "--quick: two CPU training runs per seed do not fit in minutes; run --full"}
+        sections["downstream"] = {"skipped": True,
+                                  "reason": "--quick: dozens of training runs do not fit in minutes; --only downstream or --full"}
 
     head = headline(sections)
     gl = goals(head)

@@ -68,10 +68,10 @@ class Settings:
     det_quality_mode: str = "ifd"  # the pipeline's default quality reading
     # downstream
     downstream: bool = False
-    down_seeds: tuple[int, ...] = (0, 1, 2)
-    down_steps: int = 40
-    down_round_steps: int = 20  # training steps inside each Middo round that produces the round-2 data
-    down_from: str | None = None  # MIDDO_HOME of a finished loop (e.g. the demo's): reuse its round-2 data
+    down_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    down_candidates: int = 2  # candidates per flagged sample in the round that makes the data
+    down_variants: tuple[str, ...] = ("seed", "gate_on", "gate_off", "simplify_only", "rewrite_only", "extend_only")
+    down_equal_steps: tuple[str, ...] = ("gate_on",)  # also trained for exactly the seed data's steps
     seed: int = 0
 
     @staticmethod

@@ -1,20 +1,26 @@
-"""Downstream: train on the seed data and on the round-2 optimized dataset with the same compute,
-evaluate both on the held-out set.
+"""Downstream: is one round of Middo data better to train on than the seed, and what is the
+verification gate worth? Every variant is built from the SAME candidates.
 
-1. Two Middo rounds run for real through the Dagster loop (``loop.run_rounds``) in a
-   throw-away instance (temporary ``DAGSTER_HOME`` / ``MIDDO_HOME``), default model, local
-   optimizer; the round-2 ``optimized_dataset`` table is read from storage. With
-   ``--downstream-from MIDDO_HOME`` the tables of a loop that already ran (e.g. the demo's
-   ``.dagster_home/middo``) are used instead.
-2. For each seed: a LoRA fine-tune of the default model on the seed data and one on the
-   optimized data, both with the same number of optimizer steps, batch size and max length
-   (equal samples seen; token counts differ a little and are reported), then
-   ``evaluation.evaluate`` on ``data/eval_heldout.jsonl``: multiple-choice accuracy and mean
-   response loss.
-3. Mean ± standard deviation over the seeds of each and of the paired difference.
+1. One Middo round runs for real through the Dagster loop (``loop.run_rounds``) in a
+   throw-away instance, default model, local optimizer, verified refinement on
+   (``down_candidates`` candidates per flagged sample). Its ``refinement_candidates`` table
+   holds every candidate with its re-scored signals and whether it passed the gate.
+2. Datasets, each merged from the seed with ``merge.merge_round`` (size policy ``keep``):
+   ``seed`` (no refinement), ``gate_on`` (the pipeline: the best passing candidate),
+   ``gate_off`` (the first candidate of every operation, accepted unverified: what trusting
+   the optimizer gives), and the gate-on refinements of ONE operation each
+   (``simplify_only``, ``rewrite_only``, ``extend_only``).
+3. For each training seed: a LoRA fine-tune of the base model on every dataset for one epoch
+   (equal epochs, as the paper), and for ``down_equal_steps`` variants also for exactly the
+   seed data's number of steps (equal compute); then ``evaluation.evaluate`` on the held-out
+   set (``data/eval_large.jsonl``: 240 items written for the project): multiple-choice
+   accuracy by log-likelihood and the mean response loss of the reference answers. Two
+   measures, because at this scale they can disagree.
+4. Paired comparisons with the seed: per item, the variant's correctness (and loss) averaged
+   over seeds minus the seed data's; mean and a 95% bootstrap interval over items (the items
+   are the unit of the test: the same items, the same seeds, only the data differ).
 
-With the 135M default model on a CPU and a few hundred samples this is a small-scale check,
-not a replication of the paper's 8-benchmark gains.
+With the 135M default on a CPU this is a small-scale check, not the paper's 8-benchmark gains.
 """
 
 from __future__ import annotations
@@ -26,17 +32,21 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import EVAL_PATH, SEED_PATH, log
+from benchmarks.common import REPO, SEED_PATH, log
+
+DOWN_EVAL = Path(os.environ.get("MIDDO_BENCH_DOWN_EVAL") or REPO / "data" / "eval_large.jsonl")
+VARIANTS = ("seed", "gate_on", "gate_off", "simplify_only", "rewrite_only", "extend_only")
+_OP_OF = {"simplify_only": "simplified", "rewrite_only": "rewritten", "extend_only": "extended"}
 
 
-def _round2_dataset(settings, workdir: Path):
+def _one_round(settings, workdir: Path):
+    """Run round 1 through the loop; the seed table, the round's candidates and sparse order."""
     import polars as pl
 
     from middo_pipeline.core.storage import Storage
     from middo_pipeline.loop import run_rounds
 
-    home = workdir / "dagster_home"
-    middo_home = workdir / "middo"
+    home, middo_home = workdir / "dagster_home", workdir / "middo"
     old = os.environ.get("DAGSTER_HOME")
     os.environ["DAGSTER_HOME"] = str(home)
     env = dict(os.environ)
@@ -44,44 +54,59 @@ def _round2_dataset(settings, workdir: Path):
                 "MIDDO_BASE_MODEL": settings.model, "MIDDO_OPTIMIZER_MODEL": settings.model,
                 "MIDDO_OPTIMIZER_BACKEND": "local"})
     config = {"ops": {
-        "sft_checkpoint": {"config": {"max_steps": settings.down_round_steps, "max_length": 384,
-                                      "batch_size": 4, "seed": settings.seed}},
+        "sft_checkpoint": {"config": {"max_length": 384, "batch_size": 8, "seed": settings.seed}},
         "embedding_signals": {"config": {"umap": False}},
+        "refined_samples": {"config": {"candidates": settings.down_candidates, "verify": True,
+                                       "heldout_path": str(DOWN_EVAL)}},
     }}
     t0 = time.perf_counter()
     try:
-        summaries = run_rounds(2, seed_path=str(SEED_PATH), config=config, env=env, log=lambda m: log(f"downstream: {m}"))
+        summaries = run_rounds(1, seed_path=str(SEED_PATH), config=config, env=env,
+                               log=lambda m: log(f"downstream: {m}"))
     finally:
         if old is None:
             os.environ.pop("DAGSTER_HOME", None)
         else:
             os.environ["DAGSTER_HOME"] = old
-    seconds = time.perf_counter() - t0
+    if not all(s.success for s in summaries):
+        raise RuntimeError("downstream: the Middo round failed (see the log above)")
     store = Storage(middo_home)
-    seed_df = pl.read_parquet(store.table_path("seed_dataset"))
-    opt_df = pl.read_parquet(store.table_path("optimized_dataset", "round-2"))
-    return seed_df, opt_df, {"seconds": seconds, "rounds": [s.metadata for s in summaries]}
+    seed = pl.read_parquet(store.table_path("round_dataset", "round-1"))
+    cands = pl.read_parquet(store.table_path("refinement_candidates", "round-1"))
+    emb = pl.read_parquet(store.table_path("embedding_signals", "round-1"))
+    sparse_order = emb.filter(pl.col("is_sparse")).sort("knn_mean_similarity")["sample_id"].to_list()
+    return seed, cands, sparse_order, {"seconds": time.perf_counter() - t0, "round": summaries[0].metadata}
 
 
-def _finished_round2(middo_home: Path):
-    """The seed and round-2 optimized tables of a loop that already ran (``--downstream-from``)."""
+def build_variants(seed, cands, sparse_order) -> dict:
+    """Every dataset of the comparison, from the same candidates (see the module docstring)."""
     import polars as pl
 
-    from middo_pipeline.core.storage import Storage
+    from middo_pipeline.core.merge import merge_round
+    from middo_pipeline.core.verify import choose_candidates
 
-    store = Storage(middo_home)
-    paths = [store.table_path("seed_dataset"), store.table_path("optimized_dataset", "round-2")]
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"--downstream-from {middo_home}: no finished round 2 there (missing {', '.join(missing)})")
-    log(f"downstream: reusing the round-2 optimized dataset of {middo_home}")
-    return pl.read_parquet(paths[0]), pl.read_parquet(paths[1]), {"reused_from": str(middo_home)}
+    gate_on = choose_candidates(cands)
+    gate_off = cands.filter(pl.col("candidate") == 0)  # status ok = accepted, unverified
+    refined = {"gate_on": gate_on, "gate_off": gate_off}
+    for name, op in _OP_OF.items():
+        refined[name] = gate_on.filter(pl.col("operation") == op)
+    out = {"seed": (seed, {})}
+    for name, ref in refined.items():
+        res = merge_round(seed, ref, round=1, size_policy="keep", max_growth=0.15, sparse_order=sparse_order)
+        out[name] = (res.dataset, {"accepted": int((ref["status"] == "ok").sum()), "rows": res.dataset.height})
+    return out
 
 
-def _ops(df) -> dict:
-    if "operation" not in df.columns:
-        return {}
-    return {str(k): int(v) for k, v in zip(*np.unique(np.asarray(df["operation"].to_list()), return_counts=True))}
+def paired(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean of a − b over items with a 95% bootstrap interval (items resampled)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return {"mean": None, "ci95": None, "items": 0}
+    rng = np.random.default_rng(seed)
+    boots = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    return {"mean": float(d.mean()), "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+            "items": int(d.size), "significant": bool(np.percentile(boots, 2.5) > 0 or np.percentile(boots, 97.5) < 0)}
 
 
 def run(settings, models=None) -> dict:
@@ -89,60 +114,79 @@ def run(settings, models=None) -> dict:
     from middo_pipeline.core.training import TrainConfig, train_sft
     from middo_pipeline.models.loading import load_model
 
-    if not EVAL_PATH.exists():
-        return {"skipped": True, "reason": f"{EVAL_PATH} not found"}
-    eval_df = load_eval_set(EVAL_PATH)
+    if not DOWN_EVAL.exists():
+        return {"skipped": True, "reason": f"{DOWN_EVAL} not found"}
+    eval_df = load_eval_set(DOWN_EVAL)
+    t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="middo-bench-down-") as tmp:
         tmp = Path(tmp)
-        if settings.down_from:
-            seed_df, opt_df, loop_info = _finished_round2(Path(settings.down_from))
-        else:
-            log("downstream: two Middo rounds through the Dagster loop")
-            seed_df, opt_df, loop_info = _round2_dataset(settings, tmp)
-        log(f"downstream: seed {seed_df.height} rows, round-2 optimized {opt_df.height} rows")
-        results = {"seed": [], "optimized": []}
-        tokens = {"seed": [], "optimized": []}
+        log("downstream: one Middo round (verified refinement) through the Dagster loop")
+        seed_df, cands, sparse_order, loop_info = _one_round(settings, tmp)
+        datasets = build_variants(seed_df, cands, sparse_order)
+        names = [v for v in VARIANTS if v in datasets and v in settings.down_variants]
+        log("downstream: " + ", ".join(f"{n} {datasets[n][0].height} rows" for n in names))
+        runs: dict[str, list[dict]] = {}
+        correct: dict[str, list[np.ndarray]] = {}
+        losses: dict[str, list[np.ndarray]] = {}
+        seed_steps: dict[int, int] = {}
+        plan = [(n, "epoch") for n in names] + [(n, "steps") for n in settings.down_equal_steps if n in names and n != "seed"]
         for s in settings.down_seeds:
-            for name, df in (("seed", seed_df), ("optimized", opt_df)):
-                cfg = TrainConfig(max_steps=settings.down_steps, batch_size=4, max_length=384, seed=s,
-                                  device=settings.device, threads=settings.threads)
-                out = tmp / f"{name}-{s}"
+            for name, budget in plan:
+                df = datasets[name][0]
+                steps = seed_steps[s] if budget == "steps" else -1
+                cfg = TrainConfig(epochs=1.0, max_steps=steps, batch_size=8, max_length=384, seed=s,
+                                  device=settings.device, threads=settings.threads, logging_steps=10)
+                out = tmp / f"{name}-{budget}-{s}"
                 tr = train_sft(settings.model, df, out, cfg)
+                if name == "seed" and budget == "epoch":
+                    seed_steps[s] = tr.steps
                 lm = load_model(str(out), device=settings.device, dtype="auto", threads=settings.threads)
                 ev = evaluate(lm.model, lm.tokenizer, eval_df, max_length=384)
                 del lm
-                results[name].append({"seed": s, "mc_accuracy": ev["mc_accuracy"],
-                                      "mean_response_loss": ev["mean_response_loss"], "train_tokens": tr.tokens_seen})
-                tokens[name].append(tr.tokens_seen)
-                log(f"downstream: {name} seed {s}: mc_accuracy {ev['mc_accuracy']:.3f}, "
+                key = name if budget == "epoch" else f"{name}@equal_steps"
+                items = ev["items"].sort("id") if "id" in ev["items"].columns else ev["items"]
+                correct.setdefault(key, []).append(items["correct"].cast(float).to_numpy())
+                losses.setdefault(key, []).append(items["loss"].cast(float).to_numpy())
+                runs.setdefault(key, []).append({"seed": s, "steps": tr.steps, "rows": df.height,
+                                                 "train_tokens": tr.tokens_seen, "mc_accuracy": ev["mc_accuracy"],
+                                                 "mean_response_loss": ev["mean_response_loss"]})
+                log(f"downstream: {key} seed {s}: {tr.steps} steps, mc_accuracy {ev['mc_accuracy']:.3f}, "
                     f"loss {ev['mean_response_loss']:.3f}")
 
-    def stat(name: str, key: str) -> dict:
-        v = np.asarray([r[key] for r in results[name]], dtype=np.float64)
-        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": v.tolist()}
+    def mean_ci(key: str, what: dict) -> np.ndarray:
+        return np.mean(np.stack(what[key]), axis=0)
 
-    def diff(key: str) -> dict:
-        a = np.asarray([r[key] for r in results["optimized"]], dtype=np.float64)
-        b = np.asarray([r[key] for r in results["seed"]], dtype=np.float64)
-        d = a - b
-        return {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0, "values": d.tolist()}
-
+    summary, by_op = {}, {}
+    base_c, base_l = mean_ci("seed", correct), mean_ci("seed", losses)
+    for key in correct:
+        acc = [r["mc_accuracy"] for r in runs[key]]
+        entry = {"mc_accuracy_mean": float(np.mean(acc)), "mc_accuracy_by_seed": acc,
+                 "mean_response_loss_mean": float(np.mean([r["mean_response_loss"] for r in runs[key]])),
+                 "rows": runs[key][0]["rows"], "steps": [r["steps"] for r in runs[key]]}
+        if key != "seed":
+            entry["mc_accuracy_diff_vs_seed"] = paired(mean_ci(key, correct), base_c)
+            # lower loss is better: report seed − variant so that > 0 means the variant is better
+            entry["response_loss_improvement_vs_seed"] = paired(base_l, mean_ci(key, losses))
+        summary[key] = entry
+        if key in _OP_OF:
+            by_op[_OP_OF[key]] = entry.get("mc_accuracy_diff_vs_seed")
+    on, off = summary.get("gate_on", {}), summary.get("gate_off", {})
     return {
         "skipped": False,
+        "eval_file": DOWN_EVAL.name,
         "eval_items": eval_df.height,
-        "seed_rows": seed_df.height,
-        "optimized_rows": opt_df.height,
-        "optimized_operations": _ops(opt_df),
-        "steps": settings.down_steps,
-        "batch_size": 4,
         "seeds": list(settings.down_seeds),
+        "candidates_per_sample": settings.down_candidates,
         "loop": loop_info,
-        "seed_trained": {"mc_accuracy": stat("seed", "mc_accuracy"), "mean_response_loss": stat("seed", "mean_response_loss")},
-        "optimized_trained": {"mc_accuracy": stat("optimized", "mc_accuracy"),
-                              "mean_response_loss": stat("optimized", "mean_response_loss")},
-        "difference_optimized_minus_seed": {"mc_accuracy": diff("mc_accuracy"),
-                                            "mean_response_loss": diff("mean_response_loss")},
-        "train_tokens": tokens,
-        "runs": results,
-        "note": "small scale: 135M model, LoRA, a few hundred samples, a held-out set of a few hundred items",
+        "candidates": {"total": cands.height, "passed": int(cands["passed"].sum())},
+        "datasets": {k: v[1] | {"rows": v[0].height} for k, v in datasets.items()},
+        "variants": summary,
+        "downstream_mc_accuracy_diff": (on.get("mc_accuracy_diff_vs_seed") or {}).get("mean"),
+        "downstream_mc_accuracy_diff_ci": (on.get("mc_accuracy_diff_vs_seed") or {}).get("ci95"),
+        "downstream_gate_off_diff": (off.get("mc_accuracy_diff_vs_seed") or {}).get("mean"),
+        "downstream_gate_off_diff_ci": (off.get("mc_accuracy_diff_vs_seed") or {}).get("ci95"),
+        "downstream_by_operation": by_op,
+        "seconds": time.perf_counter() - t_start,
+        "runs": runs,
+        "note": "small scale: 135M model, LoRA, one epoch on ~200 samples, 240 held-out items",
     }

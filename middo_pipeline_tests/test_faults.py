@@ -41,7 +41,8 @@ from middo_pipeline_tests.core.fake_openai_server import FakeOpenAI, Reply, chat
 ROUND = "round-1"
 OPT_TIMEOUT_S = 2.0  # per-attempt timeout of the optimizer client in these tests
 OPT_RETRIES = 1
-OPTIMIZE_ASSETS = {AssetKey("refined_samples"), AssetKey("optimized_dataset"), AssetKey("sample_accounting")}
+OPTIMIZE_ASSETS = {AssetKey("refinement_candidates"), AssetKey("refined_samples"), AssetKey("optimized_dataset"),
+                   AssetKey("sample_accounting")}
 PROMPT_SYSTEM_MARK = "training data"  # in the stepwise system prompt, not in the response-step one
 
 
@@ -76,6 +77,9 @@ def pipeline(tmp_path_factory, model_cache):
     """A tiny-profile environment with the openai optimizer backend, short timeouts, 1 retry."""
     tmp = tmp_path_factory.mktemp("faults")
     seed, cfg = small_tiny_run(tmp)
+    # transport faults with the gate off and one candidate per operation: every request the
+    # server sees maps to one row (the gate's decisions are tested in test_verify / test_loop_tiny)
+    cfg["ops"]["refined_samples"]["config"].update(candidates=1, temperature=0.0, verify=False)
     env = {
         "MIDDO_PROFILE": "tiny", "MIDDO_HOME": str(tmp / "middo"), "MIDDO_DEVICE": "cpu",
         "MIDDO_MODEL_CACHE": str(model_cache), "DAGSTER_HOME": str(tmp / "dagster_home"),
@@ -194,10 +198,13 @@ def test_endpoint_garbage_keeps_every_original(pipeline, endpoint_garbage):
     refined = pl.read_parquet(store.table_path("refined_samples", ROUND))
     assert refined.height > 0 and refined["status"].unique().to_list() == ["failed"]
     counts = dict(refined.group_by("failure_reason").len().iter_rows())
-    assert set(counts) == GARBAGE_REASONS, counts  # every kind of failure is named by its reason
     md = _metadata("refined_samples")
-    assert md["attempted"] == md["failed"] == refined.height and md["succeeded"] == 0
-    assert md["failures_by_reason"] == counts  # counted by reason in the metadata
+    assert md["attempted"] == md["failed"] == refined.height and md["accepted"] == 0
+    assert md["rejected_or_failed_by_reason"] == counts  # counted by reason in the metadata
+    # every candidate's failure is kept, named by its reason
+    cands = pl.read_parquet(store.table_path("refinement_candidates", ROUND))
+    assert cands.height == refined.height and not cands["passed"].any()
+    assert set(cands["failure_reason"].to_list()) == GARBAGE_REASONS
 
     # conservation: the optimized dataset is the round's input, every original kept
     before = pl.read_parquet(store.table_path("round_dataset", ROUND))
@@ -244,7 +251,7 @@ def test_rate_limited_endpoint_succeeds_after_retry(pipeline, endpoint_rate_limi
     assert endpoint_rate_limited.distinct == 2 * refined.height
     assert len(fake.chat_calls) == 2 * endpoint_rate_limited.distinct
     md = _metadata("refined_samples")
-    assert md["succeeded"] == refined.height and md["failed"] == 0
+    assert md["accepted"] == refined.height and md["failed"] == 0
 
     before = pl.read_parquet(store.table_path("round_dataset", ROUND))
     after = pl.read_parquet(store.table_path("optimized_dataset", ROUND))

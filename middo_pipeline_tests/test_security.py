@@ -96,7 +96,8 @@ def test_api_key_never_leaks(tmp_path, model_cache, monkeypatch, capfd, caplog):
     # the key was really used (so the checks below are not vacuous), and its echo was seen
     auth = {c.headers.get("authorization") for c in fake.chat_calls}
     assert auth == {f"Bearer {secret}"}
-    refined = pl.read_parquet(Storage(home).table_path("refined_samples", "round-1"))
+    # every candidate's failure is kept (refined_samples shows the best of each sample's candidates)
+    refined = pl.read_parquet(Storage(home).table_path("refinement_candidates", "round-1"))
     reasons = [r for r in refined["failure_reason"].to_list() if r]
     assert any("http 400" in r and "***" in r for r in reasons), reasons  # redacted, not dropped
 

@@ -1,0 +1,77 @@
+"""A checkpoint knows what it was trained on; candidates are re-scored like the round's samples."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from middo_pipeline.core.checkpoints import (
+    ROUND_INFO,
+    StaleCheckpoint,
+    require_checkpoint,
+    trained_from,
+    write_round_info,
+)
+
+
+def test_require_checkpoint(tmp_path):
+    ck = tmp_path / "ck"
+    with pytest.raises(FileNotFoundError, match="materialize sft_checkpoint first"):
+        require_checkpoint(ck, "round-1", "abc")
+    ck.mkdir()
+    (ck / "config.json").write_text("{}")
+    with pytest.raises(StaleCheckpoint, match="does not record"):
+        require_checkpoint(ck, "round-1", "abc")
+    write_round_info(ck, round_key="round-1", base_model="m", initialized_from=None, trained_on="abc", samples=3)
+    assert require_checkpoint(ck, "round-1", "abc")["samples"] == 3
+    assert trained_from(ck) is None
+    with pytest.raises(StaleCheckpoint, match="another round_dataset"):
+        require_checkpoint(ck, "round-1", "xyz")
+    (ck / ROUND_INFO).write_text("not json")
+    with pytest.raises(StaleCheckpoint):
+        require_checkpoint(ck, "round-1", "abc")
+    write_round_info(ck, round_key="round-2", base_model="m", initialized_from="/prev", trained_on="abc", samples=3)
+    assert trained_from(ck) == "/prev" and json.loads((ck / ROUND_INFO).read_text())["round"] == "round-2"
+
+
+def test_rescore_candidates_matches_direct_scoring(tiny_model_dir):
+    from middo_pipeline.core.diversity import TopComponents, max_cosine_to
+    from middo_pipeline.core.forward import EmbeddingSpec, score_samples
+    from middo_pipeline.core.ifd import ifd_scores, unconditional_loss
+    from middo_pipeline.core.rescore import RescoreSettings, rescore_candidates
+    from middo_pipeline.core.verify import QualityScale
+    from middo_pipeline.models.loading import load_model
+
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    cands = pl.DataFrame({
+        "origin_id": ["a", "b", "c"], "operation": ["simplified", "rewritten", "extended"], "candidate": [0, 0, 1],
+        "status": ["ok", "failed", "ok"], "instruction_after": ["Add 2 and 3.", None, "Name a blue fruit."],
+        "input_after": ["", None, ""], "output_after": ["5", None, "A blueberry."],
+    })
+    rng = np.random.default_rng(0)
+    round_emb = rng.normal(size=(6, lm.model.config.hidden_size)).astype(np.float32)
+    comps = TopComponents(1).fit(round_emb)
+    spec = EmbeddingSpec(pooling="last", layer="middle")
+    for mode in ("ifd", "judge"):
+        scale = QualityScale.fit(mode, np.array([4.0, 6.0]), np.array([0.5, 0.9]))
+        got = rescore_candidates(cands, base=lm, checkpoint=lm, scale=scale, round_embeddings=comps.transform(round_emb),
+                                 components=comps, settings=RescoreSettings(embedding=spec, judge_max_length=448))
+        assert got.height == 3 and got["origin_id"].to_list() == ["a", "b", "c"]
+        assert got.row(1, named=True)["loss_before"] is None  # not generated: nothing scored
+        prompts, responses = ["Add 2 and 3.", "Name a blue fruit."], ["5", "A blueberry."]
+        direct = score_samples(lm.model, lm.tokenizer, prompts, responses, embedding=spec)
+        uncond = unconditional_loss(lm.model, lm.tokenizer, responses)
+        ok = got.filter(pl.col("status") == "ok")
+        np.testing.assert_allclose(ok["loss_after"].to_numpy(), direct.loss, atol=1e-5)
+        np.testing.assert_allclose(ok["ifd"].to_numpy(), ifd_scores(direct.loss, uncond.loss), atol=1e-5)
+        np.testing.assert_allclose(ok["max_cosine"].to_numpy(),
+                                   max_cosine_to(comps.transform(direct.embedding), comps.transform(round_emb)), atol=1e-5)
+        if mode == "ifd":
+            np.testing.assert_allclose(ok["quality_value"].to_numpy(), -ok["ifd"].to_numpy())
+            assert ok["judge_score"].null_count() == 2  # the judge does not run in ifd mode
+        else:
+            assert ok["judge_score"].null_count() == 0
+            np.testing.assert_allclose(ok["quality_value"].to_numpy(), ok["judge_score"].to_numpy())
