@@ -14,7 +14,7 @@ from middo_pipeline.core.evaluation import evaluate, load_eval_set
 from middo_pipeline.core.plots import metric_by_round_png
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.resources import ModelResource, StorageResource
-from middo_pipeline.rounds import round_key, round_number, rounds_partitions
+from middo_pipeline.rounds import earlier_rounds, round_number, rounds_partitions
 
 DEFAULT_EVAL = Path(__file__).resolve().parents[2] / "data" / "eval_heldout.jsonl"
 METRICS = ("mean_response_loss", "mc_accuracy")
@@ -61,11 +61,11 @@ def round_evaluation(context: AssetExecutionContext, config: EvalConfig, model: 
 
     # earlier rounds, for the plot across rounds
     rounds, series = [], {m: [] for m in METRICS}
-    for prev in range(1, r):
-        meta_path = store.artifact_dir("round_evaluation", round_key(prev)) / "summary.json"
+    for prev in earlier_rounds(context.partition_key):
+        meta_path = store.artifact_dir("round_evaluation", prev) / "summary.json"
         if meta_path.exists():
             summary = json.loads(meta_path.read_text())
-            rounds.append(prev)
+            rounds.append(round_number(prev))
             for m in METRICS:
                 series[m].append(summary[m])
     rounds.append(r)

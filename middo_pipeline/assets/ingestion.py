@@ -24,7 +24,7 @@ from middo_pipeline.core.ingest import SeedFileError, read_seed
 from middo_pipeline.core.schema import fingerprint, schema_problems
 from middo_pipeline.core.storage import StorageError
 from middo_pipeline.resources import StorageResource
-from middo_pipeline.rounds import latest_materialization, round_key, round_number, rounds_partitions
+from middo_pipeline.rounds import latest_materialization, previous_round, previous_table, rounds_partitions
 
 DEFAULT_SEED = Path(__file__).resolve().parents[2] / "data" / "seed_alpaca.json"
 
@@ -108,14 +108,13 @@ def seed_dataset(context: AssetExecutionContext, config: SeedConfig):
     ),
 )
 def round_dataset(context: AssetExecutionContext, storage: StorageResource, seed_dataset: pl.DataFrame):
-    r = round_number(context.partition_key)
-    if r == 1:
+    prev = previous_round(context.partition_key)
+    if prev is None:
         df = seed_dataset
         source = {"source": "seed_dataset", "source_partition": "-"}
         record = latest_materialization(context.instance, "seed_dataset")
     else:
-        prev = round_key(r - 1)
-        path = storage.get().table_path("optimized_dataset", prev)
+        path = previous_table(storage.get(), "optimized_dataset", context.partition_key)
         record = latest_materialization(context.instance, "optimized_dataset", prev)
         if not path.exists():
             raise StorageError(

@@ -10,7 +10,6 @@ from pydantic import Field, field_validator
 
 from middo_pipeline.assets._checks import band_check, band_spec
 from middo_pipeline.assets._meta import image_md, json_md, preview_md
-from middo_pipeline.assets.training import trained_from
 from middo_pipeline.core import diversity, quality
 from middo_pipeline.core.forward import score_samples
 from middo_pipeline.core.llm import make_backend
@@ -20,7 +19,7 @@ from middo_pipeline.core.schema import prompt_text
 from middo_pipeline.core.thresholds import ThresholdSpec, flag_below, flag_both_above
 from middo_pipeline.models.loading import pick_device
 from middo_pipeline.resources import ModelResource, OptimizerResource, StorageResource
-from middo_pipeline.rounds import round_key, round_number, rounds_partitions
+from middo_pipeline.rounds import previous_table, round_number, rounds_partitions, trained_from
 
 
 class ThresholdConfig(Config):
@@ -65,7 +64,7 @@ def model_readouts(
 ) -> pl.DataFrame:
     store = storage.get()
     ckpt = store.checkpoint_dir(context.partition_key)
-    if not (ckpt / "config.json").exists():
+    if not store.checkpoint_ready(context.partition_key):
         raise FileNotFoundError(f"no sft_checkpoint for {context.partition_key} at {ckpt}: materialize sft_checkpoint first")
     prompts, responses = _prompts_responses(round_dataset)
     # "before training" = what this round's training started from: the base model, or the
@@ -195,11 +194,10 @@ def embedding_signals(context: AssetExecutionContext, config: EmbeddingSignalCon
     labels = diversity.kmeans_clusters(emb, n_clusters=config.n_clusters, seed=config.seed)
 
     dynamics: dict = {}
-    if r > 1:
-        prev_path = storage.get().table_path("embedding_signals", round_key(r - 1))
-        if prev_path.exists():
-            prev = pl.read_parquet(prev_path, columns=["sample_id", "cluster"])
-            dynamics = diversity.cluster_dynamics(prev["sample_id"].to_list(), prev["cluster"].to_numpy(), ids, labels)
+    prev_path = previous_table(storage.get(), "embedding_signals", context.partition_key)
+    if prev_path is not None and prev_path.exists():
+        prev = pl.read_parquet(prev_path, columns=["sample_id", "cluster"])
+        dynamics = diversity.cluster_dynamics(prev["sample_id"].to_list(), prev["cluster"].to_numpy(), ids, labels)
     if config.umap:
         xy, method = diversity.umap_2d(emb, seed=config.seed)
     else:

@@ -12,16 +12,7 @@ from middo_pipeline.core.plots import loss_curve_png
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.training import TrainConfig, train_sft
 from middo_pipeline.resources import ModelResource, StorageResource
-from middo_pipeline.rounds import round_key, round_number, rounds_partitions
-
-
-ROUND_INFO = "middo_round.json"  # inside each checkpoint: what it was trained from
-
-
-def trained_from(checkpoint_dir) -> str | None:
-    """The folder a checkpoint was initialised from (None: the base model)."""
-    info = checkpoint_dir / ROUND_INFO
-    return json.loads(info.read_text()).get("initialized_from") if info.exists() else None
+from middo_pipeline.rounds import previous_round, rounds_partitions, write_round_info
 
 
 class TrainingConfig(Config):
@@ -44,13 +35,13 @@ def init_checkpoint(storage, partition_key: str, init: str) -> str | None:
         return None
     if init != "previous":
         raise ValueError(f"training init must be 'base' or 'previous', got {init!r}")
-    r = round_number(partition_key)
-    if r == 1:
+    prev = previous_round(partition_key)
+    if prev is None:
         return None
-    prev = storage.checkpoint_dir(round_key(r - 1))
-    if not (prev / "config.json").exists():
-        raise FileNotFoundError(f"init='previous' needs {round_key(r - 1)}'s sft_checkpoint at {prev}; materialize it first")
-    return str(prev)
+    if not storage.checkpoint_ready(prev):
+        raise FileNotFoundError(f"init='previous' needs {prev}'s sft_checkpoint at {storage.checkpoint_dir(prev)}; "
+                                "materialize it first")
+    return str(storage.checkpoint_dir(prev))
 
 
 @asset(
@@ -84,8 +75,7 @@ def sft_checkpoint(
     context.log.info(f"fine-tuning {start or model.base_model} on {round_dataset.height} samples -> {target}")
     with store.lock("sft_checkpoint", context.partition_key), store.atomic_path(target, is_dir=True) as tmp:
         result = train_sft(model.base_path(), round_dataset, tmp, train_cfg, init_from=start, progress=on_log)
-        (tmp / ROUND_INFO).write_text(json.dumps({"round": context.partition_key, "initialized_from": start,
-                                                  "base_model": model.base_model}))
+        write_round_info(tmp, context.partition_key, start, model.base_model)
     history = [(int(s), float(l)) for s, l in result.loss_history]
     return MaterializeResult(
         metadata={

@@ -67,6 +67,10 @@ class Storage:
     def checkpoint_dir(self, partition: str) -> Path:
         return self.root / "checkpoints" / safe_name(partition)
 
+    def checkpoint_ready(self, partition: str) -> bool:
+        """Whether the partition's checkpoint folder holds a loadable model (its config.json)."""
+        return (self.checkpoint_dir(partition) / "config.json").exists()
+
     def artifact_dir(self, asset: str, partition: str | None = None) -> Path:
         return self.root / "artifacts" / safe_name(asset) / safe_name(partition or UNPARTITIONED)
 
