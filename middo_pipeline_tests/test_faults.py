@@ -274,7 +274,7 @@ OPTIMIZER_CHILD = textwrap.dedent(
     backend = CachedBackend(OpenAIBackend(a["url"], "test-model", max_concurrency=1, timeout=30, max_retries=0),
                             CompletionCache(a["cache"]))
     out = run_operations(pl.read_parquet(a["samples"]), pl.read_parquet(a["plan"]), a["neighbors"], backend,
-                         PromptConfig(style="stepwise"), round=1)
+                         PromptConfig(style="stepwise"), round_number=1)
     out.write_parquet(a["out"])
     print("finished", flush=True)
     """
@@ -290,7 +290,7 @@ def _run_ops(url: str, cache: Path, samples: pl.DataFrame, plan: pl.DataFrame, n
     backend = CachedBackend(OpenAIBackend(url, "test-model", max_concurrency=1, timeout=30, max_retries=0),
                             CompletionCache(cache))
     try:
-        return run_operations(samples, plan, neighbors, backend, PromptConfig(style="stepwise"), round=1)
+        return run_operations(samples, plan, neighbors, backend, PromptConfig(style="stepwise"), round_number=1)
     finally:
         backend.cache.close()
 

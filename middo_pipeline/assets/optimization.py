@@ -63,7 +63,7 @@ def refined_samples(
     max_prompt = config.max_prompt_tokens or (160 if style == "direct" else 768)
     prompt_cfg = PromptConfig(style=style, max_prompt_tokens=max_prompt, max_response_tokens=config.max_response_tokens,
                               temperature=config.temperature, seed=config.seed)
-    refined = run_operations(round_dataset, plan, neighbors, backend, prompt_cfg, round=r,
+    refined = run_operations(round_dataset, plan, neighbors, backend, prompt_cfg, round_number=r,
                              progress=ProgressLogger(context.log.info, "optimizer calls", unit="calls"))
     ok = refined.filter(pl.col("status") == "ok")
     failed = refined.filter(pl.col("status") != "ok")
@@ -113,13 +113,14 @@ class MergeConfig(Config):
 def optimized_dataset(
     context: AssetExecutionContext,
     config: MergeConfig,
+    storage: StorageResource,
     round_dataset: pl.DataFrame,
     refined_samples: pl.DataFrame,
     embedding_signals: pl.DataFrame,
 ):
     r = round_number(context.partition_key)
     sparse_order = embedding_signals.filter(pl.col("is_sparse")).sort("knn_mean_similarity")["sample_id"].to_list()
-    result = merge_round(round_dataset, refined_samples, round=r, size_policy=config.size_policy,
+    result = merge_round(round_dataset, refined_samples, round_number=r, size_policy=config.size_policy,
                          max_growth=config.max_growth, sparse_order=sparse_order)
     problems = check_conservation(round_dataset, result.dataset, result.accounting)
     conservation = AssetCheckResult(
@@ -131,6 +132,10 @@ def optimized_dataset(
         raise RuntimeError(f"{context.partition_key}: merge lost track of samples: {'; '.join(problems[:5])}")
     ds = result.dataset
     growth = ds.height / max(round_dataset.height, 1) - 1.0
+    # the rows the merge removed as exact duplicates, with the row each repeats: kept as data
+    store = storage.get()
+    dup_path = store.write_table(result.duplicates,
+                                 store.artifact_dir("optimized_dataset", context.partition_key) / "duplicates.parquet")
     changed = refined_samples.filter(pl.col("status") == "ok")
     yield Output(
         ds,
@@ -141,6 +146,8 @@ def optimized_dataset(
             "growth": round(growth, 4),
             "size_policy": config.size_policy,
             "counts": json_md(result.counts),
+            "duplicates_removed": result.duplicates.height,
+            "duplicates": MetadataValue.path(str(dup_path)),
             "rows_by_operation": json_md(dict(ds.group_by("operation").len().sort("operation").iter_rows())),
             "fingerprint": fingerprint(ds),
             "before_after": preview_md(changed, ["operation", "instruction_before", "instruction_after", "output_after"], n=10),

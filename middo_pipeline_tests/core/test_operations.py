@@ -150,7 +150,7 @@ def test_run_operations_success(samples):
     plan = plan_operations(samples, [a], [b], [d], {})
     backend = FakeBackend(good_script)
     calls = []
-    out = run_operations(samples, plan, {d: [e, d, "no-such-id"]}, backend, PromptConfig(style="stepwise"), round=1,
+    out = run_operations(samples, plan, {d: [e, d, "no-such-id"]}, backend, PromptConfig(style="stepwise"), round_number=1,
                          progress=lambda done, total: calls.append((done, total)))
     assert out.schema == pl.Schema(REFINED_SCHEMA)
     assert out.height == 3 and out["status"].to_list() == ["ok"] * 3
@@ -187,7 +187,7 @@ def test_direct_style_uses_prefill_and_parses_continuation(samples):
         return " Show that there are infinitely many primes.\n\nAnswer: Euclid..."
 
     out = run_operations(samples, plan_operations(samples, [a], [], [], {}), {}, FakeBackend(script),
-                         PromptConfig(style="direct"), round=1)
+                         PromptConfig(style="direct"), round_number=1)
     assert out["instruction_after"].to_list() == ["Show that there are infinitely many primes."]
     assert out["output_after"].to_list() == ["An answer."]
 
@@ -215,7 +215,7 @@ def test_failures_are_recorded_with_reasons(samples):
         return f"### Final prompt\n{ROWS[4]['instruction']}"  # the extension repeats its core
 
     backend = FakeBackend(script)
-    out = run_operations(samples, plan, {}, backend, PromptConfig(style="stepwise"), round=2)
+    out = run_operations(samples, plan, {}, backend, PromptConfig(style="stepwise"), round_number=2)
     reasons = dict(zip(out["origin_id"], out["failure_reason"]))
     assert reasons[a] == "llm error: timeout"
     assert reasons[b] == "unparseable: no final prompt marker"
@@ -240,7 +240,7 @@ def test_cached_flags_pass_through(samples):
         return Completion(text=good_script(req), cached="could not learn" in user(req))
 
     out = run_operations(samples, plan_operations(samples, [a], [b], [], {}), {}, FakeBackend(script),
-                         PromptConfig(style="stepwise"), round=1)
+                         PromptConfig(style="stepwise"), round_number=1)
     flags = {r["operation"]: (r["prompt_cached"], r["response_cached"]) for r in out.iter_rows(named=True)}
     assert flags == {"simplified": (True, False), "rewritten": (False, True)}
 
@@ -249,10 +249,10 @@ def test_no_response_call_when_nothing_parsed_and_no_calls_for_empty_plan(sample
     a = ids(samples)[0]
     backend = FakeBackend(lambda req: Completion(error="boom"))
     out = run_operations(samples, plan_operations(samples, [a], [], [], {}), {}, backend,
-                         PromptConfig(style="stepwise"), round=1)
+                         PromptConfig(style="stepwise"), round_number=1)
     assert out["failure_reason"].to_list() == ["llm error: boom"] and len(backend.calls) == 1
     empty = FakeBackend(good_script)
-    out = run_operations(samples, plan_operations(samples, [], [], [], {}), {}, empty, PromptConfig(), round=1)
+    out = run_operations(samples, plan_operations(samples, [], [], [], {}), {}, empty, PromptConfig(), round_number=1)
     assert out.height == 0 and out.schema == pl.Schema(REFINED_SCHEMA) and empty.calls == []
 
 
@@ -264,7 +264,7 @@ def test_backend_returning_wrong_count_raises(samples):
     a, b = ids(samples)[:2]
     with pytest.raises(RuntimeError, match="completions"):
         run_operations(samples, plan_operations(samples, [a, b], [], [], {}), {}, Short(good_script),
-                       PromptConfig(style="stepwise"), round=1)
+                       PromptConfig(style="stepwise"), round_number=1)
 
 
 def test_same_requests_every_run(samples):
@@ -272,6 +272,6 @@ def test_same_requests_every_run(samples):
     a, b, c = ids(samples)[:3]
     plan = plan_operations(samples, [a], [b], [c], {c: [a]})
     b1, b2 = FakeBackend(good_script), FakeBackend(good_script)
-    out1 = run_operations(samples, plan, {c: [a]}, b1, PromptConfig(style="stepwise"), round=1)
-    out2 = run_operations(samples, plan.reverse(), {c: [a]}, b2, PromptConfig(style="stepwise"), round=1)
+    out1 = run_operations(samples, plan, {c: [a]}, b1, PromptConfig(style="stepwise"), round_number=1)
+    out2 = run_operations(samples, plan.reverse(), {c: [a]}, b2, PromptConfig(style="stepwise"), round_number=1)
     assert b1.calls == b2.calls and out1.equals(out2)

@@ -155,16 +155,16 @@ def run_operations(
     backend: LLMBackend,
     config: PromptConfig,
     *,
-    round: int,
+    round_number: int,
     progress: Callable[[int, int], None] | None = None,
 ) -> pl.DataFrame:
     """Attempt every planned operation; the ``refined_samples`` table (``REFINED_SCHEMA``).
 
-    ``round`` is the round the operations belong to (the new samples enter D_{round+1}; the
-    merge stamps the round on the rows). ``progress(done, total)`` counts LLM calls over both
+    ``round_number`` (r) is the round the operations belong to (the new samples enter D_{r+1};
+    the merge stamps the round on the rows). ``progress(done, total)`` counts LLM calls over both
     stages (the total grows to its final value once the responses are known).
     """
-    del round  # the merge stamps the round; kept in the signature for symmetry and logging callers
+    del round_number  # the merge stamps the round; kept in the signature for symmetry with merge_round
     neighbors = neighbors or {}
     by_id = {r["sample_id"]: r for r in samples.select("sample_id", "instruction", "input", "output").iter_rows(named=True)}
     plan = plan.sort(["operation", "origin_id"])
