@@ -10,9 +10,10 @@ from __future__ import annotations
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from middo_pipeline.core.llm import BackendKind
 from middo_pipeline.core.llm.protocol import LLMBackend
 from middo_pipeline.core.storage import Storage
-from middo_pipeline.models.loading import DEFAULT_MODEL, LoadedModel, load_model, resolve_model_path
+from middo_pipeline.models.loading import DEFAULT_MODEL, DType, LoadedModel, load_model, resolve_model_path
 
 
 class StorageResource(ConfigurableResource):
@@ -32,7 +33,7 @@ class ModelResource(ConfigurableResource):
         description=f"'{DEFAULT_MODEL}' (packaged, offline), 'tiny-llama' (test model), a local folder or a Hugging Face id",
     )
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
-    dtype: str = Field(default="auto", description="auto (bf16 on capable GPUs, else fp32) | float32 | bfloat16 | float16")
+    dtype: DType = Field(default="auto", description="auto (bf16 on capable GPUs, else fp32) | float32 | bfloat16 | float16")
     threads: int | None = Field(default=None, description="torch CPU threads (default: torch's choice)")
     cache_dir: str | None = Field(default=None, description="Converted-model cache (default ~/.cache/middo-pipeline/models)")
 
@@ -53,7 +54,7 @@ class OptimizerResource(ConfigurableResource):
     key is read from the environment variable named by ``api_key_env`` and is never logged.
     """
 
-    backend: str = Field(default="local", description="local | openai")
+    backend: BackendKind = Field(default="local", description="local | openai")
     model: str = Field(default=DEFAULT_MODEL, description="local: model name/folder; openai: the served model name")
     base_url: str | None = Field(default=None, description="openai backend: e.g. http://localhost:8000/v1")
     api_key_env: str = Field(default="OPENAI_API_KEY", description="Name of the environment variable holding the API key")

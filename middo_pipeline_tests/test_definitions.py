@@ -62,3 +62,34 @@ def test_bad_run_config_is_clear(tmp_path):
         split_config(load_run_config(str(bad)))
     with pytest.raises(FileNotFoundError):
         load_run_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize(
+    "op, field, bad, allowed",
+    [
+        ("sft_checkpoint", "init", "last", ("base", "previous")),
+        ("quality_signals", "mode", "sample", ("expected", "generate")),
+        ("quality_signals", "judge", "gpt", ("self", "optimizer")),
+        ("refined_samples", "prompt_style", "fancy", ("auto", "direct", "stepwise")),
+        ("optimized_dataset", "size_policy", "shrink", ("grow", "keep")),
+        ("embedding_signals", "knn_method", "fast", ("auto", "exact", "approx")),
+    ],
+)
+def test_bad_choice_fails_at_config_validation_naming_the_choices(op, field, bad, allowed):
+    """Choices are declared on the config field: a bad value is refused before any asset runs,
+    and the error lists the allowed values."""
+    from dagster import DagsterInvalidConfigError, validate_run_config
+
+    job = build_defs({}).resolve_job_def("middo_round")
+    for good in allowed:
+        validate_run_config(job, {"ops": {op: {"config": {field: good}}}})
+    with pytest.raises(DagsterInvalidConfigError) as err:
+        validate_run_config(job, {"ops": {op: {"config": {field: bad}}}})
+    msg = str(err.value)
+    assert f"{op}:config:{field}" in msg and bad in msg
+    assert all(repr(a) in msg for a in allowed), msg
+
+
+def test_bad_optimizer_backend_fails_when_the_resources_are_built():
+    with pytest.raises(Exception, match=r"'local' or 'openai'"):
+        resources_from_env({"MIDDO_OPTIMIZER_BACKEND": "vllm"})

@@ -1,15 +1,17 @@
 """Steps 3 and 4 of the loop: the optimizer LLM rewrites flagged samples; the merge builds D_{r+1}."""
 
 
+from typing import Literal
+
 import polars as pl
 from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetOut, Config, MetadataValue, Output, asset, multi_asset
 from pydantic import Field
 
 from middo_pipeline.assets._checks import schema_check, schema_spec
 from middo_pipeline.assets._meta import json_md, preview_md
-from middo_pipeline.core.merge import check_conservation, merge_round
+from middo_pipeline.core.merge import SizePolicy, check_conservation, merge_round
 from middo_pipeline.core.optimizer.operations import plan_operations, run_operations
-from middo_pipeline.core.optimizer.prompts import PromptConfig
+from middo_pipeline.core.optimizer.prompts import PromptConfig, PromptStyle
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.schema import fingerprint
 from middo_pipeline.resources import OptimizerResource, StorageResource
@@ -20,7 +22,7 @@ class RefineConfig(Config):
     simplify: bool = Field(default=True, description="Simplify hard samples (complexity signal)")
     extend: bool = Field(default=True, description="Extend sparse samples (diversity signal)")
     rewrite: bool = Field(default=True, description="Rewrite low-quality samples (quality signal)")
-    prompt_style: str = Field(default="auto", description="direct (small models) | stepwise (strong models) | auto: direct for the local backend, stepwise for openai")
+    prompt_style: Literal["auto", PromptStyle] = Field(default="auto", description="direct (small models) | stepwise (strong models) | auto: direct for the local backend, stepwise for openai")
     max_prompt_tokens: int | None = Field(default=None, description="Max new tokens for a new prompt (default 160 direct, 768 stepwise)")
     max_response_tokens: int = Field(default=192, description="Max new tokens for a new response")
     temperature: float = Field(default=0.0)
@@ -86,7 +88,7 @@ def refined_samples(
 
 
 class MergeConfig(Config):
-    size_policy: str = Field(default="keep", description="keep: grow at most max_growth (sparsest extensions first); grow: no cap (the reference)")
+    size_policy: SizePolicy = Field(default="keep", description="keep: grow at most max_growth (sparsest extensions first); grow: no cap (the reference)")
     max_growth: float = Field(default=0.15, description="With size_policy=keep: the largest allowed growth, as a fraction")
 
 

@@ -2,11 +2,12 @@
 
 
 import time
+from typing import Literal
 
 import numpy as np
 import polars as pl
 from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from middo_pipeline.assets._checks import band_check, band_spec
 from middo_pipeline.assets._meta import image_md, json_md, preview_md
@@ -152,7 +153,7 @@ def loss_signals(context: AssetExecutionContext, config: LossSignalConfig, model
 # --------------------------------------------------------------------------------------
 class EmbeddingSignalConfig(ThresholdConfig):
     k: int = Field(default=2, description="Neighbours per sample (itself excluded)")
-    knn_method: str = Field(
+    knn_method: diversity.KnnMethod = Field(
         default="auto",
         description="Top-k neighbour search: exact (blockwise all-pairs), approx (faiss IVF; for very large N), "
                     "or auto (exact up to 200k samples, approx above)",
@@ -162,13 +163,6 @@ class EmbeddingSignalConfig(ThresholdConfig):
     n_clusters: int | None = Field(default=None, description="k-means clusters (default: about sqrt(N/2), 2..50)")
     umap: bool = Field(default=True, description="Draw the UMAP cluster map (numba compiles for ~15 s per process)")
     seed: int = Field(default=0)
-
-    @field_validator("knn_method")
-    @classmethod
-    def _known_knn_method(cls, v: str) -> str:
-        if v not in diversity.KNN_METHODS:
-            raise ValueError(f"knn_method must be one of {', '.join(diversity.KNN_METHODS)}, got {v!r}")
-        return v
 
 
 @asset(
@@ -238,8 +232,8 @@ def embedding_signals(context: AssetExecutionContext, config: EmbeddingSignalCon
 
 # --------------------------------------------------------------------------------------
 class QualitySignalConfig(ThresholdConfig):
-    mode: str = Field(default="expected", description="expected: score from next-token probabilities (one pass); generate: the judge writes a number that is parsed")
-    judge: str = Field(default="self", description="self: this round's checkpoint judges (the paper); optimizer: the optimizer LLM judges (generate mode)")
+    mode: Literal["expected", "generate"] = Field(default="expected", description="expected: score from next-token probabilities (one pass); generate: the judge writes a number that is parsed")
+    judge: Literal["self", "optimizer"] = Field(default="self", description="self: this round's checkpoint judges (the paper); optimizer: the optimizer LLM judges (generate mode)")
     max_length: int = Field(default=512)
     max_batch_size: int = Field(default=16)
 
@@ -265,7 +259,7 @@ def quality_signals(context: AssetExecutionContext, config: QualitySignalConfig,
     t0 = time.perf_counter()
     if config.judge == "optimizer":
         scores6 = quality.generated_scores(optimizer.make_backend(store), prompts, responses, progress=progress)
-    elif config.judge == "self":
+    else:  # the round's own checkpoint judges
         lm = model.load(str(store.checkpoint_dir(context.partition_key)))
         if config.mode == "expected":
             scores6 = quality.expected_scores(lm.model, lm.tokenizer, prompts, responses, max_length=config.max_length,
@@ -275,12 +269,8 @@ def quality_signals(context: AssetExecutionContext, config: QualitySignalConfig,
                 context.log.warning(
                     f"self-judge fell back to one forward pass per judgement (about 5x slower): "
                     f"{judge_info['fallback_reason']}")
-        elif config.mode == "generate":
+        else:  # generate
             scores6 = quality.generated_scores(make_backend("local", loaded=lm), prompts, responses, progress=progress)
-        else:
-            raise ValueError(f"quality mode must be 'expected' or 'generate', got {config.mode!r}")
-    else:
-        raise ValueError(f"quality judge must be 'self' or 'optimizer', got {config.judge!r}")
     combined = quality.combine_scores(scores6)
     score = np.asarray(combined["quality_score"], dtype=np.float64)
     res = flag_below(score, config.spec(), r)

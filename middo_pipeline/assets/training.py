@@ -2,6 +2,7 @@
 
 
 import json
+from typing import Literal
 
 import polars as pl
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
@@ -26,15 +27,18 @@ class TrainingConfig(Config):
     lora_alpha: int = Field(default=32)
     seed: int = Field(default=0)
     max_steps: int = Field(default=-1, description="Stop after this many steps (-1: the epochs decide)")
-    init: str = Field(default="base", description="base: retrain from the base model each round (the paper); previous: continue from the previous round's checkpoint")
+    init: Literal["base", "previous"] = Field(default="base", description="base: retrain from the base model each round (the paper); previous: continue from the previous round's checkpoint")
+
+    def train_config(self, **overrides) -> TrainConfig:
+        """The core ``TrainConfig``: every field of this config that it has (all but ``init``),
+        plus ``overrides`` (device, threads: the model resource's)."""
+        return TrainConfig(**self.model_dump(exclude={"init"}), **overrides)
 
 
 def init_checkpoint(storage, partition_key: str, init: str) -> str | None:
     """The folder training starts from instead of the base model, or None for the base."""
     if init == "base":
         return None
-    if init != "previous":
-        raise ValueError(f"training init must be 'base' or 'previous', got {init!r}")
     prev = previous_round(partition_key)
     if prev is None:
         return None
@@ -60,12 +64,7 @@ def sft_checkpoint(
     store = storage.get()
     target = store.checkpoint_dir(context.partition_key)
     start = init_checkpoint(store, context.partition_key, config.init)
-    train_cfg = TrainConfig(
-        epochs=config.epochs, learning_rate=config.learning_rate, batch_size=config.batch_size,
-        grad_accum=config.grad_accum, max_length=config.max_length, lora=config.lora,
-        lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, seed=config.seed,
-        max_steps=config.max_steps, device=model.device, threads=model.threads,
-    )
+    train_cfg = config.train_config(device=model.device, threads=model.threads)
     progress = ProgressLogger(context.log.info, "training", unit="steps")
 
     def on_log(state: dict) -> None:

@@ -18,7 +18,7 @@ import math
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ __all__ = ["topk_cosine", "topk_cosine_rows", "KNN_METHODS", "sparsity_scores", 
 
 UMAP_MIN_SAMPLES = 10  # below this, the 2-D map is a PCA projection
 
-KNN_METHODS = ("auto", "exact", "approx")
+KnnMethod = Literal["auto", "exact", "approx"]
+KNN_METHODS: tuple[str, ...] = get_args(KnnMethod)
 EXACT_MAX_ROWS = 200_000  # method="auto": exact top-k up to this many rows, approximate above
 APPROX_NPROBE = 16  # IVF lists searched per row
 APPROX_TRAIN_PER_LIST = 25  # k-means training rows per list (subsampled)

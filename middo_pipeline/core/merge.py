@@ -32,12 +32,14 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import polars as pl
 
 from middo_pipeline.core.schema import EXTENDED, KEPT, REWRITTEN, SAMPLE_SCHEMA, SIMPLIFIED
 
-SIZE_POLICIES = ("grow", "keep")
+SizePolicy = Literal["grow", "keep"]
+SIZE_POLICIES: tuple[str, ...] = get_args(SizePolicy)
 _REPLACING = (SIMPLIFIED, REWRITTEN)
 _REFINED_COLUMNS = ("origin_id", "operation", "instruction_after", "input_after", "output_after",
                     "new_sample_id", "status", "failure_reason")
@@ -124,7 +126,7 @@ def merge_round(
     refined: pl.DataFrame,
     *,
     round_number: int,
-    size_policy: str = "grow",
+    size_policy: SizePolicy = "grow",
     max_growth: float = 0.15,
     sparse_order: list[str] | None = None,
 ) -> MergeResult:

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from filelock import FileLock
@@ -113,7 +114,11 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+# the dtype names ``pick_dtype`` takes
+DType = Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
+
+
+def pick_dtype(dtype: DType, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16

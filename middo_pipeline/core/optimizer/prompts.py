@@ -23,12 +23,13 @@ The second step, ``response_request``, asks for a plain helpful answer to the ne
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 from middo_pipeline.core.llm.protocol import ChatRequest
 from middo_pipeline.core.schema import EXTENDED, REWRITTEN, SIMPLIFIED
 
-STYLES = ("direct", "stepwise")
+PromptStyle = Literal["direct", "stepwise"]
+STYLES: tuple[str, ...] = get_args(PromptStyle)
 FINAL_MARKER = "### Final prompt"
 
 # labels the direct style prefills the assistant turn with
@@ -41,7 +42,7 @@ DIRECT_PREFILL = {
 
 @dataclass(frozen=True)
 class PromptConfig:
-    style: str = "direct"  # "direct" (small local models) | "stepwise" (strong models)
+    style: PromptStyle = "direct"  # "direct" (small local models) | "stepwise" (strong models)
     max_prompt_tokens: int = 160  # new tokens for the prompt step (stepwise needs ~768)
     max_response_tokens: int = 192  # new tokens for the response step
     temperature: float = 0.0
