@@ -9,13 +9,15 @@ import os
 import platform
 import resource
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+from middo_pipeline.atomic import atomic_path
+from middo_pipeline.constants import DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -33,7 +35,7 @@ class Settings:
     ``full`` is meant for a GPU (it also runs on CPU, for a long time)."""
 
     mode: str
-    model: str = "smollm2-135m-instruct"  # the packaged default (middo_pipeline.models.loading.DEFAULT_MODEL)
+    model: str = DEFAULT_MODEL  # the packaged default
     device: str = "auto"
     threads: int | None = None
     # signal pass: ours vs the reference's way
@@ -299,16 +301,9 @@ def _clean(obj: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(_clean(data), fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(_clean(data), fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
     return path
 
 

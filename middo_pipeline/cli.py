@@ -18,8 +18,8 @@ import argparse
 import sys
 from typing import Sequence
 
-# kept in sync with middo_pipeline.core.ingest (not imported here: it pulls in polars)
-SEED_FORMATS = ("alpaca_json", "alpaca_jsonl", "sharegpt", "messages", "parquet")
+from middo_pipeline.constants import SEED_FORMATS
+
 DEFAULT_SHOW = 20
 
 

@@ -548,7 +548,7 @@ def test_read_only_storage_at_storage_level(tmp_path, monkeypatch):
     def read_only_fs(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr("middo_pipeline.core.storage.tempfile.mkstemp", read_only_fs)
+    monkeypatch.setattr("middo_pipeline.atomic.tempfile.mkstemp", read_only_fs)
     with pytest.raises(StorageError, match="permission denied") as info:
         store.write_table(pl.DataFrame({"a": [1]}), store.table_path("seed_dataset"))
     assert str(store.table_path("seed_dataset")) in str(info.value)

