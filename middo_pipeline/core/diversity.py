@@ -7,8 +7,6 @@ running top-k per query, so memory is O(block_size² + N·k) but work is all-pai
 product, lists scanned with BLAS) does ~N^1.5·dim work and is the default above
 ``EXACT_MAX_ROWS`` rows. Either way the self-match is excluded by index (an exact duplicate at
 another index is a real neighbour, with similarity 1).
-
-No dagster imports here.
 """
 
 from __future__ import annotations

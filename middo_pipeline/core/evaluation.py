@@ -22,8 +22,6 @@ Metrics (``evaluate``):
   scores −inf. ``mc_accuracy_sum_ll`` reports the unnormalised (sum) variant beside it.
   All choices of all items, and the reference outputs, go through one batched
   ``score_samples`` call.
-
-No dagster imports here.
 """
 
 from __future__ import annotations

@@ -23,8 +23,6 @@ under ``max_batch_tokens`` (padded tokens: batch size x longest length) and
 ``max_batch_size``. Padding is on the right, with an attention mask; results come back in
 the caller's order. Tokens after the response's end-of-turn token cannot influence anything
 that is computed (causal attention), so they are not fed.
-
-No dagster imports here: the assets call this.
 """
 
 from __future__ import annotations

@@ -2,8 +2,6 @@
 
 Figures are built with ``matplotlib.figure.Figure`` on the Agg canvas (no pyplot state, safe
 in threads and without a display), ~6×4 in at 80 dpi so one image stays well under 100 KB.
-
-No dagster imports here.
 """
 
 from __future__ import annotations

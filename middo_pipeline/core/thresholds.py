@@ -16,8 +16,6 @@ Comparisons are strict (``value > threshold`` / ``value < threshold``), so a con
 (std = 0) flags nothing. Missing values (NaN) are never flagged and are left out of mean/std.
 Every result carries the threshold, the m used, the mean/std and the flagged count/fraction,
 ready to be shown as metadata.
-
-No dagster imports here.
 """
 
 from __future__ import annotations

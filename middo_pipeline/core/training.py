@@ -11,8 +11,6 @@ fine-tuning. The result is always a plain model folder that
 
 Everything runs offline: the model and tokenizer are loaded from local folders and handed to
 the trainer as objects (``processing_class`` is always passed, so trl never asks a hub).
-
-This module must not import dagster.
 """
 
 from __future__ import annotations
