@@ -177,7 +177,10 @@ def table(sections: dict, head: dict, gl: dict) -> str:
             rows.append((f"{name}: FAILED", blk["error"][:60], "", "", ""))
     head_row = ("figure", "ours", "reference / bound", "ratio", "goal")
     widths = [max(len(r[i]) for r in rows + [head_row]) for i in range(5)]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+
+    def line(r) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(head_row), sep, *(line(r) for r in rows)])
 

@@ -11,10 +11,11 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from middo_pipeline.atomic import atomic_path
 from middo_pipeline.constants import DEFAULT_MODEL
@@ -70,11 +71,11 @@ class Settings:
     seed: int = 0
 
     @staticmethod
-    def quick(**over) -> "Settings":
+    def quick(**over) -> Settings:
         return Settings(mode="quick", **over)
 
     @staticmethod
-    def full(**over) -> "Settings":
+    def full(**over) -> Settings:
         base = dict(
             mode="full",
             speed_samples=128,
@@ -164,7 +165,7 @@ class PeakRSS:
                 self.peak = v
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.baseline = rss_bytes()
         self.peak = self.baseline
         self._maxrss0 = max_rss_bytes()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from middo_pipeline.constants import SEED_FORMATS
 
@@ -124,12 +124,12 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a round's optimized dataset with provenance on every row."""
+    import polars as pl
+
     from middo_pipeline.core.export import export_table
     from middo_pipeline.core.storage import Storage
     from middo_pipeline.loop import ensure_dagster_home
     from middo_pipeline.rounds import round_key
-
-    import polars as pl
 
     ensure_dagster_home()
     path = Storage().table_path("optimized_dataset", round_key(args.round))

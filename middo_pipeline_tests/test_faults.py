@@ -282,8 +282,8 @@ OPTIMIZER_CHILD = textwrap.dedent(
 
 
 def _run_ops(url: str, cache: Path, samples: pl.DataFrame, plan: pl.DataFrame, neighbors: dict) -> pl.DataFrame:
-    from middo_pipeline.core.llm.openai_compat import OpenAIBackend
     from middo_pipeline.core.llm.cache import CachedBackend, CompletionCache
+    from middo_pipeline.core.llm.openai_compat import OpenAIBackend
     from middo_pipeline.core.optimizer.operations import run_operations
     from middo_pipeline.core.optimizer.prompts import PromptConfig
 
@@ -458,7 +458,7 @@ def test_sigkill_during_write_never_leaves_a_partial_table(tmp_path):
     assert not final.exists()
     leftovers = _tmp_files(folder)
     assert leftovers and all(p.name.startswith(f".{final.name}.") for p in leftovers)
-    with pytest.raises(Exception):  # the leftover really is a torn file ...
+    with pytest.raises(Exception):  # noqa: B017 - any polars read error: the leftover really is a torn file ...
         pl.read_parquet(leftovers[0])
     with pytest.raises(StorageError, match="not found"):  # ... and the reader never looks at it
         store.read_table(final)

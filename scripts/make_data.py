@@ -15,9 +15,9 @@ import argparse
 import json
 import random
 import re
+import shutil
 import sqlite3
 import subprocess
-import shutil
 import tempfile
 from collections import Counter
 from fractions import Fraction
@@ -641,7 +641,7 @@ def _norm(s: str) -> str:
 
 def check_code() -> None:
     """Run every coding answer that holds code, with its test."""
-    for ins, inp, out, test in CODING:
+    for ins, _inp, out, test in CODING:
         blocks = re.findall(r"```(\w+)\n(.*?)```", out, flags=re.S)
         if test is None:
             assert not blocks, ins
@@ -698,7 +698,6 @@ def validate(seed_path: Path = DATA / "seed_alpaca.json", eval_path: Path = DATA
         for k in ("instruction", "output", "category"):
             assert r[k].strip(), (k, r)
         assert r["category"] in CATEGORIES, r
-        key = _norm(r["instruction"] + "\n" + r["input"])
         assert _norm(r["instruction"]) not in seen, f"duplicate seed instruction: {r['instruction']}"
         seen.add(_norm(r["instruction"]))
         words = len(r["output"].split())

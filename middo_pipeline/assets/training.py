@@ -75,7 +75,7 @@ def sft_checkpoint(
     with store.lock("sft_checkpoint", context.partition_key), store.atomic_path(target, is_dir=True) as tmp:
         result = train_sft(model.base_path(), round_dataset, tmp, train_cfg, init_from=start, progress=on_log)
         write_round_info(tmp, context.partition_key, start, model.base_model)
-    history = [(int(s), float(l)) for s, l in result.loss_history]
+    history = [(int(s), float(loss)) for s, loss in result.loss_history]
     return MaterializeResult(
         metadata={
             "path": MetadataValue.path(str(target)),

@@ -15,8 +15,9 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal, Sequence, get_args
+from typing import Literal, get_args
 
 import numpy as np
 import torch

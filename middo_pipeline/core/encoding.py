@@ -32,8 +32,8 @@ than ``max_length`` a ``ValueError`` is raised (a configuration error, not a dat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 __all__ = ["EncodedSample", "encode_sample", "encode_samples", "render_sample"]
 

@@ -27,8 +27,8 @@ Metrics (``evaluate``):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import polars as pl

@@ -30,9 +30,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg

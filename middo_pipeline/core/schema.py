@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
-from typing import Iterable
+from collections.abc import Iterable
 
 import polars as pl
 

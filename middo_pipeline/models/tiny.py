@@ -7,8 +7,8 @@ generation — runs exactly as with a real model, only fast.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from middo_pipeline.atomic import atomic_path
 

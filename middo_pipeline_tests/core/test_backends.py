@@ -12,8 +12,7 @@ import pytest
 from middo_pipeline.core.llm import make_backend
 from middo_pipeline.core.llm.local import DEFAULT_MODEL, LocalBackend
 from middo_pipeline.core.llm.openai_compat import OpenAIBackend
-from middo_pipeline.core.llm.protocol import truncate_at_stop
-from middo_pipeline.core.llm.protocol import BackendUnavailable, ChatRequest
+from middo_pipeline.core.llm.protocol import BackendUnavailable, ChatRequest, truncate_at_stop
 from middo_pipeline_tests.core.fake_openai_server import (
     Reply,
     chat_ok,

@@ -10,9 +10,9 @@ import uuid
 
 import pytest
 
+from middo_pipeline.core.llm.cache import CachedBackend, CompletionCache
 from middo_pipeline.core.llm.local import LocalBackend
 from middo_pipeline.core.llm.openai_compat import OpenAIBackend
-from middo_pipeline.core.llm.cache import CachedBackend, CompletionCache
 from middo_pipeline.core.llm.protocol import BackendUnavailable, ChatRequest, Completion
 from middo_pipeline_tests.core.fake_openai_server import chat_ok, error, last_user
 

@@ -146,7 +146,7 @@ def test_lora_result_fields_and_progress(lora_run, samples):
     assert result.samples == result.samples_trained == samples.height
     assert result.tokens_seen > result.completion_tokens > 0
     assert result.seconds > 0 and result.tokens_per_second > 0
-    assert result.loss_history and all(math.isfinite(l) and l > 0 for _, l in result.loss_history)
+    assert result.loss_history and all(math.isfinite(loss) and loss > 0 for _, loss in result.loss_history)
     assert [s for s, _ in result.loss_history] == list(range(1, result.steps + 1))
     assert result.final_loss == result.loss_history[-1][1]
 

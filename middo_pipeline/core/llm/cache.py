@@ -21,9 +21,9 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from middo_pipeline.core.llm.protocol import ChatRequest, Completion, LLMBackend
 
@@ -115,7 +115,9 @@ class CompletionCache:
             chunk = keys[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
             rows = self._retry(
-                lambda c: c.execute(f"SELECT key, text, usage FROM completions WHERE key IN ({marks})", chunk).fetchall()
+                lambda c, marks=marks, chunk=chunk: c.execute(
+                    f"SELECT key, text, usage FROM completions WHERE key IN ({marks})", chunk
+                ).fetchall()
             )
             for key, text, usage in rows:
                 try:

@@ -11,8 +11,8 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from middo_pipeline.constants import DEFAULT_MODEL
 from middo_pipeline.core.llm.protocol import (
@@ -186,7 +186,7 @@ class LocalBackend:
                         on_result(i, results[i])
                 if pre and progress:
                     progress(done, n)
-            for key, idx in groups.items():
+            for idx in groups.values():
                 idx.sort(key=lambda i: -len(prompt_ids[i]))  # longest first: OOM shows early
                 for start in range(0, len(idx), self.batch_size):
                     batch = idx[start : start + self.batch_size]

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
-from typing import Sequence
 
 from middo_pipeline.core.llm.protocol import (
     BackendUnavailable,

@@ -37,7 +37,7 @@ the cache resumes, and a different seed / model can be tried by configuration.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import polars as pl
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Iterable
+from collections.abc import Iterable
 
 MIN_PROMPT_CHARS = 8
 MAX_PROMPT_CHARS = 6000

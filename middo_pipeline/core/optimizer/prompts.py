@@ -22,8 +22,9 @@ The second step, ``response_request``, asks for a plain helpful answer to the ne
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence, get_args
+from typing import Literal, get_args
 
 from middo_pipeline.core.llm.protocol import ChatRequest
 from middo_pipeline.core.schema import EXTENDED, REWRITTEN, SIMPLIFIED

@@ -8,8 +8,8 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

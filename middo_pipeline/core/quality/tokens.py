@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from middo_pipeline.core.quality.prompts import DEFAULT_PREFILL, _encode, _render, judge_messages
 
+
 @dataclass(frozen=True)
 class ScoreTokens:
     """How the scores 0..10 are spelled in token ids right after the prompt (+ prefill)."""
