@@ -32,7 +32,11 @@ GOALS = {
     "quality_auroc_by_kind.garbled_prompt": (">=", 0.85, "quality AUROC vs clean >= 0.85 on garbled prompts"),
     "quality_auroc_by_kind.truncated_prompt": (">=", 0.85, "quality AUROC vs clean >= 0.85 on truncated prompts"),
     "quality_auroc_by_kind.unrelated_response": (">=", 0.85, "quality AUROC vs clean >= 0.85 on unrelated answers"),
-    "downstream_mc_accuracy_diff": (">=", 0.0, "gate-on data at least as good as the seed (mean MC accuracy diff >= 0)"),
+    "downstream_mc_accuracy_diff": (
+        ">=",
+        0.0,
+        "gate-on data at least as good as the seed (mean MC accuracy diff >= 0)",
+    ),
 }
 
 
@@ -59,11 +63,11 @@ def _fmt(v, nd: int = 2) -> str:
 def _mib(b) -> str:
     if b is None:
         return "-"
-    if b >= 2 ** 40:
-        return f"{b / 2 ** 40:.1f} TiB"
-    if b >= 2 ** 30:
-        return f"{b / 2 ** 30:.1f} GiB"
-    return f"{b / 2 ** 20:.0f} MiB"
+    if b >= 2**40:
+        return f"{b / 2**40:.1f} TiB"
+    if b >= 2**30:
+        return f"{b / 2**30:.1f} GiB"
+    return f"{b / 2**20:.0f} MiB"
 
 
 def headline(sections: dict) -> dict:
@@ -92,8 +96,13 @@ def headline(sections: dict) -> dict:
         "quality_auroc_by_kind_ci95": de.get("quality_auroc_by_kind_ci95"),
     }
     down = sections.get("downstream") or {}
-    for key in ("downstream_mc_accuracy_diff", "downstream_mc_accuracy_diff_ci", "downstream_gate_off_diff",
-                "downstream_gate_off_diff_ci", "downstream_by_operation"):
+    for key in (
+        "downstream_mc_accuracy_diff",
+        "downstream_mc_accuracy_diff_ci",
+        "downstream_gate_off_diff",
+        "downstream_gate_off_diff_ci",
+        "downstream_by_operation",
+    ):
         out[key] = down.get(key) if down and not down.get("skipped") else None
     return out
 
@@ -111,31 +120,58 @@ def table(sections: dict, head: dict, gl: dict) -> str:
     rows: list[tuple[str, str, str, str, str]] = []  # figure, ours, reference/bound, ratio, goal
     sp = sections.get("speed") or {}
     if sp and "ours" in sp:
-        rows.append(("signal pass, samples/s", _fmt(sp["ours"]["samples_per_s"]),
-                     _fmt(sp["reference"]["samples_per_s"]) + " (1-by-1)",
-                     _fmt(sp["speedup_vs_reference"]) + "x", _goal(gl, "signal_speedup_vs_reference")))
-        rows.append(("  vs reference w/ batched loss", "", _fmt(sp["reference_batched_loss"]["samples_per_s"]),
-                     _fmt(sp["speedup_vs_reference_batched_loss"]) + "x", ""))
+        rows.append(
+            (
+                "signal pass, samples/s",
+                _fmt(sp["ours"]["samples_per_s"]),
+                _fmt(sp["reference"]["samples_per_s"]) + " (1-by-1)",
+                _fmt(sp["speedup_vs_reference"]) + "x",
+                _goal(gl, "signal_speedup_vs_reference"),
+            )
+        )
+        rows.append(
+            (
+                "  vs reference w/ batched loss",
+                "",
+                _fmt(sp["reference_batched_loss"]["samples_per_s"]),
+                _fmt(sp["speedup_vs_reference_batched_loss"]) + "x",
+                "",
+            )
+        )
         if sp.get("mfu_ours") is not None:
-            rows.append(("signal pass, achieved GFLOP/s", _fmt(sp["ours"]["achieved_gflops"], 1),
-                         _fmt(sp["peak_gflops"], 1) + " (matmul peak)",
-                         f"MFU {100 * sp['mfu_ours']:.1f}%", f"ref MFU {100 * sp['mfu_reference']:.1f}%"))
+            rows.append(
+                (
+                    "signal pass, achieved GFLOP/s",
+                    _fmt(sp["ours"]["achieved_gflops"], 1),
+                    _fmt(sp["peak_gflops"], 1) + " (matmul peak)",
+                    f"MFU {100 * sp['mfu_ours']:.1f}%",
+                    f"ref MFU {100 * sp['mfu_reference']:.1f}%",
+                )
+            )
     kn = sections.get("knn") or {}
     kk = kn.get("k", 2)
 
     def knn_cell(o: dict) -> str:
         if o.get("seconds") is None and o.get("error"):
             return o["error"][:40]
-        cell = f"{_fmt(o.get('seconds'), 1)} s, {_mib(o.get('peak_bytes'))}" + ("" if o.get("measured") else " (extrap.)")
+        cell = f"{_fmt(o.get('seconds'), 1)} s, {_mib(o.get('peak_bytes'))}" + (
+            "" if o.get("measured") else " (extrap.)"
+        )
         return cell + (f" [{o['method']}]" if o.get("method") in ("exact", "approx") else "")
 
     for n, e in (kn.get("sizes") or {}).items():
         o, d = e["ours"], e["dense"]
         ours = knn_cell(o)
-        dense = (f"{_fmt(d.get('seconds'), 1)} s, {_mib(d.get('peak_bytes'))}" if d.get("measured")
-                 else f"{_mib(d.get('peak_bytes'))} (computed)")
+        dense = (
+            f"{_fmt(d.get('seconds'), 1)} s, {_mib(d.get('peak_bytes'))}"
+            if d.get("measured")
+            else f"{_mib(d.get('peak_bytes'))} (computed)"
+        )
         ratio = e.get("memory_ratio_dense_over_ours")
-        g = {"100000": _goal(gl, "knn_memory_ratio_vs_dense_100k"), "1000000": _goal(gl, "knn_memory_ratio_vs_dense_1m")}.get(n, "")
+        g = {
+            "100000": _goal(gl, "knn_memory_ratio_vs_dense_100k"),
+            "1000000": _goal(gl, "knn_memory_ratio_vs_dense_1m"),
+        }.get(n, "")
         if n == "1000000":
             g = (g + "; " + _goal(gl, "knn_seconds_1m")).strip("; ")
         rows.append((f"top-{kk} at N={int(n):,}", ours, dense, f"mem {_fmt(ratio, 1)}x", g))
@@ -144,36 +180,84 @@ def table(sections: dict, head: dict, gl: dict) -> str:
             a = o if o.get("method") == "approx" else other
             rec = f"recall@{kk} {_fmt(a.get('recall_at_k'), 3)} (random)" if a.get("recall_at_k") is not None else ""
             sp = e.get("speedup_approx_vs_exact")
-            rows.append((f"  {other.get('method', '')} at N={int(n):,}", knn_cell(other), rec,
-                         f"approx speedup {_fmt(sp, 1)}x" if sp else "", ""))
+            rows.append(
+                (
+                    f"  {other.get('method', '')} at N={int(n):,}",
+                    knn_cell(other),
+                    rec,
+                    f"approx speedup {_fmt(sp, 1)}x" if sp else "",
+                    "",
+                )
+            )
     cl = kn.get("clustered") or {}
     if cl.get("recall_at_k") is not None:
-        rows.append((f"  approx, clustered N={cl['n']:,}", knn_cell(cl), f"recall@{kk} {_fmt(cl['recall_at_k'], 3)} (clustered)", "", ""))
+        rows.append(
+            (
+                f"  approx, clustered N={cl['n']:,}",
+                knn_cell(cl),
+                f"recall@{kk} {_fmt(cl['recall_at_k'], 3)} (clustered)",
+                "",
+                "",
+            )
+        )
     jd = sections.get("judge") or {}
     if jd and "expected" in jd:
-        rows.append(("quality judge, s/sample", _fmt(jd["expected"]["seconds_per_sample"], 3),
-                     _fmt(jd["generate"]["seconds_per_sample"], 3) + f" (gen {jd['max_new_tokens']} tok)",
-                     _fmt(jd["speedup_vs_generate"], 1) + "x", _goal(gl, "judge_speedup_vs_generate")))
-        rows.append(("  Spearman expected vs generated", _fmt(jd.get("spearman_vs_generate")), "",
-                     f"parsed {100 * (jd['generate'].get('parsed_fraction') or 0):.0f}%", _goal(gl, "judge_spearman_vs_generate")))
+        rows.append(
+            (
+                "quality judge, s/sample",
+                _fmt(jd["expected"]["seconds_per_sample"], 3),
+                _fmt(jd["generate"]["seconds_per_sample"], 3) + f" (gen {jd['max_new_tokens']} tok)",
+                _fmt(jd["speedup_vs_generate"], 1) + "x",
+                _goal(gl, "judge_speedup_vs_generate"),
+            )
+        )
+        rows.append(
+            (
+                "  Spearman expected vs generated",
+                _fmt(jd.get("spearman_vs_generate")),
+                "",
+                f"parsed {100 * (jd['generate'].get('parsed_fraction') or 0):.0f}%",
+                _goal(gl, "judge_spearman_vs_generate"),
+            )
+        )
         if "generate_number_only" in jd:
             g = jd["generate_number_only"]
-            rows.append(("  vs number-only generation", _fmt(jd.get("spearman_vs_generate_number_only")),
-                         _fmt(g["seconds_per_sample"], 3) + " s/sample", f"parsed {100 * g['parsed_fraction']:.0f}%", ""))
+            rows.append(
+                (
+                    "  vs number-only generation",
+                    _fmt(jd.get("spearman_vs_generate_number_only")),
+                    _fmt(g["seconds_per_sample"], 3) + " s/sample",
+                    f"parsed {100 * g['parsed_fraction']:.0f}%",
+                    "",
+                )
+            )
     de = sections.get("detection") or {}
     ci = de.get("detection_auroc_ci95") or {}
     for sig in ("complexity", "diversity", "quality"):
         if sig in de:
             b = de[sig]
             c = ci.get(sig) or [None, None]
-            rows.append((f"detect {sig}: AUROC vs clean", _fmt((de.get("detection_auroc") or {}).get(sig)),
-                         f"95% CI {_fmt(c[0])}-{_fmt(c[1])}; P {_fmt(b.get('precision'))} / R {_fmt(b.get('recall'))} at m=1",
-                         f"vs all {_fmt(b.get('auroc'))}", _goal(gl, f"detection_auroc.{sig}")))
+            rows.append(
+                (
+                    f"detect {sig}: AUROC vs clean",
+                    _fmt((de.get("detection_auroc") or {}).get(sig)),
+                    f"95% CI {_fmt(c[0])}-{_fmt(c[1])}; P {_fmt(b.get('precision'))} / R {_fmt(b.get('recall'))} at m=1",
+                    f"vs all {_fmt(b.get('auroc'))}",
+                    _goal(gl, f"detection_auroc.{sig}"),
+                )
+            )
     kci = de.get("quality_auroc_by_kind_ci95") or {}
     for kind, v in (de.get("quality_auroc_by_kind") or {}).items():
         c = kci.get(kind) or [None, None]
-        rows.append((f"  quality {kind}", _fmt(v), f"95% CI {_fmt(c[0])}-{_fmt(c[1])}", "",
-                     _goal(gl, f"quality_auroc_by_kind.{kind}")))
+        rows.append(
+            (
+                f"  quality {kind}",
+                _fmt(v),
+                f"95% CI {_fmt(c[0])}-{_fmt(c[1])}",
+                "",
+                _goal(gl, f"quality_auroc_by_kind.{kind}"),
+            )
+        )
     dn = sections.get("downstream") or {}
     if dn:
         if dn.get("skipped"):
@@ -182,15 +266,24 @@ def table(sections: dict, head: dict, gl: dict) -> str:
             for key, v in dn["variants"].items():
                 d = v.get("mc_accuracy_diff_vs_seed") or {}
                 c = d.get("ci95") or [None, None]
-                rows.append((f"downstream {key}: MC acc", _fmt(v["mc_accuracy_mean"], 3),
-                             f"{v['rows']} rows", f"diff {_fmt(d.get('mean'), 3)} [{_fmt(c[0], 3)}, {_fmt(c[1], 3)}]"
-                             if d else "", _goal(gl, "downstream_mc_accuracy_diff") if key == "gate_on" else ""))
+                rows.append(
+                    (
+                        f"downstream {key}: MC acc",
+                        _fmt(v["mc_accuracy_mean"], 3),
+                        f"{v['rows']} rows",
+                        f"diff {_fmt(d.get('mean'), 3)} [{_fmt(c[0], 3)}, {_fmt(c[1], 3)}]" if d else "",
+                        _goal(gl, "downstream_mc_accuracy_diff") if key == "gate_on" else "",
+                    )
+                )
     for name, blk in sections.items():
         if isinstance(blk, dict) and blk.get("error"):
             rows.append((f"{name}: FAILED", blk["error"][:60], "", "", ""))
     head_row = ("figure", "ours", "reference / bound", "ratio", "goal")
     widths = [max(len(r[i]) for r in rows + [head_row]) for i in range(5)]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+
+    def line(r) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(head_row), sep, *(line(r) for r in rows)])
 
@@ -206,12 +299,23 @@ def _goal(gl: dict, key: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores: small sizes, 1M top-k approx measured (exact extrapolated), no downstream")
-    mode.add_argument("--full", action="store_true", help="everything at full size (meant for a GPU): 1M top-k measured, downstream over 3 seeds")
+    mode.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few minutes on 2 CPU cores: small sizes, 1M top-k approx measured (exact extrapolated), no downstream",
+    )
+    mode.add_argument(
+        "--full",
+        action="store_true",
+        help="everything at full size (meant for a GPU): 1M top-k measured, downstream over 3 seeds",
+    )
     p.add_argument("--only", default=None, help=f"comma-separated sections to run (default all): {','.join(SECTIONS)}")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--model", default=None,
-                   help="model to benchmark (default: the packaged SmolLM2-135M-Instruct; 'tiny-llama' smoke-tests the harness in seconds)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model to benchmark (default: the packaged SmolLM2-135M-Instruct; 'tiny-llama' smoke-tests the harness in seconds)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/{quick,full}.json)")
     args = p.parse_args(argv)
@@ -252,7 +356,12 @@ def main(argv=None) -> int:
     from benchmarks import detection, downstream, hardware, judge, knn, speed
 
     section("hardware", lambda: hardware.run(settings, models))
-    section("speed", lambda: speed.run(settings, models, sections.get("hardware") if "fp32" in (sections.get("hardware") or {}) else None))
+    section(
+        "speed",
+        lambda: speed.run(
+            settings, models, sections.get("hardware") if "fp32" in (sections.get("hardware") or {}) else None
+        ),
+    )
     section("knn", lambda: knn.run(settings))
     section("detection", lambda: detection.run(settings, models, with_judge="judge" in only))
     if isinstance(sections.get("detection"), dict) and "judge" in sections["detection"]:
@@ -262,8 +371,10 @@ def main(argv=None) -> int:
     if settings.downstream or (args.only and "downstream" in only):
         section("downstream", lambda: downstream.run(settings, models))
     elif "downstream" in only:
-        sections["downstream"] = {"skipped": True,
-                                  "reason": "--quick: dozens of training runs do not fit in minutes; --only downstream or --full"}
+        sections["downstream"] = {
+            "skipped": True,
+            "reason": "--quick: dozens of training runs do not fit in minutes; --only downstream or --full",
+        }
 
     head = headline(sections)
     gl = goals(head)
@@ -281,8 +392,10 @@ def main(argv=None) -> int:
     }
     write_json_atomic(__import__("pathlib").Path(out_path), result)
     print()
-    print(f"middo-pipeline benchmarks ({settings.mode}) on {env['platform']}, {env['torch_threads']} torch threads"
-          + (f", {env['cuda']}" if env.get("cuda") else ", CPU"))
+    print(
+        f"middo-pipeline benchmarks ({settings.mode}) on {env['platform']}, {env['torch_threads']} torch threads"
+        + (f", {env['cuda']}" if env.get("cuda") else ", CPU")
+    )
     print(table(sections, head, gl))
     print(f"wall time {wall:.0f}s; results in {out_path}")
     return 0

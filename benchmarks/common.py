@@ -9,13 +9,16 @@ import os
 import platform
 import resource
 import sys
-import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from middo_pipeline.atomic import atomic_path
+from middo_pipeline.constants import DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -33,7 +36,7 @@ class Settings:
     ``full`` is meant for a GPU (it also runs on CPU, for a long time)."""
 
     mode: str
-    model: str = "smollm2-135m-instruct"  # the packaged default (middo_pipeline.models.loading.DEFAULT_MODEL)
+    model: str = DEFAULT_MODEL  # the packaged default
     device: str = "auto"
     threads: int | None = None
     # signal pass: ours vs the reference's way
@@ -75,11 +78,11 @@ class Settings:
     seed: int = 0
 
     @staticmethod
-    def quick(**over) -> "Settings":
+    def quick(**over) -> Settings:
         return Settings(mode="quick", **over)
 
     @staticmethod
-    def full(**over) -> "Settings":
+    def full(**over) -> Settings:
         base = dict(
             mode="full",
             speed_samples=128,
@@ -161,7 +164,7 @@ class PeakRSS:
                 self.peak = v
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.baseline = rss_bytes()
         self.peak = self.baseline
         self._maxrss0 = max_rss_bytes()
@@ -201,8 +204,9 @@ class ModelCache:
             from middo_pipeline.models.loading import load_model
 
             t0 = time.perf_counter()
-            self._lm = load_model(self.settings.model, device=self.settings.device, dtype="auto",
-                                  threads=self.settings.threads)
+            self._lm = load_model(
+                self.settings.model, device=self.settings.device, dtype="auto", threads=self.settings.threads
+            )
             self.load_seconds = time.perf_counter() - t0
             log(f"loaded {self.settings.model} on {self._lm.device} in {self.load_seconds:.1f}s")
         return self._lm
@@ -236,10 +240,20 @@ def load_seed_rows(path: Path = SEED_PATH, wait_s: float = 0.0) -> list[dict]:
         rows = rows.get("data") or rows.get("samples") or []
     out = []
     for r in rows:
-        if not isinstance(r, dict) or not str(r.get("instruction") or "").strip() or not str(r.get("output") or "").strip():
+        if (
+            not isinstance(r, dict)
+            or not str(r.get("instruction") or "").strip()
+            or not str(r.get("output") or "").strip()
+        ):
             continue
-        out.append({"instruction": str(r["instruction"]), "input": str(r.get("input") or ""),
-                    "output": str(r["output"]), "category": str(r.get("category") or "")})
+        out.append(
+            {
+                "instruction": str(r["instruction"]),
+                "input": str(r.get("input") or ""),
+                "output": str(r["output"]),
+                "category": str(r.get("category") or ""),
+            }
+        )
     return out
 
 
@@ -298,16 +312,9 @@ def _clean(obj: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(_clean(data), fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(_clean(data), fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
     return path
 
 

@@ -35,13 +35,19 @@ import re
 
 
 WRONG_ANSWERS = [
-    ("What is the capital of France?", "The capital of France is Berlin, which has been the seat of the French government since 1789."),
+    (
+        "What is the capital of France?",
+        "The capital of France is Berlin, which has been the seat of the French government since 1789.",
+    ),
     ("How many legs does a spider have?", "A spider has six legs, the same as every other insect."),
     ("What is the boiling point of water at sea level in Celsius?", "Water boils at 50 degrees Celsius at sea level."),
     ("Who wrote the play Romeo and Juliet?", "Romeo and Juliet was written by Charles Dickens in 1920."),
     ("What is the largest planet in our solar system?", "The largest planet in our solar system is Mercury."),
     ("What is 12 multiplied by 12?", "12 multiplied by 12 is 124."),
-    ("Which gas do plants absorb from the air for photosynthesis?", "Plants absorb helium from the air for photosynthesis."),
+    (
+        "Which gas do plants absorb from the air for photosynthesis?",
+        "Plants absorb helium from the air for photosynthesis.",
+    ),
     ("What is the chemical symbol for gold?", "The chemical symbol for gold is Ag."),
     ("How many continents are there on Earth?", "There are eleven continents on Earth."),
     ("What is the freezing point of water in Fahrenheit?", "Water freezes at 100 degrees Fahrenheit."),
@@ -56,7 +62,10 @@ WRONG_ANSWERS = [
     ("What is the largest ocean on Earth?", "The largest ocean on Earth is the Arctic Ocean."),
     ("Which planet is known as the Red Planet?", "Venus is known as the Red Planet because of its iron-rich soil."),
     ("What is 15 plus 27?", "15 plus 27 is 32."),
-    ("Who developed the theory of general relativity?", "The theory of general relativity was developed by Isaac Newton in 1950."),
+    (
+        "Who developed the theory of general relativity?",
+        "The theory of general relativity was developed by Isaac Newton in 1950.",
+    ),
     ("How many hours are there in a day?", "There are 36 hours in a day."),
     ("What is the hardest natural substance?", "The hardest natural substance is chalk."),
     ("What is the capital of Italy?", "The capital of Italy is Madrid."),
@@ -72,72 +81,111 @@ WRONG_ANSWERS = [
 # One item per domain, and no two alike in topic or form (two translation requests would be
 # each other's nearest neighbours and not isolated at all). None of these topics is in the seed.
 ISOLATED = [
-    ("Fasse den folgenden Satz in einfachen Worten zusammen: Die Bundesregierung hat beschlossen, den Ausbau der erneuerbaren Energien im kommenden Jahrzehnt deutlich zu beschleunigen.",
-     "Die Regierung will in den nächsten zehn Jahren viel schneller mehr Strom aus Sonne, Wind und anderen erneuerbaren Quellen gewinnen."),
-    ("Transcribe this DNA strand into messenger RNA: TACGGATTCAGCTTAAGC",
-     "The complementary mRNA is AUGCCUAAGUCGAAUUCG (A pairs with U, T with A, C with G and G with C)."),
-    ("Decode this Morse code message: .... . .-.. .-.. --- / .-- --- .-. .-.. -..",
-     "The message reads: HELLO WORLD."),
-    ("In the chess position after 1. e4 e5 2. Nf3 Nc6 3. Bb5 a6, what is the name of this opening and what does White usually play next?",
-     "This is the Ruy Lopez, Morphy Defence. White usually retreats with 4. Ba4, keeping the pin idea on the knight, or exchanges with 4. Bxc6."),
-    ("Explain what this LaTeX renders to: \\int_0^{\\infty} e^{-x^2} \\, dx = \\frac{\\sqrt{\\pi}}{2}",
-     "It renders the Gaussian integral: the integral of e to the minus x squared from zero to infinity equals the square root of pi divided by two."),
-    ("What does this cron expression mean: 15 3 * * 1-5",
-     "It runs at 03:15 every Monday to Friday: minute 15, hour 3, any day of the month, any month, weekdays 1 to 5."),
-    ("Give the IUPAC name of the molecule with the SMILES string CC(=O)OC1=CC=CC=C1C(=O)O",
-     "That SMILES string is aspirin; its IUPAC name is 2-acetoxybenzoic acid (2-(acetyloxy)benzoic acid)."),
-    ("In a knitting pattern, what do the abbreviations k2tog, yo and ssk mean?",
-     "k2tog: knit two stitches together (a right-leaning decrease); yo: yarn over (an increase that makes a small hole); ssk: slip, slip, knit the two slipped stitches together (a left-leaning decrease)."),
-    ("In figured bass, what does the figure 6/4 under a bass note indicate?",
-     "It indicates a second-inversion triad: the notes a sixth and a fourth above the bass, so the fifth of the chord is in the bass."),
-    ("In sailing, what is the difference between tacking and gybing?",
-     "Both change the side the wind comes from. Tacking turns the bow through the wind; gybing turns the stern through the wind, which swings the boom across more violently."),
-    ("Traduis en anglais : « Le boulanger ouvre sa boutique à six heures du matin. »",
-     "The baker opens his shop at six o'clock in the morning."),
-    ("What does the regular expression ^[A-Z]{2}\\d{4}$ match?",
-     "Strings of exactly two capital letters followed by exactly four digits, such as AB1234, and nothing else."),
-    ("In music theory, how many sharps does the key of E major have and what are they?",
-     "E major has four sharps: F sharp, C sharp, G sharp and D sharp."),
-    ("Convert the hexadecimal colour code #FF8000 to its RGB components.",
-     "#FF8000 is red 255, green 128, blue 0: a bright orange."),
-    ("In bridge, how many high-card points is an ace worth under the Milton Work count?",
-     "An ace is worth four points; a king three, a queen two and a jack one."),
-    ("What is the Köppen climate classification code for a hot desert climate?",
-     "A hot desert climate is BWh: B for arid, W for desert, h for hot."),
-    ("In SQL, what is the difference between WHERE and HAVING?",
-     "WHERE filters rows before grouping; HAVING filters groups after GROUP BY, so it can use aggregates such as COUNT(*)."),
-    ("Name the three bones of the middle ear.",
-     "The malleus (hammer), the incus (anvil) and the stapes (stirrup)."),
-    ("In cricket, what does LBW stand for?",
-     "Leg before wicket: the batter is out when the ball would have hit the stumps but struck the batter's body first."),
-    ("Read this Roman numeral: MCMXCIV",
-     "MCMXCIV is 1994: M = 1000, CM = 900, XC = 90, IV = 4."),
-    ("Welche Farbe entsteht, wenn man Blau und Gelb mischt?",
-     "Wenn man Blau und Gelb mischt, entsteht Grün."),
-    ("In a bash script, what does the expression ${VAR:-default} do?",
-     "It expands to the value of VAR, or to the word default when VAR is unset or empty."),
-    ("In heraldry, what is the tincture called 'gules'?",
-     "Gules is the heraldic name for the colour red."),
-    ("What does the Unix permission string rwxr-x--- mean for the owner, group and others?",
-     "The owner can read, write and execute; the group can read and execute; others have no access."),
-    ("In origami, what is a valley fold?",
-     "A valley fold folds the paper towards you so that the crease sinks like a valley; its opposite is the mountain fold."),
-    ("What is the plural of the Latin word 'corpus'?",
-     "The plural of corpus is corpora."),
-    ("In beekeeping, what is a 'super'?",
-     "A super is a box placed above the brood chamber of a hive where the bees store surplus honey for harvesting."),
-    ("In the NATO phonetic alphabet, how is the word CAB spelled out?",
-     "Charlie, Alpha, Bravo."),
-    ("In typography, what is kerning?",
-     "Kerning is adjusting the space between two specific letters, such as A and V, so the text looks evenly spaced."),
-    ("In astronomy, what is a parsec?",
-     "A parsec is the distance at which one astronomical unit subtends an angle of one arcsecond, about 3.26 light-years."),
-    ("¿Cuántos días tiene una semana?",
-     "Una semana tiene siete días."),
-    ("In Git, what does 'git stash' do?",
-     "It saves your uncommitted changes on a stack and restores a clean working tree; 'git stash pop' brings them back."),
-    ("In pharmacology, what does 'b.i.d.' mean on a prescription?",
-     "b.i.d. (bis in die) means twice a day."),
+    (
+        "Fasse den folgenden Satz in einfachen Worten zusammen: Die Bundesregierung hat beschlossen, den Ausbau der erneuerbaren Energien im kommenden Jahrzehnt deutlich zu beschleunigen.",
+        "Die Regierung will in den nächsten zehn Jahren viel schneller mehr Strom aus Sonne, Wind und anderen erneuerbaren Quellen gewinnen.",
+    ),
+    (
+        "Transcribe this DNA strand into messenger RNA: TACGGATTCAGCTTAAGC",
+        "The complementary mRNA is AUGCCUAAGUCGAAUUCG (A pairs with U, T with A, C with G and G with C).",
+    ),
+    ("Decode this Morse code message: .... . .-.. .-.. --- / .-- --- .-. .-.. -..", "The message reads: HELLO WORLD."),
+    (
+        "In the chess position after 1. e4 e5 2. Nf3 Nc6 3. Bb5 a6, what is the name of this opening and what does White usually play next?",
+        "This is the Ruy Lopez, Morphy Defence. White usually retreats with 4. Ba4, keeping the pin idea on the knight, or exchanges with 4. Bxc6.",
+    ),
+    (
+        "Explain what this LaTeX renders to: \\int_0^{\\infty} e^{-x^2} \\, dx = \\frac{\\sqrt{\\pi}}{2}",
+        "It renders the Gaussian integral: the integral of e to the minus x squared from zero to infinity equals the square root of pi divided by two.",
+    ),
+    (
+        "What does this cron expression mean: 15 3 * * 1-5",
+        "It runs at 03:15 every Monday to Friday: minute 15, hour 3, any day of the month, any month, weekdays 1 to 5.",
+    ),
+    (
+        "Give the IUPAC name of the molecule with the SMILES string CC(=O)OC1=CC=CC=C1C(=O)O",
+        "That SMILES string is aspirin; its IUPAC name is 2-acetoxybenzoic acid (2-(acetyloxy)benzoic acid).",
+    ),
+    (
+        "In a knitting pattern, what do the abbreviations k2tog, yo and ssk mean?",
+        "k2tog: knit two stitches together (a right-leaning decrease); yo: yarn over (an increase that makes a small hole); ssk: slip, slip, knit the two slipped stitches together (a left-leaning decrease).",
+    ),
+    (
+        "In figured bass, what does the figure 6/4 under a bass note indicate?",
+        "It indicates a second-inversion triad: the notes a sixth and a fourth above the bass, so the fifth of the chord is in the bass.",
+    ),
+    (
+        "In sailing, what is the difference between tacking and gybing?",
+        "Both change the side the wind comes from. Tacking turns the bow through the wind; gybing turns the stern through the wind, which swings the boom across more violently.",
+    ),
+    (
+        "Traduis en anglais : « Le boulanger ouvre sa boutique à six heures du matin. »",
+        "The baker opens his shop at six o'clock in the morning.",
+    ),
+    (
+        "What does the regular expression ^[A-Z]{2}\\d{4}$ match?",
+        "Strings of exactly two capital letters followed by exactly four digits, such as AB1234, and nothing else.",
+    ),
+    (
+        "In music theory, how many sharps does the key of E major have and what are they?",
+        "E major has four sharps: F sharp, C sharp, G sharp and D sharp.",
+    ),
+    (
+        "Convert the hexadecimal colour code #FF8000 to its RGB components.",
+        "#FF8000 is red 255, green 128, blue 0: a bright orange.",
+    ),
+    (
+        "In bridge, how many high-card points is an ace worth under the Milton Work count?",
+        "An ace is worth four points; a king three, a queen two and a jack one.",
+    ),
+    (
+        "What is the Köppen climate classification code for a hot desert climate?",
+        "A hot desert climate is BWh: B for arid, W for desert, h for hot.",
+    ),
+    (
+        "In SQL, what is the difference between WHERE and HAVING?",
+        "WHERE filters rows before grouping; HAVING filters groups after GROUP BY, so it can use aggregates such as COUNT(*).",
+    ),
+    ("Name the three bones of the middle ear.", "The malleus (hammer), the incus (anvil) and the stapes (stirrup)."),
+    (
+        "In cricket, what does LBW stand for?",
+        "Leg before wicket: the batter is out when the ball would have hit the stumps but struck the batter's body first.",
+    ),
+    ("Read this Roman numeral: MCMXCIV", "MCMXCIV is 1994: M = 1000, CM = 900, XC = 90, IV = 4."),
+    ("Welche Farbe entsteht, wenn man Blau und Gelb mischt?", "Wenn man Blau und Gelb mischt, entsteht Grün."),
+    (
+        "In a bash script, what does the expression ${VAR:-default} do?",
+        "It expands to the value of VAR, or to the word default when VAR is unset or empty.",
+    ),
+    ("In heraldry, what is the tincture called 'gules'?", "Gules is the heraldic name for the colour red."),
+    (
+        "What does the Unix permission string rwxr-x--- mean for the owner, group and others?",
+        "The owner can read, write and execute; the group can read and execute; others have no access.",
+    ),
+    (
+        "In origami, what is a valley fold?",
+        "A valley fold folds the paper towards you so that the crease sinks like a valley; its opposite is the mountain fold.",
+    ),
+    ("What is the plural of the Latin word 'corpus'?", "The plural of corpus is corpora."),
+    (
+        "In beekeeping, what is a 'super'?",
+        "A super is a box placed above the brood chamber of a hive where the bees store surplus honey for harvesting.",
+    ),
+    ("In the NATO phonetic alphabet, how is the word CAB spelled out?", "Charlie, Alpha, Bravo."),
+    (
+        "In typography, what is kerning?",
+        "Kerning is adjusting the space between two specific letters, such as A and V, so the text looks evenly spaced.",
+    ),
+    (
+        "In astronomy, what is a parsec?",
+        "A parsec is the distance at which one astronomical unit subtends an angle of one arcsecond, about 3.26 light-years.",
+    ),
+    ("¿Cuántos días tiene una semana?", "Una semana tiene siete días."),
+    (
+        "In Git, what does 'git stash' do?",
+        "It saves your uncommitted changes on a stack and restores a clean working tree; 'git stash pop' brings them back.",
+    ),
+    ("In pharmacology, what does 'b.i.d.' mean on a prescription?", "b.i.d. (bis in die) means twice a day."),
 ]
 
 _DUP_EDITS = [
@@ -208,19 +256,25 @@ def make_hard(row: dict, kind: str, rng: random.Random) -> tuple[str, str]:
         p = a * b
         q = p - c
         r = q * d
-        prompt = (f"Multiply {a} by {b}, subtract {c} from the product, then multiply the difference by {d}. "
-                  f"Give the intermediate results and the exact final result.")
+        prompt = (
+            f"Multiply {a} by {b}, subtract {c} from the product, then multiply the difference by {d}. "
+            f"Give the intermediate results and the exact final result."
+        )
         response = f"The product is {p}. Subtracting gives {q}. The final result is {r}."
         return prompt, response
     if kind == "caesar":
         shift = rng.randrange(3, 23)
-        return (f"Encrypt the following sentence with a Caesar cipher that shifts every letter forward by {shift} "
-                f"positions: \"{material}\""), caesar(material, shift)
+        return (
+            f"Encrypt the following sentence with a Caesar cipher that shifts every letter forward by {shift} "
+            f'positions: "{material}"'
+        ), caesar(material, shift)
     if kind == "reverse_words":
-        return (f"Write every word of the following sentence with its letters in reverse order, keeping the word "
-                f"order: \"{material}\""), " ".join(w[::-1] for w in _words(material))
+        return (
+            f"Write every word of the following sentence with its letters in reverse order, keeping the word "
+            f'order: "{material}"'
+        ), " ".join(w[::-1] for w in _words(material))
     if kind == "reverse_chars":
-        return (f"Write the following sentence backwards, character by character: \"{material}\""), material[::-1]
+        return (f'Write the following sentence backwards, character by character: "{material}"'), material[::-1]
     raise ValueError(kind)
 
 
@@ -228,14 +282,32 @@ QUALITY_KINDS = ("unrelated_response", "wrong_answer", "garbled_prompt", "trunca
 HARD_KINDS = ("caesar", "reverse_words", "arithmetic", "reverse_chars")
 
 
-def _row(instruction: str, input_: str, output: str, defect: str, kind: str, source: int | None,
-         category: str = "") -> dict:
-    return {"instruction": instruction, "input": input_, "output": output, "defect": defect, "kind": kind,
-            "source_index": -1 if source is None else source, "category": category}
+def _row(
+    instruction: str, input_: str, output: str, defect: str, kind: str, source: int | None, category: str = ""
+) -> dict:
+    return {
+        "instruction": instruction,
+        "input": input_,
+        "output": output,
+        "defect": defect,
+        "kind": kind,
+        "source_index": -1 if source is None else source,
+        "category": category,
+    }
 
 
-def build(seed_rows: list[dict], *, n_clean: int, n_quality: int, n_hard: int, n_dup_clusters: int,
-          dup_size: int, n_isolated: int, seed: int = 0, clean_siblings: int = 0) -> list[dict]:
+def build(
+    seed_rows: list[dict],
+    *,
+    n_clean: int,
+    n_quality: int,
+    n_hard: int,
+    n_dup_clusters: int,
+    dup_size: int,
+    n_isolated: int,
+    seed: int = 0,
+    clean_siblings: int = 0,
+) -> list[dict]:
     """The labelled controlled dataset (rows shuffled deterministically).
 
     ``n_quality`` defective rows, the four kinds in turn (so ``4 * m`` gives m of each);
@@ -283,14 +355,29 @@ def build(seed_rows: list[dict], *, n_clean: int, n_quality: int, n_hard: int, n
         r = seed_rows[i]
         if kind == "unrelated_response":
             cat = r.get("category", "")
-            others = [k for k in order if seed_rows[k].get("category", "") != cat and k != i] or [k for k in order if k != i]
+            others = [k for k in order if seed_rows[k].get("category", "") != cat and k != i] or [
+                k for k in order if k != i
+            ]
             donor = seed_rows[rng.choice(others)]
-            rows.append(_row(r["instruction"], r.get("input", ""), donor["output"], "quality", kind, i, r.get("category", "")))
+            rows.append(
+                _row(r["instruction"], r.get("input", ""), donor["output"], "quality", kind, i, r.get("category", ""))
+            )
         elif kind == "garbled_prompt":
-            rows.append(_row(garble(r["instruction"], rng), garble(r.get("input", ""), rng) if r.get("input") else "",
-                             r["output"], "quality", kind, i, r.get("category", "")))
+            rows.append(
+                _row(
+                    garble(r["instruction"], rng),
+                    garble(r.get("input", ""), rng) if r.get("input") else "",
+                    r["output"],
+                    "quality",
+                    kind,
+                    i,
+                    r.get("category", ""),
+                )
+            )
         else:
-            rows.append(_row(truncate(r["instruction"], rng), "", r["output"], "quality", kind, i, r.get("category", "")))
+            rows.append(
+                _row(truncate(r["instruction"], rng), "", r["output"], "quality", kind, i, r.get("category", ""))
+            )
 
     for j in range(n_hard):
         kind = HARD_KINDS[j % len(HARD_KINDS)]
@@ -301,12 +388,25 @@ def build(seed_rows: list[dict], *, n_clean: int, n_quality: int, n_hard: int, n
     for c in range(n_dup_clusters):
         i = next(take)
         r = seed_rows[i]
-        rows.append(_row(r["instruction"], r.get("input", ""), r["output"], "duplicate", f"cluster_{c}", i, r.get("category", "")))
+        rows.append(
+            _row(
+                r["instruction"], r.get("input", ""), r["output"], "duplicate", f"cluster_{c}", i, r.get("category", "")
+            )
+        )
         edits = list(_DUP_EDITS)
         rng.shuffle(edits)
         for e in edits[: dup_size - 1]:
-            rows.append(_row(e(r["instruction"].strip()), r.get("input", ""), r["output"], "duplicate", f"cluster_{c}", i,
-                             r.get("category", "")))
+            rows.append(
+                _row(
+                    e(r["instruction"].strip()),
+                    r.get("input", ""),
+                    r["output"],
+                    "duplicate",
+                    f"cluster_{c}",
+                    i,
+                    r.get("category", ""),
+                )
+            )
 
     iso = list(ISOLATED)
     rng.shuffle(iso)

@@ -49,12 +49,23 @@ def _auroc(y: np.ndarray, score: np.ndarray) -> float | None:
 def _pr(y: np.ndarray, flagged: np.ndarray) -> dict:
     tp = int((y & flagged).sum())
     nf, npos = int(flagged.sum()), int(y.sum())
-    return {"precision": tp / nf if nf else None, "recall": tp / npos if npos else None,
-            "flagged": nf, "positives": npos, "true_positives": tp}
+    return {
+        "precision": tp / nf if nf else None,
+        "recall": tp / npos if npos else None,
+        "flagged": nf,
+        "positives": npos,
+        "true_positives": tp,
+    }
 
 
-def evaluate_signal(defect: np.ndarray, target: str, score: np.ndarray, flagged: np.ndarray,
-                    kinds: np.ndarray | None = None, threshold: float | None = None) -> dict:
+def evaluate_signal(
+    defect: np.ndarray,
+    target: str,
+    score: np.ndarray,
+    flagged: np.ndarray,
+    kinds: np.ndarray | None = None,
+    threshold: float | None = None,
+) -> dict:
     y = defect == target
     clean = defect == "none"
     out = {"auroc": _auroc(y, score), **_pr(y, flagged), "threshold": threshold}
@@ -79,7 +90,11 @@ def _judge_subset(defect: np.ndarray, n: int) -> np.ndarray:
     pick_q = q[np.linspace(0, len(q) - 1, n_q).round().astype(int)] if n_q else q[:0]
     rest = np.concatenate([clean, other])
     n_r = min(len(rest), n - n_q)
-    pick_r = rest[np.linspace(0, len(clean) - 1 if len(clean) >= n_r else len(rest) - 1, n_r).round().astype(int)] if n_r else rest[:0]
+    pick_r = (
+        rest[np.linspace(0, len(clean) - 1 if len(clean) >= n_r else len(rest) - 1, n_r).round().astype(int)]
+        if n_r
+        else rest[:0]
+    )
     return np.unique(np.concatenate([pick_q, pick_r]))
 
 
@@ -96,9 +111,12 @@ def auroc_ci(y: np.ndarray, score: np.ndarray, n_boot: int = 1000, seed: int = 0
     rng = np.random.default_rng(seed)
     labels = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
     boots = [roc_auc_score(labels, np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]) for _ in range(n_boot)]
-    return {"auroc": float(roc_auc_score(labels, np.r_[pos, neg])),
-            "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
-            "positives": int(len(pos)), "negatives": int(len(neg))}
+    return {
+        "auroc": float(roc_auc_score(labels, np.r_[pos, neg])),
+        "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+        "positives": int(len(pos)),
+        "negatives": int(len(neg)),
+    }
 
 
 def _vs_clean(defect, kinds, target_mask, score, n_boot, seed) -> dict:
@@ -108,8 +126,16 @@ def _vs_clean(defect, kinds, target_mask, score, n_boot, seed) -> dict:
 
 
 # embedding variants measured for the diversity signal: (pooling, layer, top components removed)
-EMBEDDING_VARIANTS = [("mean", "last", 0), ("mean", "last", 1), ("last", "last", 0), ("last", "last", 1),
-                      ("mean", "middle", 0), ("mean", "middle", 1), ("last", "middle", 0), ("last", "middle", 1)]
+EMBEDDING_VARIANTS = [
+    ("mean", "last", 0),
+    ("mean", "last", 1),
+    ("last", "last", 0),
+    ("last", "last", 1),
+    ("mean", "middle", 0),
+    ("mean", "middle", 1),
+    ("last", "middle", 0),
+    ("last", "middle", 1),
+]
 
 
 def run(settings, models, with_judge: bool = True) -> dict:
@@ -125,9 +151,17 @@ def run(settings, models, with_judge: bool = True) -> dict:
     from middo_pipeline.models.loading import load_model
 
     s = settings
-    rows = controlled.build(load_seed_rows(), n_clean=s.det_clean, n_quality=s.det_quality, n_hard=s.det_hard,
-                            n_dup_clusters=s.det_dup_clusters, dup_size=s.det_dup_size, n_isolated=s.det_isolated,
-                            seed=s.seed, clean_siblings=s.det_clean_siblings)
+    rows = controlled.build(
+        load_seed_rows(),
+        n_clean=s.det_clean,
+        n_quality=s.det_quality,
+        n_hard=s.det_hard,
+        n_dup_clusters=s.det_dup_clusters,
+        dup_size=s.det_dup_size,
+        n_isolated=s.det_isolated,
+        seed=s.seed,
+        clean_siblings=s.det_clean_siblings,
+    )
     defect = np.asarray([r["defect"] for r in rows])
     kinds = np.asarray([r["kind"] for r in rows])
     prompts, responses = prompts_responses(rows)
@@ -138,36 +172,63 @@ def run(settings, models, with_judge: bool = True) -> dict:
 
     base = models.get()
     t0 = time.perf_counter()
-    before = score_samples(base.model, base.tokenizer, prompts, responses, max_length=s.det_max_length,
-                           max_batch_tokens=8192, with_embeddings=False)
-    uncond = unconditional_loss(base.model, base.tokenizer, responses, max_length=s.det_max_length,
-                                max_batch_tokens=8192)
+    before = score_samples(
+        base.model,
+        base.tokenizer,
+        prompts,
+        responses,
+        max_length=s.det_max_length,
+        max_batch_tokens=8192,
+        with_embeddings=False,
+    )
+    uncond = unconditional_loss(
+        base.model, base.tokenizer, responses, max_length=s.det_max_length, max_batch_tokens=8192
+    )
     timings["loss_before_and_prompt_free"] = time.perf_counter() - t0
     log(f"detection: base-model losses (with and without the prompt) {timings['loss_before_and_prompt_free']:.1f}s")
 
     samples = make_samples(rows)
     steps = s.det_train_steps if s.det_train_steps > 0 else -1
-    cfg = TrainConfig(max_steps=steps, epochs=s.det_epochs, batch_size=s.det_batch_size, max_length=s.det_max_length,
-                      seed=s.seed, device=s.device, threads=s.threads, logging_steps=5)
+    cfg = TrainConfig(
+        max_steps=steps,
+        epochs=s.det_epochs,
+        batch_size=s.det_batch_size,
+        max_length=s.det_max_length,
+        seed=s.seed,
+        device=s.device,
+        threads=s.threads,
+        logging_steps=5,
+    )
     with tempfile.TemporaryDirectory(prefix="middo-bench-det-") as tmp:
         t0 = time.perf_counter()
         tr = train_sft(s.model, samples, Path(tmp) / "ckpt", cfg)
         timings["train"] = time.perf_counter() - t0
-        log(f"detection: LoRA training {tr.steps} steps ({tr.steps * s.det_batch_size / len(rows):.2f} epochs) "
-            f"in {timings['train']:.1f}s (final loss {tr.final_loss:.3f})")
+        log(
+            f"detection: LoRA training {tr.steps} steps ({tr.steps * s.det_batch_size / len(rows):.2f} epochs) "
+            f"in {timings['train']:.1f}s (final loss {tr.final_loss:.3f})"
+        )
         ck = load_model(str(Path(tmp) / "ckpt"), device=s.device, dtype="auto", threads=s.threads)
 
         t0 = time.perf_counter()
         embeddings = {}
         after = None
-        for pooling, layer in sorted({(p, l) for p, l, _ in EMBEDDING_VARIANTS}):
-            res = score_samples(ck.model, ck.tokenizer, prompts, responses, max_length=s.det_max_length,
-                                max_batch_tokens=8192, with_embeddings=True,
-                                embedding=EmbeddingSpec(pooling=pooling, layer=layer))
+        for pooling, layer in sorted({(p, layer_) for p, layer_, _ in EMBEDDING_VARIANTS}):
+            res = score_samples(
+                ck.model,
+                ck.tokenizer,
+                prompts,
+                responses,
+                max_length=s.det_max_length,
+                max_batch_tokens=8192,
+                with_embeddings=True,
+                embedding=EmbeddingSpec(pooling=pooling, layer=layer),
+            )
             embeddings[(pooling, layer)] = res.embedding
             after = after or res
         timings["loss_embedding_after"] = time.perf_counter() - t0
-        log(f"detection: loss + {len(embeddings)} embedding variants after training {timings['loss_embedding_after']:.1f}s")
+        log(
+            f"detection: loss + {len(embeddings)} embedding variants after training {timings['loss_embedding_after']:.1f}s"
+        )
 
         knn_by_variant = {}
         t0 = time.perf_counter()
@@ -195,8 +256,14 @@ def run(settings, models, with_judge: bool = True) -> dict:
         t0 = time.perf_counter()
         info: dict = {}
         if len(rest):
-            scores6[rest] = quality.expected_scores(ck.model, ck.tokenizer, [prompts[i] for i in rest],
-                                                    [responses[i] for i in rest], max_length=512, info=info)
+            scores6[rest] = quality.expected_scores(
+                ck.model,
+                ck.tokenizer,
+                [prompts[i] for i in rest],
+                [responses[i] for i in rest],
+                max_length=512,
+                info=info,
+            )
         t_q += time.perf_counter() - t0
         combined = quality.combine_scores(scores6)
         q = np.asarray(combined["quality_score"], dtype=np.float64)
@@ -225,8 +292,10 @@ def run(settings, models, with_judge: bool = True) -> dict:
     by_mode = {}
     for mode, v in qvals.items():
         by_kind = {k: _vs_clean(defect, kinds, kinds == k, -v, nb, s.seed) for k in controlled.QUALITY_KINDS}
-        by_mode[mode] = {"all_quality_kinds": _vs_clean(defect, kinds, defect == "quality", -v, nb, s.seed),
-                         "by_kind": by_kind}
+        by_mode[mode] = {
+            "all_quality_kinds": _vs_clean(defect, kinds, defect == "quality", -v, nb, s.seed),
+            "by_kind": by_kind,
+        }
     qv = qvals[s.det_quality_mode]
     low = flag_below(qv, spec, 1)
 
@@ -234,18 +303,27 @@ def run(settings, models, with_judge: bool = True) -> dict:
         "rows": len(rows),
         "counts": counts,
         "counts_by_kind": {k: int((kinds == k).sum()) for k in sorted(set(kinds.tolist()))},
-        "train": {"steps": tr.steps, "epochs": round(tr.steps * s.det_batch_size / len(rows), 3),
-                  "batch_size": s.det_batch_size, "max_length": s.det_max_length, "lora": True,
-                  "final_loss": tr.final_loss, "samples_seen": tr.steps * s.det_batch_size},
+        "train": {
+            "steps": tr.steps,
+            "epochs": round(tr.steps * s.det_batch_size / len(rows), 3),
+            "batch_size": s.det_batch_size,
+            "max_length": s.det_max_length,
+            "lora": True,
+            "final_loss": tr.final_loss,
+            "samples_seen": tr.steps * s.det_batch_size,
+        },
         "timings_s": timings,
         "m": 1.0,
         "bootstrap_resamples": nb,
-        "complexity": evaluate_signal(defect, "hard", la, np.asarray(hard, dtype=bool), kinds,
-                                      threshold=float(res_a.threshold)),
-        "diversity": evaluate_signal(defect, "isolated", -knn, np.asarray(sparse.flagged, dtype=bool), kinds,
-                                     threshold=float(sparse.threshold)),
-        "quality": evaluate_signal(defect, "quality", -qv, np.asarray(low.flagged, dtype=bool), kinds,
-                                   threshold=float(low.threshold)),
+        "complexity": evaluate_signal(
+            defect, "hard", la, np.asarray(hard, dtype=bool), kinds, threshold=float(res_a.threshold)
+        ),
+        "diversity": evaluate_signal(
+            defect, "isolated", -knn, np.asarray(sparse.flagged, dtype=bool), kinds, threshold=float(sparse.threshold)
+        ),
+        "quality": evaluate_signal(
+            defect, "quality", -qv, np.asarray(low.flagged, dtype=bool), kinds, threshold=float(low.threshold)
+        ),
     }
     out["complexity"]["vs_clean"] = _vs_clean(defect, kinds, defect == "hard", la, nb, s.seed)
     out["complexity"]["auroc_loss_before"] = _auroc(defect == "hard", lb)
@@ -257,20 +335,36 @@ def run(settings, models, with_judge: bool = True) -> dict:
     out["complexity"]["mean_loss_after_by_defect"] = {d: float(np.nanmean(la[defect == d])) for d in counts}
     out["quality"]["mode"] = s.det_quality_mode
     out["quality"]["modes_vs_clean"] = by_mode
-    out["quality"]["mean_judge_score_by_kind"] = {k: float(np.nanmean(q[kinds == k])) for k in sorted(set(kinds.tolist()))}
+    out["quality"]["mean_judge_score_by_kind"] = {
+        k: float(np.nanmean(q[kinds == k])) for k in sorted(set(kinds.tolist()))
+    }
     out["quality"]["mean_ifd_by_kind"] = {k: float(np.nanmean(ifd[kinds == k])) for k in sorted(set(kinds.tolist()))}
     out["quality"]["missing_judgements"] = int(np.isnan(np.asarray(scores6, dtype=np.float64)).sum())
-    out["detection_auroc"] = {"complexity": out["complexity"]["vs_clean"]["auroc"],
-                              "diversity": out["diversity"]["vs_clean"]["auroc"],
-                              "quality": by_mode[s.det_quality_mode]["all_quality_kinds"]["auroc"]}
-    out["detection_auroc_ci95"] = {"complexity": out["complexity"]["vs_clean"]["ci95"],
-                                   "diversity": out["diversity"]["vs_clean"]["ci95"],
-                                   "quality": by_mode[s.det_quality_mode]["all_quality_kinds"]["ci95"]}
+    out["detection_auroc"] = {
+        "complexity": out["complexity"]["vs_clean"]["auroc"],
+        "diversity": out["diversity"]["vs_clean"]["auroc"],
+        "quality": by_mode[s.det_quality_mode]["all_quality_kinds"]["auroc"],
+    }
+    out["detection_auroc_ci95"] = {
+        "complexity": out["complexity"]["vs_clean"]["ci95"],
+        "diversity": out["diversity"]["vs_clean"]["ci95"],
+        "quality": by_mode[s.det_quality_mode]["all_quality_kinds"]["ci95"],
+    }
     out["quality_auroc_by_kind"] = {k: v["auroc"] for k, v in by_mode[s.det_quality_mode]["by_kind"].items()}
     out["quality_auroc_by_kind_ci95"] = {k: v["ci95"] for k, v in by_mode[s.det_quality_mode]["by_kind"].items()}
     if judge_block is not None:
         out["judge"] = judge_block
-    out["table"] = pl.DataFrame({"row": [r["row"] for r in rows], "defect": defect.tolist(), "kind": kinds.tolist(),
-                                 "loss_before": lb, "loss_after": la, "loss_prompt_free": uncond.loss.astype(np.float64),
-                                 "ifd": ifd, "knn_mean_similarity": knn, "quality_score": q}).to_dicts()
+    out["table"] = pl.DataFrame(
+        {
+            "row": [r["row"] for r in rows],
+            "defect": defect.tolist(),
+            "kind": kinds.tolist(),
+            "loss_before": lb,
+            "loss_after": la,
+            "loss_prompt_free": uncond.loss.astype(np.float64),
+            "ifd": ifd,
+            "knn_mean_similarity": knn,
+            "quality_score": q,
+        }
+    ).to_dicts()
     return out

@@ -50,19 +50,30 @@ def _one_round(settings, workdir: Path):
     old = os.environ.get("DAGSTER_HOME")
     os.environ["DAGSTER_HOME"] = str(home)
     env = dict(os.environ)
-    env.update({"MIDDO_HOME": str(middo_home), "MIDDO_DEVICE": settings.device, "MIDDO_PROFILE": "default",
-                "MIDDO_BASE_MODEL": settings.model, "MIDDO_OPTIMIZER_MODEL": settings.model,
-                "MIDDO_OPTIMIZER_BACKEND": "local"})
-    config = {"ops": {
-        "sft_checkpoint": {"config": {"max_length": 384, "batch_size": 8, "seed": settings.seed}},
-        "embedding_signals": {"config": {"umap": False}},
-        "refined_samples": {"config": {"candidates": settings.down_candidates, "verify": True,
-                                       "heldout_path": str(DOWN_EVAL)}},
-    }}
+    env.update(
+        {
+            "MIDDO_HOME": str(middo_home),
+            "MIDDO_DEVICE": settings.device,
+            "MIDDO_PROFILE": "default",
+            "MIDDO_BASE_MODEL": settings.model,
+            "MIDDO_OPTIMIZER_MODEL": settings.model,
+            "MIDDO_OPTIMIZER_BACKEND": "local",
+        }
+    )
+    config = {
+        "ops": {
+            "sft_checkpoint": {"config": {"max_length": 384, "batch_size": 8, "seed": settings.seed}},
+            "embedding_signals": {"config": {"umap": False}},
+            "refined_samples": {
+                "config": {"candidates": settings.down_candidates, "verify": True, "heldout_path": str(DOWN_EVAL)}
+            },
+        }
+    }
     t0 = time.perf_counter()
     try:
-        summaries = run_rounds(1, seed_path=str(SEED_PATH), config=config, env=env,
-                               log=lambda m: log(f"downstream: {m}"))
+        summaries = run_rounds(
+            1, seed_path=str(SEED_PATH), config=config, env=env, log=lambda m: log(f"downstream: {m}")
+        )
     finally:
         if old is None:
             os.environ.pop("DAGSTER_HOME", None)
@@ -92,7 +103,7 @@ def build_variants(seed, cands, sparse_order) -> dict:
         refined[name] = gate_on.filter(pl.col("operation") == op)
     out = {"seed": (seed, {})}
     for name, ref in refined.items():
-        res = merge_round(seed, ref, round=1, size_policy="keep", max_growth=0.15, sparse_order=sparse_order)
+        res = merge_round(seed, ref, round_number=1, size_policy="keep", max_growth=0.15, sparse_order=sparse_order)
         out[name] = (res.dataset, {"accepted": int((ref["status"] == "ok").sum()), "rows": res.dataset.height})
     return out
 
@@ -105,8 +116,12 @@ def paired(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> d
         return {"mean": None, "ci95": None, "items": 0}
     rng = np.random.default_rng(seed)
     boots = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
-    return {"mean": float(d.mean()), "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
-            "items": int(d.size), "significant": bool(np.percentile(boots, 2.5) > 0 or np.percentile(boots, 97.5) < 0)}
+    return {
+        "mean": float(d.mean()),
+        "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+        "items": int(d.size),
+        "significant": bool(np.percentile(boots, 2.5) > 0 or np.percentile(boots, 97.5) < 0),
+    }
 
 
 def run(settings, models=None) -> dict:
@@ -129,13 +144,23 @@ def run(settings, models=None) -> dict:
         correct: dict[str, list[np.ndarray]] = {}
         losses: dict[str, list[np.ndarray]] = {}
         seed_steps: dict[int, int] = {}
-        plan = [(n, "epoch") for n in names] + [(n, "steps") for n in settings.down_equal_steps if n in names and n != "seed"]
+        plan = [(n, "epoch") for n in names] + [
+            (n, "steps") for n in settings.down_equal_steps if n in names and n != "seed"
+        ]
         for s in settings.down_seeds:
             for name, budget in plan:
                 df = datasets[name][0]
                 steps = seed_steps[s] if budget == "steps" else -1
-                cfg = TrainConfig(epochs=1.0, max_steps=steps, batch_size=8, max_length=384, seed=s,
-                                  device=settings.device, threads=settings.threads, logging_steps=10)
+                cfg = TrainConfig(
+                    epochs=1.0,
+                    max_steps=steps,
+                    batch_size=8,
+                    max_length=384,
+                    seed=s,
+                    device=settings.device,
+                    threads=settings.threads,
+                    logging_steps=10,
+                )
                 out = tmp / f"{name}-{budget}-{s}"
                 tr = train_sft(settings.model, df, out, cfg)
                 if name == "seed" and budget == "epoch":
@@ -147,11 +172,20 @@ def run(settings, models=None) -> dict:
                 items = ev["items"].sort("id") if "id" in ev["items"].columns else ev["items"]
                 correct.setdefault(key, []).append(items["correct"].cast(float).to_numpy())
                 losses.setdefault(key, []).append(items["loss"].cast(float).to_numpy())
-                runs.setdefault(key, []).append({"seed": s, "steps": tr.steps, "rows": df.height,
-                                                 "train_tokens": tr.tokens_seen, "mc_accuracy": ev["mc_accuracy"],
-                                                 "mean_response_loss": ev["mean_response_loss"]})
-                log(f"downstream: {key} seed {s}: {tr.steps} steps, mc_accuracy {ev['mc_accuracy']:.3f}, "
-                    f"loss {ev['mean_response_loss']:.3f}")
+                runs.setdefault(key, []).append(
+                    {
+                        "seed": s,
+                        "steps": tr.steps,
+                        "rows": df.height,
+                        "train_tokens": tr.tokens_seen,
+                        "mc_accuracy": ev["mc_accuracy"],
+                        "mean_response_loss": ev["mean_response_loss"],
+                    }
+                )
+                log(
+                    f"downstream: {key} seed {s}: {tr.steps} steps, mc_accuracy {ev['mc_accuracy']:.3f}, "
+                    f"loss {ev['mean_response_loss']:.3f}"
+                )
 
     def mean_ci(key: str, what: dict) -> np.ndarray:
         return np.mean(np.stack(what[key]), axis=0)
@@ -160,9 +194,13 @@ def run(settings, models=None) -> dict:
     base_c, base_l = mean_ci("seed", correct), mean_ci("seed", losses)
     for key in correct:
         acc = [r["mc_accuracy"] for r in runs[key]]
-        entry = {"mc_accuracy_mean": float(np.mean(acc)), "mc_accuracy_by_seed": acc,
-                 "mean_response_loss_mean": float(np.mean([r["mean_response_loss"] for r in runs[key]])),
-                 "rows": runs[key][0]["rows"], "steps": [r["steps"] for r in runs[key]]}
+        entry = {
+            "mc_accuracy_mean": float(np.mean(acc)),
+            "mc_accuracy_by_seed": acc,
+            "mean_response_loss_mean": float(np.mean([r["mean_response_loss"] for r in runs[key]])),
+            "rows": runs[key][0]["rows"],
+            "steps": [r["steps"] for r in runs[key]],
+        }
         if key != "seed":
             entry["mc_accuracy_diff_vs_seed"] = paired(mean_ci(key, correct), base_c)
             # lower loss is better: report seed − variant so that > 0 means the variant is better

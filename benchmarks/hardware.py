@@ -20,8 +20,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 sizes: tuple[int, ...] = (1024, 2048, 4096), min_seconds: float = 1.0) -> dict:
+def matmul_flops(
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    sizes: tuple[int, ...] = (1024, 2048, 4096),
+    min_seconds: float = 1.0,
+) -> dict:
     """Best achieved FLOP/s of ``a @ b`` over ``sizes`` (each timed for at least ``min_seconds``)."""
     device = torch.device(device)
     if device.type == "cuda" and dtype == torch.float32:
@@ -48,14 +52,20 @@ def matmul_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.
                         break
             _sync(device)
             dt = time.perf_counter() - t0
-            per_size[n] = 2.0 * n ** 3 * reps / dt
+            per_size[n] = 2.0 * n**3 * reps / dt
             del a, b
     finally:
         if prev is not None:
             torch.backends.cuda.matmul.allow_tf32 = prev
     best = max(per_size.values())
-    return {"flops": best, "gflops": best / 1e9, "per_size_gflops": {str(k): v / 1e9 for k, v in per_size.items()},
-            "dtype": str(dtype).replace("torch.", ""), "device": str(device), "threads": torch.get_num_threads()}
+    return {
+        "flops": best,
+        "gflops": best / 1e9,
+        "per_size_gflops": {str(k): v / 1e9 for k, v in per_size.items()},
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def run(settings, models) -> dict:

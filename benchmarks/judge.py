@@ -32,8 +32,7 @@ import numpy as np
 from benchmarks.common import load_seed_rows, log, prompts_responses
 
 _NUMBER = re.compile(r"\d+\.\d+|\d+")  # the reference's pattern
-REFERENCE_ASK = ("Give your rating as a number from 0 to 10 first (avoid a full 10), "
-                 "then explain why you gave it.")
+REFERENCE_ASK = "Give your rating as a number from 0 to 10 first (avoid a full 10), then explain why you gave it."
 
 
 def reference_request(prompt: str, response: str | None, dim: str, max_tokens: int):
@@ -92,10 +91,15 @@ def generate_then_parse(lm, prompts, responses, max_new_tokens: int, batch_size:
     per_dim_ref = (zero[:, :3] + zero[:, 3:]) / 2
     score_ref = per_dim_ref.mean(axis=1)
     score_nan = np.asarray(combine_scores(raw)["quality_score"], dtype=np.float64)  # NaN only if all 6 failed
-    return {"seconds": seconds, "scores_zero_for_missing": score_ref, "scores_missing_as_nan": score_nan,
-            "parsed_fraction": float(np.isfinite(raw).mean()), "generated_tokens": gen_tokens,
-            "hit_cap_fraction": hit_cap / max(len(comps), 1),
-            "examples": texts[:6]}
+    return {
+        "seconds": seconds,
+        "scores_zero_for_missing": score_ref,
+        "scores_missing_as_nan": score_nan,
+        "parsed_fraction": float(np.isfinite(raw).mean()),
+        "generated_tokens": gen_tokens,
+        "hit_cap_fraction": hit_cap / max(len(comps), 1),
+        "examples": texts[:6],
+    }
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -129,8 +133,10 @@ def compare(lm, prompts, responses, settings) -> tuple[dict, np.ndarray]:
 
     log(f"judge: generate-then-parse, {6 * n} generations of up to {settings.judge_max_new_tokens} tokens")
     gen = generate_then_parse(lm, prompts, responses, settings.judge_max_new_tokens, settings.judge_batch_size)
-    log(f"judge: generate {gen['seconds']:.1f}s ({gen['seconds'] / n:.3f} s/sample), "
-        f"parsed {100 * gen['parsed_fraction']:.0f}%")
+    log(
+        f"judge: generate {gen['seconds']:.1f}s ({gen['seconds'] / n:.3f} s/sample), "
+        f"parsed {100 * gen['parsed_fraction']:.0f}%"
+    )
     # the pipeline's own generate mode (quality_signals mode=generate): a "Score: " prefill and
     # a few tokens, parsed; unparseable = missing. It asks the model the same question as the
     # expected score, only sampling the answer instead of reading its distribution
@@ -150,19 +156,31 @@ def compare(lm, prompts, responses, settings) -> tuple[dict, np.ndarray]:
         "max_new_tokens": settings.judge_max_new_tokens,
         "reference_max_new_tokens": 1024,
         "batch_size": settings.judge_batch_size,
-        "expected": {"seconds": t_exp, "seconds_per_sample": t_exp / n, "runs_s": t_exp_runs,
-                     "missing_judgements": int(np.isnan(np.asarray(s6, dtype=np.float64)).sum()),
-                     "score_mean": float(np.nanmean(ours)), "score_std": float(np.nanstd(ours))},
-        "generate": {"seconds": gen["seconds"], "seconds_per_sample": gen["seconds"] / n,
-                     "parsed_fraction": gen["parsed_fraction"], "generated_tokens": gen["generated_tokens"],
-                     "mean_generated_tokens": gen["generated_tokens"] / max(6 * n, 1),
-                     "hit_token_cap_fraction": gen["hit_cap_fraction"],
-                     "score_mean": float(np.nanmean(gen["scores_zero_for_missing"])),
-                     "score_std": float(np.nanstd(gen["scores_zero_for_missing"])),
-                     "examples": gen["examples"]},
-        "generate_number_only": {"seconds": t_short, "seconds_per_sample": t_short / n,
-                                 "parsed_fraction": float(np.isfinite(short6).mean()),
-                                 "how": "the pipeline's mode=generate: 'Score: ' prefill, up to 8 new tokens"},
+        "expected": {
+            "seconds": t_exp,
+            "seconds_per_sample": t_exp / n,
+            "runs_s": t_exp_runs,
+            "missing_judgements": int(np.isnan(np.asarray(s6, dtype=np.float64)).sum()),
+            "score_mean": float(np.nanmean(ours)),
+            "score_std": float(np.nanstd(ours)),
+        },
+        "generate": {
+            "seconds": gen["seconds"],
+            "seconds_per_sample": gen["seconds"] / n,
+            "parsed_fraction": gen["parsed_fraction"],
+            "generated_tokens": gen["generated_tokens"],
+            "mean_generated_tokens": gen["generated_tokens"] / max(6 * n, 1),
+            "hit_token_cap_fraction": gen["hit_cap_fraction"],
+            "score_mean": float(np.nanmean(gen["scores_zero_for_missing"])),
+            "score_std": float(np.nanstd(gen["scores_zero_for_missing"])),
+            "examples": gen["examples"],
+        },
+        "generate_number_only": {
+            "seconds": t_short,
+            "seconds_per_sample": t_short / n,
+            "parsed_fraction": float(np.isfinite(short6).mean()),
+            "how": "the pipeline's mode=generate: 'Score: ' prefill, up to 8 new tokens",
+        },
         "spearman_vs_generate_number_only": _spearman(ours, short),
         "speedup_vs_generate": gen["seconds"] / t_exp,
         "spearman_vs_generate": _spearman(ours, gen["scores_zero_for_missing"]),

@@ -58,7 +58,7 @@ def _embeddings(n: int, dim: int, seed: int, data: str = "random"):
         centres = rng.standard_normal((1000, dim), dtype=np.float32)
         out = rng.standard_normal((n, dim), dtype=np.float32)
         for c0 in range(0, n, 1 << 16):  # in chunks: no second N x dim temporary
-            out[c0:c0 + (1 << 16)] += centres[rng.integers(0, len(centres), min(1 << 16, n - c0))]
+            out[c0 : c0 + (1 << 16)] += centres[rng.integers(0, len(centres), min(1 << 16, n - c0))]
         return out
     return rng.standard_normal((n, dim), dtype=np.float32)
 
@@ -109,10 +109,13 @@ def _recall_at_k(emb, idx, k: int, n_queries: int, seed: int, device: str) -> di
     ex_s, ex_i = topk_cosine_rows(emb, rows, k=k, device=device)
     got = np.asarray(idx)[rows]
     hits = [len(set(a) & set(b)) / max(len(b), 1) for a, b in zip(got.tolist(), ex_i.tolist())]
-    return {"recall_at_k": float(np.mean(hits)), "recall_queries": int(len(rows)),
-            "recall_top1": float(np.mean(got[:, 0] == ex_i[:, 0])),
-            "exact_mean_top1_similarity": float(ex_s[:, 0].mean()),
-            "recall_check_seconds": time.perf_counter() - t0}
+    return {
+        "recall_at_k": float(np.mean(hits)),
+        "recall_queries": int(len(rows)),
+        "recall_top1": float(np.mean(got[:, 0] == ex_i[:, 0])),
+        "exact_mean_top1_similarity": float(ex_s[:, 0].mean()),
+        "recall_check_seconds": time.perf_counter() - t0,
+    }
 
 
 def worker(args) -> dict:
@@ -127,8 +130,11 @@ def worker(args) -> dict:
     cuda = args.device.startswith("cuda")
     fn = _dense_topk if args.method == "dense" else _ours_topk
     used: dict = {}
-    call = (lambda: fn(emb, args.k, args.device)) if args.method == "dense" else \
-        (lambda: fn(emb, args.k, args.device, args.block_size, args.knn_method, used))
+    call = (
+        (lambda: fn(emb, args.k, args.device))
+        if args.method == "dense"
+        else (lambda: fn(emb, args.k, args.device, args.block_size, args.knn_method, used))
+    )
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -139,9 +145,18 @@ def worker(args) -> dict:
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-    out = {"n": args.n, "dim": args.dim, "k": args.k, "method": used.get("method", args.method), "seconds": seconds,
-           "peak_rss_delta_bytes": mem.delta, "rss_baseline_bytes": mem.baseline,
-           "threads": torch.get_num_threads(), "device": args.device, "data": args.data}
+    out = {
+        "n": args.n,
+        "dim": args.dim,
+        "k": args.k,
+        "method": used.get("method", args.method),
+        "seconds": seconds,
+        "peak_rss_delta_bytes": mem.delta,
+        "rss_baseline_bytes": mem.baseline,
+        "threads": torch.get_num_threads(),
+        "device": args.device,
+        "data": args.data,
+    }
     if used:
         out["info"] = {k: v for k, v in used.items() if k != "method"}
     if cuda:
@@ -150,13 +165,18 @@ def worker(args) -> dict:
     if args.recall_queries and args.method == "ours":
         out.update(_recall_at_k(emb, idx, args.k, args.recall_queries, args.seed, args.device))
     if args.check:
-        other = _ours_topk(emb, args.k, args.device, args.block_size) if args.method == "dense" else \
-            _dense_topk(emb, args.k, args.device)
+        other = (
+            _ours_topk(emb, args.k, args.device, args.block_size)
+            if args.method == "dense"
+            else _dense_topk(emb, args.k, args.device)
+        )
         s2, i2 = np.asarray(other[0]), np.asarray(other[1])
         s1, i1 = np.asarray(sims), np.asarray(idx)
         out["check"] = {
             "max_abs_sim_diff": float(np.max(np.abs(np.sort(s1, axis=1) - np.sort(s2, axis=1)))),
-            "neighbour_sets_equal_fraction": float(np.mean([set(a) == set(b) for a, b in zip(i1.tolist(), i2.tolist())])),
+            "neighbour_sets_equal_fraction": float(
+                np.mean([set(a) == set(b) for a, b in zip(i1.tolist(), i2.tolist())])
+            ),
         }
     return out
 
@@ -165,12 +185,40 @@ def worker(args) -> dict:
 # the driver
 
 
-def _measure(n: int, method: str, settings, check: bool = False, knn_method: str = "auto",
-             data: str = "random", recall_queries: int = 0) -> dict:
+def _measure(
+    n: int,
+    method: str,
+    settings,
+    check: bool = False,
+    knn_method: str = "auto",
+    data: str = "random",
+    recall_queries: int = 0,
+) -> dict:
     device = "cuda" if _cuda_available() and settings.device in ("auto", "cuda") else "cpu"
-    cmd = [sys.executable, "-m", "benchmarks.knn", "--worker", "--n", str(n), "--method", method,
-           "--dim", str(DIM), "--k", str(K), "--seed", str(settings.seed), "--device", device,
-           "--knn-method", knn_method, "--data", data, "--recall-queries", str(recall_queries)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.knn",
+        "--worker",
+        "--n",
+        str(n),
+        "--method",
+        method,
+        "--dim",
+        str(DIM),
+        "--k",
+        str(K),
+        "--seed",
+        str(settings.seed),
+        "--device",
+        device,
+        "--knn-method",
+        knn_method,
+        "--data",
+        data,
+        "--recall-queries",
+        str(recall_queries),
+    ]
     if settings.threads:
         cmd += ["--threads", str(settings.threads)]
     if check:
@@ -181,12 +229,20 @@ def _measure(n: int, method: str, settings, check: bool = False, knn_method: str
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=settings.knn_timeout_s)
     except subprocess.TimeoutExpired:
-        return {"n": n, "method": method if method == "dense" else knn_method, "measured": False,
-                "error": f"did not finish within {settings.knn_timeout_s}s"}
+        return {
+            "n": n,
+            "method": method if method == "dense" else knn_method,
+            "measured": False,
+            "error": f"did not finish within {settings.knn_timeout_s}s",
+        }
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"n": n, "method": method if method == "dense" else knn_method, "measured": False,
-                "error": f"exit {proc.returncode}: {' | '.join(tail)[:400]}"}
+        return {
+            "n": n,
+            "method": method if method == "dense" else knn_method,
+            "measured": False,
+            "error": f"exit {proc.returncode}: {' | '.join(tail)[:400]}",
+        }
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     res["measured"] = True
     res["process_seconds"] = time.perf_counter() - t0
@@ -250,8 +306,15 @@ def run(settings) -> dict:
     exact_max = _exact_max_rows()
     # measure the dense matrix only where it (with its temporaries) surely fits
     dense_limit = min(settings.knn_dense_max_bytes, int(0.4 * _free_bytes(device)))
-    out: dict = {"dim": DIM, "k": K, "device": device, "dense_measure_limit_bytes": dense_limit,
-                 "auto_exact_max_rows": exact_max, "recall_queries": RECALL_QUERIES, "sizes": {}}
+    out: dict = {
+        "dim": DIM,
+        "k": K,
+        "device": device,
+        "dense_measure_limit_bytes": dense_limit,
+        "auto_exact_max_rows": exact_max,
+        "recall_queries": RECALL_QUERIES,
+        "sizes": {},
+    }
     exact_pts_t, exact_pts_m, approx_pts_t, approx_pts_m = [], [], [], []
 
     def show(tag: str, n: int, r: dict) -> None:
@@ -281,17 +344,31 @@ def run(settings) -> dict:
         show("ours (approx)", n, approx)
         if exact is None or not exact.get("measured"):
             if len(exact_pts_t) >= 2:
-                exact = {"n": n, "method": "exact", "measured": False, "seconds": _extrapolate_time(exact_pts_t, n),
-                         "peak_bytes": _extrapolate_memory(exact_pts_m, n), "recall_at_k": 1.0,
-                         "how": "time: the largest measured size scaled by N^2 (exact all-pairs work); memory: a "
-                                "straight line through the two largest measured sizes (fixed tiles + bytes per row)",
-                         **({"error": exact["error"]} if exact and exact.get("error") else {})}
-                log(f"knn: ours (exact) N={n:,} extrapolated: {exact['seconds']:.0f}s, peak {exact['peak_bytes'] / 2**20:.0f} MiB")
+                exact = {
+                    "n": n,
+                    "method": "exact",
+                    "measured": False,
+                    "seconds": _extrapolate_time(exact_pts_t, n),
+                    "peak_bytes": _extrapolate_memory(exact_pts_m, n),
+                    "recall_at_k": 1.0,
+                    "how": "time: the largest measured size scaled by N^2 (exact all-pairs work); memory: a "
+                    "straight line through the two largest measured sizes (fixed tiles + bytes per row)",
+                    **({"error": exact["error"]} if exact and exact.get("error") else {}),
+                }
+                log(
+                    f"knn: ours (exact) N={n:,} extrapolated: {exact['seconds']:.0f}s, peak {exact['peak_bytes'] / 2**20:.0f} MiB"
+                )
         if not approx.get("measured") and len(approx_pts_t) >= 2:
-            approx = {"n": n, "method": "approx", "measured": False, "seconds": _extrapolate_time(approx_pts_t, n, 1.5),
-                      "peak_bytes": _extrapolate_memory(approx_pts_m, n), "error": approx.get("error"),
-                      "how": "time: the largest measured size scaled by N^1.5 (IVF with nlist ~ sqrt(N)); memory: a "
-                             "straight line through the two largest measured sizes"}
+            approx = {
+                "n": n,
+                "method": "approx",
+                "measured": False,
+                "seconds": _extrapolate_time(approx_pts_t, n, 1.5),
+                "peak_bytes": _extrapolate_memory(approx_pts_m, n),
+                "error": approx.get("error"),
+                "how": "time: the largest measured size scaled by N^1.5 (IVF with nlist ~ sqrt(N)); memory: a "
+                "straight line through the two largest measured sizes",
+            }
         ours = approx if n > exact_max else (exact or {"n": n, "method": "exact", "measured": False})
         ours = {**ours, "method": "approx" if n > exact_max else "exact"}
 
@@ -302,9 +379,13 @@ def run(settings) -> dict:
             if dense.get("measured"):
                 log(f"knn: dense N={n:,}: {dense['seconds']:.1f}s, peak +{dense['peak_bytes'] / 2**20:.0f} MiB")
         else:
-            dense = {"n": n, "method": "dense", "measured": False,
-                     "reason": f"the N x N float32 matrix alone needs {dense_matrix / 2**30:,.1f} GiB "
-                               f"(over the {dense_limit / 2**30:.1f} GiB measuring limit: 40% of free memory)"}
+            dense = {
+                "n": n,
+                "method": "dense",
+                "measured": False,
+                "reason": f"the N x N float32 matrix alone needs {dense_matrix / 2**30:,.1f} GiB "
+                f"(over the {dense_limit / 2**30:.1f} GiB measuring limit: 40% of free memory)",
+            }
         dense["matrix_bytes"] = dense_matrix
         if not dense.get("measured"):
             dense["peak_bytes"] = dense_matrix  # computed: the matrix alone (a lower bound)

@@ -45,8 +45,9 @@ def _masked_mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     mask = shift_labels != IGNORE
-    ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1).clamp(min=0),
-                         reduction="none").view(shift_labels.shape)
+    ce = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1).clamp(min=0), reduction="none"
+    ).view(shift_labels.shape)
     return (ce * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
@@ -81,7 +82,7 @@ def reference_loss_batched(model, tokenizer, prompts, responses, max_length, bat
     encs = encode_samples(tokenizer, list(prompts), list(responses), max_length)
     losses, tokens = [], 0
     for s in range(0, len(encs), batch_size):
-        chunk = encs[s:s + batch_size]
+        chunk = encs[s : s + batch_size]
         T = max(len(e.input_ids) for e in chunk)
         ids = torch.full((len(chunk), T), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), T), dtype=torch.long)
@@ -125,8 +126,16 @@ def _head_params(model) -> int:
 def _ours(model, tok, prompts, responses, max_length):
     from middo_pipeline.core.forward import score_samples
 
-    return score_samples(model, tok, prompts, responses, max_length=max_length, max_batch_tokens=8192,
-                         max_batch_size=32, with_embeddings=True)
+    return score_samples(
+        model,
+        tok,
+        prompts,
+        responses,
+        max_length=max_length,
+        max_batch_tokens=8192,
+        max_batch_size=32,
+        with_embeddings=True,
+    )
 
 
 def run(settings, models, hardware: dict | None = None) -> dict:
@@ -159,11 +168,15 @@ def run(settings, models, hardware: dict | None = None) -> dict:
 
     for rep in range(max(settings.speed_repeats, 1)):
         res = clock("ours", lambda: _ours(model, tok, prompts, responses, L))
-        ref_loss, ref_loss_tokens = clock("ref_loss", lambda: reference_loss_one_by_one(model, tok, prompts, responses, L))
+        ref_loss, ref_loss_tokens = clock(
+            "ref_loss", lambda: reference_loss_one_by_one(model, tok, prompts, responses, L)
+        )
         ref_emb, ref_emb_tokens = clock("ref_emb", lambda: reference_embeddings(model, tok, prompts))
         ref_bloss, ref_btokens = clock("ref_bloss", lambda: reference_loss_batched(model, tok, prompts, responses, L))
-        log(f"speed: repeat {rep + 1}: ours {times['ours'][-1]:.2f}s, reference {times['ref_loss'][-1]:.2f}s loss + "
-            f"{times['ref_emb'][-1]:.2f}s embedding, batched-loss variant {times['ref_bloss'][-1]:.2f}s loss")
+        log(
+            f"speed: repeat {rep + 1}: ours {times['ours'][-1]:.2f}s, reference {times['ref_loss'][-1]:.2f}s loss + "
+            f"{times['ref_emb'][-1]:.2f}s embedding, batched-loss variant {times['ref_bloss'][-1]:.2f}s loss"
+        )
     t_ours, t_ref_loss, t_ref_emb, t_ref_bloss = (min(times[k]) for k in ("ours", "ref_loss", "ref_emb", "ref_bloss"))
     t_ref = t_ref_loss + t_ref_emb
     t_ref_b = t_ref_bloss + t_ref_emb
@@ -180,14 +193,28 @@ def run(settings, models, hardware: dict | None = None) -> dict:
         "all_times_s": times,
         "device": str(lm.device),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "ours": {"seconds": t_ours, "samples_per_s": n / t_ours, "tokens": res.n_tokens,
-                 "tokens_per_s": res.n_tokens / t_ours, "head_path": res.head},
-        "reference": {"seconds": t_ref, "samples_per_s": n / t_ref, "loss_seconds": t_ref_loss,
-                      "embedding_seconds": t_ref_emb, "tokens": ref_loss_tokens + ref_emb_tokens,
-                      "how": "one sample at a time; full-vocabulary logits for the loss; separate output_hidden_states pass for the embedding"},
-        "reference_batched_loss": {"seconds": t_ref_b, "samples_per_s": n / t_ref_b, "loss_seconds": t_ref_bloss,
-                                   "embedding_seconds": t_ref_emb,
-                                   "how": "loss in unsorted padded batches of 8 (as complexity_cal_loss.py); embedding one at a time"},
+        "ours": {
+            "seconds": t_ours,
+            "samples_per_s": n / t_ours,
+            "tokens": res.n_tokens,
+            "tokens_per_s": res.n_tokens / t_ours,
+            "head_path": res.head,
+        },
+        "reference": {
+            "seconds": t_ref,
+            "samples_per_s": n / t_ref,
+            "loss_seconds": t_ref_loss,
+            "embedding_seconds": t_ref_emb,
+            "tokens": ref_loss_tokens + ref_emb_tokens,
+            "how": "one sample at a time; full-vocabulary logits for the loss; separate output_hidden_states pass for the embedding",
+        },
+        "reference_batched_loss": {
+            "seconds": t_ref_b,
+            "samples_per_s": n / t_ref_b,
+            "loss_seconds": t_ref_bloss,
+            "embedding_seconds": t_ref_emb,
+            "how": "loss in unsorted padded batches of 8 (as complexity_cal_loss.py); embedding one at a time",
+        },
         "speedup_vs_reference": t_ref / t_ours,
         "speedup_vs_reference_batched_loss": t_ref_b / t_ours,
         "loss_max_abs_diff_vs_reference": diff,

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-# kept in sync with middo_pipeline.core.ingest (not imported here: it pulls in polars)
-SEED_FORMATS = ("alpaca_json", "alpaca_jsonl", "sharegpt", "messages", "parquet")
+from middo_pipeline.constants import SEED_FORMATS
+
 DEFAULT_SHOW = 20
 
 
@@ -96,7 +96,8 @@ def _print_rounds(rows: list[tuple[str, dict]]) -> None:
     """One line per round, columns aligned; '-' where a figure is missing (a round not finished)."""
     keys = list(rows[0][1]) if rows else []
     table = [["round"] + keys] + [
-        [key] + ["-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in (md.get(k) for k in keys)]
+        [key]
+        + ["-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in (md.get(k) for k in keys)]
         for key, md in rows
     ]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
@@ -115,8 +116,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
     with DagsterInstance.get() as instance:
         rows = [(round_key(n), summarize_round(instance, round_key(n))) for n in existing_rounds(instance)]
     if not rows:
-        print(f"no rounds recorded in {home}; run `middo loop --rounds N` first (with the same DAGSTER_HOME)",
-              file=sys.stderr)
+        print(
+            f"no rounds recorded in {home}; run `middo loop --rounds N` first (with the same DAGSTER_HOME)",
+            file=sys.stderr,
+        )
         return 1
     _print_rounds(rows)
     return 0
@@ -124,18 +127,21 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a round's optimized dataset with provenance on every row."""
+    import polars as pl
+
     from middo_pipeline.core.export import export_table
     from middo_pipeline.core.storage import Storage
     from middo_pipeline.loop import ensure_dagster_home
     from middo_pipeline.rounds import round_key
 
-    import polars as pl
-
     ensure_dagster_home()
     path = Storage().table_path("optimized_dataset", round_key(args.round))
     if not path.exists():
-        print(f"error: round {args.round} has no optimized_dataset at {path}; run `middo loop` first "
-              f"(and use the same DAGSTER_HOME / MIDDO_HOME)", file=sys.stderr)
+        print(
+            f"error: round {args.round} has no optimized_dataset at {path}; run `middo loop` first "
+            f"(and use the same DAGSTER_HOME / MIDDO_HOME)",
+            file=sys.stderr,
+        )
         return 2
     df = pl.read_parquet(path)
     out = export_table(df, args.out, fmt=args.format, layout=args.layout)
@@ -159,39 +165,55 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     validate.add_argument("path", metavar="PATH", help="the seed file")
+    validate.add_argument("--format", choices=SEED_FORMATS, default=None, help="skip detection and read as this format")
     validate.add_argument(
-        "--format", choices=SEED_FORMATS, default=None, help="skip detection and read as this format"
-    )
-    validate.add_argument(
-        "--max-chars", type=_positive_int, default=16_000, metavar="N",
+        "--max-chars",
+        type=_positive_int,
+        default=16_000,
+        metavar="N",
         help="reject records whose instruction+input+output is longer (default: 16000)",
     )
     validate.add_argument(
-        "--show", type=int, default=DEFAULT_SHOW, metavar="N",
+        "--show",
+        type=int,
+        default=DEFAULT_SHOW,
+        metavar="N",
         help=f"list at most N rejected records (default: {DEFAULT_SHOW}; -1: all; 0: none)",
     )
     validate.set_defaults(func=cmd_validate)
 
     loop = sub.add_parser(
-        "loop", help="run the next N Middo rounds on the Dagster instance at $DAGSTER_HOME",
+        "loop",
+        help="run the next N Middo rounds on the Dagster instance at $DAGSTER_HOME",
         description="Materialize the seed (if needed) and the next N round partitions in order; "
-                    "they show up in the UI afterwards. DAGSTER_HOME defaults to ./.dagster_home.",
+        "they show up in the UI afterwards. DAGSTER_HOME defaults to ./.dagster_home.",
     )
     loop.add_argument("--rounds", type=_positive_int, default=1, metavar="N", help="how many rounds (default 1)")
     loop.add_argument("--seed", default=None, metavar="PATH", help="(re)ingest this seed file first")
-    loop.add_argument("--config", default=None, metavar="FILE",
-                      help="YAML run config (ops only; resources come from MIDDO_* variables), or a preset: tiny, gpu")
+    loop.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="YAML run config (ops only; resources come from MIDDO_* variables), or a preset: tiny, gpu",
+    )
     loop.set_defaults(func=cmd_loop)
 
-    summary = sub.add_parser("summary", help="print every recorded round's figures (runs nothing)",
-                             description="The per-round table `middo loop` prints, for every round in $DAGSTER_HOME.")
+    summary = sub.add_parser(
+        "summary",
+        help="print every recorded round's figures (runs nothing)",
+        description="The per-round table `middo loop` prints, for every round in $DAGSTER_HOME.",
+    )
     summary.set_defaults(func=cmd_summary)
 
     export = sub.add_parser("export", help="write a round's optimized dataset with provenance fields")
     export.add_argument("--round", type=_positive_int, required=True, metavar="R")
     export.add_argument("--format", choices=("jsonl", "json", "parquet"), default="jsonl")
-    export.add_argument("--layout", choices=("alpaca", "messages"), default="alpaca",
-                        help="alpaca: instruction/input/output (LLaMA-Factory); messages: chat turns")
+    export.add_argument(
+        "--layout",
+        choices=("alpaca", "messages"),
+        default="alpaca",
+        help="alpaca: instruction/input/output (LLaMA-Factory); messages: chat turns",
+    )
     export.add_argument("--out", required=True, metavar="PATH")
     export.set_defaults(func=cmd_export)
     return parser

@@ -30,7 +30,9 @@ class PolarsParquetIOManager(UPathIOManager):
 
     def dump_to_path(self, context: OutputContext, obj: pl.DataFrame, path: UPath) -> None:
         if not isinstance(obj, pl.DataFrame):
-            raise TypeError(f"{context.asset_key.to_user_string()} returned {type(obj).__name__}, expected a polars DataFrame")
+            raise TypeError(
+                f"{context.asset_key.to_user_string()} returned {type(obj).__name__}, expected a polars DataFrame"
+            )
         self.storage.write_table(obj, path)
 
     def load_from_path(self, context: InputContext, path: UPath) -> pl.DataFrame:

@@ -18,8 +18,15 @@ from middo_pipeline.core.storage import Storage
 from middo_pipeline.rounds import ROUNDS, existing_rounds, latest_materialization, round_key
 
 ROUND_ASSET_OPS = {  # run-config keys under "ops" that belong to the round job / the seed job
-    "round_dataset", "sft_checkpoint", "model_readouts", "loss_signals", "embedding_signals",
-    "quality_signals", "refined_samples", "optimized_dataset", "round_evaluation",
+    "round_dataset",
+    "sft_checkpoint",
+    "model_readouts",
+    "loss_signals",
+    "embedding_signals",
+    "quality_signals",
+    "refined_samples",
+    "optimized_dataset",
+    "round_evaluation",
 }
 
 
@@ -80,12 +87,16 @@ def load_run_config(path: str | None) -> dict:
 def split_config(cfg: dict) -> tuple[dict, dict]:
     unknown_top = set(cfg) - {"ops"}
     if unknown_top:
-        raise ValueError(f"unknown top-level config keys {sorted(unknown_top)}: only 'ops' (resources come from "
-                         "MIDDO_* environment variables, see README)")
+        raise ValueError(
+            f"unknown top-level config keys {sorted(unknown_top)}: only 'ops' (resources come from "
+            "MIDDO_* environment variables, see README)"
+        )
     ops = cfg.get("ops") or {}
     unknown = set(ops) - ROUND_ASSET_OPS - {"seed_dataset"}
     if unknown:
-        raise ValueError(f"unknown entries under ops: {sorted(unknown)}; known: seed_dataset, {sorted(ROUND_ASSET_OPS)}")
+        raise ValueError(
+            f"unknown entries under ops: {sorted(unknown)}; known: seed_dataset, {sorted(ROUND_ASSET_OPS)}"
+        )
     seed = {"ops": {k: v for k, v in ops.items() if k == "seed_dataset"}}
     rnd = {"ops": {k: v for k, v in ops.items() if k in ROUND_ASSET_OPS}}
     return seed, rnd
@@ -129,8 +140,9 @@ def summarize_round(instance: DagsterInstance, key: str) -> dict:
     }
 
 
-def run_rounds(n: int, *, seed_path: str | None = None, config: dict | None = None, log=print,
-               env: dict | None = None) -> list[RoundSummary]:
+def run_rounds(
+    n: int, *, seed_path: str | None = None, config: dict | None = None, log=print, env: dict | None = None
+) -> list[RoundSummary]:
     """Materialize the seed if needed (or when ``seed_path`` is given), then the next ``n`` rounds in order.
     Resources come from ``env`` (default: the process environment; see ``definitions``)."""
     from middo_pipeline.definitions import build_defs
@@ -148,7 +160,9 @@ def run_rounds(n: int, *, seed_path: str | None = None, config: dict | None = No
         seed_done = instance.get_latest_materialization_event(AssetKey("seed_dataset")) is not None
         if seed_path or not seed_done or seed_cfg["ops"]:
             log("materializing seed_dataset …")
-            res = defs.resolve_job_def(SEED_JOB).execute_in_process(instance=instance, run_config=seed_cfg, raise_on_error=False)
+            res = defs.resolve_job_def(SEED_JOB).execute_in_process(
+                instance=instance, run_config=seed_cfg, raise_on_error=False
+            )
             if not res.success:
                 raise RuntimeError(_failure_message(res, "seed_dataset"))
             md = _meta(instance, "seed_dataset", None)
@@ -169,11 +183,13 @@ def run_rounds(n: int, *, seed_path: str | None = None, config: dict | None = No
             try:
                 lock.acquire(timeout=0)
             except Timeout:
-                raise RoundBusy(f"{key} is being run by another process right now (lock {lock.lock_file}); "
-                                "wait for it to finish") from None
+                raise RoundBusy(
+                    f"{key} is being run by another process right now (lock {lock.lock_file}); wait for it to finish"
+                ) from None
             try:
-                res = job.execute_in_process(instance=instance, partition_key=key, run_config=round_cfg,
-                                             raise_on_error=False)
+                res = job.execute_in_process(
+                    instance=instance, partition_key=key, run_config=round_cfg, raise_on_error=False
+                )
             finally:
                 lock.release()
             summary = RoundSummary(key, res.success, res.run_id, summarize_round(instance, key))
@@ -188,8 +204,11 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-_DAGSTER_WRAPPERS = ("DagsterExecutionStepExecutionError", "DagsterExecutionHandleOutputError",
-                     "DagsterExecutionLoadInputError")
+_DAGSTER_WRAPPERS = (
+    "DagsterExecutionStepExecutionError",
+    "DagsterExecutionHandleOutputError",
+    "DagsterExecutionLoadInputError",
+)
 
 
 def _failure_message(res, what: str) -> str:

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from middo_pipeline.core.llm import BackendKind
 from middo_pipeline.core.llm.protocol import LLMBackend
 from middo_pipeline.core.storage import Storage
-from middo_pipeline.models.loading import DEFAULT_MODEL, LoadedModel, load_model, resolve_model_path
+from middo_pipeline.models.loading import DEFAULT_MODEL, DType, LoadedModel, load_model, resolve_model_path
 
 
 class StorageResource(ConfigurableResource):
@@ -32,17 +33,26 @@ class ModelResource(ConfigurableResource):
         description=f"'{DEFAULT_MODEL}' (packaged, offline), 'tiny-llama' (test model), a local folder or a Hugging Face id",
     )
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
-    dtype: str = Field(default="auto", description="auto (bf16 on capable GPUs, else fp32) | float32 | bfloat16 | float16")
+    dtype: DType = Field(
+        default="auto", description="auto (bf16 on capable GPUs, else fp32) | float32 | bfloat16 | float16"
+    )
     threads: int | None = Field(default=None, description="torch CPU threads (default: torch's choice)")
-    cache_dir: str | None = Field(default=None, description="Converted-model cache (default ~/.cache/middo-pipeline/models)")
+    cache_dir: str | None = Field(
+        default=None, description="Converted-model cache (default ~/.cache/middo-pipeline/models)"
+    )
 
     def base_path(self) -> str:
         return resolve_model_path(self.base_model, self.cache_dir)
 
     def load(self, path: str | None = None) -> LoadedModel:
         """Load the base model, or a checkpoint folder when ``path`` is given."""
-        return load_model(path or self.base_model, device=self.device, dtype=self.dtype,
-                          threads=self.threads, cache_dir=self.cache_dir)
+        return load_model(
+            path or self.base_model,
+            device=self.device,
+            dtype=self.dtype,
+            threads=self.threads,
+            cache_dir=self.cache_dir,
+        )
 
 
 class OptimizerResource(ConfigurableResource):
@@ -53,13 +63,17 @@ class OptimizerResource(ConfigurableResource):
     key is read from the environment variable named by ``api_key_env`` and is never logged.
     """
 
-    backend: str = Field(default="local", description="local | openai")
+    backend: BackendKind = Field(default="local", description="local | openai")
     model: str = Field(default=DEFAULT_MODEL, description="local: model name/folder; openai: the served model name")
     base_url: str | None = Field(default=None, description="openai backend: e.g. http://localhost:8000/v1")
-    api_key_env: str = Field(default="OPENAI_API_KEY", description="Name of the environment variable holding the API key")
+    api_key_env: str = Field(
+        default="OPENAI_API_KEY", description="Name of the environment variable holding the API key"
+    )
     max_concurrency: int = Field(default=8, description="openai backend: parallel requests")
     timeout_s: float = Field(default=120.0, description="openai backend: per-request timeout")
-    max_retries: int = Field(default=4, description="openai backend: retries on 429/5xx/connection errors (exponential backoff)")
+    max_retries: int = Field(
+        default=4, description="openai backend: retries on 429/5xx/connection errors (exponential backoff)"
+    )
     batch_size: int = Field(default=8, description="local backend: generations per batch")
     device: str = Field(default="auto", description="local backend device")
     use_cache: bool = Field(default=True, description="Cache every completion on disk so reruns resume")
@@ -75,7 +89,13 @@ class OptimizerResource(ConfigurableResource):
         if self.backend == "local":
             kwargs = dict(model=self.model, device=self.device, batch_size=self.batch_size)
         else:
-            kwargs = dict(base_url=self.base_url, model=self.model, api_key_env=self.api_key_env,
-                          max_concurrency=self.max_concurrency, timeout=self.timeout_s, max_retries=self.max_retries)
+            kwargs = dict(
+                base_url=self.base_url,
+                model=self.model,
+                api_key_env=self.api_key_env,
+                max_concurrency=self.max_concurrency,
+                timeout=self.timeout_s,
+                max_retries=self.max_retries,
+            )
         cache = storage.ensure_dir(storage.cache_dir) / "completions.sqlite" if self.use_cache else None
         return make_backend(self.backend, cache=cache, **kwargs)

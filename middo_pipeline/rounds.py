@@ -12,8 +12,11 @@ record in their metadata where they came from. These helpers find them.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from dagster import AssetKey, AssetRecordsFilter, DagsterInstance, DynamicPartitionsDefinition
+
+from middo_pipeline.core.storage import Storage
 
 ROUNDS = "rounds"
 rounds_partitions = DynamicPartitionsDefinition(name=ROUNDS)
@@ -31,6 +34,24 @@ def round_key(n: int) -> str:
     if n < 1:
         raise ValueError(f"rounds start at 1, got {n}")
     return f"round-{n}"
+
+
+def previous_round(partition_key: str) -> str | None:
+    """The key of the round before ``partition_key`` (None for round-1)."""
+    r = round_number(partition_key)
+    return round_key(r - 1) if r > 1 else None
+
+
+def earlier_rounds(partition_key: str) -> list[str]:
+    """The keys of every round before ``partition_key``, oldest first."""
+    return [round_key(n) for n in range(1, round_number(partition_key))]
+
+
+def previous_table(storage: Storage, asset: str, partition_key: str) -> Path | None:
+    """Where the previous round's table of ``asset`` lives (None for round-1); the file may
+    not exist yet."""
+    prev = previous_round(partition_key)
+    return storage.table_path(asset, prev) if prev else None
 
 
 def existing_rounds(instance: DagsterInstance) -> list[int]:

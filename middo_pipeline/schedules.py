@@ -1,6 +1,5 @@
 """The nightly schedule: add the next round partition and launch it once the previous round finished."""
 
-
 import os
 
 from dagster import AssetKey, RunRequest, RunsFilter, ScheduleEvaluationContext, SkipReason, schedule

@@ -72,4 +72,4 @@ def test_eval_large_instructions_unique_and_not_in_seed(large, seed):
 
 def test_eval_large_contains_eval_heldout(large):
     heldout = _jsonl(DATA / "eval_heldout.jsonl")
-    assert large[:len(heldout)] == heldout
+    assert large[: len(heldout)] == heldout

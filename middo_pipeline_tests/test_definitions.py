@@ -6,8 +6,18 @@ from dagster import AssetKey
 from middo_pipeline.definitions import build_defs, resources_from_env
 
 EXPECTED = [
-    "seed_dataset", "seed_quarantine", "round_dataset", "sft_checkpoint", "model_readouts", "loss_signals",
-    "embedding_signals", "quality_signals", "refined_samples", "optimized_dataset", "sample_accounting",
+    "seed_dataset",
+    "seed_quarantine",
+    "round_dataset",
+    "sft_checkpoint",
+    "model_readouts",
+    "loss_signals",
+    "embedding_signals",
+    "quality_signals",
+    "refined_samples",
+    "refinement_candidates",
+    "optimized_dataset",
+    "sample_accounting",
     "round_evaluation",
 ]
 
@@ -25,7 +35,8 @@ def test_definitions_load():
     assert AssetKey("sft_checkpoint") in graph.get(AssetKey("model_readouts")).parent_keys
     assert AssetKey("model_readouts") in graph.get(AssetKey("loss_signals")).parent_keys
     assert {AssetKey("loss_signals"), AssetKey("embedding_signals"), AssetKey("quality_signals")} <= set(
-        graph.get(AssetKey("refined_samples")).parent_keys)
+        graph.get(AssetKey("refined_samples")).parent_keys
+    )
     assert AssetKey("refined_samples") in graph.get(AssetKey("optimized_dataset")).parent_keys
     for key in EXPECTED:
         assert graph.get(AssetKey(key)).description, f"{key} has no description"
@@ -62,3 +73,36 @@ def test_bad_run_config_is_clear(tmp_path):
         split_config(load_run_config(str(bad)))
     with pytest.raises(FileNotFoundError):
         load_run_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize(
+    "op, field, bad, allowed",
+    [
+        ("sft_checkpoint", "init", "last", ("base", "previous")),
+        ("quality_signals", "mode", "sample", ("judge", "ifd", "combined")),
+        ("quality_signals", "judge_reading", "sample", ("expected", "generate")),
+        ("model_readouts", "embedding_pooling", "max", ("mean", "last")),
+        ("quality_signals", "judge", "gpt", ("self", "optimizer")),
+        ("refined_samples", "prompt_style", "fancy", ("auto", "direct", "stepwise")),
+        ("optimized_dataset", "size_policy", "shrink", ("grow", "keep")),
+        ("embedding_signals", "knn_method", "fast", ("auto", "exact", "approx")),
+    ],
+)
+def test_bad_choice_fails_at_config_validation_naming_the_choices(op, field, bad, allowed):
+    """Choices are declared on the config field: a bad value is refused before any asset runs,
+    and the error lists the allowed values."""
+    from dagster import DagsterInvalidConfigError, validate_run_config
+
+    job = build_defs({}).resolve_job_def("middo_round")
+    for good in allowed:
+        validate_run_config(job, {"ops": {op: {"config": {field: good}}}})
+    with pytest.raises(DagsterInvalidConfigError) as err:
+        validate_run_config(job, {"ops": {op: {"config": {field: bad}}}})
+    msg = str(err.value)
+    assert f"{op}:config:{field}" in msg and bad in msg
+    assert all(repr(a) in msg for a in allowed), msg
+
+
+def test_bad_optimizer_backend_fails_when_the_resources_are_built():
+    with pytest.raises(Exception, match=r"'local' or 'openai'"):
+        resources_from_env({"MIDDO_OPTIMIZER_BACKEND": "vllm"})

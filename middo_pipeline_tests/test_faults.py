@@ -41,8 +41,12 @@ from middo_pipeline_tests.core.fake_openai_server import FakeOpenAI, Reply, chat
 ROUND = "round-1"
 OPT_TIMEOUT_S = 2.0  # per-attempt timeout of the optimizer client in these tests
 OPT_RETRIES = 1
-OPTIMIZE_ASSETS = {AssetKey("refinement_candidates"), AssetKey("refined_samples"), AssetKey("optimized_dataset"),
-                   AssetKey("sample_accounting")}
+OPTIMIZE_ASSETS = {
+    AssetKey("refinement_candidates"),
+    AssetKey("refined_samples"),
+    AssetKey("optimized_dataset"),
+    AssetKey("sample_accounting"),
+}
 PROMPT_SYSTEM_MARK = "training data"  # in the stepwise system prompt, not in the response-step one
 
 
@@ -58,7 +62,9 @@ def good_answer(body: dict) -> Reply:
     user = last_user(body)
     system = body["messages"][0]["content"] if body.get("messages") else ""
     if PROMPT_SYSTEM_MARK in system:
-        return chat_ok(f"1. Problems: none.\n### Final prompt\nExplain topic {_h(user)} step by step, with one example.")
+        return chat_ok(
+            f"1. Problems: none.\n### Final prompt\nExplain topic {_h(user)} step by step, with one example."
+        )
     return chat_ok(f"Here is a careful answer about topic {_h(user)}: first this, then that.")
 
 
@@ -81,9 +87,13 @@ def pipeline(tmp_path_factory, model_cache):
     # server sees maps to one row (the gate's decisions are tested in test_verify / test_loop_tiny)
     cfg["ops"]["refined_samples"]["config"].update(candidates=1, temperature=0.0, verify=False)
     env = {
-        "MIDDO_PROFILE": "tiny", "MIDDO_HOME": str(tmp / "middo"), "MIDDO_DEVICE": "cpu",
-        "MIDDO_MODEL_CACHE": str(model_cache), "DAGSTER_HOME": str(tmp / "dagster_home"),
-        "MIDDO_OPTIMIZER_BACKEND": "openai", "MIDDO_OPTIMIZER_MODEL": "test-model",
+        "MIDDO_PROFILE": "tiny",
+        "MIDDO_HOME": str(tmp / "middo"),
+        "MIDDO_DEVICE": "cpu",
+        "MIDDO_MODEL_CACHE": str(model_cache),
+        "DAGSTER_HOME": str(tmp / "dagster_home"),
+        "MIDDO_OPTIMIZER_BACKEND": "openai",
+        "MIDDO_OPTIMIZER_MODEL": "test-model",
         "MIDDO_OPTIMIZER_API_KEY_ENV": "MIDDO_FAULTS_TEST_KEY",
     }
     original = definitions.resources_from_env
@@ -92,9 +102,14 @@ def pipeline(tmp_path_factory, model_cache):
         res = original(env)
         opt = res["optimizer"]
         res["optimizer"] = OptimizerResource(
-            backend=opt.backend, model=opt.model, base_url=opt.base_url, api_key_env=opt.api_key_env,
-            max_concurrency=opt.max_concurrency, device=opt.device,
-            timeout_s=OPT_TIMEOUT_S, max_retries=OPT_RETRIES,
+            backend=opt.backend,
+            model=opt.model,
+            base_url=opt.base_url,
+            api_key_env=opt.api_key_env,
+            max_concurrency=opt.max_concurrency,
+            device=opt.device,
+            timeout_s=OPT_TIMEOUT_S,
+            max_retries=OPT_RETRIES,
         )
         return res
 
@@ -115,8 +130,9 @@ def _rerun_optimize(pipeline, url: str):
     job = definitions.build_defs(env).resolve_job_def("middo_round").get_subset(asset_selection=OPTIMIZE_ASSETS)
     run_config = {"ops": {"refined_samples": pipeline.cfg["ops"]["refined_samples"]}}
     with DagsterInstance.get() as instance:
-        return job.execute_in_process(instance=instance, partition_key=ROUND, run_config=run_config,
-                                      raise_on_error=False)
+        return job.execute_in_process(
+            instance=instance, partition_key=ROUND, run_config=run_config, raise_on_error=False
+        )
 
 
 def _metadata(asset: str) -> dict:
@@ -281,7 +297,7 @@ OPTIMIZER_CHILD = textwrap.dedent(
     backend = CachedBackend(OpenAIBackend(a["url"], "test-model", max_concurrency=1, timeout=30, max_retries=0),
                             CompletionCache(a["cache"]))
     out = run_operations(pl.read_parquet(a["samples"]), pl.read_parquet(a["plan"]), a["neighbors"], backend,
-                         PromptConfig(style="stepwise"), round=1)
+                         PromptConfig(style="stepwise"), round_number=1)
     out.write_parquet(a["out"])
     print("finished", flush=True)
     """
@@ -289,15 +305,16 @@ OPTIMIZER_CHILD = textwrap.dedent(
 
 
 def _run_ops(url: str, cache: Path, samples: pl.DataFrame, plan: pl.DataFrame, neighbors: dict) -> pl.DataFrame:
-    from middo_pipeline.core.llm.openai_compat import OpenAIBackend
     from middo_pipeline.core.llm.cache import CachedBackend, CompletionCache
+    from middo_pipeline.core.llm.openai_compat import OpenAIBackend
     from middo_pipeline.core.optimizer.operations import run_operations
     from middo_pipeline.core.optimizer.prompts import PromptConfig
 
-    backend = CachedBackend(OpenAIBackend(url, "test-model", max_concurrency=1, timeout=30, max_retries=0),
-                            CompletionCache(cache))
+    backend = CachedBackend(
+        OpenAIBackend(url, "test-model", max_concurrency=1, timeout=30, max_retries=0), CompletionCache(cache)
+    )
     try:
-        return run_operations(samples, plan, neighbors, backend, PromptConfig(style="stepwise"), round=1)
+        return run_operations(samples, plan, neighbors, backend, PromptConfig(style="stepwise"), round_number=1)
     finally:
         backend.cache.close()
 
@@ -343,11 +360,21 @@ def test_sigkill_mid_optimizer_resumes_from_cache(tmp_path):
         # the same work in a child process against a slow server, killed after a few completions
         delay["s"] = 0.3
         cache = tmp_path / "cache.sqlite"
-        args = {"url": fake.url, "cache": str(cache), "samples": str(tmp_path / "samples.parquet"),
-                "plan": str(tmp_path / "plan.parquet"), "neighbors": neighbors, "out": str(tmp_path / "child.parquet")}
+        args = {
+            "url": fake.url,
+            "cache": str(cache),
+            "samples": str(tmp_path / "samples.parquet"),
+            "plan": str(tmp_path / "plan.parquet"),
+            "neighbors": neighbors,
+            "out": str(tmp_path / "child.parquet"),
+        }
         calls_before = len(fake.chat_calls)
-        child = subprocess.Popen([sys.executable, "-c", OPTIMIZER_CHILD, json.dumps(args)], cwd=str(REPO),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        child = subprocess.Popen(
+            [sys.executable, "-c", OPTIMIZER_CHILD, json.dumps(args)],
+            cwd=str(REPO),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 60
         while _cache_rows(cache) < 3:
             assert child.poll() is None, child.stderr.read().decode()[-2000:]
@@ -457,15 +484,19 @@ def test_sigkill_during_write_never_leaves_a_partial_table(tmp_path):
     rows = 300_000
 
     def slow_child():
-        return subprocess.Popen([sys.executable, "-c", SLOW_WRITE_CHILD, str(store.root), str(final), str(rows)],
-                                cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return subprocess.Popen(
+            [sys.executable, "-c", SLOW_WRITE_CHILD, str(store.root), str(final), str(rows)],
+            cwd=str(REPO),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
     # no previous version: after the kill the final path does not exist
     _kill_when_partial(slow_child(), folder, 64 * 1024)
     assert not final.exists()
     leftovers = _tmp_files(folder)
     assert leftovers and all(p.name.startswith(f".{final.name}.") for p in leftovers)
-    with pytest.raises(Exception):  # the leftover really is a torn file ...
+    with pytest.raises(Exception):  # noqa: B017 - any polars read error: the leftover really is a torn file ...
         pl.read_parquet(leftovers[0])
     with pytest.raises(StorageError, match="not found"):  # ... and the reader never looks at it
         store.read_table(final)
@@ -480,8 +511,12 @@ def test_sigkill_during_write_never_leaves_a_partial_table(tmp_path):
     assert all(p.name.startswith(".") for p in folder.iterdir() if p != final)  # temp names are hidden
 
     # real (unslowed) writes, over and over, killed at an arbitrary moment: always one whole version
-    child = subprocess.Popen([sys.executable, "-c", LOOP_WRITE_CHILD, str(store.root), str(final), "200000"],
-                             cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", LOOP_WRITE_CHILD, str(store.root), str(final), "200000"],
+        cwd=str(REPO),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert child.stdout.readline().strip() == b"0", child.stderr.read().decode()[-2000:]
     time.sleep(0.5)
     os.kill(child.pid, signal.SIGKILL)
@@ -535,8 +570,13 @@ def test_read_only_storage_at_storage_level(tmp_path, monkeypatch):
                 return real_mkdir(self, *args, **kwargs)
 
             monkeypatch.setattr(Path, "mkdir", mkdir)
-            monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if str(p).startswith(str(home))
-                                and mode & os.W_OK else real_access(p, mode, *a, **k))
+            monkeypatch.setattr(
+                os,
+                "access",
+                lambda p, mode, *a, **k: (
+                    False if str(p).startswith(str(home)) and mode & os.W_OK else real_access(p, mode, *a, **k)
+                ),
+            )
         store = Storage(home)
         with pytest.raises(StorageError) as info:
             store.write_table(pl.DataFrame({"a": [1]}), store.table_path("seed_dataset"))
@@ -555,7 +595,7 @@ def test_read_only_storage_at_storage_level(tmp_path, monkeypatch):
     def read_only_fs(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr("middo_pipeline.core.storage.tempfile.mkstemp", read_only_fs)
+    monkeypatch.setattr("middo_pipeline.atomic.tempfile.mkstemp", read_only_fs)
     with pytest.raises(StorageError, match="permission denied") as info:
         store.write_table(pl.DataFrame({"a": [1]}), store.table_path("seed_dataset"))
     assert str(store.table_path("seed_dataset")) in str(info.value)
@@ -563,7 +603,11 @@ def test_read_only_storage_at_storage_level(tmp_path, monkeypatch):
 
 @pytest.fixture
 def seed_env(tmp_path, monkeypatch, small_seed):
-    env = {"MIDDO_PROFILE": "tiny", "MIDDO_HOME": str(tmp_path / "middo"), "DAGSTER_HOME": str(tmp_path / "dagster_home")}
+    env = {
+        "MIDDO_PROFILE": "tiny",
+        "MIDDO_HOME": str(tmp_path / "middo"),
+        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
+    }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return SimpleNamespace(env=env, seed=small_seed, store=Storage(env["MIDDO_HOME"]))
@@ -572,8 +616,11 @@ def seed_env(tmp_path, monkeypatch, small_seed):
 def _materialize_seed(seed_env):
     job = definitions.build_defs(seed_env.env).resolve_job_def("seed_job")
     with DagsterInstance.ephemeral() as instance:
-        res = job.execute_in_process(instance=instance, raise_on_error=False,
-                                     run_config={"ops": {"seed_dataset": {"config": {"path": str(seed_env.seed)}}}})
+        res = job.execute_in_process(
+            instance=instance,
+            raise_on_error=False,
+            run_config={"ops": {"seed_dataset": {"config": {"path": str(seed_env.seed)}}}},
+        )
         errors = [e.step_failure_data.error for e in res.all_events if e.is_step_failure]
         text = " ".join(_chain(err) for err in errors)
         mats = instance.get_latest_materialization_event(AssetKey("seed_dataset"))
@@ -620,8 +667,13 @@ def test_unwritable_storage_at_asset_level(seed_env, monkeypatch):
                 return real_mkdir(self, *args, **kwargs)
 
             monkeypatch.setattr(Path, "mkdir", mkdir)
-            monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if str(p).startswith(str(home))
-                                and mode & os.W_OK else real_access(p, mode, *a, **k))
+            monkeypatch.setattr(
+                os,
+                "access",
+                lambda p, mode, *a, **k: (
+                    False if str(p).startswith(str(home)) and mode & os.W_OK else real_access(p, mode, *a, **k)
+                ),
+            )
         res, text, mats = _materialize_seed(seed_env)
     finally:
         home.chmod(0o700)

@@ -19,8 +19,13 @@ from middo_pipeline_tests.conftest import small_tiny_run
 def loop_env(tmp_path_factory, model_cache):
     """One tiny-profile environment for the whole module (the loop runs once)."""
     tmp = tmp_path_factory.mktemp("loop")
-    env = {"MIDDO_PROFILE": "tiny", "MIDDO_HOME": str(tmp / "middo"), "MIDDO_DEVICE": "cpu",
-           "MIDDO_MODEL_CACHE": str(model_cache), "DAGSTER_HOME": str(tmp / "dagster_home")}
+    env = {
+        "MIDDO_PROFILE": "tiny",
+        "MIDDO_HOME": str(tmp / "middo"),
+        "MIDDO_DEVICE": "cpu",
+        "MIDDO_MODEL_CACHE": str(model_cache),
+        "DAGSTER_HOME": str(tmp / "dagster_home"),
+    }
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
@@ -61,9 +66,11 @@ def test_two_round_loop(two_rounds):
         assert sid in out_ids or sid in out_origins, f"{sid} vanished"
 
     # each signal table has one row per sample, with raw scores
-    for name, cols in [("loss_signals", ["loss_before", "loss_after", "is_hard"]),
-                       ("embedding_signals", ["knn_mean_similarity", "neighbor_ids", "is_sparse", "cluster"]),
-                       ("quality_signals", ["factuality_prompt", "completeness_full", "quality_score", "is_low_quality"])]:
+    for name, cols in [
+        ("loss_signals", ["loss_before", "loss_after", "is_hard"]),
+        ("embedding_signals", ["knn_mean_similarity", "neighbor_ids", "is_sparse", "cluster"]),
+        ("quality_signals", ["factuality_prompt", "completeness_full", "quality_score", "is_low_quality"]),
+    ]:
         t = pl.read_parquet(store.table_path(name, "round-1"))
         assert t.height == r1_in.height and set(cols) <= set(t.columns), name
         assert t["sample_id"].to_list() == r1_in["sample_id"].to_list()
@@ -105,9 +112,11 @@ def test_missing_previous_round_is_clear(two_rounds, loop_env):
     defs = build_defs(loop_env[0])
     with DagsterInstance.get() as instance:
         instance.add_dynamic_partitions("rounds", ["round-7"])
-        res = defs.resolve_job_def("middo_round").get_subset(
-            asset_selection={AssetKey("round_dataset")}).execute_in_process(
-            instance=instance, partition_key="round-7", raise_on_error=False)
+        res = (
+            defs.resolve_job_def("middo_round")
+            .get_subset(asset_selection={AssetKey("round_dataset")})
+            .execute_in_process(instance=instance, partition_key="round-7", raise_on_error=False)
+        )
         assert not res.success
         msgs = " ".join(e.message or "" for e in res.all_events if e.is_step_failure)
         err = [e for e in res.all_events if e.is_step_failure][0].step_failure_data.error
@@ -140,10 +149,11 @@ def test_summary_cli_lists_every_round(two_rounds, capsys, tmp_path, monkeypatch
     for line, s in zip(lines[1:], summaries):  # the same figures `middo loop` reported, one line per round
         cells = line.split()
         assert cells[0] == s.round and len(cells) == len(s.metadata) + 1
-        assert cells[1:] == ["-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-                             for v in s.metadata.values()]
+        assert cells[1:] == [
+            "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in s.metadata.values()
+        ]
     # a round partition added but never run (the missing-previous-round test adds one) has no figures
-    for line in lines[1 + len(summaries):]:
+    for line in lines[1 + len(summaries) :]:
         key, *cells = line.split()
         assert key.startswith("round-") and set(cells) == {"-"}
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "empty"))
@@ -157,10 +167,15 @@ def test_judge_mode_in_the_pipeline_takes_the_packed_path(two_rounds, loop_env):
 
     defs = build_defs(loop_env[0])
     with DagsterInstance.get() as instance:
-        res = defs.resolve_job_def("middo_round").get_subset(
-            asset_selection={AssetKey("quality_signals")}).execute_in_process(
-            instance=instance, partition_key="round-1",
-            run_config={"ops": {"quality_signals": {"config": {"mode": "judge", "max_length": 448}}}})
+        res = (
+            defs.resolve_job_def("middo_round")
+            .get_subset(asset_selection={AssetKey("quality_signals")})
+            .execute_in_process(
+                instance=instance,
+                partition_key="round-1",
+                run_config={"ops": {"quality_signals": {"config": {"mode": "judge", "max_length": 448}}}},
+            )
+        )
         assert res.success
         q = latest_materialization(instance, "quality_signals", "round-1").asset_materialization.metadata
         # the fast judge path ran in the pipeline (a fall-back would say so here and in the run log)

@@ -17,8 +17,13 @@ def test_ui_check(tmp_path, model_cache):
     env_extra = {"MIDDO_MODEL_CACHE": str(model_cache)}
     import os
 
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "ui_check.py"), "--out", str(tmp_path)],
-                          env={**os.environ, **env_extra}, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "ui_check.py"), "--out", str(tmp_path)],
+        env={**os.environ, **env_extra},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     print(proc.stdout[-4000:], proc.stderr[-2000:])
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert json.loads((tmp_path / "report.json").read_text())["failures"] == []

@@ -31,8 +31,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-LINEAGE = ["seed_dataset", "round_dataset", "sft_checkpoint", "model_readouts", "loss_signals",
-           "embedding_signals", "quality_signals", "refined_samples", "optimized_dataset", "round_evaluation"]
+LINEAGE = [
+    "seed_dataset",
+    "round_dataset",
+    "sft_checkpoint",
+    "model_readouts",
+    "loss_signals",
+    "embedding_signals",
+    "quality_signals",
+    "refined_samples",
+    "optimized_dataset",
+    "round_evaluation",
+]
 
 
 def free_port() -> int:
@@ -84,8 +94,18 @@ def screenshot(url: str, out: Path) -> bool:
     if not browser:
         print(f"skip screenshot {out.name}: no chromium (apt-get install chromium)")
         return False
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
-           "--window-size=1600,1000", "--virtual-time-budget=20000", f"--screenshot={out}", url]
+    cmd = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        "--window-size=1600,1000",
+        "--virtual-time-budget=20000",
+        f"--screenshot={out}",
+        url,
+    ]
     subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
     ok = out.exists() and out.stat().st_size > 10_000
     print(f"{'ok  ' if ok else 'FAIL'} screenshot {out} ({out.stat().st_size if out.exists() else 0} bytes)")
@@ -101,18 +121,39 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="middo-ui-"))
-    env = dict(os.environ, DAGSTER_HOME=str(tmp / "dagster_home"), MIDDO_HOME=str(tmp / "middo"),
-               MIDDO_PROFILE="tiny", MIDDO_DEVICE="cpu", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        DAGSTER_HOME=str(tmp / "dagster_home"),
+        MIDDO_HOME=str(tmp / "middo"),
+        MIDDO_PROFILE="tiny",
+        MIDDO_DEVICE="cpu",
+        PYTHONUNBUFFERED="1",
+    )
     (tmp / "dagster_home").mkdir()
     from middo_pipeline.loop import DAGSTER_YAML
+
     (tmp / "dagster_home" / "dagster.yaml").write_text(DAGSTER_YAML)
     seed = json.loads((REPO / "data" / "seed_alpaca.json").read_text())[:40]
     (tmp / "seed.json").write_text(json.dumps(seed))
     failures: list[str] = []
 
     t0 = time.time()
-    run = subprocess.run([str(BIN / "middo"), "loop", "--rounds", str(args.rounds), "--config", "tiny",
-                          "--seed", str(tmp / "seed.json")], env=env, cwd=REPO, capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            str(BIN / "middo"),
+            "loop",
+            "--rounds",
+            str(args.rounds),
+            "--config",
+            "tiny",
+            "--seed",
+            str(tmp / "seed.json"),
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     (out / "loop.log").write_text(run.stdout + run.stderr)
     check(run.returncode == 0, f"middo loop --rounds {args.rounds} (tiny) in {time.time() - t0:.0f}s", failures)
     if run.returncode != 0:
@@ -122,7 +163,10 @@ def main(argv=None) -> int:
     port = free_port()
     server = subprocess.Popen(
         [str(BIN / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
-        env=env, cwd=REPO, stdout=open(out / "dagster-dev.log", "w"), stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO,
+        stdout=open(out / "dagster-dev.log", "w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: one SIGTERM stops the whole tree
     )
     try:
@@ -147,17 +191,26 @@ def main(argv=None) -> int:
         by_key = {"/".join(n["assetKey"]["path"]): n for n in nodes}
         check(all(k in by_key for k in LINEAGE), "asset graph has every asset of the round's lineage", failures)
         deps = {k: {"/".join(d["path"]) for d in n["dependencyKeys"]} for k, n in by_key.items()}
-        edges = [("round_dataset", "seed_dataset"), ("sft_checkpoint", "round_dataset"), ("model_readouts", "sft_checkpoint"),
-                 ("loss_signals", "model_readouts"), ("refined_samples", "quality_signals"),
-                 ("optimized_dataset", "refined_samples")]
+        edges = [
+            ("round_dataset", "seed_dataset"),
+            ("sft_checkpoint", "round_dataset"),
+            ("model_readouts", "sft_checkpoint"),
+            ("loss_signals", "model_readouts"),
+            ("refined_samples", "quality_signals"),
+            ("optimized_dataset", "refined_samples"),
+        ]
         check(all(b in deps.get(a, set()) for a, b in edges), "lineage edges seed → … → optimized_dataset", failures)
         parts = by_key.get("loss_signals", {}).get("partitionKeysByDimension") or [{}]
         keys = parts[0].get("partitionKeys", [])
         check(f"round-{args.rounds}" in keys, f"round partitions listed: {keys}", failures)
 
-        for asset, labels in [("sft_checkpoint", ["loss_curve", "steps"]), ("loss_signals", ["scatter", "threshold_loss_after"]),
-                              ("quality_signals", ["histograms", "lowest_scored"]), ("optimized_dataset", ["rows_after", "before_after"]),
-                              ("round_evaluation", ["mc_accuracy", "by_round"])]:
+        for asset, labels in [
+            ("sft_checkpoint", ["loss_curve", "steps"]),
+            ("loss_signals", ["scatter", "threshold_loss_after"]),
+            ("quality_signals", ["histograms", "lowest_scored"]),
+            ("optimized_dataset", ["rows_after", "before_after"]),
+            ("round_evaluation", ["mc_accuracy", "by_round"]),
+        ]:
             data = gql(port, MATERIALIZATION_Q, {"path": [asset], "partition": "round-1"})["assetOrError"]
             mats = data.get("assetMaterializations") or []
             have = {e["label"] for e in mats[0]["metadataEntries"]} if mats else set()
@@ -165,16 +218,21 @@ def main(argv=None) -> int:
             if asset in ("optimized_dataset", "loss_signals"):
                 checks = data["definition"]["assetChecksOrError"].get("checks", [])
                 statuses = {c["name"]: (c["executionForLatestMaterialization"] or {}).get("status") for c in checks}
-                check(bool(statuses) and all(s in ("SUCCEEDED", "FAILED") for s in statuses.values()),
-                      f"{asset} checks ran: {statuses}", failures)
+                check(
+                    bool(statuses) and all(s in ("SUCCEEDED", "FAILED") for s in statuses.values()),
+                    f"{asset} checks ran: {statuses}",
+                    failures,
+                )
 
         base = f"http://127.0.0.1:{port}"
         gql(port, "mutation { setNuxSeen }")  # the first-visit community dialog would cover the pages
-        shots = [("lineage.png", f"{base}/asset-groups"),
-                 ("round_job_graph.png", f"{base}/locations/middo_pipeline.definitions/jobs/middo_round"),
-                 ("asset_loss_signals.png", f"{base}/assets/loss_signals?partition=round-1"),
-                 ("asset_round_evaluation.png", f"{base}/assets/round_evaluation?partition=round-1"),
-                 ("runs.png", f"{base}/runs")]
+        shots = [
+            ("lineage.png", f"{base}/asset-groups"),
+            ("round_job_graph.png", f"{base}/locations/middo_pipeline.definitions/jobs/middo_round"),
+            ("asset_loss_signals.png", f"{base}/assets/loss_signals?partition=round-1"),
+            ("asset_round_evaluation.png", f"{base}/assets/round_evaluation?partition=round-1"),
+            ("runs.png", f"{base}/runs"),
+        ]
         for name, url in shots:
             screenshot(url, out / name)
     finally:

@@ -1,6 +1,5 @@
 """Small helpers that turn tables and figures into Dagster metadata a person wants to read."""
 
-
 import json
 
 import polars as pl

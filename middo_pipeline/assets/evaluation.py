@@ -1,6 +1,5 @@
 """How good is this round's checkpoint? Held-out loss and multiple-choice accuracy, beside the base model."""
 
-
 import hashlib
 import json
 from pathlib import Path
@@ -14,26 +13,31 @@ from middo_pipeline.core.evaluation import evaluate, load_eval_set
 from middo_pipeline.core.plots import metric_by_round_png
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.resources import ModelResource, StorageResource
-from middo_pipeline.rounds import round_key, round_number, rounds_partitions
+from middo_pipeline.rounds import earlier_rounds, round_number, rounds_partitions
 
 DEFAULT_EVAL = Path(__file__).resolve().parents[2] / "data" / "eval_heldout.jsonl"
 METRICS = ("mean_response_loss", "mc_accuracy")
 
 
 class EvalConfig(Config):
-    path: str = Field(default=str(DEFAULT_EVAL), description="Held-out JSONL: instruction, input, output, choices, answer_index")
+    path: str = Field(
+        default=str(DEFAULT_EVAL), description="Held-out JSONL: instruction, input, output, choices, answer_index"
+    )
     max_length: int = Field(default=384)
 
 
 def _base_figures(store, model: ModelResource, eval_df: pl.DataFrame, eval_path: str, max_length: int, log) -> dict:
     """The base model's figures, computed once per (base model, eval file) and cached."""
-    key = hashlib.sha256(json.dumps([model.base_model, Path(eval_path).read_bytes().hex()[:4096], eval_df.height,
-                                     max_length]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps([model.base_model, Path(eval_path).read_bytes().hex()[:4096], eval_df.height, max_length]).encode()
+    ).hexdigest()[:16]
     path = store.ensure_dir(store.cache_dir / "base_eval") / f"{key}.json"
     if path.exists():
         return json.loads(path.read_text())
     lm = model.load()
-    res = evaluate(lm.model, lm.tokenizer, eval_df, max_length=max_length, progress=ProgressLogger(log, "base model eval"))
+    res = evaluate(
+        lm.model, lm.tokenizer, eval_df, max_length=max_length, progress=ProgressLogger(log, "base model eval")
+    )
     figures = {m: float(res[m]) for m in METRICS}
     with store.atomic_path(path) as tmp:
         tmp.write_text(json.dumps(figures))
@@ -47,32 +51,40 @@ def _base_figures(store, model: ModelResource, eval_df: pl.DataFrame, eval_path:
     deps=["sft_checkpoint"],
     description="This round's checkpoint on the held-out set (mean response loss, multiple-choice accuracy by log-likelihood), beside the base model; plotted across rounds.",
 )
-def round_evaluation(context: AssetExecutionContext, config: EvalConfig, model: ModelResource,
-                     storage: StorageResource) -> pl.DataFrame:
+def round_evaluation(
+    context: AssetExecutionContext, config: EvalConfig, model: ModelResource, storage: StorageResource
+) -> pl.DataFrame:
     store = storage.get()
     r = round_number(context.partition_key)
     eval_df = load_eval_set(config.path)
     lm = model.load(str(store.checkpoint_dir(context.partition_key)))
-    res = evaluate(lm.model, lm.tokenizer, eval_df, max_length=config.max_length,
-                   progress=ProgressLogger(context.log.info, "held-out eval"))
+    res = evaluate(
+        lm.model,
+        lm.tokenizer,
+        eval_df,
+        max_length=config.max_length,
+        progress=ProgressLogger(context.log.info, "held-out eval"),
+    )
     del lm
     base = _base_figures(store, model, eval_df, config.path, config.max_length, context.log.info)
     items = res["items"]
 
     # earlier rounds, for the plot across rounds
     rounds, series = [], {m: [] for m in METRICS}
-    for prev in range(1, r):
-        meta_path = store.artifact_dir("round_evaluation", round_key(prev)) / "summary.json"
+    for prev in earlier_rounds(context.partition_key):
+        meta_path = store.artifact_dir("round_evaluation", prev) / "summary.json"
         if meta_path.exists():
             summary = json.loads(meta_path.read_text())
-            rounds.append(prev)
+            rounds.append(round_number(prev))
             for m in METRICS:
                 series[m].append(summary[m])
     rounds.append(r)
     for m in METRICS:
         series[m].append(float(res[m]))
     summary = {m: float(res[m]) for m in METRICS} | {"n_items": int(res["n_items"])}
-    with store.atomic_path(store.ensure_dir(store.artifact_dir("round_evaluation", context.partition_key)) / "summary.json") as tmp:
+    with store.atomic_path(
+        store.ensure_dir(store.artifact_dir("round_evaluation", context.partition_key)) / "summary.json"
+    ) as tmp:
         tmp.write_text(json.dumps(summary))
 
     context.add_output_metadata(
@@ -85,8 +97,10 @@ def round_evaluation(context: AssetExecutionContext, config: EvalConfig, model: 
             "delta_loss_vs_base": float(res["mean_response_loss"]) - base["mean_response_loss"],
             "n_items": int(res["n_items"]),
             "eval_set": MetadataValue.path(str(Path(config.path).resolve())),
-            "by_round": image_md(metric_by_round_png(rounds, series | {f"base_{m}": [base[m]] * len(rounds) for m in METRICS}),
-                                 "held-out metrics by round"),
+            "by_round": image_md(
+                metric_by_round_png(rounds, series | {f"base_{m}": [base[m]] * len(rounds) for m in METRICS}),
+                "held-out metrics by round",
+            ),
         }
     )
     return items

@@ -1,6 +1,5 @@
 """Seed data in, and each round's input dataset."""
 
-
 import os
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from middo_pipeline.core.ingest import SeedFileError, read_seed
 from middo_pipeline.core.schema import fingerprint, schema_problems
 from middo_pipeline.core.storage import StorageError
 from middo_pipeline.resources import StorageResource
-from middo_pipeline.rounds import latest_materialization, round_key, round_number, rounds_partitions
+from middo_pipeline.rounds import latest_materialization, previous_round, previous_table, rounds_partitions
 
 DEFAULT_SEED = Path(__file__).resolve().parents[2] / "data" / "seed_alpaca.json"
 
@@ -34,22 +33,39 @@ def default_seed_path() -> str:
 
 
 class SeedConfig(Config):
-    path: str = Field(default_factory=default_seed_path, description="Seed file: Alpaca JSON/JSONL, ShareGPT, messages JSONL or Parquet")
-    format: str | None = Field(default=None, description="Override format detection: alpaca_json | alpaca_jsonl | sharegpt | messages | parquet")
-    max_chars: int = Field(default=16000, description="Records longer than this (instruction+input+output) are quarantined")
+    path: str = Field(
+        default_factory=default_seed_path,
+        description="Seed file: Alpaca JSON/JSONL, ShareGPT, messages JSONL or Parquet",
+    )
+    format: str | None = Field(
+        default=None,
+        description="Override format detection: alpaca_json | alpaca_jsonl | sharegpt | messages | parquet",
+    )
+    max_chars: int = Field(
+        default=16000, description="Records longer than this (instruction+input+output) are quarantined"
+    )
 
 
 @multi_asset(
     outs={
-        "seed_dataset": AssetOut(description="The validated seed SFT data as the canonical sample table (round 0).",
-                                 kinds={"polars"}, group_name="ingestion"),
-        "seed_quarantine": AssetOut(description="Seed rows that could not be used, with file, line, field and reason.",
-                                    kinds={"polars"}, group_name="ingestion"),
+        "seed_dataset": AssetOut(
+            description="The validated seed SFT data as the canonical sample table (round 0).",
+            kinds={"polars"},
+            group_name="ingestion",
+        ),
+        "seed_quarantine": AssetOut(
+            description="Seed rows that could not be used, with file, line, field and reason.",
+            kinds={"polars"},
+            group_name="ingestion",
+        ),
     },
     check_specs=[
         schema_spec("seed_dataset"),
-        AssetCheckSpec("every_row_accounted", asset="seed_dataset",
-                       description="Every record read is either in seed_dataset or in seed_quarantine"),
+        AssetCheckSpec(
+            "every_row_accounted",
+            asset="seed_dataset",
+            description="Every record read is either in seed_dataset or in seed_quarantine",
+        ),
     ],
 )
 def seed_dataset(context: AssetExecutionContext, config: SeedConfig):
@@ -59,7 +75,9 @@ def seed_dataset(context: AssetExecutionContext, config: SeedConfig):
         raise SeedFileError(f"seed file unusable: {exc}") from None
     samples, quarantine = result.samples, result.quarantine
     if samples.is_empty():
-        raise SeedFileError(f"{config.path}: no usable rows ({quarantine.height} rejected); run `middo validate {config.path}`")
+        raise SeedFileError(
+            f"{config.path}: no usable rows ({quarantine.height} rejected); run `middo validate {config.path}`"
+        )
     by_reason = result.rejected_by_reason()
     if quarantine.height:
         context.log.warning(f"{quarantine.height} of {result.total_records} seed rows quarantined: {by_reason}")
@@ -91,7 +109,8 @@ def seed_dataset(context: AssetExecutionContext, config: SeedConfig):
     )
     yield schema_check(samples, "seed_dataset")
     yield AssetCheckResult(
-        check_name="every_row_accounted", asset_key="seed_dataset",
+        check_name="every_row_accounted",
+        asset_key="seed_dataset",
         passed=result.total_records == samples.height + quarantine.height,
         metadata={"records_read": result.total_records, "rows": samples.height, "quarantined": quarantine.height},
     )
@@ -108,14 +127,13 @@ def seed_dataset(context: AssetExecutionContext, config: SeedConfig):
     ),
 )
 def round_dataset(context: AssetExecutionContext, storage: StorageResource, seed_dataset: pl.DataFrame):
-    r = round_number(context.partition_key)
-    if r == 1:
+    prev = previous_round(context.partition_key)
+    if prev is None:
         df = seed_dataset
         source = {"source": "seed_dataset", "source_partition": "-"}
         record = latest_materialization(context.instance, "seed_dataset")
     else:
-        prev = round_key(r - 1)
-        path = storage.get().table_path("optimized_dataset", prev)
+        path = previous_table(storage.get(), "optimized_dataset", context.partition_key)
         record = latest_materialization(context.instance, "optimized_dataset", prev)
         if not path.exists():
             raise StorageError(
@@ -128,7 +146,9 @@ def round_dataset(context: AssetExecutionContext, storage: StorageResource, seed
     if not check.passed:
         raise ValueError(f"{context.partition_key}: input dataset is malformed: {'; '.join(schema_problems(df))}")
     ops = dict(df.group_by("operation").len().sort("operation").iter_rows())
-    context.log.info(f"{context.partition_key}: {df.height} samples from {source['source']} {source['source_partition']}")
+    context.log.info(
+        f"{context.partition_key}: {df.height} samples from {source['source']} {source['source_partition']}"
+    )
     yield Output(
         df,
         metadata={

@@ -1,12 +1,21 @@
 """Steps 3 and 4 of the loop: the optimizer LLM rewrites flagged samples; the merge builds D_{r+1}."""
 
-
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import polars as pl
-from dagster import AssetCheckResult, AssetCheckSpec, AssetExecutionContext, AssetOut, Config, MetadataValue, Output, asset, multi_asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetOut,
+    Config,
+    MetadataValue,
+    Output,
+    multi_asset,
+)
 from pydantic import Field
 
 from middo_pipeline.assets._checks import schema_check, schema_spec
@@ -15,9 +24,9 @@ from middo_pipeline.core import diversity
 from middo_pipeline.core.checkpoints import require_checkpoint
 from middo_pipeline.core.evaluation import load_eval_set
 from middo_pipeline.core.forward import EmbeddingSpec
-from middo_pipeline.core.merge import check_conservation, merge_round
+from middo_pipeline.core.merge import SizePolicy, check_conservation, merge_round
 from middo_pipeline.core.optimizer.operations import plan_operations, run_operations
-from middo_pipeline.core.optimizer.prompts import PromptConfig
+from middo_pipeline.core.optimizer.prompts import PromptConfig, PromptStyle
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.rescore import RescoreSettings, rescore_candidates
 from middo_pipeline.core.schema import fingerprint
@@ -30,37 +39,67 @@ DEFAULT_EVAL = Path(__file__).resolve().parents[2] / "data" / "eval_heldout.json
 
 class RefineConfig(Config):
     simplify: bool = Field(default=True, description="Simplify hard samples (complexity signal)")
-    extend: bool = Field(default=True, description="Extend sparse samples (diversity signal); not those also low quality")
+    extend: bool = Field(
+        default=True, description="Extend sparse samples (diversity signal); not those also low quality"
+    )
     rewrite: bool = Field(default=True, description="Rewrite low-quality samples (quality signal)")
-    prompt_style: str = Field(default="auto", description="direct (small models) | stepwise (strong models) | auto: direct for the local backend, stepwise for openai")
-    max_prompt_tokens: int | None = Field(default=None, description="Max new tokens for a new prompt (default 160 direct, 768 stepwise)")
+    prompt_style: Literal["auto", PromptStyle] = Field(
+        default="auto",
+        description="direct (small models) | stepwise (strong models) | auto: direct for the local backend, stepwise for openai",
+    )
+    max_prompt_tokens: int | None = Field(
+        default=None, description="Max new tokens for a new prompt (default 160 direct, 768 stepwise)"
+    )
     max_response_tokens: int = Field(default=192, description="Max new tokens for a new response")
-    candidates: int = Field(default=2, ge=1, description="Candidates generated per flagged sample (k); the gate keeps the best that passes")
-    temperature: float = Field(default=0.7, ge=0.0, description="Sampling temperature of the candidates (> 0 when candidates > 1)")
+    candidates: int = Field(
+        default=2, ge=1, description="Candidates generated per flagged sample (k); the gate keeps the best that passes"
+    )
+    temperature: float = Field(
+        default=0.7, ge=0.0, description="Sampling temperature of the candidates (> 0 when candidates > 1)"
+    )
     seed: int = Field(default=0, description="Base seed: candidate c of round r samples with seed + 1000·r + c")
-    verify: bool = Field(default=True, description="Verified refinement: re-score every candidate with the round's models and thresholds; accept only fixes (off: the first candidate is taken unchecked)")
-    duplicate_cosine: float = Field(default=0.95, gt=0.0, le=1.0, description="An extension this similar (cosine, in the round's embedding space) to any round sample is a near-duplicate")
+    verify: bool = Field(
+        default=True,
+        description="Verified refinement: re-score every candidate with the round's models and thresholds; accept only fixes (off: the first candidate is taken unchecked)",
+    )
+    duplicate_cosine: float = Field(
+        default=0.95,
+        gt=0.0,
+        le=1.0,
+        description="An extension this similar (cosine, in the round's embedding space) to any round sample is a near-duplicate",
+    )
     heldout_path: str = Field(default=str(DEFAULT_EVAL), description="Held-out set whose text candidates must not copy")
-    heldout_ngram: int = Field(default=8, ge=3, description="A candidate sharing a run of this many words with the held-out set is rejected")
+    heldout_ngram: int = Field(
+        default=8, ge=3, description="A candidate sharing a run of this many words with the held-out set is rejected"
+    )
 
 
-def _round_thresholds(loss_signals: pl.DataFrame, quality_signals: pl.DataFrame, config: RefineConfig) -> RoundThresholds:
+def _round_thresholds(
+    loss_signals: pl.DataFrame, quality_signals: pl.DataFrame, config: RefineConfig
+) -> RoundThresholds:
     def one(df: pl.DataFrame, col: str) -> float:
         if col not in df.columns or df.height == 0:
             raise ValueError(f"{col} is missing from the round's signals: re-materialize them with this version")
         v = df[col][0]
         return float("nan") if v is None else float(v)
 
-    return RoundThresholds(hard_before=one(loss_signals, "threshold_loss_before"),
-                           hard_after=one(loss_signals, "threshold_loss_after"),
-                           quality=one(quality_signals, "quality_threshold"),
-                           duplicate_cosine=config.duplicate_cosine)
+    return RoundThresholds(
+        hard_before=one(loss_signals, "threshold_loss_before"),
+        hard_after=one(loss_signals, "threshold_loss_after"),
+        quality=one(quality_signals, "quality_threshold"),
+        duplicate_cosine=config.duplicate_cosine,
+    )
 
 
 def _quality_scale(quality_signals: pl.DataFrame) -> QualityScale:
     row = quality_signals.row(0, named=True)
-    return QualityScale(row["quality_mode"], *(float(row[k]) if row[k] is not None else float("nan")
-                                               for k in ("judge_mean", "judge_std", "ifd_mean", "ifd_std")))
+    return QualityScale(
+        row["quality_mode"],
+        *(
+            float(row[k]) if row[k] is not None else float("nan")
+            for k in ("judge_mean", "judge_std", "ifd_mean", "ifd_std")
+        ),
+    )
 
 
 def _heldout_grams(path: str, n: int) -> set:
@@ -78,13 +117,13 @@ def _heldout_grams(path: str, n: int) -> set:
         "refinement_candidates": AssetOut(
             kinds={"polars"},
             description="Every optimizer candidate (k per flagged sample), re-scored with the round's models: losses, "
-                        "IFD, quality value, similarity to the round; passed or the reasons it was rejected.",
+            "IFD, quality value, similarity to the round; passed or the reasons it was rejected.",
         ),
         "refined_samples": AssetOut(
             kinds={"polars"},
             description="One row per flagged sample and operation (hard → simplified, low quality → rewritten, "
-                        "sparse → extended): the accepted candidate (status ok), or rejected with the reason "
-                        "('verification: still hard', ...), or failed. Before and after, signals before and after.",
+            "sparse → extended): the accepted candidate (status ok), or rejected with the reason "
+            "('verification: still hard', ...), or failed. Before and after, signals before and after.",
         ),
     },
 )
@@ -113,24 +152,40 @@ def refined_samples(
     plan = plan_operations(round_dataset, hard, low, sparse, neighbors)
     both = len(set(hard) & set(low))
     not_extended = len(set(sparse) & set(low))
-    context.log.info(f"{plan.height} operations planned: hard={len(hard)} low_quality={len(low)} sparse={len(sparse)} "
-                     f"(hard and low quality: {both}, rewritten; sparse and low quality: {not_extended}, not extended)")
+    context.log.info(
+        f"{plan.height} operations planned: hard={len(hard)} low_quality={len(low)} sparse={len(sparse)} "
+        f"(hard and low quality: {both}, rewritten; sparse and low quality: {not_extended}, not extended)"
+    )
 
     backend = optimizer.make_backend(store)
     style = optimizer.default_style() if config.prompt_style == "auto" else config.prompt_style
     max_prompt = config.max_prompt_tokens or (160 if style == "direct" else 768)
     k = config.candidates
     temperature = config.temperature if k > 1 or config.temperature > 0 else 0.0
-    prompt_cfg = PromptConfig(style=style, max_prompt_tokens=max_prompt, max_response_tokens=config.max_response_tokens,
-                              temperature=temperature, seed=config.seed + 1000 * r)
+    prompt_cfg = PromptConfig(
+        style=style,
+        max_prompt_tokens=max_prompt,
+        max_response_tokens=config.max_response_tokens,
+        temperature=temperature,
+        seed=config.seed + 1000 * r,
+    )
     t0 = time.perf_counter()
-    candidates = run_operations(round_dataset, plan, neighbors, backend, prompt_cfg, round=r, candidates=k,
-                                progress=ProgressLogger(context.log.info, "optimizer calls", unit="calls"))
+    candidates = run_operations(
+        round_dataset,
+        plan,
+        neighbors,
+        backend,
+        prompt_cfg,
+        round_number=r,
+        candidates=k,
+        progress=ProgressLogger(context.log.info, "optimizer calls", unit="calls"),
+    )
     gen_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    q_orig = quality_signals.select(pl.col("sample_id").alias("origin_id"),
-                                    pl.col("quality_value").alias("quality_value_original"))
+    q_orig = quality_signals.select(
+        pl.col("sample_id").alias("origin_id"), pl.col("quality_value").alias("quality_value_original")
+    )
     if config.verify and candidates.height:
         th = _round_thresholds(loss_signals, quality_signals, config)
         scale = _quality_scale(quality_signals)
@@ -142,20 +197,33 @@ def refined_samples(
         require_checkpoint(ckpt, context.partition_key, fingerprint(round_dataset))
         base_lm, round_lm = model.load(), model.load(str(ckpt))
         scored = rescore_candidates(
-            candidates, base=base_lm, checkpoint=round_lm, scale=scale, round_embeddings=comps.transform(round_emb),
-            components=comps, settings=RescoreSettings(embedding=spec), log=context.log.warning,
-            progress=lambda name: ProgressLogger(context.log.info, name))
+            candidates,
+            base=base_lm,
+            checkpoint=round_lm,
+            scale=scale,
+            round_embeddings=comps.transform(round_emb),
+            components=comps,
+            settings=RescoreSettings(embedding=spec),
+            log=context.log.warning,
+            progress=lambda name: ProgressLogger(context.log.info, name),
+        )
         del base_lm, round_lm
         scored = scored.join(q_orig, on="origin_id", how="left")
-        verified = verify_candidates(scored, th, heldout_grams=_heldout_grams(config.heldout_path, config.heldout_ngram),
-                                     ngram=config.heldout_ngram)
+        verified = verify_candidates(
+            scored,
+            th,
+            heldout_grams=_heldout_grams(config.heldout_path, config.heldout_ngram),
+            ngram=config.heldout_ngram,
+        )
         chosen = choose_candidates(verified)
     else:  # the gate is off: the first candidate of each operation, unchecked (what the reference does)
         th = None
-        verified = candidates.with_columns(pl.col("status").eq("ok").alias("passed"),
-                                           pl.lit(None, dtype=pl.String).alias("reasons"))
+        verified = candidates.with_columns(
+            pl.col("status").eq("ok").alias("passed"), pl.lit(None, dtype=pl.String).alias("reasons")
+        )
         chosen = verified.filter(pl.col("candidate") == 0).with_columns(
-            pl.lit(k, dtype=pl.Int64).alias("n_candidates"), pl.col("passed").cast(pl.Int64).alias("n_passed"))
+            pl.lit(k, dtype=pl.Int64).alias("n_candidates"), pl.col("passed").cast(pl.Int64).alias("n_passed")
+        )
     gate_seconds = time.perf_counter() - t0
 
     ok = chosen.filter(pl.col("status") == "ok")
@@ -163,60 +231,108 @@ def refined_samples(
     failed = chosen.filter(pl.col("status") == "failed")
     generated = verified.filter(pl.col("status") == "ok")
     if ok.height == 0 and chosen.height:
-        context.log.warning(f"{context.partition_key}: no refinement was accepted ({rejected.height} rejected, "
-                            f"{failed.height} failed): the round keeps its samples unchanged")
-    by_reason = (verified.filter(~pl.col("passed")).with_columns(
-        pl.col("reasons").fill_null(pl.col("failure_reason")).str.split("; ").list.first().alias("reason"))
-        .group_by("operation", "reason").len().sort("operation", "reason"))
-    signals_cols = ["operation", "origin_id", "loss_after", "quality_value", "quality_value_original", "max_cosine",
-                    "instruction_before", "instruction_after", "output_after"]
+        context.log.warning(
+            f"{context.partition_key}: no refinement was accepted ({rejected.height} rejected, "
+            f"{failed.height} failed): the round keeps its samples unchanged"
+        )
+    by_reason = (
+        verified.filter(~pl.col("passed"))
+        .with_columns(
+            pl.col("reasons").fill_null(pl.col("failure_reason")).str.split("; ").list.first().alias("reason")
+        )
+        .group_by("operation", "reason")
+        .len()
+        .sort("operation", "reason")
+    )
+    signals_cols = [
+        "operation",
+        "origin_id",
+        "loss_after",
+        "quality_value",
+        "quality_value_original",
+        "max_cosine",
+        "instruction_before",
+        "instruction_after",
+        "output_after",
+    ]
     stats = backend.stats()
-    context.add_output_metadata(output_name="refinement_candidates", metadata={
-        "candidates": verified.height,
-        "generated": generated.height,
-        "passed": int(verified["passed"].sum()) if verified.height else 0,
-        "per_sample": k,
-        "temperature": temperature,
-        "rejected_by_reason": json_md({f"{o}: {r_}": n for o, r_, n in by_reason.iter_rows()}),
-        "thresholds": json_md(th.as_dict() if th else {"verify": False}),
-        "generation_seconds": round(gen_seconds, 1),
-        "verification_seconds": round(gate_seconds, 1),
-    })
-    context.add_output_metadata(output_name="refined_samples", metadata={
-        "attempted": chosen.height,
-        "accepted": ok.height,
-        "rejected": rejected.height,
-        "failed": failed.height,
-        "succeeded": ok.height,  # kept for earlier dashboards: = accepted
-        "verified": config.verify,
-        "by_operation": json_md({op: {"accepted": int(((chosen["operation"] == op) & (chosen["status"] == "ok")).sum()),
-                                      "rejected": int(((chosen["operation"] == op) & (chosen["status"] == "rejected")).sum()),
-                                      "failed": int(((chosen["operation"] == op) & (chosen["status"] == "failed")).sum())}
-                                 for op in sorted(set(chosen["operation"].to_list()))}),
-        "rejected_or_failed_by_reason": json_md(dict(chosen.filter(pl.col("status") != "ok").group_by("failure_reason")
-                                                     .len().sort("failure_reason").iter_rows())),
-        "hard_and_low_quality": MetadataValue.text(
-            f"{both} samples flagged hard and low quality: rewritten, not simplified (a sample the model cannot learn "
-            f"and whose prompt does not explain its answer is more likely defective than difficult)"),
-        "sparse_not_extended": MetadataValue.text(
-            f"{not_extended} sparse samples are also low quality: not extended (an extension would carry the defect)"),
-        "cache": json_md(stats),
-        "prompt_style": prompt_cfg.style,
-        "optimizer": f"{optimizer.backend}:{optimizer.model}",
-        "generation_seconds": round(gen_seconds, 1),
-        "verification_seconds": round(gate_seconds, 1),
-        "accepted_before_after": preview_md(ok, signals_cols, n=10),
-        "rejected_examples": preview_md(rejected, ["operation", "failure_reason", "instruction_before",
-                                                   "instruction_after", "output_after"], n=10),
-        "failed_examples": preview_md(failed, ["operation", "origin_id", "failure_reason", "instruction_before"], n=5),
-    })
+    context.add_output_metadata(
+        output_name="refinement_candidates",
+        metadata={
+            "candidates": verified.height,
+            "generated": generated.height,
+            "passed": int(verified["passed"].sum()) if verified.height else 0,
+            "per_sample": k,
+            "temperature": temperature,
+            "rejected_by_reason": json_md({f"{o}: {r_}": n for o, r_, n in by_reason.iter_rows()}),
+            "thresholds": json_md(th.as_dict() if th else {"verify": False}),
+            "generation_seconds": round(gen_seconds, 1),
+            "verification_seconds": round(gate_seconds, 1),
+        },
+    )
+    context.add_output_metadata(
+        output_name="refined_samples",
+        metadata={
+            "attempted": chosen.height,
+            "accepted": ok.height,
+            "rejected": rejected.height,
+            "failed": failed.height,
+            "succeeded": ok.height,  # kept for earlier dashboards: = accepted
+            "verified": config.verify,
+            "by_operation": json_md(
+                {
+                    op: {
+                        "accepted": int(((chosen["operation"] == op) & (chosen["status"] == "ok")).sum()),
+                        "rejected": int(((chosen["operation"] == op) & (chosen["status"] == "rejected")).sum()),
+                        "failed": int(((chosen["operation"] == op) & (chosen["status"] == "failed")).sum()),
+                    }
+                    for op in sorted(set(chosen["operation"].to_list()))
+                }
+            ),
+            "rejected_or_failed_by_reason": json_md(
+                dict(
+                    chosen.filter(pl.col("status") != "ok")
+                    .group_by("failure_reason")
+                    .len()
+                    .sort("failure_reason")
+                    .iter_rows()
+                )
+            ),
+            "hard_and_low_quality": MetadataValue.text(
+                f"{both} samples flagged hard and low quality: rewritten, not simplified (a sample the model cannot learn "
+                f"and whose prompt does not explain its answer is more likely defective than difficult)"
+            ),
+            "sparse_not_extended": MetadataValue.text(
+                f"{not_extended} sparse samples are also low quality: not extended (an extension would carry the defect)"
+            ),
+            "cache": json_md(stats),
+            "prompt_style": prompt_cfg.style,
+            "optimizer": f"{optimizer.backend}:{optimizer.model}",
+            "generation_seconds": round(gen_seconds, 1),
+            "verification_seconds": round(gate_seconds, 1),
+            "accepted_before_after": preview_md(ok, signals_cols, n=10),
+            "rejected_examples": preview_md(
+                rejected,
+                ["operation", "failure_reason", "instruction_before", "instruction_after", "output_after"],
+                n=10,
+            ),
+            "failed_examples": preview_md(
+                failed, ["operation", "origin_id", "failure_reason", "instruction_before"], n=5
+            ),
+        },
+    )
     yield Output(verified, output_name="refinement_candidates")
     yield Output(chosen, output_name="refined_samples")
 
 
 class MergeConfig(Config):
-    size_policy: str = Field(default="keep", description="keep: grow at most max_growth (sparsest extensions first); grow: no cap (the reference)")
-    max_growth: float = Field(default=0.15, description="With size_policy=keep: the largest allowed growth, as a fraction")
+    size_policy: SizePolicy = Field(
+        default="keep",
+        description="keep: grow at most max_growth (sparsest extensions first); grow: no cap (the reference)",
+    )
+    max_growth: float = Field(
+        default=0.15, description="With size_policy=keep: the largest allowed growth, as a fraction"
+    )
 
 
 @multi_asset(
@@ -234,32 +350,53 @@ class MergeConfig(Config):
     },
     check_specs=[
         schema_spec("optimized_dataset"),
-        AssetCheckSpec("conservation", asset="optimized_dataset",
-                       description="Every sample of the round's input is kept, replaced (linked), or extended beside: none disappears"),
-        AssetCheckSpec("size_policy", asset="optimized_dataset", description="Growth stays within the configured bound"),
+        AssetCheckSpec(
+            "conservation",
+            asset="optimized_dataset",
+            description="Every sample of the round's input is kept, replaced (linked), or extended beside: none disappears",
+        ),
+        AssetCheckSpec(
+            "size_policy", asset="optimized_dataset", description="Growth stays within the configured bound"
+        ),
     ],
 )
 def optimized_dataset(
     context: AssetExecutionContext,
     config: MergeConfig,
+    storage: StorageResource,
     round_dataset: pl.DataFrame,
     refined_samples: pl.DataFrame,
     embedding_signals: pl.DataFrame,
 ):
     r = round_number(context.partition_key)
     sparse_order = embedding_signals.filter(pl.col("is_sparse")).sort("knn_mean_similarity")["sample_id"].to_list()
-    result = merge_round(round_dataset, refined_samples, round=r, size_policy=config.size_policy,
-                         max_growth=config.max_growth, sparse_order=sparse_order)
+    result = merge_round(
+        round_dataset,
+        refined_samples,
+        round_number=r,
+        size_policy=config.size_policy,
+        max_growth=config.max_growth,
+        sparse_order=sparse_order,
+    )
     problems = check_conservation(round_dataset, result.dataset, result.accounting)
     conservation = AssetCheckResult(
-        check_name="conservation", asset_key="optimized_dataset", passed=not problems,
-        metadata={"problems": MetadataValue.md("\n".join(f"- {p}" for p in problems[:50]) or "none"),
-                  "input_samples": round_dataset.height},
+        check_name="conservation",
+        asset_key="optimized_dataset",
+        passed=not problems,
+        metadata={
+            "problems": MetadataValue.md("\n".join(f"- {p}" for p in problems[:50]) or "none"),
+            "input_samples": round_dataset.height,
+        },
     )
     if problems:  # never write a dataset that lost samples
         raise RuntimeError(f"{context.partition_key}: merge lost track of samples: {'; '.join(problems[:5])}")
     ds = result.dataset
     growth = ds.height / max(round_dataset.height, 1) - 1.0
+    # the rows the merge removed as exact duplicates, with the row each repeats: kept as data
+    store = storage.get()
+    dup_path = store.write_table(
+        result.duplicates, store.artifact_dir("optimized_dataset", context.partition_key) / "duplicates.parquet"
+    )
     changed = refined_samples.filter(pl.col("status") == "ok")
     yield Output(
         ds,
@@ -270,21 +407,28 @@ def optimized_dataset(
             "growth": round(growth, 4),
             "size_policy": config.size_policy,
             "counts": json_md(result.counts),
+            "duplicates_removed": result.duplicates.height,
+            "duplicates": MetadataValue.path(str(dup_path)),
             "rows_by_operation": json_md(dict(ds.group_by("operation").len().sort("operation").iter_rows())),
             "fingerprint": fingerprint(ds),
-            "before_after": preview_md(changed, ["operation", "instruction_before", "instruction_after", "output_after"], n=10),
+            "before_after": preview_md(
+                changed, ["operation", "instruction_before", "instruction_after", "output_after"], n=10
+            ),
         },
     )
     yield schema_check(ds, "optimized_dataset")
     yield conservation
     yield AssetCheckResult(
-        check_name="size_policy", asset_key="optimized_dataset",
+        check_name="size_policy",
+        asset_key="optimized_dataset",
         passed=config.size_policy == "grow" or growth <= config.max_growth + 1e-9,
         metadata={"growth": growth, "size_policy": config.size_policy, "max_growth": config.max_growth},
     )
     yield Output(
         result.accounting,
         output_name="sample_accounting",
-        metadata={"samples": result.accounting.height,
-                  "by_fate": json_md(dict(result.accounting.group_by("fate").len().sort("fate").iter_rows()))},
+        metadata={
+            "samples": result.accounting.height,
+            "by_fate": json_md(dict(result.accounting.group_by("fate").len().sort("fate").iter_rows())),
+        },
     )

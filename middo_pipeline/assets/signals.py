@@ -1,6 +1,5 @@
 """Step 2 of the loop: the three self-referential signals, read off this round's checkpoint."""
 
-
 import time
 from typing import Literal
 
@@ -15,21 +14,24 @@ from middo_pipeline.core import diversity, quality
 from middo_pipeline.core.checkpoints import require_checkpoint
 from middo_pipeline.core.forward import EmbeddingSpec, score_samples
 from middo_pipeline.core.ifd import ifd_scores, unconditional_loss
-from middo_pipeline.core.schema import fingerprint
-from middo_pipeline.core.verify import QualityScale, quality_value
 from middo_pipeline.core.llm import make_backend
 from middo_pipeline.core.plots import cluster_map_png, histogram_png, loss_scatter_png
 from middo_pipeline.core.progress import ProgressLogger
-from middo_pipeline.core.schema import prompt_text
+from middo_pipeline.core.schema import fingerprint, prompt_text
 from middo_pipeline.core.thresholds import ThresholdSpec, flag_below, flag_both_above
+from middo_pipeline.core.verify import QualityScale, quality_value
 from middo_pipeline.models.loading import pick_device
 from middo_pipeline.resources import ModelResource, OptimizerResource, StorageResource
-from middo_pipeline.rounds import round_key, round_number, rounds_partitions
+from middo_pipeline.rounds import previous_table, round_number, rounds_partitions
 
 
 class ThresholdConfig(Config):
-    m: list[float] = Field(default=[1.0], description="mean ± m·std; a list is a per-round schedule (last value repeats)")
-    decay: float | None = Field(default=None, description="Multiply m by decay**(round-1): selection tightens as the model improves")
+    m: list[float] = Field(
+        default=[1.0], description="mean ± m·std; a list is a per-round schedule (last value repeats)"
+    )
+    decay: float | None = Field(
+        default=None, description="Multiply m by decay**(round-1): selection tightens as the model improves"
+    )
     target_fraction: float | None = Field(default=None, description="Flag this fraction instead of using m")
 
     def spec(self) -> ThresholdSpec:
@@ -48,9 +50,12 @@ class ReadoutConfig(Config):
     max_length: int = Field(default=384, description="Tokens per sample; longer samples are truncated (response first)")
     max_batch_tokens: int = Field(default=8192, description="Token budget of one length-bucketed batch")
     embedding_pooling: Literal["mean", "last"] = Field(
-        default="last", description="Prompt embedding: mean over the prompt tokens, or the last prompt token's state")
+        default="last", description="Prompt embedding: mean over the prompt tokens, or the last prompt token's state"
+    )
     embedding_layer: str = Field(
-        default="middle", description="Hidden states for the embedding: last (after the final norm), middle, or a layer number")
+        default="middle",
+        description="Hidden states for the embedding: last (after the final norm), middle, or a layer number",
+    )
 
     def embedding_spec(self) -> EmbeddingSpec:
         return EmbeddingSpec(pooling=self.embedding_pooling, layer=self.embedding_layer)
@@ -89,15 +94,35 @@ def model_readouts(
     # round's checkpoint has already seen the kept samples, so new samples would look hard
     t0 = time.perf_counter()
     lm = model.load()
-    before = score_samples(lm.model, lm.tokenizer, prompts, responses, with_embeddings=False,
-                           progress=ProgressLogger(context.log.info, "loss before training (base model)"), **kw)
-    uncond = unconditional_loss(lm.model, lm.tokenizer, responses,
-                                progress=ProgressLogger(context.log.info, "prompt-free loss (base model)"), **kw)
+    before = score_samples(
+        lm.model,
+        lm.tokenizer,
+        prompts,
+        responses,
+        with_embeddings=False,
+        progress=ProgressLogger(context.log.info, "loss before training (base model)"),
+        **kw,
+    )
+    uncond = unconditional_loss(
+        lm.model,
+        lm.tokenizer,
+        responses,
+        progress=ProgressLogger(context.log.info, "prompt-free loss (base model)"),
+        **kw,
+    )
     del lm
     lm = model.load(str(ckpt))
     spec = config.embedding_spec()
-    after = score_samples(lm.model, lm.tokenizer, prompts, responses, with_embeddings=True, embedding=spec,
-                          progress=ProgressLogger(context.log.info, "loss + embedding after training"), **kw)
+    after = score_samples(
+        lm.model,
+        lm.tokenizer,
+        prompts,
+        responses,
+        with_embeddings=True,
+        embedding=spec,
+        progress=ProgressLogger(context.log.info, "loss + embedding after training"),
+        **kw,
+    )
     seconds = time.perf_counter() - t0
     total_tokens = before.n_tokens + uncond.n_tokens + after.n_tokens
     df = pl.DataFrame(
@@ -137,8 +162,9 @@ class LossSignalConfig(ThresholdConfig):
     kinds={"polars"},
     description="Complexity signal: a sample is hard when its response loss exceeds mean + m·std both before and after training.",
 )
-def loss_signals(context: AssetExecutionContext, config: LossSignalConfig, model_readouts: pl.DataFrame,
-                 round_dataset: pl.DataFrame):
+def loss_signals(
+    context: AssetExecutionContext, config: LossSignalConfig, model_readouts: pl.DataFrame, round_dataset: pl.DataFrame
+):
     r = round_number(context.partition_key)
     before = model_readouts["loss_before"].to_numpy().astype(np.float64)
     after = model_readouts["loss_after"].to_numpy().astype(np.float64)
@@ -149,12 +175,12 @@ def loss_signals(context: AssetExecutionContext, config: LossSignalConfig, model
         pl.lit(float(res_before.threshold), dtype=pl.Float64).alias("threshold_loss_before"),
         pl.lit(float(res_after.threshold), dtype=pl.Float64).alias("threshold_loss_after"),
     )
-    hardest = (
-        df.join(round_dataset.select("sample_id", "instruction", "output"), on="sample_id")
-        .sort("loss_after", descending=True, nulls_last=True)
+    hardest = df.join(round_dataset.select("sample_id", "instruction", "output"), on="sample_id").sort(
+        "loss_after", descending=True, nulls_last=True
     )
-    yield Output(df, metadata=
-        {
+    yield Output(
+        df,
+        metadata={
             "m": res_after.m if res_after.m is not None else MetadataValue.text("target fraction"),
             "threshold_loss_before": float(res_before.threshold),
             "threshold_loss_after": float(res_after.threshold),
@@ -163,10 +189,14 @@ def loss_signals(context: AssetExecutionContext, config: LossSignalConfig, model
             "loss_before_mean": float(np.nanmean(before)),
             "loss_after_mean": float(np.nanmean(after)),
             "missing": int(np.isnan(after).sum()),
-            "scatter": image_md(loss_scatter_png(before, after, hard, res_before.threshold, res_after.threshold),
-                                "loss before vs after training"),
-            "hardest": preview_md(hardest, ["sample_id", "loss_before", "loss_after", "is_hard", "instruction", "output"]),
-        }
+            "scatter": image_md(
+                loss_scatter_png(before, after, hard, res_before.threshold, res_after.threshold),
+                "loss before vs after training",
+            ),
+            "hardest": preview_md(
+                hardest, ["sample_id", "loss_before", "loss_after", "is_hard", "instruction", "output"]
+            ),
+        },
     )
     yield band_check(int(hard.sum()), len(hard), "loss_signals")
 
@@ -174,26 +204,23 @@ def loss_signals(context: AssetExecutionContext, config: LossSignalConfig, model
 # --------------------------------------------------------------------------------------
 class EmbeddingSignalConfig(ThresholdConfig):
     k: int = Field(default=2, description="Neighbours per sample (itself excluded)")
-    knn_method: str = Field(
+    knn_method: diversity.KnnMethod = Field(
         default="auto",
         description="Top-k neighbour search: exact (blockwise all-pairs), approx (faiss IVF; for very large N), "
-                    "or auto (exact up to 200k samples, approx above)",
+        "or auto (exact up to 200k samples, approx above)",
     )
     knn_nprobe: int | None = Field(
-        default=None, description="approx only: IVF lists searched per query (default 16; more = higher recall, slower)")
+        default=None, description="approx only: IVF lists searched per query (default 16; more = higher recall, slower)"
+    )
     top_components: int = Field(
-        default=1, ge=0, description="Remove this many top principal directions of the round's embeddings before the "
-                                     "neighbour search (0: none); they make every cosine similarity high")
+        default=1,
+        ge=0,
+        description="Remove this many top principal directions of the round's embeddings before the "
+        "neighbour search (0: none); they make every cosine similarity high",
+    )
     n_clusters: int | None = Field(default=None, description="k-means clusters (default: about sqrt(N/2), 2..50)")
     umap: bool = Field(default=True, description="Draw the UMAP cluster map (numba compiles for ~15 s per process)")
     seed: int = Field(default=0)
-
-    @field_validator("knn_method")
-    @classmethod
-    def _known_knn_method(cls, v: str) -> str:
-        if v not in diversity.KNN_METHODS:
-            raise ValueError(f"knn_method must be one of {', '.join(diversity.KNN_METHODS)}, got {v!r}")
-        return v
 
 
 @asset(
@@ -206,25 +233,35 @@ class EmbeddingSignalConfig(ThresholdConfig):
         "below mean − m·std. Also k-means clusters, their change since the previous round, and a UMAP map."
     ),
 )
-def embedding_signals(context: AssetExecutionContext, config: EmbeddingSignalConfig, storage: StorageResource,
-                      model: ModelResource, model_readouts: pl.DataFrame):
+def embedding_signals(
+    context: AssetExecutionContext,
+    config: EmbeddingSignalConfig,
+    storage: StorageResource,
+    model: ModelResource,
+    model_readouts: pl.DataFrame,
+):
     r = round_number(context.partition_key)
     ids = model_readouts["sample_id"].to_list()
     emb = np.asarray(model_readouts["embedding"].to_list(), dtype=np.float32)
     emb = diversity.TopComponents(config.top_components).fit(emb).transform(emb)
     # the exact search runs where the model runs (a GPU when there is one)
-    sims, idx, knn_info = diversity.topk_cosine(emb, k=config.k, method=config.knn_method, nprobe=config.knn_nprobe,
-                                                device=pick_device(model.device), return_info=True)
+    sims, idx, knn_info = diversity.topk_cosine(
+        emb,
+        k=config.k,
+        method=config.knn_method,
+        nprobe=config.knn_nprobe,
+        device=pick_device(model.device),
+        return_info=True,
+    )
     score = diversity.sparsity_scores(sims)
     res = flag_below(score.astype(np.float64), config.spec(), r)
     labels = diversity.kmeans_clusters(emb, n_clusters=config.n_clusters, seed=config.seed)
 
     dynamics: dict = {}
-    if r > 1:
-        prev_path = storage.get().table_path("embedding_signals", round_key(r - 1))
-        if prev_path.exists():
-            prev = pl.read_parquet(prev_path, columns=["sample_id", "cluster"])
-            dynamics = diversity.cluster_dynamics(prev["sample_id"].to_list(), prev["cluster"].to_numpy(), ids, labels)
+    prev_path = previous_table(storage.get(), "embedding_signals", context.partition_key)
+    if prev_path is not None and prev_path.exists():
+        prev = pl.read_parquet(prev_path, columns=["sample_id", "cluster"])
+        dynamics = diversity.cluster_dynamics(prev["sample_id"].to_list(), prev["cluster"].to_numpy(), ids, labels)
     if config.umap:
         xy, method = diversity.umap_2d(emb, seed=config.seed)
     else:
@@ -241,8 +278,10 @@ def embedding_signals(context: AssetExecutionContext, config: EmbeddingSignalCon
             "map_y": xy[:, 1].astype(np.float32),
             "is_sparse": res.flagged,
         }
-    ).with_columns(pl.lit(config.top_components, dtype=pl.Int64).alias("top_components"),
-                   pl.lit(float(res.threshold), dtype=pl.Float64).alias("threshold_similarity"))
+    ).with_columns(
+        pl.lit(config.top_components, dtype=pl.Int64).alias("top_components"),
+        pl.lit(float(res.threshold), dtype=pl.Float64).alias("threshold_similarity"),
+    )
     sizes = np.bincount(labels).tolist()
     meta = {
         **{f"{k}": v for k, v in res.as_metadata().items()},
@@ -254,13 +293,17 @@ def embedding_signals(context: AssetExecutionContext, config: EmbeddingSignalCon
         "clusters": len(sizes),
         "cluster_sizes": json_md(sizes),
         "map_method": method,
-        "sparsest": preview_md(df.sort("knn_mean_similarity"), ["sample_id", "knn_mean_similarity", "cluster", "neighbor_ids"]),
+        "sparsest": preview_md(
+            df.sort("knn_mean_similarity"), ["sample_id", "knn_mean_similarity", "cluster", "neighbor_ids"]
+        ),
     }
     for key, value in dynamics.items():
         if isinstance(value, (int, float)):
             meta[f"dynamics_{key}"] = float(value)
     if config.umap:
-        meta["cluster_map"] = image_md(cluster_map_png(xy, labels, res.flagged, f"{context.partition_key}: clusters, sparse marked"), "cluster map")
+        meta["cluster_map"] = image_md(
+            cluster_map_png(xy, labels, res.flagged, f"{context.partition_key}: clusters, sparse marked"), "cluster map"
+        )
     yield Output(df, metadata=meta)
     yield band_check(int(res.n_flagged), len(ids), "embedding_signals")
 
@@ -270,20 +313,26 @@ class QualitySignalConfig(ThresholdConfig):
     mode: Literal["judge", "ifd", "combined"] = Field(
         default="ifd",
         description="ifd: instruction-following difficulty under the base model (response loss with ÷ without the "
-                    "prompt; works with small models); judge: the self-judge's 0-10 score (the paper; needs a "
-                    "capable model); combined: the mean of both, standardised")
+        "prompt; works with small models); judge: the self-judge's 0-10 score (the paper; needs a "
+        "capable model); combined: the mean of both, standardised",
+    )
     judge_reading: Literal["expected", "generate"] = Field(
-        default="expected", description="judge: expected = score from next-token probabilities (one packed pass); "
-                                        "generate = the judge writes a number that is parsed")
+        default="expected",
+        description="judge: expected = score from next-token probabilities (one packed pass); "
+        "generate = the judge writes a number that is parsed",
+    )
     judge: Literal["self", "optimizer"] = Field(
-        default="self", description="self: this round's checkpoint judges (the paper); optimizer: the optimizer LLM "
-                                    "judges (generate reading; use a strong model to catch wrong facts)")
+        default="self",
+        description="self: this round's checkpoint judges (the paper); optimizer: the optimizer LLM "
+        "judges (generate reading; use a strong model to catch wrong facts)",
+    )
     max_length: int = Field(default=512)
     max_batch_size: int = Field(default=16)
 
 
-def _judge(context, config: QualitySignalConfig, model: ModelResource, optimizer: OptimizerResource, store,
-           prompts, responses) -> tuple[np.ndarray, dict]:
+def _judge(
+    context, config: QualitySignalConfig, model: ModelResource, optimizer: OptimizerResource, store, prompts, responses
+) -> tuple[np.ndarray, dict]:
     """The 6 judgements per sample, (N, 6), and which path ran."""
     progress = ProgressLogger(context.log.info, "quality judgements", unit="judgements")
     info: dict = {"judge_path": f"generate ({config.judge})"}
@@ -292,11 +341,20 @@ def _judge(context, config: QualitySignalConfig, model: ModelResource, optimizer
     lm = model.load(str(store.checkpoint_dir(context.partition_key)))
     if config.judge_reading == "generate":
         return quality.generated_scores(make_backend("local", loaded=lm), prompts, responses, progress=progress), info
-    scores6 = quality.expected_scores(lm.model, lm.tokenizer, prompts, responses, max_length=config.max_length,
-                                      max_batch_size=config.max_batch_size, progress=progress, info=info)
+    scores6 = quality.expected_scores(
+        lm.model,
+        lm.tokenizer,
+        prompts,
+        responses,
+        max_length=config.max_length,
+        max_batch_size=config.max_batch_size,
+        progress=progress,
+        info=info,
+    )
     if info["judge_path"] != "packed":
-        context.log.warning(f"self-judge fell back to one forward pass per judgement (about 5x slower): "
-                            f"{info['fallback_reason']}")
+        context.log.warning(
+            f"self-judge fell back to one forward pass per judgement (about 5x slower): {info['fallback_reason']}"
+        )
     return scores6, info
 
 
@@ -312,21 +370,31 @@ def _judge(context, config: QualitySignalConfig, model: ModelResource, optimizer
         "judges factuality, clarity and completeness 0-10 (6 judgements; missing, never 0); combined: both."
     ),
 )
-def quality_signals(context: AssetExecutionContext, config: QualitySignalConfig, model: ModelResource,
-                    optimizer: OptimizerResource, storage: StorageResource, round_dataset: pl.DataFrame,
-                    model_readouts: pl.DataFrame):
+def quality_signals(
+    context: AssetExecutionContext,
+    config: QualitySignalConfig,
+    model: ModelResource,
+    optimizer: OptimizerResource,
+    storage: StorageResource,
+    round_dataset: pl.DataFrame,
+    model_readouts: pl.DataFrame,
+):
     r = round_number(context.partition_key)
     store = storage.get()
     if model_readouts["sample_id"].to_list() != round_dataset["sample_id"].to_list():
-        raise ValueError(f"{context.partition_key}: model_readouts does not describe this round_dataset: "
-                         "re-materialize model_readouts")
+        raise ValueError(
+            f"{context.partition_key}: model_readouts does not describe this round_dataset: "
+            "re-materialize model_readouts"
+        )
     prompts, responses = _prompts_responses(round_dataset)
     n = round_dataset.height
     t0 = time.perf_counter()
     ifd = ifd_scores(model_readouts["loss_before"].to_numpy(), model_readouts["loss_unconditional"].to_numpy())
     scores6, judge_info = np.full((n, 6), np.nan), {"judge_path": "not run (mode ifd)"}
     if config.mode in ("judge", "combined"):
-        require_checkpoint(store.checkpoint_dir(context.partition_key), context.partition_key, fingerprint(round_dataset))
+        require_checkpoint(
+            store.checkpoint_dir(context.partition_key), context.partition_key, fingerprint(round_dataset)
+        )
         scores6, judge_info = _judge(context, config, model, optimizer, store, prompts, responses)
     combined = quality.combine_scores(scores6)
     judge_score = np.asarray(combined["quality_score"], dtype=np.float64)
@@ -352,32 +420,55 @@ def quality_signals(context: AssetExecutionContext, config: QualitySignalConfig,
         *[pl.lit(v, dtype=pl.Float64).alias(k) for k, v in scale.as_dict().items() if k != "mode"],
     )
     lowest = df.join(round_dataset.select("sample_id", "instruction", "output"), on="sample_id").sort(
-        "quality_value", nulls_last=True)
-    title = {"judge": "self-judged quality", "ifd": "instruction-following difficulty", "combined": "quality (combined)"}
-    hist = {"quality_value": value} | ({"ifd": ifd} if config.mode != "judge" else {}) | (
-        {d: np.asarray(combined[d]) for d in quality.DIMENSIONS} if config.mode != "ifd" else {})
-    yield Output(df, metadata=
-        {
+        "quality_value", nulls_last=True
+    )
+    title = {
+        "judge": "self-judged quality",
+        "ifd": "instruction-following difficulty",
+        "combined": "quality (combined)",
+    }
+    hist = (
+        {"quality_value": value}
+        | ({"ifd": ifd} if config.mode != "judge" else {})
+        | ({d: np.asarray(combined[d]) for d in quality.DIMENSIONS} if config.mode != "ifd" else {})
+    )
+    yield Output(
+        df,
+        metadata={
             **res.as_metadata(),
             "mode": config.mode,
-            **({"judge": config.judge, "judge_reading": config.judge_reading,
-                "missing_judgements": int(np.isnan(scores6).sum()),
-                "judge_mean": round(float(np.nanmean(judge_score)), 3) if np.isfinite(judge_score).any() else None}
-               if config.mode != "ifd" else {}),
+            **(
+                {
+                    "judge": config.judge,
+                    "judge_reading": config.judge_reading,
+                    "missing_judgements": int(np.isnan(scores6).sum()),
+                    "judge_mean": round(float(np.nanmean(judge_score)), 3) if np.isfinite(judge_score).any() else None,
+                }
+                if config.mode != "ifd"
+                else {}
+            ),
             "judge_path": judge_info["judge_path"],
-            **({"judge_fallback_reason": str(judge_info["fallback_reason"])}
-               if judge_info.get("fallback_reason") and judge_info["judge_path"] != "packed" else {}),
+            **(
+                {"judge_fallback_reason": str(judge_info["fallback_reason"])}
+                if judge_info.get("fallback_reason") and judge_info["judge_path"] != "packed"
+                else {}
+            ),
             "seconds": round(time.perf_counter() - t0, 1),
             "low_quality": int(res.n_flagged),
             "low_quality_fraction": float(res.fraction),
             "ifd_mean": round(float(np.nanmean(ifd)), 4) if np.isfinite(ifd).any() else None,
             "missing_values": int((~np.isfinite(value)).sum()),
             "histograms": image_md(
-                histogram_png({k: v for k, v in hist.items() if v is not None}, {"quality_value": float(res.threshold)},
-                              f"{context.partition_key}: {title[config.mode]}"),
-                "quality histograms"),
-            "lowest_scored": preview_md(lowest, ["sample_id", "quality_value", "ifd", "quality_score", "instruction",
-                                                 "output"]),
-        }
+                histogram_png(
+                    {k: v for k, v in hist.items() if v is not None},
+                    {"quality_value": float(res.threshold)},
+                    f"{context.partition_key}: {title[config.mode]}",
+                ),
+                "quality histograms",
+            ),
+            "lowest_scored": preview_md(
+                lowest, ["sample_id", "quality_value", "ifd", "quality_score", "instruction", "output"]
+            ),
+        },
     )
     yield band_check(int(res.n_flagged), df.height, "quality_signals")

@@ -1,7 +1,7 @@
 """Step 1 of the loop: fine-tune on the round's dataset."""
 
-
 import json
+from typing import Literal
 
 import polars as pl
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
@@ -10,16 +10,18 @@ from pydantic import Field
 from middo_pipeline.assets._meta import image_md
 from middo_pipeline.core.checkpoints import write_round_info
 from middo_pipeline.core.plots import loss_curve_png
-from middo_pipeline.core.schema import fingerprint
 from middo_pipeline.core.progress import ProgressLogger
+from middo_pipeline.core.schema import fingerprint
 from middo_pipeline.core.training import TrainConfig, train_sft
 from middo_pipeline.resources import ModelResource, StorageResource
-from middo_pipeline.rounds import round_key, round_number, rounds_partitions
+from middo_pipeline.rounds import previous_round, rounds_partitions
 
 
 class TrainingConfig(Config):
     epochs: float = Field(default=1.0)
-    learning_rate: float = Field(default=2e-4, description="2e-4 suits LoRA; the paper used 2e-5 (Llama) / 1e-5 (Mistral) for full fine-tuning")
+    learning_rate: float = Field(
+        default=2e-4, description="2e-4 suits LoRA; the paper used 2e-5 (Llama) / 1e-5 (Mistral) for full fine-tuning"
+    )
     batch_size: int = Field(default=4)
     grad_accum: int = Field(default=1)
     max_length: int = Field(default=384, description="Tokens per sample (prompt + response)")
@@ -28,22 +30,29 @@ class TrainingConfig(Config):
     lora_alpha: int = Field(default=32)
     seed: int = Field(default=0)
     max_steps: int = Field(default=-1, description="Stop after this many steps (-1: the epochs decide)")
-    init: str = Field(default="base", description="base: retrain from the base model each round (the paper); previous: continue from the previous round's checkpoint")
+    init: Literal["base", "previous"] = Field(
+        default="base",
+        description="base: retrain from the base model each round (the paper); previous: continue from the previous round's checkpoint",
+    )
+
+    def train_config(self, **overrides) -> TrainConfig:
+        """The core ``TrainConfig``: every field of this config that it has (all but ``init``),
+        plus ``overrides`` (device, threads: the model resource's)."""
+        return TrainConfig(**self.model_dump(exclude={"init"}), **overrides)
 
 
 def init_checkpoint(storage, partition_key: str, init: str) -> str | None:
     """The folder training starts from instead of the base model, or None for the base."""
     if init == "base":
         return None
-    if init != "previous":
-        raise ValueError(f"training init must be 'base' or 'previous', got {init!r}")
-    r = round_number(partition_key)
-    if r == 1:
+    prev = previous_round(partition_key)
+    if prev is None:
         return None
-    prev = storage.checkpoint_dir(round_key(r - 1))
-    if not (prev / "config.json").exists():
-        raise FileNotFoundError(f"init='previous' needs {round_key(r - 1)}'s sft_checkpoint at {prev}; materialize it first")
-    return str(prev)
+    if not storage.checkpoint_ready(prev):
+        raise FileNotFoundError(
+            f"init='previous' needs {prev}'s sft_checkpoint at {storage.checkpoint_dir(prev)}; materialize it first"
+        )
+    return str(storage.checkpoint_dir(prev))
 
 
 @asset(
@@ -62,12 +71,7 @@ def sft_checkpoint(
     store = storage.get()
     target = store.checkpoint_dir(context.partition_key)
     start = init_checkpoint(store, context.partition_key, config.init)
-    train_cfg = TrainConfig(
-        epochs=config.epochs, learning_rate=config.learning_rate, batch_size=config.batch_size,
-        grad_accum=config.grad_accum, max_length=config.max_length, lora=config.lora,
-        lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, seed=config.seed,
-        max_steps=config.max_steps, device=model.device, threads=model.threads,
-    )
+    train_cfg = config.train_config(device=model.device, threads=model.threads)
     progress = ProgressLogger(context.log.info, "training", unit="steps")
 
     def on_log(state: dict) -> None:
@@ -77,9 +81,15 @@ def sft_checkpoint(
     context.log.info(f"fine-tuning {start or model.base_model} on {round_dataset.height} samples -> {target}")
     with store.lock("sft_checkpoint", context.partition_key), store.atomic_path(target, is_dir=True) as tmp:
         result = train_sft(model.base_path(), round_dataset, tmp, train_cfg, init_from=start, progress=on_log)
-        write_round_info(tmp, round_key=context.partition_key, base_model=model.base_model, initialized_from=start,
-                         trained_on=fingerprint(round_dataset), samples=round_dataset.height)
-    history = [(int(s), float(l)) for s, l in result.loss_history]
+        write_round_info(
+            tmp,
+            round_key=context.partition_key,
+            base_model=model.base_model,
+            initialized_from=start,
+            trained_on=fingerprint(round_dataset),
+            samples=round_dataset.height,
+        )
+    history = [(int(s), float(loss)) for s, loss in result.loss_history]
     return MaterializeResult(
         metadata={
             "path": MetadataValue.path(str(target)),

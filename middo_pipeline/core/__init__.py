@@ -1,4 +1,5 @@
-"""The science of Middo, in plain Python: no Dagster imports anywhere under this package.
+"""The science of Middo, in plain Python (no Dagster: ``middo_pipeline_tests/test_layers.py``
+checks it).
 
 Modules here are called by the thin Dagster assets in ``middo_pipeline.assets`` and are
 tested directly.

@@ -15,19 +15,28 @@ from pathlib import Path
 
 ROUND_INFO = "middo_round.json"
 
-__all__ = ["ROUND_INFO", "write_round_info", "read_round_info", "trained_from", "require_checkpoint",
-           "StaleCheckpoint"]
+__all__ = ["ROUND_INFO", "write_round_info", "read_round_info", "trained_from", "require_checkpoint", "StaleCheckpoint"]
 
 
 class StaleCheckpoint(RuntimeError):
     """The checkpoint was trained on another table than the one being scored."""
 
 
-def write_round_info(folder: Path, *, round_key: str, base_model: str, initialized_from: str | None,
-                     trained_on: str, samples: int) -> None:
-    (Path(folder) / ROUND_INFO).write_text(json.dumps({
-        "round": round_key, "base_model": base_model, "initialized_from": initialized_from,
-        "trained_on": trained_on, "samples": samples}, indent=1))
+def write_round_info(
+    folder: Path, *, round_key: str, base_model: str, initialized_from: str | None, trained_on: str, samples: int
+) -> None:
+    (Path(folder) / ROUND_INFO).write_text(
+        json.dumps(
+            {
+                "round": round_key,
+                "base_model": base_model,
+                "initialized_from": initialized_from,
+                "trained_on": trained_on,
+                "samples": samples,
+            },
+            indent=1,
+        )
+    )
 
 
 def read_round_info(folder: Path) -> dict:
@@ -56,9 +65,11 @@ def require_checkpoint(folder: Path, round_key: str, fingerprint: str) -> dict:
     if got is None:
         raise StaleCheckpoint(
             f"the sft_checkpoint of {round_key} at {folder} does not record which data it was trained on "
-            f"(written by an older version): re-materialize sft_checkpoint for {round_key}")
+            f"(written by an older version): re-materialize sft_checkpoint for {round_key}"
+        )
     if got != fingerprint:
         raise StaleCheckpoint(
             f"the sft_checkpoint of {round_key} was trained on another round_dataset (fingerprint {got}) than the "
-            f"one being scored ({fingerprint}): re-materialize sft_checkpoint for {round_key} before its signals")
+            f"one being scored ({fingerprint}): re-materialize sft_checkpoint for {round_key} before its signals"
+        )
     return info

@@ -7,8 +7,6 @@ running top-k per query, so memory is O(block_size² + N·k) but work is all-pai
 product, lists scanned with BLAS) does ~N^1.5·dim work and is the default above
 ``EXACT_MAX_ROWS`` rows. Either way the self-match is excluded by index (an exact duplicate at
 another index is a real neighbour, with similarity 1).
-
-No dagster imports here.
 """
 
 from __future__ import annotations
@@ -17,19 +15,32 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TopComponents", "max_cosine_to", "topk_cosine", "topk_cosine_rows", "KNN_METHODS", "sparsity_scores", "kmeans_clusters", "default_n_clusters", "cluster_dynamics", "umap_2d"]
+__all__ = [
+    "TopComponents",
+    "max_cosine_to",
+    "topk_cosine",
+    "topk_cosine_rows",
+    "KNN_METHODS",
+    "sparsity_scores",
+    "kmeans_clusters",
+    "default_n_clusters",
+    "cluster_dynamics",
+    "umap_2d",
+]
 
 UMAP_MIN_SAMPLES = 10  # below this, the 2-D map is a PCA projection
 
-KNN_METHODS = ("auto", "exact", "approx")
+KnnMethod = Literal["auto", "exact", "approx"]
+KNN_METHODS: tuple[str, ...] = get_args(KnnMethod)
 EXACT_MAX_ROWS = 200_000  # method="auto": exact top-k up to this many rows, approximate above
 APPROX_NPROBE = 16  # IVF lists searched per row
 APPROX_TRAIN_PER_LIST = 25  # k-means training rows per list (subsampled)
@@ -84,7 +95,7 @@ def max_cosine_to(queries: np.ndarray, keys: np.ndarray, block_size: int = 4096)
         return np.full(q.shape[0], np.nan)
     out = np.full(q.shape[0], -np.inf)
     for a in range(0, kx.shape[0], block_size):
-        out = np.maximum(out, (q @ kx[a: a + block_size].T).max(axis=1))
+        out = np.maximum(out, (q @ kx[a : a + block_size].T).max(axis=1))
     return out.astype(np.float64)
 
 
@@ -161,8 +172,15 @@ def _ivf_params(n: int, nlist: int | None, nprobe: int | None, train_size: int |
 
 
 def _topk_ivf(
-    x: np.ndarray, kk: int, nlist: int | None, nprobe: int | None, train_size: int | None, seed: int,
-    threads: int = 1, chunk: int = 65536, query_chunk: int = 8192,
+    x: np.ndarray,
+    kk: int,
+    nlist: int | None,
+    nprobe: int | None,
+    train_size: int | None,
+    seed: int,
+    threads: int = 1,
+    chunk: int = 65536,
+    query_chunk: int = 8192,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Approximate top-``kk`` of every row of the unit-norm ``x`` (IVF-Flat, inner product).
 
@@ -178,8 +196,16 @@ def _topk_ivf(
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     sample = x if nt >= n else x[np.sort(rng.choice(n, nt, replace=False))]
-    km = faiss.Kmeans(d, nl, niter=APPROX_KMEANS_ITERS, spherical=True, seed=int(seed),
-                      min_points_per_centroid=1, max_points_per_centroid=max(1, -(-nt // nl)), verbose=False)
+    km = faiss.Kmeans(
+        d,
+        nl,
+        niter=APPROX_KMEANS_ITERS,
+        spherical=True,
+        seed=int(seed),
+        min_points_per_centroid=1,
+        max_points_per_centroid=max(1, -(-nt // nl)),
+        verbose=False,
+    )
     km.train(sample)
     del sample
     t1 = time.perf_counter()
@@ -187,7 +213,7 @@ def _topk_ivf(
     quant.add(km.centroids)
     assign = np.empty((n, npb), dtype=np.int64)  # the lists each row probes, nearest first
     for c0 in range(0, n, chunk):
-        _, assign[c0:c0 + chunk] = quant.search(x[c0:c0 + chunk], npb)
+        _, assign[c0 : c0 + chunk] = quant.search(x[c0 : c0 + chunk], npb)
     # members of each list (by nearest centroid) and the queries that probe it, as CSR
     primary = assign[:, 0]
     member_order = np.argsort(primary, kind="stable")
@@ -203,13 +229,16 @@ def _topk_ivf(
 
     # one task = one list's members against up to ``query_chunk`` of the queries probing it
     # (bounds the gathered queries even when a list is huge, as on skewed data)
-    tasks = [(lst, q0, min(q0 + query_chunk, probe_lims[lst + 1]))
-             for lst in range(nl) if member_lims[lst + 1] > member_lims[lst]
-             for q0 in range(probe_lims[lst], probe_lims[lst + 1], query_chunk)]
+    tasks = [
+        (lst, q0, min(q0 + query_chunk, probe_lims[lst + 1]))
+        for lst in range(nl)
+        if member_lims[lst + 1] > member_lims[lst]
+        for q0 in range(probe_lims[lst], probe_lims[lst + 1], query_chunk)
+    ]
 
     def scan(task: tuple[int, int, int]):
         lst, q0, q1 = task
-        members = member_order[member_lims[lst]:member_lims[lst + 1]]
+        members = member_order[member_lims[lst] : member_lims[lst + 1]]
         queries = probe_queries[q0:q1]
         if threads > 1:
             faiss.omp_set_num_threads(1)  # per OS thread: one list per worker, no OpenMP barriers
@@ -235,8 +264,16 @@ def _topk_ivf(
     ok = np.take_along_axis(valid, order, axis=1)
     sims[~ok] = np.nan
     idx[~ok] = -1
-    info = {"method": "approx", "index": "ivf_flat_ip", "nlist": nl, "nprobe": npb, "train_size": nt,
-            "train_seconds": t1 - t0, "assign_seconds": t2 - t1, "scan_seconds": time.perf_counter() - t2}
+    info = {
+        "method": "approx",
+        "index": "ivf_flat_ip",
+        "nlist": nl,
+        "nprobe": npb,
+        "train_size": nt,
+        "train_seconds": t1 - t0,
+        "assign_seconds": t2 - t1,
+        "scan_seconds": time.perf_counter() - t2,
+    }
     return sims.astype(np.float32), idx.astype(np.int64), info
 
 
@@ -313,8 +350,13 @@ def topk_cosine(
     return sims, idx
 
 
-def topk_cosine_rows(emb: np.ndarray, rows: Sequence[int] | np.ndarray, k: int = 2, block_size: int = 4096,
-                     device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def topk_cosine_rows(
+    emb: np.ndarray,
+    rows: Sequence[int] | np.ndarray,
+    k: int = 2,
+    block_size: int = 4096,
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k (itself excluded) for the given rows only, against all N rows: blockwise,
     O(len(rows)·N·dim) work. For checking an approximate result on a sample of queries."""
     x = _normalize(emb)

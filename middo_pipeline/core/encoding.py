@@ -32,8 +32,8 @@ than ``max_length`` a ``ValueError`` is raised (a configuration error, not a dat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 __all__ = ["EncodedSample", "encode_sample", "encode_samples", "render_sample"]
 
@@ -209,8 +209,9 @@ def _char_span_to_tokens(offsets: Sequence[tuple[int, int]], span: tuple[int, in
             break
     if first is None:
         # empty span: position of the first token starting at or after cs
-        pos = next((i for i in range(lo, len(offsets)) if offsets[i][0] >= cs and offsets[i][1] > offsets[i][0]),
-                   len(offsets))
+        pos = next(
+            (i for i in range(lo, len(offsets)) if offsets[i][0] >= cs and offsets[i][1] > offsets[i][0]), len(offsets)
+        )
         return (pos, pos)
     return (first, last + 1)
 
@@ -265,7 +266,7 @@ def _truncate(ids: list[int], pspan, rspan, max_length: int) -> tuple[list[int],
     # 2. response tokens from the end
     if excess > 0:
         k = min(excess, re_ - rs)
-        ids = ids[:re_ - k] + ids[re_:]
+        ids = ids[: re_ - k] + ids[re_:]
         re_ -= k
         excess -= k
     # 3. prompt tokens from the end of the prompt

@@ -22,15 +22,13 @@ Metrics (``evaluate``):
   scores −inf. ``mc_accuracy_sum_ll`` reports the unnormalised (sum) variant beside it.
   All choices of all items, and the reference outputs, go through one batched
   ``score_samples`` call.
-
-No dagster imports here.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -117,8 +115,16 @@ def load_eval_set(path: str | Path) -> pl.DataFrame:
             if rid in seen:
                 raise _bad(path, line_no, "id", f"duplicate id {rid!r} (first on line {seen[rid]})")
             seen[rid] = line_no
-            rows.append({"id": rid, "instruction": instruction, "input": input_, "output": output,
-                         "choices": list(choices), "answer_index": ans})
+            rows.append(
+                {
+                    "id": rid,
+                    "instruction": instruction,
+                    "input": input_,
+                    "output": output,
+                    "choices": list(choices),
+                    "answer_index": ans,
+                }
+            )
     if not rows:
         raise ValueError(f"{path}: no items (the held-out eval set is empty)")
     return pl.DataFrame(rows, schema=EVAL_SCHEMA)
@@ -170,9 +176,17 @@ def evaluate(
 
     all_prompts = list(prompts) + [p for p, cs in zip(prompts, choices) for _ in cs]
     all_responses = list(outputs) + [c for cs in choices for c in cs]
-    res = score_samples(model, tokenizer, all_prompts, all_responses, max_length=max_length,
-                        max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
-                        with_embeddings=False, progress=progress)
+    res = score_samples(
+        model,
+        tokenizer,
+        all_prompts,
+        all_responses,
+        max_length=max_length,
+        max_batch_tokens=max_batch_tokens,
+        max_batch_size=max_batch_size,
+        with_embeddings=False,
+        progress=progress,
+    )
     ref_loss = res.loss[:n].astype(np.float64)
     ref_tokens = res.n_response_tokens[:n]
     choice_loss = res.loss[n:].reshape(n, k).astype(np.float64)
@@ -183,8 +197,11 @@ def evaluate(
     correct = chosen == answers
     finite = np.isfinite(ref_loss)
     mean_loss = float(ref_loss[finite].mean()) if finite.any() else float("nan")
-    tok_mean = float((ref_loss[finite] * ref_tokens[finite]).sum() / ref_tokens[finite].sum()) if finite.any() \
+    tok_mean = (
+        float((ref_loss[finite] * ref_tokens[finite]).sum() / ref_tokens[finite].sum())
+        if finite.any()
         else float("nan")
+    )
     items = pl.DataFrame(
         {
             "id": eval_df["id"].to_list() if "id" in eval_df.columns else [str(i) for i in range(n)],
@@ -195,8 +212,15 @@ def evaluate(
             "n_response_tokens": ref_tokens.astype(np.int64),
             "choice_losses": choice_loss.astype(np.float32).tolist(),
         },
-        schema={"id": pl.String, "correct": pl.Boolean, "chosen": pl.Int64, "answer_index": pl.Int64,
-                "loss": pl.Float32, "n_response_tokens": pl.Int64, "choice_losses": pl.List(pl.Float32)},
+        schema={
+            "id": pl.String,
+            "correct": pl.Boolean,
+            "chosen": pl.Int64,
+            "answer_index": pl.Int64,
+            "loss": pl.Float32,
+            "n_response_tokens": pl.Int64,
+            "choice_losses": pl.List(pl.Float32),
+        },
     )
     return {
         "mean_response_loss": mean_loss,

@@ -29,13 +29,15 @@ def to_records(df: pl.DataFrame, layout: str = "alpaca") -> list[dict]:
         if layout == "alpaca":
             records.append({"instruction": row["instruction"], "input": row["input"], "output": row["output"], **prov})
         else:
-            records.append({
-                "messages": [
-                    {"role": "user", "content": prompt_text(row["instruction"], row["input"])},
-                    {"role": "assistant", "content": row["output"]},
-                ],
-                **prov,
-            })
+            records.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": prompt_text(row["instruction"], row["input"])},
+                        {"role": "assistant", "content": row["output"]},
+                    ],
+                    **prov,
+                }
+            )
     return records
 
 

@@ -26,8 +26,6 @@ under ``max_batch_tokens`` (padded tokens: batch size x longest length) and
 ``max_batch_size``. Padding is on the right, with an attention mask; results come back in
 the caller's order. Tokens after the response's end-of-turn token cannot influence anything
 that is computed (causal attention), so they are not fed.
-
-No dagster imports here: the assets call this.
 """
 
 from __future__ import annotations
@@ -35,9 +33,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -263,8 +261,8 @@ def _token_ce_fast(hidden: torch.Tensor, head, transform, rows, pos, tok, chunk:
     h = hidden[r, p]  # (M, H)
     out = torch.empty(len(rows), dtype=torch.float32, device=device)
     for a in range(0, len(rows), chunk):
-        logits = transform(head(h[a:a + chunk]).float())
-        out[a:a + chunk] = F.cross_entropy(logits, y[a:a + chunk], reduction="none")
+        logits = transform(head(h[a : a + chunk]).float())
+        out[a : a + chunk] = F.cross_entropy(logits, y[a : a + chunk], reduction="none")
     return out
 
 
@@ -290,8 +288,10 @@ def _prompt_mean(hidden: torch.Tensor, encs: Sequence[EncodedSample], lengths: l
 
 
 def _prompt_last(hidden: torch.Tensor, encs: Sequence[EncodedSample], lengths: list[int]) -> torch.Tensor:
-    pos = [min(e.prompt_span[1], lengths[b]) - 1 if e.prompt_span[1] > e.prompt_span[0] else lengths[b] - 1
-           for b, e in enumerate(encs)]
+    pos = [
+        min(e.prompt_span[1], lengths[b]) - 1 if e.prompt_span[1] > e.prompt_span[0] else lengths[b] - 1
+        for b, e in enumerate(encs)
+    ]
     idx = torch.tensor(pos, dtype=torch.long, device=hidden.device)
     return hidden[torch.arange(len(encs), device=hidden.device), idx].float()
 
@@ -331,8 +331,10 @@ class _Scorer:
         if with_embeddings and self.spec.layer != "last":
             layers = _decoder_layers(self.decoder) if self.decoder is not None else None
             if layers is None:
-                raise ValueError(f"embedding layer {self.spec.layer!r} needs a decoder with a .layers list; "
-                                 f"{type(self.model).__name__} has none (use layer='last')")
+                raise ValueError(
+                    f"embedding layer {self.spec.layer!r} needs a decoder with a .layers list; "
+                    f"{type(self.model).__name__} has none (use layer='last')"
+                )
             i = self.spec.layer_index(len(layers))
             self.layer = layers[i] if i is not None else None
 
@@ -364,8 +366,12 @@ class _Scorer:
             if target is not None:
                 handle = target.register_forward_hook(lambda m, i, o: caught.__setitem__("h", _last_hidden(o)))
         try:
-            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                             output_hidden_states=self.with_embeddings and handle is None)
+            out = self.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                use_cache=False,
+                output_hidden_states=self.with_embeddings and handle is None,
+            )
         finally:
             if handle is not None:
                 handle.remove()
@@ -381,8 +387,11 @@ class _Scorer:
         with self._catch_layer(caught):
             if self.mode == "fast":
                 hidden = self._decoder_hidden(batch)
-                ce = _token_ce_fast(hidden, self.lm_head, self.transform, rows, pos, tok, self.chunk) if rows else \
-                    torch.zeros(0, device=hidden.device)
+                ce = (
+                    _token_ce_fast(hidden, self.lm_head, self.transform, rows, pos, tok, self.chunk)
+                    if rows
+                    else torch.zeros(0, device=hidden.device)
+                )
             else:
                 logits, hidden = self._full(batch)
                 ce = _token_ce_full(logits, rows, pos, tok) if rows else torch.zeros(0, device=logits.device)
@@ -414,7 +423,9 @@ class _Scorer:
             log.warning(
                 "lm_head-at-response-positions loss %.5f differs from the full model's %.5f for %s: "
                 "the model post-processes its logits in a way not handled here; using the full model",
-                got, ref, type(self.model).__name__,
+                got,
+                ref,
+                type(self.model).__name__,
             )
             self.mode = "full"
 
@@ -473,8 +484,11 @@ def score_encoded(
 
 
 def _pad_id(tokenizer, model) -> int:
-    for v in (getattr(tokenizer, "pad_token_id", None), getattr(getattr(model, "config", None), "pad_token_id", None),
-              getattr(tokenizer, "eos_token_id", None)):
+    for v in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(getattr(model, "config", None), "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
         if isinstance(v, int):
             return v
     return 0
@@ -531,6 +545,14 @@ def mean_response_loss(
 ) -> ForwardResult:
     """``score_samples`` without the embeddings."""
     return score_samples(
-        model, tokenizer, prompts, responses, max_length=max_length, max_batch_tokens=max_batch_tokens,
-        max_batch_size=max_batch_size, with_embeddings=False, progress=progress, head=head,
+        model,
+        tokenizer,
+        prompts,
+        responses,
+        max_length=max_length,
+        max_batch_tokens=max_batch_tokens,
+        max_batch_size=max_batch_size,
+        with_embeddings=False,
+        progress=progress,
+        head=head,
     )

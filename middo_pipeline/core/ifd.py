@@ -16,7 +16,7 @@ framing and differ only by the prompt's content.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

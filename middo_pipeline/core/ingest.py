@@ -36,9 +36,10 @@ import io
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import polars as pl
 
@@ -147,9 +148,7 @@ def detect_format(path: str | Path) -> str:
     return _load(Path(path), None).format
 
 
-def read_seed(
-    path: str | Path, format: str | None = None, max_chars: int = DEFAULT_MAX_CHARS
-) -> IngestResult:
+def read_seed(path: str | Path, format: str | None = None, max_chars: int = DEFAULT_MAX_CHARS) -> IngestResult:
     """Read a seed file into canonical samples plus a quarantine of the records left out.
 
     ``format`` overrides detection (one of FORMATS); ``max_chars`` bounds
@@ -259,8 +258,7 @@ def _load(path: Path, format: str | None) -> _Loaded:
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise SeedFileError(
             path,
-            f"invalid UTF-8: byte 0x{data[0]:02x} at line 1, column 1 "
-            "(the file looks like UTF-16; save it as UTF-8)",
+            f"invalid UTF-8: byte 0x{data[0]:02x} at line 1, column 1 (the file looks like UTF-16; save it as UTF-8)",
         )
     if not data.strip():
         raise SeedFileError(path, "empty file (only whitespace)")
@@ -314,9 +312,7 @@ def _decode_whole(path: Path, data: bytes) -> str:
         line = data.count(b"\n", 0, e.start) + 1
         line_start = data.rfind(b"\n", 0, e.start) + 1
         col = len(data[line_start : e.start].decode("utf-8", "replace")) + 1
-        raise SeedFileError(
-            path, f"invalid UTF-8: byte 0x{data[e.start]:02x} at line {line}, column {col}"
-        ) from None
+        raise SeedFileError(path, f"invalid UTF-8: byte 0x{data[e.start]:02x} at line {line}, column {col}") from None
 
 
 def _array_records(path: Path, data: bytes, lines_fallback: bool) -> list[_Record] | None:
@@ -546,8 +542,16 @@ def _alpaca(obj: dict) -> tuple[str, str, str, bool]:
 
 
 def _conversation_reader(
-    key: str, speaker: str, content: str, prompts: set[str], replies: set[str], skip: set[str],
-    no_first: str, no_reply: str, prompt_name: str, reply_name: str,
+    key: str,
+    speaker: str,
+    content: str,
+    prompts: set[str],
+    replies: set[str],
+    skip: set[str],
+    no_first: str,
+    no_reply: str,
+    prompt_name: str,
+    reply_name: str,
 ) -> Callable[[dict], tuple[str, str, str, bool]]:
     def read(obj: dict) -> tuple[str, str, str, bool]:
         if key not in obj:
@@ -591,12 +595,28 @@ def _conversation_reader(
 _EXTRACTORS: dict[str, Callable[[dict], tuple[str, str, str, bool]]] = {
     "alpaca": _alpaca,
     "sharegpt": _conversation_reader(
-        "conversations", "from", "value", {"human", "user"}, {"gpt", "assistant"}, {"system"},
-        NO_HUMAN_FIRST, NO_GPT_REPLY, "human", "gpt",
+        "conversations",
+        "from",
+        "value",
+        {"human", "user"},
+        {"gpt", "assistant"},
+        {"system"},
+        NO_HUMAN_FIRST,
+        NO_GPT_REPLY,
+        "human",
+        "gpt",
     ),
     "messages": _conversation_reader(
-        "messages", "role", "content", {"user"}, {"assistant"}, {"system", "developer"},
-        NO_USER_FIRST, NO_ASSISTANT_REPLY, "user", "assistant",
+        "messages",
+        "role",
+        "content",
+        {"user"},
+        {"assistant"},
+        {"system", "developer"},
+        NO_USER_FIRST,
+        NO_ASSISTANT_REPLY,
+        "user",
+        "assistant",
     ),
 }
 
@@ -624,8 +644,13 @@ def _ingest(path: Path, loaded: _Loaded, max_chars: int) -> IngestResult:
                 raise _Reject(RECORD_FIELD, f"{DUPLICATE}: same content as {first_seen[sample_id]}")
         except _Reject as r:
             rejected.append(
-                {"source_file": source, "location": rec.location, "field": r.field,
-                 "reason": _clip(r.reason), "raw": rec.raw}
+                {
+                    "source_file": source,
+                    "location": rec.location,
+                    "field": r.field,
+                    "reason": _clip(r.reason),
+                    "raw": rec.raw,
+                }
             )
             continue
         first_seen[sample_id] = rec.location

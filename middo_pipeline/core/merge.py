@@ -32,15 +32,25 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import polars as pl
 
 from middo_pipeline.core.schema import EXTENDED, KEPT, REWRITTEN, SAMPLE_SCHEMA, SIMPLIFIED
 
-SIZE_POLICIES = ("grow", "keep")
+SizePolicy = Literal["grow", "keep"]
+SIZE_POLICIES: tuple[str, ...] = get_args(SizePolicy)
 _REPLACING = (SIMPLIFIED, REWRITTEN)
-_REFINED_COLUMNS = ("origin_id", "operation", "instruction_after", "input_after", "output_after",
-                    "new_sample_id", "status", "failure_reason")
+_REFINED_COLUMNS = (
+    "origin_id",
+    "operation",
+    "instruction_after",
+    "input_after",
+    "output_after",
+    "new_sample_id",
+    "status",
+    "failure_reason",
+)
 
 ACCOUNTING_SCHEMA: dict[str, pl.DataType] = {
     "sample_id": pl.String,
@@ -71,6 +81,8 @@ class MergeResult:
     dataset: pl.DataFrame  # canonical SAMPLE_SCHEMA table, D_{r+1}
     accounting: pl.DataFrame  # ACCOUNTING_SCHEMA: one row per input sample
     counts: dict  # JSON-serializable summary
+    # DUPLICATES_SCHEMA: the rows removed as exact duplicates, with the row each repeats (the
+    # optimized_dataset asset stores it beside its artifacts)
     duplicates: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=DUPLICATES_SCHEMA))
 
 
@@ -91,21 +103,44 @@ def _validate(samples: pl.DataFrame, refined: pl.DataFrame) -> None:
     if kinds.height != kinds.unique().height:
         raise ValueError("refined table has more than one replacement or extension for the same sample")
     ok = refined.filter(pl.col("status") == "ok")
-    if ok.filter(pl.col("new_sample_id").is_null() | pl.col("instruction_after").is_null()
-                 | pl.col("output_after").is_null()).height:
+    if ok.filter(
+        pl.col("new_sample_id").is_null() | pl.col("instruction_after").is_null() | pl.col("output_after").is_null()
+    ).height:
         raise ValueError("refined rows with status 'ok' must have new_sample_id, instruction_after and output_after")
+
+
+@dataclass
+class _Ledger:
+    """What the merge phases share: which output id is taken by which row, the rows removed as
+    duplicates, the failures by reason, and the accounting row of every input sample."""
+
+    owner: dict[str, tuple[str, str]]  # output id -> (operation, origin id); input rows: ("input", own id)
+    acc: dict[str, dict] = field(default_factory=dict)
+    duplicates: list[dict] = field(default_factory=list)
+    failures: Counter = field(default_factory=Counter)
+
+    def take(self, row: dict, operation: str, origin: str) -> bool:
+        """Claim ``row``'s id for it; False (and the row recorded as a duplicate) when taken."""
+        sid = row["sample_id"]
+        if sid in self.owner:
+            dup_op, dup_origin = self.owner[sid]
+            self.duplicates.append({**row, "duplicate_of_operation": dup_op, "duplicate_of_origin_id": dup_origin})
+            return False
+        self.owner[sid] = (operation, origin)
+        return True
 
 
 def merge_round(
     samples: pl.DataFrame,
     refined: pl.DataFrame,
     *,
-    round: int,
-    size_policy: str = "grow",
+    round_number: int,
+    size_policy: SizePolicy = "grow",
     max_growth: float = 0.15,
     sparse_order: list[str] | None = None,
 ) -> MergeResult:
-    """Build D_{round+1} from D_round and the round's ``refined_samples``; every row gets ``round``."""
+    """Build D_{r+1} from D_r (``samples``) and the round's ``refined_samples``; every row gets
+    ``round_number`` (r)."""
     if size_policy not in SIZE_POLICIES:
         raise ValueError(f"size_policy must be one of {SIZE_POLICIES}, got {size_policy!r}")
     if size_policy == "keep" and not max_growth >= 0:
@@ -113,29 +148,73 @@ def merge_round(
     _validate(samples, refined)
 
     input_rows = list(samples.select("sample_id", "instruction", "input", "output").iter_rows(named=True))
-    input_ids = {r["sample_id"] for r in input_rows}
     replacement: dict[str, dict] = {}
     extension: dict[str, dict] = {}
     for r in refined.iter_rows(named=True):
         (replacement if r["operation"] in _REPLACING else extension)[r["origin_id"]] = r
+    ledger = _Ledger(owner={r["sample_id"]: ("input", r["sample_id"]) for r in input_rows})
 
-    def new_row(r: dict) -> dict:
-        return {"sample_id": r["new_sample_id"], "instruction": r["instruction_after"],
-                "input": r["input_after"] or "", "output": r["output_after"],
-                "origin_id": r["origin_id"], "operation": r["operation"]}
+    base = _base_rows(input_rows, replacement, ledger)
+    candidates = _extension_candidates(input_rows, extension, ledger)
+    allowed, dropped, cap = _size_policy(input_rows, len(base), candidates, size_policy, max_growth, sparse_order)
+    for sid in dropped:
+        ledger.acc[sid]["extension_status"] = "dropped_by_size_policy"
+    for sid in allowed:
+        ledger.acc[sid]["extension_status"] = "added"
 
-    duplicates: list[dict] = []
-    owner: dict[str, tuple[str, str]] = {sid: ("input", sid) for sid in input_ids}  # id -> (operation, origin)
-    failures: Counter = Counter()
-    acc: dict[str, dict] = {}
+    # assemble in order: base rows (replacements in place), each extension right after its origin
+    out_rows: list[dict] = []
+    for src, row in zip(input_rows, base):
+        out_rows.append(row)
+        if src["sample_id"] in allowed:
+            out_rows.append(candidates[src["sample_id"]])
+    dataset = pl.DataFrame([{**r, "round": round_number} for r in out_rows], schema=SAMPLE_SCHEMA)
 
-    # 1. the base rows: each input sample or its replacement, in input order
+    acc_rows = []
+    for src in input_rows:
+        a = ledger.acc[src["sample_id"]]
+        primary = a.pop("primary")
+        a["fate"] = primary + ("+extended" if a["extension_status"] == "added" else "")
+        acc_rows.append(a)
+    accounting = pl.DataFrame(acc_rows, schema=ACCOUNTING_SCHEMA)
+    counts = _counts(input_rows, refined, dataset, accounting, ledger, len(dropped), size_policy, max_growth, cap)
+    return MergeResult(
+        dataset=dataset,
+        accounting=accounting,
+        counts=counts,
+        duplicates=pl.DataFrame(ledger.duplicates, schema=DUPLICATES_SCHEMA),
+    )
+
+
+def _new_row(r: dict) -> dict:
+    """A refined row as an output row."""
+    return {
+        "sample_id": r["new_sample_id"],
+        "instruction": r["instruction_after"],
+        "input": r["input_after"] or "",
+        "output": r["output_after"],
+        "origin_id": r["origin_id"],
+        "operation": r["operation"],
+    }
+
+
+def _base_rows(input_rows: list[dict], replacement: dict[str, dict], ledger: _Ledger) -> list[dict]:
+    """Phase 1: each input sample or its replacement, in input order (one row per input sample);
+    opens every sample's accounting row."""
     base: list[dict] = []
     for src in input_rows:
         sid = src["sample_id"]
-        a = {"sample_id": sid, "replacement_operation": None, "replacement_status": None, "replacement_id": None,
-             "extension_status": None, "extension_id": None, "failure_reason": None, "primary": "kept"}
-        acc[sid] = a
+        a = {
+            "sample_id": sid,
+            "replacement_operation": None,
+            "replacement_status": None,
+            "replacement_id": None,
+            "extension_status": None,
+            "extension_id": None,
+            "failure_reason": None,
+            "primary": "kept",
+        }
+        ledger.acc[sid] = a
         kept = {**src, "origin_id": sid, "operation": KEPT}
         rep = replacement.get(sid)
         if rep is None:
@@ -143,79 +222,79 @@ def merge_round(
             continue
         a["replacement_operation"] = rep["operation"]
         if rep["status"] != "ok":
-            a.update(replacement_status="failed", primary="kept_failed",
-                     failure_reason=f"{rep['operation']}: {rep['failure_reason']}")
-            failures[f"{rep['operation']}: {rep['failure_reason']}"] += 1
+            a.update(
+                replacement_status="failed",
+                primary="kept_failed",
+                failure_reason=f"{rep['operation']}: {rep['failure_reason']}",
+            )
+            ledger.failures[f"{rep['operation']}: {rep['failure_reason']}"] += 1
             base.append(kept)
             continue
-        row = new_row(rep)
-        if row["sample_id"] in owner:
-            dup_op, dup_origin = owner[row["sample_id"]]
-            duplicates.append({**row, "duplicate_of_operation": dup_op, "duplicate_of_origin_id": dup_origin})
+        row = _new_row(rep)
+        if not ledger.take(row, row["operation"], sid):
             a.update(replacement_status="duplicate", replacement_id=row["sample_id"], primary="kept_duplicate")
             base.append(kept)
             continue
-        owner[row["sample_id"]] = (row["operation"], sid)
         a.update(replacement_status="ok", replacement_id=row["sample_id"], primary="replaced")
         base.append(row)
+    return base
 
-    # 2. extensions: failures and duplicates first, then the size policy on the rest
+
+def _extension_candidates(input_rows: list[dict], extension: dict[str, dict], ledger: _Ledger) -> dict[str, dict]:
+    """Phase 2: the successful, new extensions by origin id (failures and duplicates recorded)."""
     candidates: dict[str, dict] = {}
     for src in input_rows:
         sid = src["sample_id"]
         ext = extension.get(sid)
         if ext is None:
             continue
-        a = acc[sid]
+        a = ledger.acc[sid]
         if ext["status"] != "ok":
             reason = f"{EXTENDED}: {ext['failure_reason']}"
-            a.update(extension_status="failed",
-                     failure_reason="; ".join(x for x in (a["failure_reason"], reason) if x))
-            failures[reason] += 1
+            a.update(extension_status="failed", failure_reason="; ".join(x for x in (a["failure_reason"], reason) if x))
+            ledger.failures[reason] += 1
             continue
-        row = new_row(ext)
+        row = _new_row(ext)
         a["extension_id"] = row["sample_id"]
-        if row["sample_id"] in owner:
-            dup_op, dup_origin = owner[row["sample_id"]]
-            duplicates.append({**row, "duplicate_of_operation": dup_op, "duplicate_of_origin_id": dup_origin})
+        if not ledger.take(row, EXTENDED, sid):
             a["extension_status"] = "duplicate"
             continue
-        owner[row["sample_id"]] = (EXTENDED, sid)
         candidates[sid] = row
+    return candidates
 
-    allowed = set(candidates)
-    dropped: list[str] = []
-    cap = None
-    if size_policy == "keep":
-        cap = math.floor(len(input_rows) * (1.0 + max_growth) + 1e-9)
-        budget = max(cap - len(base), 0)
-        rank = {sid: i for i, sid in enumerate(sparse_order or [])}
-        position = {r["sample_id"]: i for i, r in enumerate(input_rows)}
-        priority = sorted(candidates, key=lambda s: (rank.get(s, len(rank)), position[s]))
-        allowed = set(priority[:budget])
-        dropped = priority[budget:]
-        for sid in dropped:
-            acc[sid]["extension_status"] = "dropped_by_size_policy"
-    for sid in allowed:
-        acc[sid]["extension_status"] = "added"
 
-    # 3. assemble in order: base rows (replacements in place), each extension right after its origin
-    out_rows: list[dict] = []
-    for src, row in zip(input_rows, base):
-        out_rows.append(row)
-        if src["sample_id"] in allowed:
-            out_rows.append(candidates[src["sample_id"]])
-    dataset = pl.DataFrame([{**r, "round": round} for r in out_rows], schema=SAMPLE_SCHEMA)
+def _size_policy(
+    input_rows: list[dict],
+    n_base: int,
+    candidates: dict[str, dict],
+    size_policy: str,
+    max_growth: float,
+    sparse_order: list[str] | None,
+) -> tuple[set[str], list[str], int | None]:
+    """Phase 3: which extensions the size policy lets in (origin ids), which it drops, and the
+    size cap (None under ``grow``)."""
+    if size_policy != "keep":
+        return set(candidates), [], None
+    cap = math.floor(len(input_rows) * (1.0 + max_growth) + 1e-9)
+    budget = max(cap - n_base, 0)
+    rank = {sid: i for i, sid in enumerate(sparse_order or [])}
+    position = {r["sample_id"]: i for i, r in enumerate(input_rows)}
+    priority = sorted(candidates, key=lambda s: (rank.get(s, len(rank)), position[s]))
+    return set(priority[:budget]), priority[budget:], cap
 
-    acc_rows = []
-    for src in input_rows:
-        a = acc[src["sample_id"]]
-        primary = a.pop("primary")
-        a["fate"] = primary + ("+extended" if a["extension_status"] == "added" else "")
-        acc_rows.append(a)
-    accounting = pl.DataFrame(acc_rows, schema=ACCOUNTING_SCHEMA)
-    dup_df = pl.DataFrame(duplicates, schema=DUPLICATES_SCHEMA)
 
+def _counts(
+    input_rows: list[dict],
+    refined: pl.DataFrame,
+    dataset: pl.DataFrame,
+    accounting: pl.DataFrame,
+    ledger: _Ledger,
+    n_dropped: int,
+    size_policy: str,
+    max_growth: float,
+    cap: int | None,
+) -> dict:
+    """Phase 4: the JSON-serializable summary."""
     per_op = {}
     for op in (SIMPLIFIED, REWRITTEN, EXTENDED):
         sub = refined.filter(pl.col("operation") == op)
@@ -223,31 +302,27 @@ def merge_round(
             "attempted": sub.height,
             "succeeded": sub.filter(pl.col("status") == "ok").height,
             "failed": sub.filter(pl.col("status") != "ok").height,
-            "duplicates": sum(1 for d in duplicates if d["operation"] == op),
+            "duplicates": sum(1 for d in ledger.duplicates if d["operation"] == op),
             "in_output": dataset.filter(pl.col("operation") == op).height,
         }
-    counts = {
+    return {
         "n_in": len(input_rows),
         "n_out": dataset.height,
-        "growth": round_(dataset.height / max(len(input_rows), 1) - 1.0),
+        "growth": round(dataset.height / max(len(input_rows), 1) - 1.0, 6),
         "kept": dataset.filter(pl.col("operation") == KEPT).height,
         "operations": per_op,
-        "rows_by_operation": {op: dataset.filter(pl.col("operation") == op).height
-                              for op in (KEPT, SIMPLIFIED, REWRITTEN, EXTENDED)},
-        "duplicates_removed": len(duplicates),
-        "failures": sum(failures.values()),
-        "failures_by_reason": dict(sorted(failures.items())),
-        "dropped_by_size_policy": len(dropped),
+        "rows_by_operation": {
+            op: dataset.filter(pl.col("operation") == op).height for op in (KEPT, SIMPLIFIED, REWRITTEN, EXTENDED)
+        },
+        "duplicates_removed": len(ledger.duplicates),
+        "failures": sum(ledger.failures.values()),
+        "failures_by_reason": dict(sorted(ledger.failures.items())),
+        "dropped_by_size_policy": n_dropped,
         "size_policy": size_policy,
         "max_growth": max_growth if size_policy == "keep" else None,
         "size_cap": cap,
         "fates": dict(sorted(Counter(accounting["fate"].to_list()).items())),
     }
-    return MergeResult(dataset=dataset, accounting=accounting, counts=counts, duplicates=dup_df)
-
-
-def round_(x: float, digits: int = 6) -> float:
-    return float(f"{x:.{digits}g}") if x else 0.0
 
 
 def check_conservation(samples: pl.DataFrame, dataset: pl.DataFrame, accounting: pl.DataFrame) -> list[str]:
@@ -289,8 +364,10 @@ def check_conservation(samples: pl.DataFrame, dataset: pl.DataFrame, accounting:
         elif r["origin_id"] not in in_set:
             problems.append(f"{r['operation']} row {r['sample_id']} has origin {r['origin_id']!r}, not an input sample")
 
-    derived = {(r["origin_id"], r["operation"]): r["sample_id"]
-               for r in dataset.filter(pl.col("operation") != KEPT).iter_rows(named=True)}
+    derived = {
+        (r["origin_id"], r["operation"]): r["sample_id"]
+        for r in dataset.filter(pl.col("operation") != KEPT).iter_rows(named=True)
+    }
     for a in accounting.iter_rows(named=True):
         sid, fate = a["sample_id"], a["fate"] or ""
         primary, _, extended = fate.partition("+")

@@ -2,8 +2,6 @@
 
 Figures are built with ``matplotlib.figure.Figure`` on the Agg canvas (no pyplot state, safe
 in threads and without a display), ~6×4 in at 80 dpi so one image stays well under 100 KB.
-
-No dagster imports here.
 """
 
 from __future__ import annotations
@@ -11,7 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -47,7 +45,9 @@ def _png(fig) -> bytes:
     try:
         from PIL import Image  # a matplotlib dependency
 
-        img = Image.open(io.BytesIO(raw)).convert("RGB").quantize(colors=PALETTE_COLORS, method=Image.Quantize.MEDIANCUT)
+        img = (
+            Image.open(io.BytesIO(raw)).convert("RGB").quantize(colors=PALETTE_COLORS, method=Image.Quantize.MEDIANCUT)
+        )
         out = io.BytesIO()
         img.save(out, format="PNG", optimize=True)
         small = out.getvalue()
@@ -119,10 +119,18 @@ def loss_scatter_png(
         idx = idx[ok[idx]]
         easy = idx[~hard[idx]]
         hi = idx[hard[idx]]
-        ax.scatter(x[easy], y[easy], s=8, alpha=0.5, color="tab:blue", label=f"not hard ({int((~hard & ok).sum())})",
-                   rasterized=True)
-        ax.scatter(x[hi], y[hi], s=14, alpha=0.8, color="tab:red", label=f"hard ({int((hard & ok).sum())})",
-                   rasterized=True)
+        ax.scatter(
+            x[easy],
+            y[easy],
+            s=8,
+            alpha=0.5,
+            color="tab:blue",
+            label=f"not hard ({int((~hard & ok).sum())})",
+            rasterized=True,
+        )
+        ax.scatter(
+            x[hi], y[hi], s=14, alpha=0.8, color="tab:red", label=f"hard ({int((hard & ok).sum())})", rasterized=True
+        )
         xmin, xmax = float(np.min(x[ok])), float(np.max(x[ok]))
         ymin, ymax = float(np.min(y[ok])), float(np.max(y[ok]))
         padx = 0.05 * (xmax - xmin or 1.0)
@@ -206,12 +214,34 @@ def cluster_map_png(xy, labels, sparse_mask, title: str = "clusters") -> bytes:
         dense = idx[~sparse[idx]]
         sp = idx[sparse[idx]]
         vmin, vmax = (float(labels.min()), float(labels.max())) if labels.size else (0.0, 1.0)
-        ax.scatter(xy[dense, 0], xy[dense, 1], c=labels[dense], cmap=cmap, vmin=vmin, vmax=vmax, s=8, alpha=0.7,
-                   linewidths=0, rasterized=True)
+        ax.scatter(
+            xy[dense, 0],
+            xy[dense, 1],
+            c=labels[dense],
+            cmap=cmap,
+            vmin=vmin,
+            vmax=vmax,
+            s=8,
+            alpha=0.7,
+            linewidths=0,
+            rasterized=True,
+        )
         if sp.size:
-            ax.scatter(xy[sp, 0], xy[sp, 1], c=labels[sp], cmap=cmap, vmin=vmin, vmax=vmax, s=40, alpha=0.95,
-                       edgecolors="black", linewidths=1.2, marker="o", label=f"sparse ({int(sparse.sum())})",
-                       rasterized=True)
+            ax.scatter(
+                xy[sp, 0],
+                xy[sp, 1],
+                c=labels[sp],
+                cmap=cmap,
+                vmin=vmin,
+                vmax=vmax,
+                s=40,
+                alpha=0.95,
+                edgecolors="black",
+                linewidths=1.2,
+                marker="o",
+                label=f"sparse ({int(sparse.sum())})",
+                rasterized=True,
+            )
             ax.legend(loc="best", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])

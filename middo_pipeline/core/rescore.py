@@ -19,8 +19,8 @@ Rows that were not generated keep nulls. Order and rows are unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -46,17 +46,35 @@ class RescoreSettings:
     judge_batch_size: int = 16
 
 
-def rescore_candidates(candidates: pl.DataFrame, *, base, checkpoint, scale: QualityScale,
-                       round_embeddings: np.ndarray, components: TopComponents,
-                       settings: RescoreSettings | None = None, log: Callable[[str], None] | None = None,
-                       progress: Callable[[str], Progress | None] | None = None) -> pl.DataFrame:
+def rescore_candidates(
+    candidates: pl.DataFrame,
+    *,
+    base,
+    checkpoint,
+    scale: QualityScale,
+    round_embeddings: np.ndarray,
+    components: TopComponents,
+    settings: RescoreSettings | None = None,
+    log: Callable[[str], None] | None = None,
+    progress: Callable[[str], Progress | None] | None = None,
+) -> pl.DataFrame:
     """``candidates`` with the signal columns added (see the module docstring). ``base`` and
     ``checkpoint`` are loaded models (``.model``, ``.tokenizer``); ``round_embeddings`` are the
     round's samples' embeddings *already mapped* by ``components``."""
     st = settings or RescoreSettings()
     n = candidates.height
-    cols = {name: np.full(n, np.nan) for name in ("loss_before", "loss_after", "loss_unconditional", "ifd",
-                                                   "judge_score", "quality_value", "max_cosine")}
+    cols = {
+        name: np.full(n, np.nan)
+        for name in (
+            "loss_before",
+            "loss_after",
+            "loss_unconditional",
+            "ifd",
+            "judge_score",
+            "quality_value",
+            "max_cosine",
+        )
+    }
     ok = np.flatnonzero(candidates["status"].eq("ok").fill_null(False).to_numpy()) if n else np.zeros(0, dtype=int)
     if len(ok):
         instr = candidates["instruction_after"].to_list()
@@ -66,20 +84,42 @@ def rescore_candidates(candidates: pl.DataFrame, *, base, checkpoint, scale: Qua
         responses = [outs[i] for i in ok]
         kw = dict(max_length=st.max_length, max_batch_tokens=st.max_batch_tokens)
         step = progress or (lambda name: None)
-        before = score_samples(base.model, base.tokenizer, prompts, responses, with_embeddings=False,
-                               progress=step("candidates: loss before training"), **kw)
-        uncond = unconditional_loss(base.model, base.tokenizer, responses,
-                                    progress=step("candidates: prompt-free loss"), **kw)
-        after = score_samples(checkpoint.model, checkpoint.tokenizer, prompts, responses, with_embeddings=True,
-                              embedding=st.embedding, progress=step("candidates: loss + embedding after training"),
-                              **kw)
+        before = score_samples(
+            base.model,
+            base.tokenizer,
+            prompts,
+            responses,
+            with_embeddings=False,
+            progress=step("candidates: loss before training"),
+            **kw,
+        )
+        uncond = unconditional_loss(
+            base.model, base.tokenizer, responses, progress=step("candidates: prompt-free loss"), **kw
+        )
+        after = score_samples(
+            checkpoint.model,
+            checkpoint.tokenizer,
+            prompts,
+            responses,
+            with_embeddings=True,
+            embedding=st.embedding,
+            progress=step("candidates: loss + embedding after training"),
+            **kw,
+        )
         ifd = ifd_scores(before.loss, uncond.loss)
         judge = None
         if scale.mode in ("judge", "combined"):
             info: dict = {}
-            six = quality.expected_scores(checkpoint.model, checkpoint.tokenizer, prompts, responses,
-                                          max_length=st.judge_max_length, max_batch_size=st.judge_batch_size,
-                                          progress=step("candidates: self-judgements"), info=info)
+            six = quality.expected_scores(
+                checkpoint.model,
+                checkpoint.tokenizer,
+                prompts,
+                responses,
+                max_length=st.judge_max_length,
+                max_batch_size=st.judge_batch_size,
+                progress=step("candidates: self-judgements"),
+                info=info,
+            )
             judge = np.asarray(quality.combine_scores(six)["quality_score"], dtype=np.float64)
             if log and info.get("judge_path") != "packed":
                 log(f"candidate judge fell back to one pass per judgement: {info.get('fallback_reason')}")
@@ -93,5 +133,8 @@ def rescore_candidates(candidates: pl.DataFrame, *, base, checkpoint, scale: Qua
         cols["quality_value"][ok] = quality_value(scale, judge, ifd)
         cols["max_cosine"][ok] = max_cosine_to(emb, round_embeddings)
     return candidates.with_columns(
-        [pl.Series(name, np.where(np.isfinite(v), v, np.nan), dtype=pl.Float64).fill_nan(None)
-         for name, v in cols.items()])
+        [
+            pl.Series(name, np.where(np.isfinite(v), v, np.nan), dtype=pl.Float64).fill_nan(None)
+            for name, v in cols.items()
+        ]
+    )

@@ -43,7 +43,11 @@ def decide_next_round(
             return Decision(False, None, f"round-{r} complete and max_rounds={max_rounds} reached")
         return Decision(True, r + 1, f"round-{r} complete: starting round-{r + 1}")
     if latest_run_status in FAILED:
-        return Decision(False, None, f"round-{r}'s last run ended {latest_run_status}: fix it and re-run round-{r}; the loop waits")
+        return Decision(
+            False, None, f"round-{r}'s last run ended {latest_run_status}: fix it and re-run round-{r}; the loop waits"
+        )
     if latest_run_status is None:
         return Decision(True, r, f"round-{r} was added but never ran: starting it")
-    return Decision(False, None, f"round-{r} finished ({latest_run_status}) without an optimized_dataset: re-run round-{r}")
+    return Decision(
+        False, None, f"round-{r} finished ({latest_run_status}) without an optimized_dataset: re-run round-{r}"
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
-from typing import Iterable
+from collections.abc import Iterable
 
 import polars as pl
 
@@ -68,7 +68,7 @@ def prompt_text(instruction: str, input: str | None) -> str:
 def make_samples(
     rows: Iterable[dict],
     *,
-    round: int = 0,
+    round_number: int = 0,
     operation: str = SEED,
     origin_id: str | None = None,
 ) -> pl.DataFrame:
@@ -85,7 +85,7 @@ def make_samples(
                 "instruction": ins,
                 "input": inp,
                 "output": outp,
-                "round": row.get("round", round),
+                "round": row.get("round", round_number),
                 "origin_id": row.get("origin_id", origin_id),
                 "operation": row.get("operation", operation),
             }

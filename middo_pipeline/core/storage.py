@@ -17,14 +17,14 @@ from __future__ import annotations
 import errno
 import os
 import re
-import shutil
-import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import polars as pl
 from filelock import FileLock
+
+from middo_pipeline.atomic import atomic_path
 
 UNPARTITIONED = "all"
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -67,6 +67,10 @@ class Storage:
     def checkpoint_dir(self, partition: str) -> Path:
         return self.root / "checkpoints" / safe_name(partition)
 
+    def checkpoint_ready(self, partition: str) -> bool:
+        """Whether the partition's checkpoint folder holds a loadable model (its config.json)."""
+        return (self.checkpoint_dir(partition) / "config.json").exists()
+
     def artifact_dir(self, asset: str, partition: str | None = None) -> Path:
         return self.root / "artifacts" / safe_name(asset) / safe_name(partition or UNPARTITIONED)
 
@@ -95,29 +99,10 @@ class Storage:
         """Yield a temporary path beside ``final``; on success rename it into place."""
         self.ensure_dir(final.parent)
         try:
-            if is_dir:
-                tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-            else:
-                fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-                os.close(fd)
-                tmp = Path(name)
+            with atomic_path(final, is_dir=is_dir) as tmp:
+                yield tmp
         except OSError as exc:
             raise _storage_error(exc, final) from exc
-        try:
-            yield tmp
-            if is_dir and final.exists():
-                old = final.with_name(f".{final.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-        except OSError as exc:
-            raise _storage_error(exc, final) from exc
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
     def write_table(self, df: pl.DataFrame, path: Path) -> Path:
         with self.atomic_path(path) as tmp:

@@ -16,15 +16,13 @@ Comparisons are strict (``value > threshold`` / ``value < threshold``), so a con
 (std = 0) flags nothing. Missing values (NaN) are never flagged and are left out of mean/std.
 Every result carries the threshold, the m used, the mean/std and the flagged count/fraction,
 ready to be shown as metadata.
-
-No dagster imports here.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -75,18 +73,18 @@ class ThresholdSpec:
         return "target_fraction" if self.target_fraction is not None else "m"
 
 
-def resolve_m(spec: ThresholdSpec, round: int) -> float | None:
-    """The m that applies in ``round`` (1-based); None in target-fraction mode."""
-    if round < 1:
-        raise ValueError(f"rounds are numbered from 1, got {round}")
+def resolve_m(spec: ThresholdSpec, round_number: int) -> float | None:
+    """The m that applies in ``round_number`` (1-based); None in target-fraction mode."""
+    if round_number < 1:
+        raise ValueError(f"rounds are numbered from 1, got {round_number}")
     if spec.target_fraction is not None:
         return None
     if isinstance(spec.m, list):
-        m = spec.m[min(round, len(spec.m)) - 1]
+        m = spec.m[min(round_number, len(spec.m)) - 1]
     else:
         m = float(spec.m)
     if spec.decay is not None:
-        m *= spec.decay ** (round - 1)
+        m *= spec.decay ** (round_number - 1)
     return float(m)
 
 
@@ -162,16 +160,24 @@ def _fraction_threshold(valid: np.ndarray, fraction: float, direction: str) -> f
     return float((s[k - 1] + s[k]) / 2) if s[k - 1] != s[k] else float(s[k - 1])
 
 
-def _flag(values, spec: ThresholdSpec, round: int, direction: str) -> ThresholdResult:
+def _flag(values, spec: ThresholdSpec, round_number: int, direction: str) -> ThresholdResult:
     arr = _as_values(values)
     missing = np.isnan(arr)
     valid = arr[~missing]
-    m = resolve_m(spec, round)
+    m = resolve_m(spec, round_number)
     n = int(arr.size)
     if valid.size == 0:
         return ThresholdResult(
-            threshold=float("nan"), m=m, mean=float("nan"), std=float("nan"), direction=direction,
-            flagged=np.zeros(n, dtype=bool), fraction=0.0, n_flagged=0, n_missing=int(missing.sum()), n=n,
+            threshold=float("nan"),
+            m=m,
+            mean=float("nan"),
+            std=float("nan"),
+            direction=direction,
+            flagged=np.zeros(n, dtype=bool),
+            fraction=0.0,
+            n_flagged=0,
+            n_missing=int(missing.sum()),
+            n=n,
             target_fraction=spec.target_fraction,
         )
     mean = float(valid.mean())
@@ -185,32 +191,40 @@ def _flag(values, spec: ThresholdSpec, round: int, direction: str) -> ThresholdR
     flagged &= ~missing
     n_flagged = int(flagged.sum())
     return ThresholdResult(
-        threshold=float(threshold), m=m, mean=mean, std=std, direction=direction, flagged=flagged,
-        fraction=n_flagged / n if n else 0.0, n_flagged=n_flagged, n_missing=int(missing.sum()), n=n,
+        threshold=float(threshold),
+        m=m,
+        mean=mean,
+        std=std,
+        direction=direction,
+        flagged=flagged,
+        fraction=n_flagged / n if n else 0.0,
+        n_flagged=n_flagged,
+        n_missing=int(missing.sum()),
+        n=n,
         target_fraction=spec.target_fraction,
     )
 
 
-def flag_above(values: Sequence[float] | np.ndarray, spec: ThresholdSpec, round: int = 1) -> ThresholdResult:
+def flag_above(values: Sequence[float] | np.ndarray, spec: ThresholdSpec, round_number: int = 1) -> ThresholdResult:
     """Flag values > mean + m·std (or the top target fraction)."""
-    return _flag(values, spec, round, "above")
+    return _flag(values, spec, round_number, "above")
 
 
-def flag_below(values: Sequence[float] | np.ndarray, spec: ThresholdSpec, round: int = 1) -> ThresholdResult:
+def flag_below(values: Sequence[float] | np.ndarray, spec: ThresholdSpec, round_number: int = 1) -> ThresholdResult:
     """Flag values < mean − m·std (or the bottom target fraction)."""
-    return _flag(values, spec, round, "below")
+    return _flag(values, spec, round_number, "below")
 
 
 def flag_both_above(
-    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, spec: ThresholdSpec, round: int = 1
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, spec: ThresholdSpec, round_number: int = 1
 ) -> tuple[ThresholdResult, ThresholdResult, np.ndarray]:
     """The complexity rule: hard when BOTH a > its own threshold AND b > its own threshold
     (a = loss before training, b = loss after). Returns (result_a, result_b, combined mask).
 
     In target-fraction mode each signal gets its own top fraction, and the combined mask is
     their intersection (so it flags at most that fraction)."""
-    ra = flag_above(a, spec, round)
-    rb = flag_above(b, spec, round)
+    ra = flag_above(a, spec, round_number)
+    rb = flag_above(b, spec, round_number)
     if ra.flagged.shape != rb.flagged.shape:
         raise ValueError(f"both signals need the same length, got {ra.n} and {rb.n}")
     return ra, rb, ra.flagged & rb.flagged

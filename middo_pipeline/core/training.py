@@ -11,8 +11,6 @@ fine-tuning. The result is always a plain model folder that
 
 Everything runs offline: the model and tokenizer are loaded from local folders and handed to
 the trainer as objects (``processing_class`` is always passed, so trl never asks a hub).
-
-This module must not import dagster.
 """
 
 from __future__ import annotations
@@ -24,9 +22,10 @@ import math
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import polars as pl
 
@@ -370,7 +369,9 @@ def train_sft(
         if samples_trained < samples.height:
             log.warning(
                 "%d of %d samples dropped: their prompt alone fills max_length=%d",
-                samples.height - samples_trained, samples.height, config.max_length,
+                samples.height - samples_trained,
+                samples.height,
+                config.max_length,
             )
         if samples_trained == 0:
             raise ValueError(f"no sample fits max_length={config.max_length}: every prompt fills it")
@@ -414,9 +415,13 @@ def train_sft(
         warmup_steps=int(warmup_steps),
         device=str(device),
     )
-    info = {**asdict(result), "config": asdict(config), "model_source": source,
-            "chat_template": "fallback (added)" if template_added else "the model's own",
-            "saved_dtype": str(store_dtype or torch.float32).replace("torch.", "")}
+    info = {
+        **asdict(result),
+        "config": asdict(config),
+        "model_source": source,
+        "chat_template": "fallback (added)" if template_added else "the model's own",
+        "saved_dtype": str(store_dtype or torch.float32).replace("torch.", ""),
+    }
     (output_dir / TRAINING_INFO).write_text(json.dumps(info, indent=2, default=str))
     del trainer, trained, model
     if torch.cuda.is_available():

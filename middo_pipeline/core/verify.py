@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import polars as pl
@@ -58,8 +58,15 @@ DEFAULT_DUPLICATE_COSINE = 0.95
 DEFAULT_NGRAM = 8
 
 # what the re-scoring adds to each candidate row
-CANDIDATE_SIGNAL_COLUMNS = ("loss_before", "loss_after", "loss_unconditional", "ifd", "judge_score",
-                            "quality_value", "max_cosine")
+CANDIDATE_SIGNAL_COLUMNS = (
+    "loss_before",
+    "loss_after",
+    "loss_unconditional",
+    "ifd",
+    "judge_score",
+    "quality_value",
+    "max_cosine",
+)
 
 
 @dataclass(frozen=True)
@@ -91,8 +98,13 @@ class QualityScale:
         return QualityScale(mode, jm, js, im, is_)
 
     def as_dict(self) -> dict:
-        return {"mode": self.mode, "judge_mean": self.judge_mean, "judge_std": self.judge_std,
-                "ifd_mean": self.ifd_mean, "ifd_std": self.ifd_std}
+        return {
+            "mode": self.mode,
+            "judge_mean": self.judge_mean,
+            "judge_std": self.judge_std,
+            "ifd_mean": self.ifd_mean,
+            "ifd_std": self.ifd_std,
+        }
 
 
 def quality_value(scale: QualityScale, judge: np.ndarray | None, ifd: np.ndarray | None) -> np.ndarray:
@@ -118,8 +130,12 @@ class RoundThresholds:
     duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE  # extension too close to a round sample
 
     def as_dict(self) -> dict:
-        return {"hard_before": self.hard_before, "hard_after": self.hard_after, "quality": self.quality,
-                "duplicate_cosine": self.duplicate_cosine}
+        return {
+            "hard_before": self.hard_before,
+            "hard_after": self.hard_after,
+            "quality": self.quality,
+            "duplicate_cosine": self.duplicate_cosine,
+        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,7 +152,7 @@ def ngram_set(texts: Iterable[str], n: int = DEFAULT_NGRAM) -> set[tuple[str, ..
     out: set[tuple[str, ...]] = set()
     for t in texts:
         words = _WORD.findall((t or "").lower())
-        out.update(tuple(words[i: i + n]) for i in range(len(words) - n + 1))
+        out.update(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     return out
 
 
@@ -144,7 +160,7 @@ def _shares_ngram(text: str, grams: set, n: int) -> bool:
     if not grams:
         return False
     words = _WORD.findall((text or "").lower())
-    return any(tuple(words[i: i + n]) in grams for i in range(len(words) - n + 1))
+    return any(tuple(words[i : i + n]) in grams for i in range(len(words) - n + 1))
 
 
 def has_control_tokens(text: str, extra: Sequence[str] = ()) -> bool:
@@ -171,8 +187,9 @@ def _is_low(q, th: RoundThresholds) -> bool:
     return not _finite(q) or (math.isfinite(th.quality) and q < th.quality)
 
 
-def candidate_reasons(row: dict, th: RoundThresholds, heldout_grams: set, ngram: int,
-                      control_tokens: Sequence[str] = ()) -> list[str]:
+def candidate_reasons(
+    row: dict, th: RoundThresholds, heldout_grams: set, ngram: int, control_tokens: Sequence[str] = ()
+) -> list[str]:
     """Every rule one candidate breaks, in a fixed order (empty: it passes)."""
     if row.get("status") != "ok":
         return [f"generation: {row.get('failure_reason') or 'failed'}"]
@@ -208,8 +225,14 @@ def candidate_reasons(row: dict, th: RoundThresholds, heldout_grams: set, ngram:
     return reasons
 
 
-def verify_candidates(candidates: pl.DataFrame, th: RoundThresholds, *, heldout_grams: set | None = None,
-                      ngram: int = DEFAULT_NGRAM, control_tokens: Sequence[str] = ()) -> pl.DataFrame:
+def verify_candidates(
+    candidates: pl.DataFrame,
+    th: RoundThresholds,
+    *,
+    heldout_grams: set | None = None,
+    ngram: int = DEFAULT_NGRAM,
+    control_tokens: Sequence[str] = (),
+) -> pl.DataFrame:
     """Adds ``passed`` and ``reasons`` ("; "-joined, null when passed) to every candidate row.
 
     Expects the candidate columns of ``operations.run_operations`` (``origin_id``,
@@ -232,24 +255,35 @@ def choose_candidates(verified: pl.DataFrame) -> pl.DataFrame:
     Best = passed first, then highest quality value, then lowest loss after training, then the
     lowest candidate index (deterministic)."""
     if verified.height == 0:
-        return verified.with_columns(pl.lit(0, dtype=pl.Int64).alias("n_candidates"),
-                                     pl.lit(0, dtype=pl.Int64).alias("n_passed"))
+        return verified.with_columns(
+            pl.lit(0, dtype=pl.Int64).alias("n_candidates"), pl.lit(0, dtype=pl.Int64).alias("n_passed")
+        )
     ranked = verified.with_columns(
         pl.col("status").eq("ok").alias("_generated"),
         pl.col("quality_value").fill_nan(None).alias("_q"),
         pl.col("loss_after").fill_nan(None).alias("_la"),
-    ).sort(["origin_id", "operation", "passed", "_generated", "_q", "_la", "candidate"],
-           descending=[False, False, True, True, True, False, False], nulls_last=True)
+    ).sort(
+        ["origin_id", "operation", "passed", "_generated", "_q", "_la", "candidate"],
+        descending=[False, False, True, True, True, False, False],
+        nulls_last=True,
+    )
     counts = verified.group_by(["origin_id", "operation"]).agg(
-        pl.len().cast(pl.Int64).alias("n_candidates"), pl.col("passed").sum().cast(pl.Int64).alias("n_passed"))
+        pl.len().cast(pl.Int64).alias("n_candidates"), pl.col("passed").sum().cast(pl.Int64).alias("n_passed")
+    )
     best = ranked.group_by(["origin_id", "operation"], maintain_order=True).first().drop(["_generated", "_q", "_la"])
     best = best.join(counts, on=["origin_id", "operation"], how="left")
     first_reason = pl.col("reasons").str.split("; ").list.first()
     return best.with_columns(
-        pl.when(pl.col("passed")).then(pl.lit("ok"))
-        .when(pl.col("status") == "ok").then(pl.lit("rejected"))
-        .otherwise(pl.col("status")).alias("status"),
-        pl.when(pl.col("passed")).then(pl.lit(None, dtype=pl.String))
-        .when(pl.col("status") == "ok").then(pl.lit("verification: ") + first_reason)
-        .otherwise(pl.col("failure_reason")).alias("failure_reason"),
+        pl.when(pl.col("passed"))
+        .then(pl.lit("ok"))
+        .when(pl.col("status") == "ok")
+        .then(pl.lit("rejected"))
+        .otherwise(pl.col("status"))
+        .alias("status"),
+        pl.when(pl.col("passed"))
+        .then(pl.lit(None, dtype=pl.String))
+        .when(pl.col("status") == "ok")
+        .then(pl.lit("verification: ") + first_reason)
+        .otherwise(pl.col("failure_reason"))
+        .alias("failure_reason"),
     ).sort(["operation", "origin_id"])

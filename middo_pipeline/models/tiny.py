@@ -7,11 +7,10 @@ generation — runs exactly as with a real model, only fast.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
+
+from middo_pipeline.atomic import atomic_path
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -94,12 +93,7 @@ def build_tiny_model(
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    try:
+    with atomic_path(target, is_dir=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

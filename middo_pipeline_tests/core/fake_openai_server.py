@@ -11,9 +11,9 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 
 @dataclass
@@ -41,8 +41,11 @@ def chat_ok(content: str, prompt_tokens: int = 7, completion_tokens: int = 3) ->
             "created": 0,
             "model": "test-model",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
         },
     )
 
@@ -92,7 +95,7 @@ class FakeOpenAI:
         return self._server.server_address[1]
 
     # -- life --------------------------------------------------------------------------------
-    def start(self) -> "FakeOpenAI":
+    def start(self) -> FakeOpenAI:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -143,8 +146,7 @@ class FakeOpenAI:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self
 
@@ -157,8 +159,13 @@ class FakeOpenAI:
         if method == "GET" and path == f"{self.prefix}/models":
             if self.models_status != 200:
                 return error(self.models_status, f"models: http {self.models_status}")
-            return Reply(200, {"object": "list", "data": [
-                {"id": m, "object": "model", "created": 0, "owned_by": "test"} for m in self.models]})
+            return Reply(
+                200,
+                {
+                    "object": "list",
+                    "data": [{"id": m, "object": "model", "created": 0, "owned_by": "test"} for m in self.models],
+                },
+            )
         if method == "POST" and path == f"{self.prefix}/chat/completions":
             if not isinstance(body, dict):
                 return error(400, "body is not JSON")

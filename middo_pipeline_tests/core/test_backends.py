@@ -12,8 +12,7 @@ import pytest
 from middo_pipeline.core.llm import make_backend
 from middo_pipeline.core.llm.local import DEFAULT_MODEL, LocalBackend
 from middo_pipeline.core.llm.openai_compat import OpenAIBackend
-from middo_pipeline.core.llm.protocol import truncate_at_stop
-from middo_pipeline.core.llm.protocol import BackendUnavailable, ChatRequest
+from middo_pipeline.core.llm.protocol import BackendUnavailable, ChatRequest, truncate_at_stop
 from middo_pipeline_tests.core.fake_openai_server import (
     Reply,
     chat_ok,
@@ -122,17 +121,23 @@ def test_local_prefill_excluded_and_continued(local):
     assert text.endswith("<|im_start|>assistant\n")
     ids = lm.tokenizer(text + prefill, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
-        out = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
-                                do_sample=False, repetition_penalty=1.1,
-                                pad_token_id=lm.tokenizer.pad_token_id)
-    new = out[0, ids.shape[1]:].tolist()
+        out = lm.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=10,
+            do_sample=False,
+            repetition_penalty=1.1,
+            pad_token_id=lm.tokenizer.pad_token_id,
+        )
+    new = out[0, ids.shape[1] :].tolist()
     eos = lm.tokenizer.eos_token_id
     if eos in new:
         new = new[: new.index(eos)]
     assert got.text == lm.tokenizer.decode(new, skip_special_tokens=True)
     assert not got.text.startswith(prefill)
-    assert got.text != local.complete([req("Explain the difference between a list and a tuple.",
-                                           max_tokens=10)])[0].text
+    assert (
+        got.text != local.complete([req("Explain the difference between a list and a tuple.", max_tokens=10)])[0].text
+    )
 
 
 def test_local_stop_strings(local):
@@ -213,8 +218,10 @@ def test_openai_success_order_usage_and_key_sent(fake, secret):
     progress = []
     out = b.complete(reqs, progress=lambda d, t: progress.append((d, t)))
     assert [c.text for c in out] == [f"echo: question {i}" for i in range(10)]
-    assert all(c.ok and not c.cached and c.usage == {"prompt_tokens": 7, "completion_tokens": 3, "finish_reason": "stop"}
-               for c in out)
+    assert all(
+        c.ok and not c.cached and c.usage == {"prompt_tokens": 7, "completion_tokens": 3, "finish_reason": "stop"}
+        for c in out
+    )
     assert progress[-1] == (10, 10) and len(progress) == 10
     assert b.backend_id == f"openai:{fake.url}:test-model"
     calls = fake.chat_calls
@@ -419,8 +426,9 @@ def test_openai_key_never_leaks(fake, secret, caplog):
     fake.models_status = 401
     failing.append(lambda: backend_for(fake).complete([req("x")]))
     failing.append(lambda: backend_for(fake, base_url=f"http://127.0.0.1:{fake.port}/wrong").check())
-    failing.append(lambda: OpenAIBackend(f"http://127.0.0.1:{closed_port()}/v1", "m", api_key_env=KEY_ENV,
-                                         max_retries=0).check())
+    failing.append(
+        lambda: OpenAIBackend(f"http://127.0.0.1:{closed_port()}/v1", "m", api_key_env=KEY_ENV, max_retries=0).check()
+    )
     for fn in failing:
         with pytest.raises(BackendUnavailable) as info:
             fn()
@@ -445,13 +453,13 @@ def test_make_backend(fake, secret, lively_model_dir, tmp_path):
     assert isinstance(b, OpenAIBackend)
     local = make_backend("local", model=str(lively_model_dir), device="cpu", batch_size=2)
     assert isinstance(local, LocalBackend) and local.batch_size == 2
-    cached = make_backend("openai", cache=tmp_path / "c.sqlite", base_url=fake.url, model="test-model",
-                          api_key_env=KEY_ENV)
+    cached = make_backend(
+        "openai", cache=tmp_path / "c.sqlite", base_url=fake.url, model="test-model", api_key_env=KEY_ENV
+    )
     assert cached.backend_id == b.backend_id
     assert cached.complete([req("z")])[0].text == "echo: z"
     with pytest.raises(ValueError, match="unknown"):
         make_backend("vllm")
-
 
 
 def test_local_reports_text_cut_at_the_token_limit(local):

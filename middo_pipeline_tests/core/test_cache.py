@@ -10,9 +10,9 @@ import uuid
 
 import pytest
 
+from middo_pipeline.core.llm.cache import CachedBackend, CompletionCache
 from middo_pipeline.core.llm.local import LocalBackend
 from middo_pipeline.core.llm.openai_compat import OpenAIBackend
-from middo_pipeline.core.llm.cache import CachedBackend, CompletionCache
 from middo_pipeline.core.llm.protocol import BackendUnavailable, ChatRequest, Completion
 from middo_pipeline_tests.core.fake_openai_server import chat_ok, error, last_user
 
@@ -137,7 +137,9 @@ def test_cached_backend_when_the_inner_backend_delivers_only_at_the_end(tmp_path
     cb = CachedBackend(inner, tmp_path / "c.sqlite")
     progress = []
     assert [c.text for c in cb.complete([req("x"), req("y")], progress=lambda d, t: progress.append(d))] == [
-        "answer to x", "answer to y"]
+        "answer to x",
+        "answer to y",
+    ]
     assert cb.cache.count() == 2 and progress[-1] == 2
 
 
@@ -204,8 +206,7 @@ def test_concurrent_writers_threads_and_processes(tmp_path):
 @pytest.fixture
 def openai_backend(fake, monkeypatch):
     monkeypatch.setenv(KEY_ENV, f"sk-{uuid.uuid4().hex}")
-    return OpenAIBackend(fake.url, "test-model", api_key_env=KEY_ENV, max_retries=0, timeout=5.0,
-                         max_concurrency=4)
+    return OpenAIBackend(fake.url, "test-model", api_key_env=KEY_ENV, max_retries=0, timeout=5.0, max_concurrency=4)
 
 
 def test_second_call_is_served_from_cache(fake, openai_backend, tmp_path):

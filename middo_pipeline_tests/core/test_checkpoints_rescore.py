@@ -46,19 +46,32 @@ def test_rescore_candidates_matches_direct_scoring(tiny_model_dir):
     from middo_pipeline.models.loading import load_model
 
     lm = load_model(str(tiny_model_dir), device="cpu")
-    cands = pl.DataFrame({
-        "origin_id": ["a", "b", "c"], "operation": ["simplified", "rewritten", "extended"], "candidate": [0, 0, 1],
-        "status": ["ok", "failed", "ok"], "instruction_after": ["Add 2 and 3.", None, "Name a blue fruit."],
-        "input_after": ["", None, ""], "output_after": ["5", None, "A blueberry."],
-    })
+    cands = pl.DataFrame(
+        {
+            "origin_id": ["a", "b", "c"],
+            "operation": ["simplified", "rewritten", "extended"],
+            "candidate": [0, 0, 1],
+            "status": ["ok", "failed", "ok"],
+            "instruction_after": ["Add 2 and 3.", None, "Name a blue fruit."],
+            "input_after": ["", None, ""],
+            "output_after": ["5", None, "A blueberry."],
+        }
+    )
     rng = np.random.default_rng(0)
     round_emb = rng.normal(size=(6, lm.model.config.hidden_size)).astype(np.float32)
     comps = TopComponents(1).fit(round_emb)
     spec = EmbeddingSpec(pooling="last", layer="middle")
     for mode in ("ifd", "judge"):
         scale = QualityScale.fit(mode, np.array([4.0, 6.0]), np.array([0.5, 0.9]))
-        got = rescore_candidates(cands, base=lm, checkpoint=lm, scale=scale, round_embeddings=comps.transform(round_emb),
-                                 components=comps, settings=RescoreSettings(embedding=spec, judge_max_length=448))
+        got = rescore_candidates(
+            cands,
+            base=lm,
+            checkpoint=lm,
+            scale=scale,
+            round_embeddings=comps.transform(round_emb),
+            components=comps,
+            settings=RescoreSettings(embedding=spec, judge_max_length=448),
+        )
         assert got.height == 3 and got["origin_id"].to_list() == ["a", "b", "c"]
         assert got.row(1, named=True)["loss_before"] is None  # not generated: nothing scored
         prompts, responses = ["Add 2 and 3.", "Name a blue fruit."], ["5", "A blueberry."]
@@ -67,8 +80,11 @@ def test_rescore_candidates_matches_direct_scoring(tiny_model_dir):
         ok = got.filter(pl.col("status") == "ok")
         np.testing.assert_allclose(ok["loss_after"].to_numpy(), direct.loss, atol=1e-5)
         np.testing.assert_allclose(ok["ifd"].to_numpy(), ifd_scores(direct.loss, uncond.loss), atol=1e-5)
-        np.testing.assert_allclose(ok["max_cosine"].to_numpy(),
-                                   max_cosine_to(comps.transform(direct.embedding), comps.transform(round_emb)), atol=1e-5)
+        np.testing.assert_allclose(
+            ok["max_cosine"].to_numpy(),
+            max_cosine_to(comps.transform(direct.embedding), comps.transform(round_emb)),
+            atol=1e-5,
+        )
         if mode == "ifd":
             np.testing.assert_allclose(ok["quality_value"].to_numpy(), -ok["ifd"].to_numpy())
             assert ok["judge_score"].null_count() == 2  # the judge does not run in ifd mode

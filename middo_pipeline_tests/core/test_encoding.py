@@ -70,8 +70,8 @@ def test_spans_cover_exactly_prompt_and_response(tok, prompt, response):
     assert e.input_ids == tok(text, add_special_tokens=False)["input_ids"]
     # framing before the prompt, between prompt and response, and the newline after <|im_end|>
     assert tok.decode(e.input_ids[: e.prompt_span[0]]) == "<|im_start|>user\n"
-    assert tok.decode(e.input_ids[e.prompt_span[1]: e.response_span[0]]) == "<|im_end|>\n<|im_start|>assistant\n"
-    assert tok.decode(e.input_ids[e.response_span[1]:]) == "\n"
+    assert tok.decode(e.input_ids[e.prompt_span[1] : e.response_span[0]]) == "<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(e.input_ids[e.response_span[1] :]) == "\n"
 
 
 def test_system_message_is_not_part_of_the_prompt_span(tok_with):
@@ -86,8 +86,9 @@ def test_system_message_is_not_part_of_the_prompt_span(tok_with):
 
 def test_prompt_only_encoding_ends_with_generation_prompt(tok):
     e = encode_sample(tok, "What is 12 times 7?", None, max_length=512)
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 12 times 7?"}], tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 12 times 7?"}], tokenize=False, add_generation_prompt=True
+    )
     assert e.input_ids == tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(e.input_ids).endswith("<|im_start|>assistant\n")
     assert e.response_span == (len(e.input_ids), len(e.input_ids))
@@ -180,8 +181,8 @@ def test_truncation_cuts_the_prompt_end_only_after_the_whole_response(tok):
     assert e.prompt_span == (ps, ps + keep_prompt)
     # kept: the framing before the prompt, the first prompt tokens, the framing before the response
     assert e.input_ids[:ps] == full.input_ids[:ps]
-    assert e.input_ids[ps: ps + keep_prompt] == full.input_ids[ps: ps + keep_prompt]
-    assert e.input_ids[ps + keep_prompt:] == full.input_ids[pe:rs]
+    assert e.input_ids[ps : ps + keep_prompt] == full.input_ids[ps : ps + keep_prompt]
+    assert e.input_ids[ps + keep_prompt :] == full.input_ids[pe:rs]
     assert tok.decode(e.input_ids).endswith("<|im_start|>assistant\n")
 
 

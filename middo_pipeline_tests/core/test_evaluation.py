@@ -18,15 +18,36 @@ from middo_pipeline.models.loading import load_model
 from middo_pipeline.models.tiny import build_tiny_model
 
 ITEMS = [
-    {"id": "mul", "instruction": "What is 12 times 7?", "input": "", "output": "12 times 7 is 84.",
-     "choices": ["84", "19", "74", "96"], "answer_index": 0},
-    {"id": "cap", "instruction": "What is the capital of France?", "output": "Paris is the capital of France.",
-     "choices": ["Lyon", "Paris", "Nice", "Lille"], "answer_index": 1},
-    {"id": "boil", "instruction": "Answer the question.", "input": "At what temperature does water boil?",
-     "output": "Water boils at 100 degrees Celsius at sea level.",
-     "choices": ["0 degrees", "50 degrees", "100 degrees", "1000 degrees"], "answer_index": 2},
-    {"instruction": "Classify the sentiment as positive or negative.", "input": "I love this quiet evening.",
-     "output": "positive", "choices": ["negative", "neutral", "unknown", "positive"], "answer_index": 3},
+    {
+        "id": "mul",
+        "instruction": "What is 12 times 7?",
+        "input": "",
+        "output": "12 times 7 is 84.",
+        "choices": ["84", "19", "74", "96"],
+        "answer_index": 0,
+    },
+    {
+        "id": "cap",
+        "instruction": "What is the capital of France?",
+        "output": "Paris is the capital of France.",
+        "choices": ["Lyon", "Paris", "Nice", "Lille"],
+        "answer_index": 1,
+    },
+    {
+        "id": "boil",
+        "instruction": "Answer the question.",
+        "input": "At what temperature does water boil?",
+        "output": "Water boils at 100 degrees Celsius at sea level.",
+        "choices": ["0 degrees", "50 degrees", "100 degrees", "1000 degrees"],
+        "answer_index": 2,
+    },
+    {
+        "instruction": "Classify the sentiment as positive or negative.",
+        "input": "I love this quiet evening.",
+        "output": "positive",
+        "choices": ["negative", "neutral", "unknown", "positive"],
+        "answer_index": 3,
+    },
 ]
 
 
@@ -146,10 +167,24 @@ def test_mc_accuracy_with_controlled_likelihoods(eval_file, monkeypatch):
     df = load_eval_set(eval_file)
     # item 0: right (84 has the lowest loss); item 1: wrong (Lyon wins); item 2: right;
     # item 3: the answer's loss is NaN (no scorable token) and must not win -> wrong
-    losses = {"84": 0.5, "19": 2.0, "74": 2.0, "96": 2.0,
-              "Lyon": 0.1, "Paris": 0.9, "Nice": 3.0, "Lille": 3.0,
-              "0 degrees": 2.5, "50 degrees": 2.5, "100 degrees": 1.5, "1000 degrees": 2.5,
-              "negative": 2.0, "neutral": 1.8, "unknown": 2.2, "positive": float("nan")}
+    losses = {
+        "84": 0.5,
+        "19": 2.0,
+        "74": 2.0,
+        "96": 2.0,
+        "Lyon": 0.1,
+        "Paris": 0.9,
+        "Nice": 3.0,
+        "Lille": 3.0,
+        "0 degrees": 2.5,
+        "50 degrees": 2.5,
+        "100 degrees": 1.5,
+        "1000 degrees": 2.5,
+        "negative": 2.0,
+        "neutral": 1.8,
+        "unknown": 2.2,
+        "positive": float("nan"),
+    }
     monkeypatch.setattr(evaluation, "score_samples", _fake_scores(losses))
     res = evaluate(None, None, df)
     assert res["items"]["chosen"].to_list() == [0, 0, 2, 1]

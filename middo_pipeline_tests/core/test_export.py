@@ -9,9 +9,15 @@ from middo_pipeline.core.schema import make_samples
 
 @pytest.fixture
 def table():
-    seed = make_samples([{"instruction": "Add 2 and 3.", "input": "", "output": "5"},
-                         {"instruction": "Summarize.", "input": "Cats sleep a lot.", "output": "Cats sleep much."}])
-    return seed.with_columns(pl.lit(1).alias("round"), pl.col("sample_id").alias("origin_id"), pl.lit("kept").alias("operation"))
+    seed = make_samples(
+        [
+            {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+            {"instruction": "Summarize.", "input": "Cats sleep a lot.", "output": "Cats sleep much."},
+        ]
+    )
+    return seed.with_columns(
+        pl.lit(1).alias("round"), pl.col("sample_id").alias("origin_id"), pl.lit("kept").alias("operation")
+    )
 
 
 def test_jsonl_alpaca_has_provenance(table, tmp_path):

@@ -68,8 +68,10 @@ def test_loss_and_embedding_equal_hand_computation(lm):
         assert res.loss[i] == pytest.approx(loss, abs=1e-5)
         assert res.n_response_tokens[i] == n
         np.testing.assert_allclose(res.embedding[i], emb, atol=1e-5)
-    assert res.n_tokens == sum(len(encode_sample(lm.tokenizer, p, r, 512).input_ids) - 1  # minus the trailing "\n"
-                               for p, r in zip(PROMPTS, RESPONSES))
+    assert res.n_tokens == sum(
+        len(encode_sample(lm.tokenizer, p, r, 512).input_ids) - 1  # minus the trailing "\n"
+        for p, r in zip(PROMPTS, RESPONSES)
+    )
     assert res.seconds > 0 and not res.truncated.any()
 
 
@@ -79,8 +81,9 @@ def test_padding_invariance(lm):
     together = score_samples(lm.model, lm.tokenizer, PROMPTS, RESPONSES, max_batch_tokens=100_000)
     # with very long and very short neighbours
     long_p, long_r = "Explain lists. " * 40, "Lists change. " * 60
-    mixed = score_samples(lm.model, lm.tokenizer, [long_p] + PROMPTS + ["x"], [long_r] + RESPONSES + ["y"],
-                          max_batch_tokens=100_000)
+    mixed = score_samples(
+        lm.model, lm.tokenizer, [long_p] + PROMPTS + ["x"], [long_r] + RESPONSES + ["y"], max_batch_tokens=100_000
+    )
     for i, a in enumerate(alone):
         np.testing.assert_allclose(together.loss[i], a.loss[0], atol=1e-5)
         np.testing.assert_allclose(together.embedding[i], a.embedding[0], atol=1e-5)
@@ -94,8 +97,15 @@ def test_order_preserved_with_bucketing(lm):
     prompts = [" ".join(rng.choices(words, k=rng.randint(1, 40))) for _ in range(23)]
     responses = [" ".join(rng.choices(words, k=rng.randint(1, 40))) for _ in range(23)]
     calls = []
-    res = score_samples(lm.model, lm.tokenizer, prompts, responses, max_batch_tokens=150, max_batch_size=4,
-                        progress=lambda done, total: calls.append((done, total)))
+    res = score_samples(
+        lm.model,
+        lm.tokenizer,
+        prompts,
+        responses,
+        max_batch_tokens=150,
+        max_batch_size=4,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     ref = score_samples(lm.model, lm.tokenizer, prompts, responses, max_batch_tokens=10**6, max_batch_size=1)
     np.testing.assert_allclose(res.loss, ref.loss, atol=1e-5)
     np.testing.assert_allclose(res.embedding, ref.embedding, atol=1e-5)
@@ -132,8 +142,9 @@ def test_no_response_token_gives_nan(lm):
     # a partly truncated response: the loss over the tokens that are left
     res = score_samples(lm.model, tok, [PROMPTS[1]], [RESPONSES[1]], max_length=cut)
     assert res.n_response_tokens[0] == 3 and res.truncated[0]
-    assert res.loss[0] == pytest.approx(hand_loss_and_embedding(lm.model, tok, PROMPTS[1], RESPONSES[1], cut)[0],
-                                        abs=1e-5)
+    assert res.loss[0] == pytest.approx(
+        hand_loss_and_embedding(lm.model, tok, PROMPTS[1], RESPONSES[1], cut)[0], abs=1e-5
+    )
 
 
 def test_without_embeddings_and_mean_response_loss(lm):
@@ -175,12 +186,28 @@ def test_empty_input(lm):
 
 
 def _arch_model(kind: str, vocab: int, tok):
-    from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
-                              GraniteForCausalLM)
+    from transformers import (
+        CohereConfig,
+        CohereForCausalLM,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GraniteConfig,
+        GraniteForCausalLM,
+    )
 
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-                  bos_token_id=None, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     if kind == "gemma2-softcap":
         model = Gemma2ForCausalLM(Gemma2Config(**common, head_dim=16, final_logit_softcapping=2.0))
@@ -201,7 +228,7 @@ def test_logit_transforms_are_applied(lm, kind, monkeypatch):
     truth = np.array([hand_loss_and_embedding(model, tok, p, r)[0] for p, r in zip(PROMPTS, RESPONSES)])
     np.testing.assert_allclose(fast.loss, truth, rtol=1e-4, atol=1e-4)
     # and the transform is not a no-op here: without it the losses differ
-    monkeypatch.setattr(forward, "_head_transform", lambda m: (lambda x: x))
+    monkeypatch.setattr(forward, "_head_transform", lambda m: lambda x: x)
     raw = score_samples(model, tok, PROMPTS, RESPONSES, head="fast", with_embeddings=False)
     assert np.abs(raw.loss - truth).max() > 0.05
 
@@ -210,7 +237,7 @@ def test_unknown_head_trick_falls_back_to_full_model(lm, monkeypatch, caplog):
     """A model whose logits are post-processed in a way the fast path does not know."""
     tok = lm.tokenizer
     model = _arch_model("granite-logits-scaling", lm.model.config.vocab_size, tok)
-    monkeypatch.setattr(forward, "_head_transform", lambda m: (lambda x: x))  # pretend we do not know it
+    monkeypatch.setattr(forward, "_head_transform", lambda m: lambda x: x)  # pretend we do not know it
     truth = np.array([hand_loss_and_embedding(model, tok, p, r)[0] for p, r in zip(PROMPTS, RESPONSES)])
     with caplog.at_level("WARNING"):
         res = score_samples(model, tok, PROMPTS, RESPONSES)

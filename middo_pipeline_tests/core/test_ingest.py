@@ -8,8 +8,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from middo_pipeline.core.ingest import (
     FORMATS,
@@ -155,16 +154,18 @@ def test_messages(tmp_path, container):
 
 def test_parquet_alpaca(tmp_path):
     path = tmp_path / "seed.bin"  # the extension is irrelevant
-    pl.DataFrame(
-        {"instruction": ["a", "b", "c"], "input": [None, "x", ""], "output": ["1", None, "3"]}
-    ).write_parquet(path)
+    pl.DataFrame({"instruction": ["a", "b", "c"], "input": [None, "x", ""], "output": ["1", None, "3"]}).write_parquet(
+        path
+    )
     result = read_seed(path)
     assert result.format == "parquet"
     assert result.samples["instruction"].to_list() == ["a", "c"]
     assert result.samples["input"].to_list() == ["", ""]
     row = only_rejection(result)
     assert (row["location"], row["field"], row["reason"]) == (
-        "record 2", "output", "wrong type: expected a string, found null"
+        "record 2",
+        "output",
+        "wrong type: expected a string, found null",
     )
     assert_conserved(result)
 
@@ -192,7 +193,9 @@ def test_parquet_wrong_column_type(tmp_path):
     pl.DataFrame({"instruction": ["a"], "output": [7]}).write_parquet(path)
     row = only_rejection(read_seed(path))
     assert (row["location"], row["field"], row["reason"]) == (
-        "record 1", "output", "wrong type: expected a string, found a number"
+        "record 1",
+        "output",
+        "wrong type: expected a string, found a number",
     )
 
 
@@ -323,7 +326,7 @@ def test_empty(tmp_path, content, reason):
 
 def test_truncated_array_inside_object(tmp_path):
     rows = [json.dumps(r) for r in ALPACA]
-    text = "[\n  " + ",\n  ".join(rows) + ",\n  {\"instruction\": \"x\",\n  "
+    text = "[\n  " + ",\n  ".join(rows) + ',\n  {"instruction": "x",\n  '
     path = write(tmp_path, "x.json", text)
     with pytest.raises(SeedFileError) as e:
         read_seed(path)
@@ -443,7 +446,11 @@ GOOD = {"instruction": "Say hi.", "output": "Hi."}
         ('{"instruction": "a", "input": {}, "output": "b"}', "input", "wrong type: expected a string, found an object"),
         ('{"instruction": "  \\n\\t ", "output": "b"}', "instruction", "blank: empty after stripping whitespace"),
         ('{"instruction": "a", "output": ""}', "output", "blank: empty after stripping whitespace"),
-        ('{"instruction": "a\\ud800b", "output": "b"}', "instruction", "invalid text: lone surrogate U+D800 at character 2"),
+        (
+            '{"instruction": "a\\ud800b", "output": "b"}',
+            "instruction",
+            "invalid text: lone surrogate U+D800 at character 2",
+        ),
         ('{"instruction": "a", "output": 1' + "0" * 5000 + "}", "(record)", None),  # int too long for Python
     ],
 )
@@ -470,7 +477,9 @@ def test_invalid_utf8_line_others_usable(tmp_path):
     assert result.usable == 2
     row = only_rejection(result)
     assert (row["location"], row["field"], row["reason"]) == (
-        "line 2", "(record)", "invalid UTF-8: byte 0xe9 at column 21"
+        "line 2",
+        "(record)",
+        "invalid UTF-8: byte 0xe9 at column 21",
     )
     assert "\\xe9" in row["raw"]
 
@@ -515,7 +524,9 @@ def test_overlong(tmp_path):
     path = write(tmp_path, "s.jsonl", jsonl(GOOD, long))
     row = only_rejection(read_seed(path, max_chars=100))
     assert (row["location"], row["field"], row["reason"]) == (
-        "line 2", "(record)", "too long: 101 characters (limit 100)"
+        "line 2",
+        "(record)",
+        "too long: 101 characters (limit 100)",
     )
     assert row["raw"] == json.dumps(long)
     assert read_seed(path, max_chars=101).rejected == 0
@@ -524,24 +535,42 @@ def test_overlong(tmp_path):
 @pytest.mark.parametrize(
     "conversation, field, reason",
     [
-        ([{"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Hi"}],
-         "conversations[0].from", "no human turn first: first turn is 'gpt'"),
-        ([{"from": "system", "value": "s"}, {"from": "gpt", "value": "Hello"}],
-         "conversations[1].from", "no human turn first: first turn is 'gpt'"),
+        (
+            [{"from": "gpt", "value": "Hello"}, {"from": "human", "value": "Hi"}],
+            "conversations[0].from",
+            "no human turn first: first turn is 'gpt'",
+        ),
+        (
+            [{"from": "system", "value": "s"}, {"from": "gpt", "value": "Hello"}],
+            "conversations[1].from",
+            "no human turn first: first turn is 'gpt'",
+        ),
         ([{"from": "system", "value": "s"}], "conversations", "no human turn first: only system turns"),
-        ([{"from": "human", "value": "Hi"}],
-         "conversations", "no gpt reply: the conversation ends after the human turn"),
-        ([{"from": "human", "value": "Hi"}, {"from": "human", "value": "Hello?"}],
-         "conversations[1].from", "no gpt reply: the human turn is followed by 'human', not gpt"),
+        (
+            [{"from": "human", "value": "Hi"}],
+            "conversations",
+            "no gpt reply: the conversation ends after the human turn",
+        ),
+        (
+            [{"from": "human", "value": "Hi"}, {"from": "human", "value": "Hello?"}],
+            "conversations[1].from",
+            "no gpt reply: the human turn is followed by 'human', not gpt",
+        ),
         ([], "conversations", "empty conversation: no turns"),
         ("Hi", "conversations", "wrong type: expected an array, found a string"),
         (["Hi", "Hello"], "conversations[0]", "wrong type: expected an object, found a string"),
         ([{"value": "Hi"}, {"from": "gpt", "value": "Hello"}], "conversations[0].from", "missing field"),
         ([{"from": "human"}, {"from": "gpt", "value": "Hello"}], "conversations[0].value", "missing field"),
-        ([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": 5}],
-         "conversations[1].value", "wrong type: expected a string, found a number"),
-        ([{"from": "human", "value": " "}, {"from": "gpt", "value": "Hello"}],
-         "conversations[0].value", "blank: empty after stripping whitespace"),
+        (
+            [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": 5}],
+            "conversations[1].value",
+            "wrong type: expected a string, found a number",
+        ),
+        (
+            [{"from": "human", "value": " "}, {"from": "gpt", "value": "Hello"}],
+            "conversations[0].value",
+            "blank: empty after stripping whitespace",
+        ),
     ],
 )
 def test_bad_sharegpt_record(tmp_path, conversation, field, reason):
@@ -569,14 +598,26 @@ def test_later_malformed_turns_are_only_truncated(tmp_path):
 @pytest.mark.parametrize(
     "messages, field, reason",
     [
-        ([{"role": "assistant", "content": "Hello"}], "messages[0].role",
-         "no user turn first: first turn is 'assistant'"),
-        ([{"role": "system", "content": "s"}, {"role": "user", "content": "Hi"}], "messages",
-         "no assistant reply: the conversation ends after the user turn"),
-        ([{"role": "user", "content": "Hi"}, {"role": "tool", "content": "{}"}], "messages[1].role",
-         "no assistant reply: the user turn is followed by 'tool', not assistant"),
-        ([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}, {"role": "assistant", "content": "Yo"}],
-         "messages[0].content", "wrong type: expected a string, found an array"),
+        (
+            [{"role": "assistant", "content": "Hello"}],
+            "messages[0].role",
+            "no user turn first: first turn is 'assistant'",
+        ),
+        (
+            [{"role": "system", "content": "s"}, {"role": "user", "content": "Hi"}],
+            "messages",
+            "no assistant reply: the conversation ends after the user turn",
+        ),
+        (
+            [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "{}"}],
+            "messages[1].role",
+            "no assistant reply: the user turn is followed by 'tool', not assistant",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}, {"role": "assistant", "content": "Yo"}],
+            "messages[0].content",
+            "wrong type: expected a string, found an array",
+        ),
         ([{"role": "developer", "content": "d"}], "messages", "no user turn first: only developer/system turns"),
     ],
 )

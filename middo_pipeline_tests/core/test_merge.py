@@ -16,10 +16,12 @@ N = 10
 
 @pytest.fixture
 def samples() -> pl.DataFrame:
-    rows = [{"instruction": f"Question number {i}?", "input": "ctx" if i % 3 == 0 else "", "output": f"Answer {i}."}
-            for i in range(N)]
+    rows = [
+        {"instruction": f"Question number {i}?", "input": "ctx" if i % 3 == 0 else "", "output": f"Answer {i}."}
+        for i in range(N)
+    ]
     # a previous round's table: mixed operations / rounds that the merge must restamp
-    df = make_samples(rows, round=1, operation="kept")
+    df = make_samples(rows, round_number=1, operation="kept")
     return df.with_columns(pl.col("sample_id").alias("origin_id"))
 
 
@@ -55,15 +57,17 @@ def refined_table(rows) -> pl.DataFrame:
 
 
 def test_merge_basic_provenance_order_and_conservation(samples):
-    refined = refined_table([
-        refined_row(samples, 1, "simplified"),
-        refined_row(samples, 2, "rewritten"),
-        refined_row(samples, 2, "extended"),  # replaced AND extended
-        refined_row(samples, 5, "extended"),
-        refined_row(samples, 7, "rewritten", ok=False, reason="unparseable: no final prompt marker"),
-        refined_row(samples, 8, "simplified", ok=False, reason="llm error: timeout"),
-    ])
-    res = merge_round(samples, refined, round=2)
+    refined = refined_table(
+        [
+            refined_row(samples, 1, "simplified"),
+            refined_row(samples, 2, "rewritten"),
+            refined_row(samples, 2, "extended"),  # replaced AND extended
+            refined_row(samples, 5, "extended"),
+            refined_row(samples, 7, "rewritten", ok=False, reason="unparseable: no final prompt marker"),
+            refined_row(samples, 8, "simplified", ok=False, reason="llm error: timeout"),
+        ]
+    )
+    res = merge_round(samples, refined, round_number=2)
     ds = res.dataset
     assert schema_problems(ds) == []
     assert ds.schema == pl.Schema(SAMPLE_SCHEMA)
@@ -73,10 +77,18 @@ def test_merge_basic_provenance_order_and_conservation(samples):
     # D_{r+1} = (D_r - replaced) + simplified + rewritten + extended
     assert ds.height == N + 2
     expected_order = [
-        ("kept", sid(samples, 0)), ("simplified", sid(samples, 1)), ("rewritten", sid(samples, 2)),
-        ("extended", sid(samples, 2)), ("kept", sid(samples, 3)), ("kept", sid(samples, 4)),
-        ("kept", sid(samples, 5)), ("extended", sid(samples, 5)), ("kept", sid(samples, 6)),
-        ("kept", sid(samples, 7)), ("kept", sid(samples, 8)), ("kept", sid(samples, 9)),
+        ("kept", sid(samples, 0)),
+        ("simplified", sid(samples, 1)),
+        ("rewritten", sid(samples, 2)),
+        ("extended", sid(samples, 2)),
+        ("kept", sid(samples, 3)),
+        ("kept", sid(samples, 4)),
+        ("kept", sid(samples, 5)),
+        ("extended", sid(samples, 5)),
+        ("kept", sid(samples, 6)),
+        ("kept", sid(samples, 7)),
+        ("kept", sid(samples, 8)),
+        ("kept", sid(samples, 9)),
     ]
     assert list(zip(ds["operation"], ds["origin_id"])) == expected_order
     kept = ds.filter(pl.col("operation") == "kept")
@@ -103,17 +115,25 @@ def test_merge_basic_provenance_order_and_conservation(samples):
     c = res.counts
     json.dumps(c)  # metadata-ready
     assert c["n_in"] == N and c["n_out"] == N + 2 and c["duplicates_removed"] == 0
-    assert c["operations"]["simplified"] == {"attempted": 2, "succeeded": 1, "failed": 1, "duplicates": 0, "in_output": 1}
+    assert c["operations"]["simplified"] == {
+        "attempted": 2,
+        "succeeded": 1,
+        "failed": 1,
+        "duplicates": 0,
+        "in_output": 1,
+    }
     assert c["operations"]["extended"]["in_output"] == 2
-    assert c["failures_by_reason"] == {"rewritten: unparseable: no final prompt marker": 1,
-                                       "simplified: llm error: timeout": 1}
+    assert c["failures_by_reason"] == {
+        "rewritten: unparseable: no final prompt marker": 1,
+        "simplified: llm error: timeout": 1,
+    }
     assert c["rows_by_operation"] == {"kept": 8, "simplified": 1, "rewritten": 1, "extended": 2}
     assert c["dropped_by_size_policy"] == 0 and res.duplicates.height == 0
 
 
 def test_failed_extension_keeps_origin(samples):
     refined = refined_table([refined_row(samples, 3, "extended", ok=False, reason="same as original")])
-    res = merge_round(samples, refined, round=1)
+    res = merge_round(samples, refined, round_number=1)
     assert res.dataset["sample_id"].to_list() == samples["sample_id"].to_list()
     a = res.accounting.row(3, named=True)
     assert a["fate"] == "kept" and a["extension_status"] == "failed"
@@ -124,17 +144,19 @@ def test_failed_extension_keeps_origin(samples):
 
 def test_duplicates_removed_and_recorded(samples):
     s4 = samples.row(4, named=True)
-    refined = refined_table([
-        # an extension identical to an existing sample (sample 4)
-        refined_row(samples, 0, "extended", instruction=s4["instruction"], output=s4["output"]),
-        # two extensions that produce the same new sample: the second is a duplicate of the first
-        refined_row(samples, 1, "extended", instruction="Same new question?", output="Same answer."),
-        refined_row(samples, 6, "extended", instruction="Same new question?", output="Same answer."),
-        # a replacement identical to an existing sample: the original is kept
-        refined_row(samples, 2, "simplified", instruction=s4["instruction"], output=s4["output"]),
-    ])
+    refined = refined_table(
+        [
+            # an extension identical to an existing sample (sample 4)
+            refined_row(samples, 0, "extended", instruction=s4["instruction"], output=s4["output"]),
+            # two extensions that produce the same new sample: the second is a duplicate of the first
+            refined_row(samples, 1, "extended", instruction="Same new question?", output="Same answer."),
+            refined_row(samples, 6, "extended", instruction="Same new question?", output="Same answer."),
+            # a replacement identical to an existing sample: the original is kept
+            refined_row(samples, 2, "simplified", instruction=s4["instruction"], output=s4["output"]),
+        ]
+    )
     assert make_sample_id(s4["instruction"], "", s4["output"]) == s4["sample_id"]  # no input on sample 4
-    res = merge_round(samples, refined, round=3)
+    res = merge_round(samples, refined, round_number=3)
     ds = res.dataset
     assert schema_problems(ds) == [] and check_conservation(samples, ds, res.accounting) == []
     assert ds.height == N + 1 and ds["sample_id"].n_unique() == ds.height
@@ -161,14 +183,15 @@ def extensions_everywhere(samples):
 
 
 def test_size_policy_grow_adds_everything(samples):
-    res = merge_round(samples, extensions_everywhere(samples), round=1, size_policy="grow")
+    res = merge_round(samples, extensions_everywhere(samples), round_number=1, size_policy="grow")
     assert res.dataset.height == 2 * N and res.counts["dropped_by_size_policy"] == 0
 
 
 def test_size_policy_keep_prefers_sparsest(samples):
     order = [sid(samples, i) for i in (7, 2, 9, 0, 5)]  # sparsest first; others unranked
-    res = merge_round(samples, extensions_everywhere(samples), round=1, size_policy="keep",
-                      max_growth=0.2, sparse_order=order)
+    res = merge_round(
+        samples, extensions_everywhere(samples), round_number=1, size_policy="keep", max_growth=0.2, sparse_order=order
+    )
     ds = res.dataset
     assert ds.height == 12  # floor(10 * 1.2)
     ext_origins = ds.filter(pl.col("operation") == "extended")["origin_id"].to_list()
@@ -181,23 +204,24 @@ def test_size_policy_keep_prefers_sparsest(samples):
     assert fates[sid(samples, 9)] == "kept" and fates[sid(samples, 7)] == "kept+extended"
     assert check_conservation(samples, ds, res.accounting) == []
     # without a ranking, input order decides; zero growth allows none
-    res0 = merge_round(samples, extensions_everywhere(samples), round=1, size_policy="keep", max_growth=0.0)
+    res0 = merge_round(samples, extensions_everywhere(samples), round_number=1, size_policy="keep", max_growth=0.0)
     assert res0.dataset.height == N and res0.counts["dropped_by_size_policy"] == N
-    res1 = merge_round(samples, extensions_everywhere(samples), round=1, size_policy="keep", max_growth=0.1)
+    res1 = merge_round(samples, extensions_everywhere(samples), round_number=1, size_policy="keep", max_growth=0.1)
     assert res1.dataset.filter(pl.col("operation") == "extended")["origin_id"].to_list() == [sid(samples, 0)]
 
 
 def test_size_policy_keep_counts_replacements_as_one_for_one(samples):
-    refined = refined_table([refined_row(samples, i, "rewritten") for i in range(N)]
-                            + [refined_row(samples, 3, "extended")])
-    res = merge_round(samples, refined, round=1, size_policy="keep", max_growth=0.15)
+    refined = refined_table(
+        [refined_row(samples, i, "rewritten") for i in range(N)] + [refined_row(samples, 3, "extended")]
+    )
+    res = merge_round(samples, refined, round_number=1, size_policy="keep", max_growth=0.15)
     assert res.dataset.height == N + 1
     assert res.dataset.filter(pl.col("operation") == "kept").height == 0
     assert check_conservation(samples, res.dataset, res.accounting) == []
 
 
 def test_empty_refined_keeps_everything(samples):
-    res = merge_round(samples, pl.DataFrame(schema=REFINED_SCHEMA), round=4)
+    res = merge_round(samples, pl.DataFrame(schema=REFINED_SCHEMA), round_number=4)
     assert res.dataset["sample_id"].to_list() == samples["sample_id"].to_list()
     assert res.dataset["operation"].unique().to_list() == ["kept"]
     assert res.accounting["fate"].unique().to_list() == ["kept"]
@@ -206,18 +230,18 @@ def test_empty_refined_keeps_everything(samples):
 
 def test_invalid_inputs(samples):
     with pytest.raises(ValueError, match="size_policy"):
-        merge_round(samples, extensions_everywhere(samples), round=1, size_policy="shrink")
+        merge_round(samples, extensions_everywhere(samples), round_number=1, size_policy="shrink")
     two = refined_table([refined_row(samples, 1, "simplified"), refined_row(samples, 1, "rewritten")])
     with pytest.raises(ValueError, match="more than one"):
-        merge_round(samples, two, round=1)
+        merge_round(samples, two, round_number=1)
     stranger = refined_table([refined_row(samples, 1, "simplified")]).with_columns(origin_id=pl.lit("nobody"))
     with pytest.raises(ValueError, match="not in the input"):
-        merge_round(samples, stranger, round=1)
+        merge_round(samples, stranger, round_number=1)
 
 
 def test_check_conservation_finds_problems(samples):
     refined = refined_table([refined_row(samples, 1, "simplified"), refined_row(samples, 2, "extended")])
-    res = merge_round(samples, refined, round=1)
+    res = merge_round(samples, refined, round_number=1)
     ds, acc = res.dataset, res.accounting
     # a lost sample
     assert any("without an accounting row" in p for p in check_conservation(samples, ds, acc.slice(1)))
@@ -225,8 +249,17 @@ def test_check_conservation_finds_problems(samples):
     lost = ds.filter(pl.col("sample_id") != sid(samples, 0))
     assert any("not in the output" in p for p in check_conservation(samples, lost, acc))
     # an orphan row
-    orphan = pl.concat([ds, make_samples([{"instruction": "stray?", "input": "", "output": "x"}],
-                                         round=1, operation="extended", origin_id="ghost")])
+    orphan = pl.concat(
+        [
+            ds,
+            make_samples(
+                [{"instruction": "stray?", "input": "", "output": "x"}],
+                round_number=1,
+                operation="extended",
+                origin_id="ghost",
+            ),
+        ]
+    )
     assert any("not an input sample" in p for p in check_conservation(samples, orphan, acc))
     # a duplicated output row
     assert any("more than once" in p for p in check_conservation(samples, pl.concat([ds, ds.head(1)]), acc))
@@ -255,11 +288,19 @@ def test_end_to_end_with_run_operations(samples):
                     out.append(Completion(text=f"Answer to: {text}"))
             return out
 
-    plan = plan_operations(samples, [sid(samples, 1)], [sid(samples, 1), sid(samples, 4)], [sid(samples, 6)],
-                           {sid(samples, 6): [sid(samples, 5)]})
-    refined = run_operations(samples, plan, {sid(samples, 6): [sid(samples, 5)]}, Echo(), PromptConfig(), round=1)
+    plan = plan_operations(
+        samples,
+        [sid(samples, 1)],
+        [sid(samples, 1), sid(samples, 4)],
+        [sid(samples, 6)],
+        {sid(samples, 6): [sid(samples, 5)]},
+    )
+    refined = run_operations(
+        samples, plan, {sid(samples, 6): [sid(samples, 5)]}, Echo(), PromptConfig(), round_number=1
+    )
     assert refined["status"].to_list() == ["ok"] * 3
-    res = merge_round(samples, refined, round=1, size_policy="keep", max_growth=0.15,
-                      sparse_order=[sid(samples, 6)])
+    res = merge_round(
+        samples, refined, round_number=1, size_policy="keep", max_growth=0.15, sparse_order=[sid(samples, 6)]
+    )
     assert schema_problems(res.dataset) == [] and check_conservation(samples, res.dataset, res.accounting) == []
     assert res.counts["rows_by_operation"] == {"kept": 8, "simplified": 0, "rewritten": 2, "extended": 1}

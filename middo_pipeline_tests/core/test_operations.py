@@ -24,8 +24,16 @@ from middo_pipeline.core.optimizer.prompts import (
 from middo_pipeline.core.schema import make_sample_id, make_samples
 
 ROWS = [
-    {"instruction": "Prove that there are infinitely many primes of the form 4k+3.", "input": "", "output": "Suppose..."},
-    {"instruction": "Summarize the text.", "input": "The moon orbits the earth every 27 days.", "output": "Moon orbits."},
+    {
+        "instruction": "Prove that there are infinitely many primes of the form 4k+3.",
+        "input": "",
+        "output": "Suppose...",
+    },
+    {
+        "instruction": "Summarize the text.",
+        "input": "The moon orbits the earth every 27 days.",
+        "output": "Moon orbits.",
+    },
     {"instruction": "Write a limerick about a goat on a boat.", "input": "", "output": "There once was..."},
     {"instruction": "What is 2+2?", "input": "", "output": "4"},
     {"instruction": "Name a colour.", "input": "", "output": "Blue."},
@@ -156,8 +164,15 @@ def test_run_operations_success(samples):
     plan = plan_operations(samples, [a], [b], [d], {})
     backend = FakeBackend(good_script)
     calls = []
-    out = run_operations(samples, plan, {d: [e, d, "no-such-id"]}, backend, PromptConfig(style="stepwise"), round=1,
-                         progress=lambda done, total: calls.append((done, total)))
+    out = run_operations(
+        samples,
+        plan,
+        {d: [e, d, "no-such-id"]},
+        backend,
+        PromptConfig(style="stepwise"),
+        round_number=1,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     assert out.schema == pl.Schema(REFINED_SCHEMA)
     assert out.height == 3 and out["status"].to_list() == ["ok"] * 3
     assert out["failure_reason"].null_count() == 3
@@ -170,7 +185,9 @@ def test_run_operations_success(samples):
     simp, rew, ext = row["simplified"], row["rewritten"], row["extended"]
     assert simp["origin_id"] == a and simp["instruction_after"] == f"Simpler version of: {ROWS[0]['instruction']}"
     # the rewrite folds the input into the prompt; the new sample has no input
-    assert rew["instruction_after"] == "Better version of: Summarize the text.\n\nThe moon orbits the earth every 27 days."
+    assert (
+        rew["instruction_after"] == "Better version of: Summarize the text.\n\nThe moon orbits the earth every 27 days."
+    )
     assert rew["input_before"] == ROWS[1]["input"] and rew["input_after"] == ""
     assert rew["output_after"] == f"Here is a careful answer to: {rew['instruction_after']}"
     for r in (simp, rew, ext):
@@ -192,8 +209,14 @@ def test_direct_style_uses_prefill_and_parses_continuation(samples):
         assert req.prefill == "Simplified instruction:"
         return " Show that there are infinitely many primes.\n\nAnswer: Euclid..."
 
-    out = run_operations(samples, plan_operations(samples, [a], [], [], {}), {}, FakeBackend(script),
-                         PromptConfig(style="direct"), round=1)
+    out = run_operations(
+        samples,
+        plan_operations(samples, [a], [], [], {}),
+        {},
+        FakeBackend(script),
+        PromptConfig(style="direct"),
+        round_number=1,
+    )
     assert out["instruction_after"].to_list() == ["Show that there are infinitely many primes."]
     assert out["output_after"].to_list() == ["An answer."]
 
@@ -221,7 +244,7 @@ def test_failures_are_recorded_with_reasons(samples):
         return f"### Final prompt\n{ROWS[4]['instruction']}"  # the extension repeats its core
 
     backend = FakeBackend(script)
-    out = run_operations(samples, plan, {}, backend, PromptConfig(style="stepwise"), round=2)
+    out = run_operations(samples, plan, {}, backend, PromptConfig(style="stepwise"), round_number=2)
     reasons = dict(zip(out["origin_id"], out["failure_reason"]))
     assert reasons[a] == "llm error: timeout"
     assert reasons[b] == "unparseable: no final prompt marker"
@@ -245,8 +268,14 @@ def test_cached_flags_pass_through(samples):
             return Completion(text="Answer.", cached="Better" in user(req))
         return Completion(text=good_script(req), cached="could not learn" in user(req))
 
-    out = run_operations(samples, plan_operations(samples, [a], [b], [], {}), {}, FakeBackend(script),
-                         PromptConfig(style="stepwise"), round=1)
+    out = run_operations(
+        samples,
+        plan_operations(samples, [a], [b], [], {}),
+        {},
+        FakeBackend(script),
+        PromptConfig(style="stepwise"),
+        round_number=1,
+    )
     flags = {r["operation"]: (r["prompt_cached"], r["response_cached"]) for r in out.iter_rows(named=True)}
     assert flags == {"simplified": (True, False), "rewritten": (False, True)}
 
@@ -254,11 +283,12 @@ def test_cached_flags_pass_through(samples):
 def test_no_response_call_when_nothing_parsed_and_no_calls_for_empty_plan(samples):
     a = ids(samples)[0]
     backend = FakeBackend(lambda req: Completion(error="boom"))
-    out = run_operations(samples, plan_operations(samples, [a], [], [], {}), {}, backend,
-                         PromptConfig(style="stepwise"), round=1)
+    out = run_operations(
+        samples, plan_operations(samples, [a], [], [], {}), {}, backend, PromptConfig(style="stepwise"), round_number=1
+    )
     assert out["failure_reason"].to_list() == ["llm error: boom"] and len(backend.calls) == 1
     empty = FakeBackend(good_script)
-    out = run_operations(samples, plan_operations(samples, [], [], [], {}), {}, empty, PromptConfig(), round=1)
+    out = run_operations(samples, plan_operations(samples, [], [], [], {}), {}, empty, PromptConfig(), round_number=1)
     assert out.height == 0 and out.schema == pl.Schema(REFINED_SCHEMA) and empty.calls == []
 
 
@@ -269,8 +299,14 @@ def test_backend_returning_wrong_count_raises(samples):
 
     a, b = ids(samples)[:2]
     with pytest.raises(RuntimeError, match="completions"):
-        run_operations(samples, plan_operations(samples, [a, b], [], [], {}), {}, Short(good_script),
-                       PromptConfig(style="stepwise"), round=1)
+        run_operations(
+            samples,
+            plan_operations(samples, [a, b], [], [], {}),
+            {},
+            Short(good_script),
+            PromptConfig(style="stepwise"),
+            round_number=1,
+        )
 
 
 def test_same_requests_every_run(samples):
@@ -278,8 +314,8 @@ def test_same_requests_every_run(samples):
     a, b, c = ids(samples)[:3]
     plan = plan_operations(samples, [a], [b], [c], {c: [a]})
     b1, b2 = FakeBackend(good_script), FakeBackend(good_script)
-    out1 = run_operations(samples, plan, {c: [a]}, b1, PromptConfig(style="stepwise"), round=1)
-    out2 = run_operations(samples, plan.reverse(), {c: [a]}, b2, PromptConfig(style="stepwise"), round=1)
+    out1 = run_operations(samples, plan, {c: [a]}, b1, PromptConfig(style="stepwise"), round_number=1)
+    out2 = run_operations(samples, plan.reverse(), {c: [a]}, b2, PromptConfig(style="stepwise"), round_number=1)
     assert b1.calls == b2.calls and out1.equals(out2)
 
 
@@ -294,11 +330,11 @@ def test_candidates_use_their_own_seeds_and_record_truncation(samples):
 
     backend = FakeBackend(script)
     cfg = PromptConfig(style="stepwise", temperature=0.7, seed=10)
-    out = run_operations(samples, plan, {}, backend, cfg, round=1, candidates=3)
+    out = run_operations(samples, plan, {}, backend, cfg, round_number=1, candidates=3)
     assert out.height == 6 and sorted(out["candidate"].to_list()) == [0, 0, 1, 1, 2, 2]
     assert sorted({r.seed for r in backend.calls[0]}) == [10, 11, 12]
     assert all(r.temperature == 0.7 for r in backend.calls[0] + backend.calls[1])
     assert out.filter(pl.col("candidate") == 1)["truncated"].to_list() == [True, True]
     assert out.filter(pl.col("candidate") != 1)["truncated"].to_list() == [False] * 4
     with pytest.raises(ValueError, match="temperature"):
-        run_operations(samples, plan, {}, backend, PromptConfig(style="stepwise"), round=1, candidates=2)
+        run_operations(samples, plan, {}, backend, PromptConfig(style="stepwise"), round_number=1, candidates=2)

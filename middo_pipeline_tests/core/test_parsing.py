@@ -10,39 +10,57 @@ ORIGINAL = "Give me the capital of France."
 
 STEPWISE_GOOD = [
     # plain header, prompt on the next line
-    ("1. Ways to simplify\n- fewer steps\n\n2. Plan\n...\n\n### Final prompt\nWrite a short poem about the sea.",
-     "Write a short poem about the sea."),
+    (
+        "1. Ways to simplify\n- fewer steps\n\n2. Plan\n...\n\n### Final prompt\nWrite a short poem about the sea.",
+        "Write a short poem about the sea.",
+    ),
     # bold inline marker, trailing commentary paragraph
-    ("**Review** looks fine.\n\n**Final Prompt:** Explain photosynthesis in two sentences.\n\n"
-     "This prompt is simpler because it limits the length.",
-     "Explain photosynthesis in two sentences."),
+    (
+        "**Review** looks fine.\n\n**Final Prompt:** Explain photosynthesis in two sentences.\n\n"
+        "This prompt is simpler because it limits the length.",
+        "Explain photosynthesis in two sentences.",
+    ),
     # header with a fenced block
     ("## Final Prompt\n\n```text\nList three prime numbers below 20.\n```\n", "List three prime numbers below 20."),
     # numbered step with a colon, quoted prompt
-    ("4. Review: ok\n5. Final prompt:\n\"Describe how a bicycle gear works.\"", "Describe how a bicycle gear works."),
+    ('4. Review: ok\n5. Final prompt:\n"Describe how a bicycle gear works."', "Describe how a bicycle gear works."),
     # upper case, bold prompt, a rule and notes after
-    ("### FINAL PROMPT\n**Compute 12 * 7 and explain each step.**\n\n---\nNotes: kept it short",
-     "Compute 12 * 7 and explain each step."),
+    (
+        "### FINAL PROMPT\n**Compute 12 * 7 and explain each step.**\n\n---\nNotes: kept it short",
+        "Compute 12 * 7 and explain each step.",
+    ),
     # qualifier word and a dash
     ("Final simplified prompt - Name two everyday uses of copper.\n", "Name two everyday uses of copper."),
-    ("#### Final rewritten instruction\n\nSummarize the causes of World War I in five bullet points.",
-     "Summarize the causes of World War I in five bullet points."),
+    (
+        "#### Final rewritten instruction\n\nSummarize the causes of World War I in five bullet points.",
+        "Summarize the causes of World War I in five bullet points.",
+    ),
     # the model repeats the marker: the last one wins
-    ("### Final prompt\nWrite a haiku.\n\nReview: too vague.\n\n### Final prompt\nWrite a haiku about autumn leaves.",
-     "Write a haiku about autumn leaves."),
+    (
+        "### Final prompt\nWrite a haiku.\n\nReview: too vague.\n\n### Final prompt\nWrite a haiku about autumn leaves.",
+        "Write a haiku about autumn leaves.",
+    ),
     # multi-line prompt with folded input, then a new section heading
-    ("### Final prompt\nTranslate the sentence below into French.\n\nSentence: The weather is nice today.\n\n"
-     "## Why this is better\nIt is self-contained.",
-     "Translate the sentence below into French.\n\nSentence: The weather is nice today."),
+    (
+        "### Final prompt\nTranslate the sentence below into French.\n\nSentence: The weather is nice today.\n\n"
+        "## Why this is better\nIt is self-contained.",
+        "Translate the sentence below into French.\n\nSentence: The weather is nice today.",
+    ),
     # a leading label inside the final section, markdown quote
-    ("### Final prompt\n> Prompt: Explain what a hash table is, with one example.",
-     "Explain what a hash table is, with one example."),
+    (
+        "### Final prompt\n> Prompt: Explain what a hash table is, with one example.",
+        "Explain what a hash table is, with one example.",
+    ),
     # chat-template end token and a following turn
-    ("### Final prompt\nDescribe the water cycle for a ten-year-old.<|im_end|>\n<|im_start|>user\nthanks",
-     "Describe the water cycle for a ten-year-old."),
+    (
+        "### Final prompt\nDescribe the water cycle for a ten-year-old.<|im_end|>\n<|im_start|>user\nthanks",
+        "Describe the water cycle for a ten-year-old.",
+    ),
     # CRLF line endings
-    ("Plan: ...\r\n### Final prompt\r\nName the largest planet in the solar system.\r\n",
-     "Name the largest planet in the solar system."),
+    (
+        "Plan: ...\r\n### Final prompt\r\nName the largest planet in the solar system.\r\n",
+        "Name the largest planet in the solar system.",
+    ),
 ]
 
 
@@ -53,12 +71,14 @@ def test_stepwise_good(text, expected):
 
 DIRECT_GOOD = [
     (" Write a poem about cats.\n\nAnswer: Cats are soft.", "Write a poem about cats."),
-    ("\n\"Name three fruits that are red.\"\nResponse: apple, cherry", "Name three fruits that are red."),
+    ('\n"Name three fruits that are red."\nResponse: apple, cherry', "Name three fruits that are red."),
     (" Instruction: Explain gravity to a child.<|im_end|>", "Explain gravity to a child."),
     (" Simplified instruction: Add 3 and 4.", "Add 3 and 4."),
     (" **New instruction:** List two sources of vitamin C.", "List two sources of vitamin C."),
-    (" Summarize the text in one sentence.\nInput: The cat sat on the mat all day.",
-     "Summarize the text in one sentence.\nInput: The cat sat on the mat all day."),
+    (
+        " Summarize the text in one sentence.\nInput: The cat sat on the mat all day.",
+        "Summarize the text in one sentence.\nInput: The cat sat on the mat all day.",
+    ),
     (" \u201cWhat causes the seasons on Earth?\u201d", "What causes the seasons on Earth?"),
     (" Describe a sunrise.\nTask 2: Describe a sunset.", "Describe a sunrise."),
     (" Explain recursion with an example.\nOriginal task: Explain recursion.", "Explain recursion with an example."),
@@ -79,11 +99,14 @@ def test_direct_good(text, expected):
         ("<|im_end|>", "direct", "empty"),
         ("### Final prompt\n", "stepwise", "empty"),
         ("### Final prompt\n```\n```", "stepwise", "empty"),
-        ("1. Ways to simplify: shorter.\n2. Plan: do it.\nThe final prompt should be short.", "stepwise",
-         "no final prompt marker"),
+        (
+            "1. Ways to simplify: shorter.\n2. Plan: do it.\nThe final prompt should be short.",
+            "stepwise",
+            "no final prompt marker",
+        ),
         ("Here is the simplified version: Write a poem.", "stepwise", "no final prompt marker"),
         ("### Final prompt\nGive me the capital of France", "stepwise", "same as original"),
-        ("**Final Prompt:** \"give me the  CAPITAL of france.\"", "stepwise", "same as original"),
+        ('**Final Prompt:** "give me the  CAPITAL of france."', "stepwise", "same as original"),
         (" Give me the capital of France.", "direct", "same as original"),
         (" Hi", "direct", "too short"),
         ("### Final prompt\nDo it.", "stepwise", "too short"),

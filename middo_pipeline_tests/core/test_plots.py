@@ -66,7 +66,7 @@ def test_png_to_markdown():
     md = plots.png_to_markdown(png, "training [loss]")
     assert md.startswith("![training (loss)](data:image/png;base64,")
     assert md.endswith(")")
-    payload = md[md.index("base64,") + 7: -1]
+    payload = md[md.index("base64,") + 7 : -1]
     assert base64.b64decode(payload) == png
 
 

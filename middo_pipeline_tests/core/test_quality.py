@@ -185,8 +185,9 @@ def test_padding_invariance_real_model(tiny_model_dir, monkeypatch):
         return real_set_prefix(self, prefix)
 
     monkeypatch.setattr(quality._Reader, "set_prefix", spy)
-    plain = expected_scores(lm.model, lm.tokenizer, prompts, responses, max_batch_size=1, share_prefix=False,
-                            max_length=448)
+    plain = expected_scores(
+        lm.model, lm.tokenizer, prompts, responses, max_batch_size=1, share_prefix=False, max_length=448
+    )
     assert prefixes == []
     one = expected_scores(lm.model, lm.tokenizer, prompts, responses, max_batch_size=1, max_length=448)
     many = expected_scores(lm.model, lm.tokenizer, prompts, responses, max_batch_size=7, max_length=448)
@@ -256,8 +257,9 @@ def wordlevel_tok():
     vocab = {w: i for i, w in enumerate(words)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<|endoftext|>",
-                                  eos_token="<|im_end|>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>"
+    )
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
     tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -441,8 +443,7 @@ def test_packed_judgements_equal_whole_judge_prompts(tiny_model_dir, monkeypatch
     plain = expected_scores(lm.model, lm.tokenizer, prompts, responses, share_prefix=False, max_length=448)
     for batch_size in (1, 3, 16):
         batches.clear()
-        shared = expected_scores(lm.model, lm.tokenizer, prompts, responses, max_batch_size=batch_size,
-                                 max_length=448)
+        shared = expected_scores(lm.model, lm.tokenizer, prompts, responses, max_batch_size=batch_size, max_length=448)
         # the probe sample runs alone to check the layout, then the rest in batches of batch_size
         assert batches[0] == [batches[0][0]]
         assert sorted(i for b in batches for i in b) == list(range(len(prompts)))
@@ -457,8 +458,14 @@ def test_packed_prompt_alone_judgements_never_see_the_response(tiny_model_dir, m
     lm = load_model(str(tiny_model_dir), device="cpu")
     batches = _spy_packed(monkeypatch)  # max_length: room for every sample whole (no shortening)
     a = expected_scores(lm.model, lm.tokenizer, PROMPTS, RESPONSES, max_batch_size=8, max_length=1024)
-    b = expected_scores(lm.model, lm.tokenizer, PROMPTS, ["Something else entirely, and longer: " + r for r in RESPONSES],
-                        max_batch_size=8, max_length=1024)
+    b = expected_scores(
+        lm.model,
+        lm.tokenizer,
+        PROMPTS,
+        ["Something else entirely, and longer: " + r for r in RESPONSES],
+        max_batch_size=8,
+        max_length=1024,
+    )
     assert batches  # the shared path ran
     np.testing.assert_allclose(a[:, :3], b[:, :3], atol=1e-3)  # prompt-alone views: unchanged (float32)
     assert np.abs(a[:, 3:] - b[:, 3:]).max() > 1e-3  # the full views do see the response
@@ -513,12 +520,25 @@ class _OldCacheName(torch.nn.Module):
         self.inner = model
         self.config = model.config
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=None, logits_to_keep=0):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        use_cache=None,
+        logits_to_keep=0,
+    ):
         name = quality.cache_param(self.inner)
         kwargs = {name: past_key_values} if past_key_values is not None else {}
-        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        out = self.inner(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
         cache = quality._returned_cache(out)
         return type("Out", (), {"logits": out.logits, "past_key_values": cache})()
 

@@ -129,12 +129,14 @@ def test_lora_run_writes_a_plain_loadable_model(lora_run, tiny_dir, samples):
 
     # it generates through its own chat template
     ids = tok.apply_chat_template(
-        [{"role": "user", "content": "Write one sentence about the apple."}], add_generation_prompt=True, return_tensors="pt"
+        [{"role": "user", "content": "Write one sentence about the apple."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
     )
     ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
     gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert gen.shape[1] > ids.shape[1]
-    assert isinstance(tok.decode(gen[0, ids.shape[1]:]), str)
+    assert isinstance(tok.decode(gen[0, ids.shape[1] :]), str)
 
 
 def test_lora_result_fields_and_progress(lora_run, samples):
@@ -146,7 +148,7 @@ def test_lora_result_fields_and_progress(lora_run, samples):
     assert result.samples == result.samples_trained == samples.height
     assert result.tokens_seen > result.completion_tokens > 0
     assert result.seconds > 0 and result.tokens_per_second > 0
-    assert result.loss_history and all(math.isfinite(l) and l > 0 for _, l in result.loss_history)
+    assert result.loss_history and all(math.isfinite(loss) and loss > 0 for _, loss in result.loss_history)
     assert [s for s, _ in result.loss_history] == list(range(1, result.steps + 1))
     assert result.final_loss == result.loss_history[-1][1]
 
@@ -167,7 +169,9 @@ def test_labels_mask_the_prompt(tiny_dir, samples, tmp_path):
     from middo_pipeline.models.loading import load_model
 
     lm = load_model(str(tiny_dir), device="cpu", dtype="float32", eval_mode=False)
-    trainer = build_trainer(lm.model, lm.tokenizer, samples, TrainConfig(lora=False), tmp_path, device=torch.device("cpu"))
+    trainer = build_trainer(
+        lm.model, lm.tokenizer, samples, TrainConfig(lora=False), tmp_path, device=torch.device("cpu")
+    )
     tok = lm.tokenizer
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     assert set(batch) >= {"input_ids", "labels", "attention_mask"}
@@ -175,7 +179,8 @@ def test_labels_mask_the_prompt(tiny_dir, samples, tmp_path):
         ids, labels, mask = batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i]
         prompt = tok.apply_chat_template(
             [{"role": "user", "content": prompt_text(row["instruction"], row["input"])}],
-            add_generation_prompt=True, tokenize=False,
+            add_generation_prompt=True,
+            tokenize=False,
         )
         n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
         n_real = int(mask.sum())

@@ -8,11 +8,14 @@ talks to any OpenAI-compatible server; ``cache`` keeps every completion on disk
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from middo_pipeline.core.llm.protocol import BackendUnavailable, ChatRequest, Completion, LLMBackend
 
-__all__ = ["BackendUnavailable", "ChatRequest", "Completion", "LLMBackend", "BACKENDS", "make_backend"]
+__all__ = ["BackendUnavailable", "ChatRequest", "Completion", "LLMBackend", "BackendKind", "BACKENDS", "make_backend"]
 
-BACKENDS = ("local", "openai")
+BackendKind = Literal["local", "openai"]
+BACKENDS: tuple[str, ...] = get_args(BackendKind)
 
 
 def make_backend(kind: str, cache=None, **kwargs) -> LLMBackend:

@@ -21,9 +21,9 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from middo_pipeline.core.llm.protocol import ChatRequest, Completion, LLMBackend
 
@@ -62,8 +62,7 @@ class CompletionCache:
         if conn is not None and getattr(self._tls, "pid", None) == os.getpid():
             return conn
         # autocommit mode: every statement is its own transaction unless BEGIN is explicit
-        conn = sqlite3.connect(str(self.path), timeout=self.timeout_s, isolation_level=None,
-                               check_same_thread=False)
+        conn = sqlite3.connect(str(self.path), timeout=self.timeout_s, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout={int(self.timeout_s * 1000)}")
         self._retry(lambda c: c.execute("PRAGMA journal_mode=WAL"), conn)
         conn.execute("PRAGMA synchronous=NORMAL")
@@ -115,7 +114,9 @@ class CompletionCache:
             chunk = keys[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
             rows = self._retry(
-                lambda c: c.execute(f"SELECT key, text, usage FROM completions WHERE key IN ({marks})", chunk).fetchall()
+                lambda c, marks=marks, chunk=chunk: c.execute(
+                    f"SELECT key, text, usage FROM completions WHERE key IN ({marks})", chunk
+                ).fetchall()
             )
             for key, text, usage in rows:
                 try:
@@ -278,9 +279,7 @@ class CachedBackend:
 
         out = self.backend.complete(miss_reqs, on_result=deliver)
         if len(out) != len(miss_reqs):
-            raise RuntimeError(
-                f"backend {bid} returned {len(out)} completions for {len(miss_reqs)} requests"
-            )
+            raise RuntimeError(f"backend {bid} returned {len(out)} completions for {len(miss_reqs)} requests")
         for j, comp in enumerate(out):  # what the backend did not deliver through on_result
             deliver(j, comp)
         return results  # type: ignore[return-value]

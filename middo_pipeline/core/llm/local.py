@@ -11,9 +11,10 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
+from middo_pipeline.constants import DEFAULT_MODEL
 from middo_pipeline.core.llm.protocol import (
     BackendUnavailable,
     ChatRequest,
@@ -25,10 +26,8 @@ from middo_pipeline.core.llm.protocol import (
 
 log = logging.getLogger(__name__)
 
-# same value as middo_pipeline.models.loading.DEFAULT_MODEL (not imported: that module imports
-# torch, and the HTTP backend must not pay for it)
-DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_REPETITION_PENALTY = 1.1
+
 
 def _folder_fingerprint(folder: Path) -> str | None:
     """A short hash of the names, sizes and modification times of a model folder's weight,
@@ -124,8 +123,7 @@ class LocalBackend:
                         )
                     except Exception as exc:  # the backend as a whole cannot work
                         raise BackendUnavailable(
-                            f"cannot load the local optimizer model {self.model_name!r}: "
-                            f"{type(exc).__name__}: {exc}"
+                            f"cannot load the local optimizer model {self.model_name!r}: {type(exc).__name__}: {exc}"
                         ) from exc
                     log.info("loaded optimizer model %s in %.1fs", self._loaded.path, time.monotonic() - t0)
         return self._loaded
@@ -188,7 +186,7 @@ class LocalBackend:
                         on_result(i, results[i])
                 if pre and progress:
                     progress(done, n)
-            for key, idx in groups.items():
+            for idx in groups.values():
                 idx.sort(key=lambda i: -len(prompt_ids[i]))  # longest first: OOM shows early
                 for start in range(0, len(idx), self.batch_size):
                     batch = idx[start : start + self.batch_size]
@@ -277,8 +275,10 @@ class LocalBackend:
             # OpenAI API reports it; verified refinement rejects such outputs
             finish = "length" if cut == n_generated and len(new) >= int(req.max_tokens) and not stopped else "stop"
             results.append(
-                Completion(text=text, usage={"prompt_tokens": len(ids[r]), "completion_tokens": len(new),
-                                             "finish_reason": finish})
+                Completion(
+                    text=text,
+                    usage={"prompt_tokens": len(ids[r]), "completion_tokens": len(new), "finish_reason": finish},
+                )
             )
         return results
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
-from typing import Sequence
 
 from middo_pipeline.core.llm.protocol import (
     BackendUnavailable,
@@ -87,7 +87,9 @@ class OpenAIBackend:
             log.info(
                 "OpenAIBackend %s: environment variable %s is not set; sending the placeholder key %r "
                 "(fine for local servers such as vLLM)",
-                self.base_url, api_key_env, _PLACEHOLDER_KEY,
+                self.base_url,
+                api_key_env,
+                _PLACEHOLDER_KEY,
             )
             key = _PLACEHOLDER_KEY
 
@@ -169,8 +171,9 @@ class OpenAIBackend:
     def _probe(self) -> None:
         import openai
 
-        client = self._client.with_options(max_retries=min(1, self.max_retries),
-                                           timeout=min(self.timeout, self.check_timeout))
+        client = self._client.with_options(
+            max_retries=min(1, self.max_retries), timeout=min(self.timeout, self.check_timeout)
+        )
         listed: list[str] | None = None
         try:
             page = client.models.list()
@@ -184,8 +187,11 @@ class OpenAIBackend:
         except openai.APIConnectionError:
             raise BackendUnavailable(self._connection_message()) from None
         except Exception as exc:  # 404 (not served), 5xx, odd body: decide with a completion
-            log.debug("OpenAIBackend %s: GET /models failed (%s); trying a 1-token completion",
-                      self.base_url, type(exc).__name__)
+            log.debug(
+                "OpenAIBackend %s: GET /models failed (%s); trying a 1-token completion",
+                self.base_url,
+                type(exc).__name__,
+            )
         try:
             client.chat.completions.create(
                 model=self.model,
@@ -212,8 +218,9 @@ class OpenAIBackend:
         except openai.APIConnectionError:
             raise BackendUnavailable(self._connection_message()) from None
         except Exception as exc:
-            log.warning("OpenAIBackend %s: probe inconclusive (%s); going on", self.base_url,
-                        self._redact(_short_error(exc)))
+            log.warning(
+                "OpenAIBackend %s: probe inconclusive (%s); going on", self.base_url, self._redact(_short_error(exc))
+            )
 
     # -- requests ----------------------------------------------------------------------------
     def _messages(self, req: ChatRequest) -> list[dict]:
@@ -306,7 +313,7 @@ class OpenAIBackend:
             p = req.prefill.strip()
             t = text.lstrip()
             if p and t.startswith(p):
-                text = t[len(p):]
+                text = t[len(p) :]
         if req.stop:
             text = truncate_at_stop(text, req.stop)
         return Completion(text=text, usage=usage)
@@ -366,4 +373,3 @@ def _short_error(exc: BaseException) -> str:
         if msg:
             return str(msg)[:200]
     return (getattr(exc, "message", None) or type(exc).__name__)[:200]
-

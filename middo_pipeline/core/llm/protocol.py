@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class ChatRequest:
     prefill: str = ""
 
     @staticmethod
-    def from_messages(messages: Sequence[dict], **kw) -> "ChatRequest":
+    def from_messages(messages: Sequence[dict], **kw) -> ChatRequest:
         return ChatRequest(messages=tuple((m["role"], m["content"]) for m in messages), **kw)
 
     def as_messages(self) -> list[dict]:

@@ -46,7 +46,7 @@ the cache resumes, and a different seed / model can be tried by configuration.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import polars as pl
 
@@ -169,24 +169,28 @@ def run_operations(
     backend: LLMBackend,
     config: PromptConfig,
     *,
-    round: int,
+    round_number: int,
     progress: Callable[[int, int], None] | None = None,
     candidates: int = 1,
 ) -> pl.DataFrame:
     """Attempt every planned operation; the ``refined_samples`` table (``REFINED_SCHEMA``).
 
-    ``round`` is the round the operations belong to (the new samples enter D_{round+1}; the
-    merge stamps the round on the rows). ``progress(done, total)`` counts LLM calls over both
+    ``round_number`` (r) is the round the operations belong to (the new samples enter D_{r+1};
+    the merge stamps the round on the rows). ``progress(done, total)`` counts LLM calls over both
     stages (the total grows to its final value once the responses are known).
     """
-    del round  # the merge stamps the round; kept in the signature for symmetry and logging callers
+    del round_number  # the merge stamps the round; kept in the signature for symmetry with merge_round
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
     if candidates > 1 and config.temperature <= 0:
-        raise ValueError(f"{candidates} candidates per operation need sampling: set a temperature > 0 "
-                         "(greedy decoding would give the same candidate k times)")
+        raise ValueError(
+            f"{candidates} candidates per operation need sampling: set a temperature > 0 "
+            "(greedy decoding would give the same candidate k times)"
+        )
     neighbors = neighbors or {}
-    by_id = {r["sample_id"]: r for r in samples.select("sample_id", "instruction", "input", "output").iter_rows(named=True)}
+    by_id = {
+        r["sample_id"]: r for r in samples.select("sample_id", "instruction", "input", "output").iter_rows(named=True)
+    }
     plan = plan.sort(["operation", "origin_id"])
     ops = []
     for row in plan.iter_rows(named=True):
@@ -221,8 +225,7 @@ def run_operations(
 
     n = len(ops)
     # stage 1: the new prompts (one batched call)
-    completions = _complete(backend, [o["request"] for o in ops],
-                            _stage_progress(progress, 0, lambda t: 2 * t))
+    completions = _complete(backend, [o["request"] for o in ops], _stage_progress(progress, 0, lambda t: 2 * t))
     for o, c in zip(ops, completions):
         o["prompt_cached"] = bool(c.cached)
         o["response_cached"] = False
@@ -241,8 +244,11 @@ def run_operations(
 
     # stage 2: the responses to the prompts that parsed (one batched call)
     pending = [o for o in ops if o["failure"] is None]
-    responses = _complete(backend, [response_request(o["new_prompt"], o["config"]) for o in pending],
-                          _stage_progress(progress, n, lambda t: n + t))
+    responses = _complete(
+        backend,
+        [response_request(o["new_prompt"], o["config"]) for o in pending],
+        _stage_progress(progress, n, lambda t: n + t),
+    )
     for o, c in zip(pending, responses):
         o["response_cached"] = bool(c.cached)
         o["truncated"] = bool(o["truncated"]) or c.truncated if c.ok else o["truncated"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from typing import Iterable
+from collections.abc import Iterable
 
 MIN_PROMPT_CHARS = 8
 MAX_PROMPT_CHARS = 6000
@@ -32,15 +32,14 @@ _KINDS = r"(?:prompt|instruction|task|question)"
 # "final" [+ one qualifier word] + kind, at the start of a line (after markdown/numbering), ending
 # the line or followed by a colon / dash: "### Final prompt", "**Final Prompt:**", "5. Final task -"
 _FINAL_RE = re.compile(
-    r"^[ \t>#*_]*(?:(?:step[ \t]*)?\d+[.):][ \t]*)?[*_ \t]*final[ \t]+(?:[a-z-]+[ \t]+)?" + _KINDS
+    r"^[ \t>#*_]*(?:(?:step[ \t]*)?\d+[.):][ \t]*)?[*_ \t]*final[ \t]+(?:[a-z-]+[ \t]+)?"
+    + _KINDS
     + r"[*_ \t]*(?:[:\-\u2013\u2014][*_ \t]*|(?=\n)|\Z)",
     re.IGNORECASE | re.MULTILINE,
 )
 _FENCE_RE = re.compile(r"\A```[^\n]*\n(.*?)(?:^```|\Z)", re.DOTALL | re.MULTILINE)
 # a line that starts a new section after the prompt
-_SECTION_END_RE = re.compile(
-    r"^(?:#{1,6}[ \t]|-{3,}[ \t]*$|\*{3,}[ \t]*$|_{3,}[ \t]*$|```)", re.MULTILINE
-)
+_SECTION_END_RE = re.compile(r"^(?:#{1,6}[ \t]|-{3,}[ \t]*$|\*{3,}[ \t]*$|_{3,}[ \t]*$|```)", re.MULTILINE)
 _TRAILER_RE = re.compile(
     r"^[*_ \t]*(?:note|notes|explanation|rationale|why this works|changes made|"
     r"this (?:prompt|version|task|rewrite|new prompt|simplified|rewritten))\b",
@@ -68,7 +67,9 @@ _REFUSAL_ANY_RE = re.compile(r"\bas an ai\b|\bas a(?:n ai)? language model\b", r
 _SPECIAL_TOKENS_RE = re.compile(r"<\|[^|>]{1,40}\|>|</s>|<s>|\[/?INST\]")
 # an end-of-turn token: whatever follows belongs to another turn
 _END_TOKEN_RE = re.compile(r"<\|(?:im_end|endoftext|eot_id|end_of_text|end)\|>|</s>")
-_ROLE_HEADER_RE = re.compile(r"^\s*<\|(?:im_start|start_header_id)\|>\s*(?:system|user|assistant)\s*(?:<\|end_header_id\|>)?\s*")
+_ROLE_HEADER_RE = re.compile(
+    r"^\s*<\|(?:im_start|start_header_id)\|>\s*(?:system|user|assistant)\s*(?:<\|end_header_id\|>)?\s*"
+)
 
 
 def _tidy(text: str) -> str:
@@ -77,6 +78,8 @@ def _tidy(text: str) -> str:
     text = _ROLE_HEADER_RE.sub("", text, count=1)
     text = _END_TOKEN_RE.split(text, maxsplit=1)[0]
     return _SPECIAL_TOKENS_RE.sub("", text)
+
+
 _QUOTES = "\"'`\u201c\u201d\u2018\u2019\u00ab\u00bb"
 
 
@@ -97,7 +100,7 @@ def _strip_wrapping(text: str) -> str:
         text = _LEAD_LABEL_RE.sub("", text, count=1).strip()
         for mark in ("**", "__", "*", "_", "`"):
             if len(text) > 2 * len(mark) and text.startswith(mark) and text.endswith(mark):
-                inner = text[len(mark):-len(mark)]
+                inner = text[len(mark) : -len(mark)]
                 if mark not in inner:
                     text = inner.strip()
         if len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
@@ -108,7 +111,7 @@ def _strip_wrapping(text: str) -> str:
         for mark in ("**", "__"):
             if text.count(mark) % 2:
                 if text.startswith(mark):
-                    text = text[len(mark):].strip()
+                    text = text[len(mark) :].strip()
                 elif text.endswith(mark):
                     text = text[: -len(mark)].strip()
     return text.strip()
@@ -123,7 +126,7 @@ def _after_last_marker(text: str) -> str | None:
     matches = list(_FINAL_RE.finditer(text))
     if not matches:
         return None
-    return text[matches[-1].end():]
+    return text[matches[-1].end() :]
 
 
 def _cut_stepwise(rest: str) -> str:
@@ -208,8 +211,13 @@ def clean_response(text: str | None, *, min_chars: int = MIN_RESPONSE_CHARS) -> 
     if text is None or not text.strip():
         return None, "empty"
     text = _tidy(text)
-    text = re.sub(r"^[ \t*_#]*(?:response|answer|assistant)[ \t]*[*_]*[ \t]*:[*_ \t]*", "", text.strip(),
-                  count=1, flags=re.IGNORECASE)
+    text = re.sub(
+        r"^[ \t*_#]*(?:response|answer|assistant)[ \t]*[*_]*[ \t]*:[*_ \t]*",
+        "",
+        text.strip(),
+        count=1,
+        flags=re.IGNORECASE,
+    )
     text = "\n".join(line.rstrip() for line in text.strip().split("\n")).strip()
     if not text:
         return None, "empty"

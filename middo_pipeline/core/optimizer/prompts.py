@@ -22,13 +22,15 @@ The second step, ``response_request``, asks for a plain helpful answer to the ne
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, get_args
 
 from middo_pipeline.core.llm.protocol import ChatRequest
 from middo_pipeline.core.schema import EXTENDED, REWRITTEN, SIMPLIFIED
 
-STYLES = ("direct", "stepwise")
+PromptStyle = Literal["direct", "stepwise"]
+STYLES: tuple[str, ...] = get_args(PromptStyle)
 FINAL_MARKER = "### Final prompt"
 
 # labels the direct style prefills the assistant turn with
@@ -41,7 +43,7 @@ DIRECT_PREFILL = {
 
 @dataclass(frozen=True)
 class PromptConfig:
-    style: str = "direct"  # "direct" (small local models) | "stepwise" (strong models)
+    style: PromptStyle = "direct"  # "direct" (small local models) | "stepwise" (strong models)
     max_prompt_tokens: int = 160  # new tokens for the prompt step (stepwise needs ~768)
     max_response_tokens: int = 192  # new tokens for the response step
     temperature: float = 0.0
@@ -143,8 +145,7 @@ Core prompt:
 _DIRECT_SYSTEM = "You are a helpful assistant who writes tasks for a training dataset."
 
 _DIRECT_SIMPLIFY = (
-    "Rewrite this task as an easier, shorter task about the same thing. "
-    "Reply with the new task only.\n\nTask: {prompt}"
+    "Rewrite this task as an easier, shorter task about the same thing. Reply with the new task only.\n\nTask: {prompt}"
 )
 _DIRECT_REWRITE = (
     "Rewrite this task so that it is clear, correct and complete, with all needed details in it. "
@@ -174,8 +175,13 @@ def _one_prompt_request(prompt: str, config: PromptConfig, stepwise: str, direct
     if config.style == "stepwise":
         user = stepwise.format(final=_FINAL_RULE, prompt=prompt)
         return _request(config, _STEPWISE_SYSTEM, user, max_tokens=config.max_prompt_tokens)
-    return _request(config, _DIRECT_SYSTEM, direct.format(prompt=prompt),
-                    max_tokens=config.max_prompt_tokens, prefill=DIRECT_PREFILL[operation])
+    return _request(
+        config,
+        _DIRECT_SYSTEM,
+        direct.format(prompt=prompt),
+        max_tokens=config.max_prompt_tokens,
+        prefill=DIRECT_PREFILL[operation],
+    )
 
 
 def simplify_request(prompt: str, config: PromptConfig) -> ChatRequest:
@@ -197,12 +203,18 @@ def extend_request(prompt: str, neighbor_prompts: Sequence[str], config: PromptC
         user = _STEPWISE_EXTEND.format(final=_FINAL_RULE, prompt=prompt, hints=block).rstrip()
         return _request(config, _STEPWISE_SYSTEM, user, max_tokens=config.max_prompt_tokens)
     listing = "\n".join(f"{i}. {' '.join(p.split())}" for i, p in enumerate([prompt, *hints], 1))
-    return _request(config, _DIRECT_SYSTEM, _DIRECT_EXTEND.format(listing=listing),
-                    max_tokens=config.max_prompt_tokens, prefill=DIRECT_PREFILL[EXTENDED])
+    return _request(
+        config,
+        _DIRECT_SYSTEM,
+        _DIRECT_EXTEND.format(listing=listing),
+        max_tokens=config.max_prompt_tokens,
+        prefill=DIRECT_PREFILL[EXTENDED],
+    )
 
 
-def operation_request(operation: str, prompt: str, config: PromptConfig,
-                      neighbor_prompts: Sequence[str] = ()) -> ChatRequest:
+def operation_request(
+    operation: str, prompt: str, config: PromptConfig, neighbor_prompts: Sequence[str] = ()
+) -> ChatRequest:
     """The prompt-step request for ``operation`` (``simplified`` / ``rewritten`` / ``extended``)."""
     if operation == SIMPLIFIED:
         return simplify_request(prompt, config)
@@ -210,8 +222,7 @@ def operation_request(operation: str, prompt: str, config: PromptConfig,
         return rewrite_request(prompt, config)
     if operation == EXTENDED:
         return extend_request(prompt, neighbor_prompts, config)
-    raise ValueError(f"unknown optimizer operation {operation!r}: expected one of "
-                     f"{(SIMPLIFIED, REWRITTEN, EXTENDED)}")
+    raise ValueError(f"unknown optimizer operation {operation!r}: expected one of {(SIMPLIFIED, REWRITTEN, EXTENDED)}")
 
 
 def response_request(new_prompt: str, config: PromptConfig | None = None) -> ChatRequest:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MIN_MASS = 1e-4
 
 Progress = Callable[[int, int], None]
+
 
 def _score_probs(first: torch.Tensor, second: torch.Tensor | None, st: ScoreTokens, min_mass: float):
     """(B, V) log-probs at the score position (+ at the position after "1") -> expected scores (B,)."""
@@ -117,7 +118,7 @@ class _Reader:
         attn[:, :prefix_len] = 1
         for j, r in enumerate(rows):
             input_ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
-            attn[j, prefix_len: prefix_len + len(r)] = 1
+            attn[j, prefix_len : prefix_len + len(r)] = 1
         kwargs = {"input_ids": input_ids.to(self.device), "attention_mask": attn.to(self.device)}
         if with_prefix:
             cache = copy.deepcopy(self.prefix_cache)
@@ -127,16 +128,22 @@ class _Reader:
         second_pos = lengths if self.extra else []
         wanted = sorted(set(first_pos) | set(second_pos))
         if self.use_keep:
-            logits = self.model(**kwargs, logits_to_keep=torch.tensor(wanted, dtype=torch.long, device=self.device)).logits
+            logits = self.model(
+                **kwargs, logits_to_keep=torch.tensor(wanted, dtype=torch.long, device=self.device)
+            ).logits
             col = {p: c for c, p in enumerate(wanted)}
         else:
             logits = self.model(**kwargs).logits
             col = {p: p for p in wanted}
         ar = torch.arange(b, device=logits.device)
-        first = torch.log_softmax(logits[ar, torch.tensor([col[p] for p in first_pos], device=logits.device)].float(), -1)
+        first = torch.log_softmax(
+            logits[ar, torch.tensor([col[p] for p in first_pos], device=logits.device)].float(), -1
+        )
         second = None
         if self.extra:
-            second = torch.log_softmax(logits[ar, torch.tensor([col[p] for p in second_pos], device=logits.device)].float(), -1)
+            second = torch.log_softmax(
+                logits[ar, torch.tensor([col[p] for p in second_pos], device=logits.device)].float(), -1
+            )
         return _score_probs(first, second, self.st, self.min_mass)
 
 
@@ -255,7 +262,8 @@ class _PackedReader:
                 col = c1
         keys = torch.arange(q)
         allowed = (keys[None, None, :] < seen[:, :, None]) | (
-            (keys[None, None, :] >= start[:, :, None]) & (keys[None, None, :] <= keys[None, :, None]))
+            (keys[None, None, :] >= start[:, :, None]) & (keys[None, None, :] <= keys[None, :, None])
+        )
         if g:
             allowed = torch.cat([torch.ones((b, q, g), dtype=torch.bool), allowed], dim=2)
         mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
@@ -263,9 +271,12 @@ class _PackedReader:
         first_cols = [int(e) - 1 - len(extra) for e in ends]
         second_cols = [int(e) - 1 for e in ends] if extra else []
         keep = first_cols + second_cols
-        kwargs = dict(input_ids=input_ids.to(self.device), attention_mask=mask[:, None].to(self.device),
-                      position_ids=positions.to(self.device),
-                      logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device))
+        kwargs = dict(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask[:, None].to(self.device),
+            position_ids=positions.to(self.device),
+            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device),
+        )
         if g:
             cache = copy.deepcopy(self.prefix_cache)
             cache.batch_repeat_interleave(b)
@@ -337,8 +348,12 @@ def expected_scores(
     n = len(prompts)
     if info is None:
         info = {}
-    info.update(judge_path="whole" if not share_prefix else "per_judgement", packed_samples=0,
-                per_judgement_samples=n, fallback_reason=None if not share_prefix else "no samples")
+    info.update(
+        judge_path="whole" if not share_prefix else "per_judgement",
+        packed_samples=0,
+        per_judgement_samples=n,
+        fallback_reason=None if not share_prefix else "no samples",
+    )
     res = _Results(n, progress)
     prepared = _prepare(tokenizer, prompts, responses, prefill, max_length, info) if n else None
     if prepared is not None:
@@ -364,8 +379,12 @@ def expected_scores(
     mass_out = res.flat_mass.reshape(n, 6)
     n_low = int(np.isnan(out).sum()) if prepared is not None else 0
     if n_low:
-        log.info("%d of %d judgements had < %g probability on the score tokens: recorded as missing",
-                 n_low, res.total, min_mass)
+        log.info(
+            "%d of %d judgements had < %g probability on the score tokens: recorded as missing",
+            n_low,
+            res.total,
+            min_mass,
+        )
     return (out, mass_out) if return_mass else out
 
 
@@ -391,8 +410,9 @@ class _Results:
         self.flat_mass[rows] = mass.cpu().double().numpy().reshape(-1)
 
 
-def _prepare(tokenizer, prompts, responses, prefill: str, max_length: int,
-             info: dict) -> tuple[ScoreTokens, list[list[int]]] | None:
+def _prepare(
+    tokenizer, prompts, responses, prefill: str, max_length: int, info: dict
+) -> tuple[ScoreTokens, list[list[int]]] | None:
     """Phase 1: the score tokens and the token ids of the 6N judge prompts; None (all missing)
     when the tokenizer has no score tokens."""
     st = find_score_tokens(tokenizer, prefill)
@@ -418,27 +438,35 @@ def _shared_prefix(reader: _Reader, model, tokenizer, st: ScoreTokens, max_lengt
     try:
         reader.set_prefix(prefix)
     except Exception as exc:  # noqa: BLE001 - any model without a usable cache: run whole prompts
-        log.warning("shared-prefix cache unavailable (%s: %s); running whole judge prompts",
-                    type(exc).__name__, exc)
+        log.warning("shared-prefix cache unavailable (%s: %s); running whole judge prompts", type(exc).__name__, exc)
         return []
     return prefix
 
 
-def _packed_path(model, reader: _Reader, st: ScoreTokens, pad_id: int, min_mass: float, seqs: list[list[int]],
-                 prefix: list[int], max_batch_size: int, res: _Results, info: dict) -> None:
+def _packed_path(
+    model,
+    reader: _Reader,
+    st: ScoreTokens,
+    pad_id: int,
+    min_mass: float,
+    seqs: list[list[int]],
+    prefix: list[int],
+    max_batch_size: int,
+    res: _Results,
+    info: dict,
+) -> None:
     """Phase 3: one packed forward pass per batch of samples (``_PackedReader``), checked once
     against whole judge prompts; samples it computes leave ``res.pending``. Sets
     ``info["judge_path"]`` to ``packed`` when it ran, else says why in ``fallback_reason``."""
     reason = packed_unsupported_reason(model)
     if reason is not None:
         info["fallback_reason"] = reason
-        log.warning("shared judgement passes unavailable (%s); one forward pass per judgement, "
-                    "about 5x slower", reason)
+        log.warning("shared judgement passes unavailable (%s); one forward pass per judgement, about 5x slower", reason)
         return
     p = len(prefix)
     plans = []
     for i in range(len(res.pending)):
-        six = seqs[6 * i: 6 * i + 6]
+        six = seqs[6 * i : 6 * i + 6]
         if all(x[:p] == prefix for x in six):
             plan = _plan_sample(i, six, p)
             if plan is not None:
@@ -454,7 +482,7 @@ def _packed_path(model, reader: _Reader, st: ScoreTokens, pad_id: int, min_mass:
     # the order is by content length: similar rows share a batch (less padding)
     plans.sort(key=lambda it: (-(len(it.content) + sum(map(len, it.suffixes))), it.index))
     for b0 in range(0, len(plans), max_batch_size):
-        batch = plans[b0: b0 + max_batch_size]
+        batch = plans[b0 : b0 + max_batch_size]
         scores, mass = packed.run(batch)
         for it, s_row, m_row in zip(batch, scores, mass):
             res.put(slice(6 * it.index, 6 * it.index + 6), s_row, m_row)
@@ -462,8 +490,9 @@ def _packed_path(model, reader: _Reader, st: ScoreTokens, pad_id: int, min_mass:
         res.report(6 * len(batch))
 
 
-def _per_judgement_path(reader: _Reader, seqs: list[list[int]], prefix: list[int], max_batch_size: int,
-                        res: _Results) -> None:
+def _per_judgement_path(
+    reader: _Reader, seqs: list[list[int]], prefix: list[int], max_batch_size: int, res: _Results
+) -> None:
     """Phase 4: one forward pass per judgement for the samples still pending, ``max_batch_size``
     judge prompts at a time: those that start with the shared prefix after its KV cache, then
     any others whole."""
@@ -474,14 +503,15 @@ def _per_judgement_path(reader: _Reader, seqs: list[list[int]], prefix: list[int
         members = [i for i in left if shared[i] == group]
         order = sorted(members, key=lambda i: (-len(seqs[i]), i))
         for b0 in range(0, len(order), max_batch_size):
-            batch = order[b0: b0 + max_batch_size]
+            batch = order[b0 : b0 + max_batch_size]
             scores, mass = reader.run([seqs[i][p:] if group else seqs[i] for i in batch], with_prefix=group)
             res.put(batch, scores, mass)
             res.report(len(batch))
 
 
-def _run_packed(packed: _PackedReader, reader: _Reader, plans: list[_Packed], seqs,
-                res: _Results) -> tuple[list[_Packed], str | None]:
+def _run_packed(
+    packed: _PackedReader, reader: _Reader, plans: list[_Packed], seqs, res: _Results
+) -> tuple[list[_Packed], str | None]:
     """Check the shared path once against whole judge prompts, on the sample that is cheapest to
     judge (its plain scores are kept). Returns the plans still to run: all but the checked one,
     or none when the check fails (the model does not honour the packed layout: every judgement

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -66,7 +66,9 @@ def generated_scores(
         p = _clip_chars(prompt or "", max_chars)
         r = _clip_chars(response or "", max_chars)
         for messages in judgement_messages(p, r):
-            requests.append(ChatRequest.from_messages(messages, max_tokens=max_tokens, temperature=0.0, prefill=prefill))
+            requests.append(
+                ChatRequest.from_messages(messages, max_tokens=max_tokens, temperature=0.0, prefill=prefill)
+            )
     completions = backend.complete(requests, progress=progress)
     if len(completions) != len(requests):
         raise RuntimeError(f"the judge backend returned {len(completions)} completions for {len(requests)} requests")
@@ -82,7 +84,10 @@ def generated_scores(
             continue
         flat[i] = value
     if n_failed or n_unparsed:
-        log.info("judge: %d failed and %d unparseable answers of %d, recorded as missing",
-                 n_failed, n_unparsed, len(requests))
+        log.info(
+            "judge: %d failed and %d unparseable answers of %d, recorded as missing",
+            n_failed,
+            n_unparsed,
+            len(requests),
+        )
     return out
-

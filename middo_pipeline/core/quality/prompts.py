@@ -133,11 +133,12 @@ def _build_sequences(tokenizer, prompts, responses, prefill: str, max_length: in
     for prompt, response in zip(prompts, responses):
         prompt = prompt or ""
         response = response or ""
-        p, r = _fit_texts(tokenizer, _encode(tokenizer, prompt), _encode(tokenizer, response), prompt, response,
-                          budget)
+        p, r = _fit_texts(tokenizer, _encode(tokenizer, prompt), _encode(tokenizer, response), prompt, response, budget)
         for view in VIEWS:
             for d in DIMENSIONS:
-                ids = _encode(tokenizer, _render(tokenizer, judge_messages(d, p, r if view == "full" else None), prefill))
+                ids = _encode(
+                    tokenizer, _render(tokenizer, judge_messages(d, p, r if view == "full" else None), prefill)
+                )
                 if len(ids) > limit:  # last resort: keep the end (the question and the prefill)
                     ids = ids[-limit:]
                     n_cut += 1
@@ -145,4 +146,3 @@ def _build_sequences(tokenizer, prompts, responses, prefill: str, max_length: in
     if n_cut:
         log.warning("%d judge prompts were cut from the left to fit max_length=%d", n_cut, max_length)
     return seqs
-

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from middo_pipeline.core.quality.prompts import DEFAULT_PREFILL, _encode, _render, judge_messages
 
+
 @dataclass(frozen=True)
 class ScoreTokens:
     """How the scores 0..10 are spelled in token ids right after the prompt (+ prefill)."""
@@ -24,7 +25,7 @@ class ScoreTokens:
 def _tail(base: list[int], full: list[int]) -> list[int] | None:
     if len(full) <= len(base) or full[: len(base)] != base:
         return None
-    return full[len(base):]
+    return full[len(base) :]
 
 
 def find_score_tokens(tokenizer, prefill: str = DEFAULT_PREFILL) -> ScoreTokens | None:
@@ -35,7 +36,7 @@ def find_score_tokens(tokenizer, prefill: str = DEFAULT_PREFILL) -> ScoreTokens 
     context = _render(tokenizer, judge_messages("clarity", "Name a primary colour.", "Red."), "")
     variants = [(prefill, "")]
     if prefill != prefill.rstrip():
-        variants.append((prefill.rstrip(), prefill[len(prefill.rstrip()):]))
+        variants.append((prefill.rstrip(), prefill[len(prefill.rstrip()) :]))
     else:
         variants.append((prefill, " "))
     for pre, sep in variants:
@@ -58,4 +59,3 @@ def find_score_tokens(tokenizer, prefill: str = DEFAULT_PREFILL) -> ScoreTokens 
         if len(tail10) == 2 and tail10[0] == digits[1]:
             return ScoreTokens(pre, tuple(digits), ten_id=None, one_id=digits[1], zero_id=tail10[1])
     return None
-
