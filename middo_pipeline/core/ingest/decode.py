@@ -1,0 +1,200 @@
+"""Bytes to records: a JSON array (each element with its line) or JSON Lines (one record per
+line, a bad line a record with its problem), and whole-file JSON errors with their line and column."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from middo_pipeline.core.ingest.base import (
+    INVALID_JSON,
+    INVALID_UTF8,
+    RAW_CHARS,
+    RECORD_FIELD,
+    Record,
+    SeedFileError,
+    clip,
+    dump,
+    json_type,
+)
+
+BOM = b"\xef\xbb\xbf"
+_WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+def _line_col(text: str, pos: int) -> tuple[int, int]:
+    line = text.count("\n", 0, pos) + 1
+    col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    return line, col
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise SeedFileError(path, "file not found") from None
+    except IsADirectoryError:
+        raise SeedFileError(path, "is a directory, not a file") from None
+    except OSError as e:
+        raise SeedFileError(path, f"cannot read the file: {e.strerror or e}") from None
+
+
+def _decode_whole(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        col = len(data[line_start : e.start].decode("utf-8", "replace")) + 1
+        raise SeedFileError(
+            path, f"invalid UTF-8: byte 0x{data[e.start]:02x} at line {line}, column {col}"
+        ) from None
+
+
+def array_records(path: Path, data: bytes, lines_fallback: bool) -> list[Record] | None:
+    """Records of a file that is one JSON array. None when ``lines_fallback`` and the file holds
+    several JSON values one after another (JSON Lines whose first line is an array)."""
+    text = _decode_whole(path, data)
+    items, spans = _walk_array(text)
+    if items is None:
+        if lines_fallback and _is_extra_data(text):
+            return None
+        value = _parse_document(path, text)  # raises with the exact position
+        if not isinstance(value, list):
+            raise SeedFileError(
+                path, f"expected a JSON array of objects, found a top-level {json_type(value).split()[-1]}"
+            )
+        items, spans = value, None
+    if not items:
+        raise SeedFileError(path, "the JSON array is empty (no records)")
+    records = []
+    line, prev = 1, 0
+    for i, item in enumerate(items, 1):
+        if spans is None:
+            records.append(Record(f"record {i}", item, clip(dump(item))))
+            continue
+        start, end = spans[i - 1]
+        line += text.count("\n", prev, start)
+        prev = start
+        raw = text[start : min(end, start + RAW_CHARS + 1)]
+        records.append(Record(f"record {i} (line {line})", item, clip(raw)))
+    return records
+
+
+def _walk_array(text: str) -> tuple[list | None, list[tuple[int, int]] | None]:
+    """Parse a top-level JSON array element by element, keeping where each one starts and
+    ends. (None, None) when the text is not exactly one well-formed array."""
+    decoder = json.JSONDecoder()
+    items, spans = [], []
+    try:
+        idx = _WS.match(text).end()
+        if text[idx] != "[":
+            return None, None
+        idx = _WS.match(text, idx + 1).end()
+        if text[idx] != "]":
+            while True:
+                item, end = decoder.raw_decode(text, idx)
+                items.append(item)
+                spans.append((idx, end))
+                idx = _WS.match(text, end).end()
+                if text[idx] == ",":
+                    idx = _WS.match(text, idx + 1).end()
+                    continue
+                if text[idx] == "]":
+                    break
+                return None, None
+        if _WS.match(text, idx + 1).end() != len(text):
+            return None, None
+    except (ValueError, IndexError, RecursionError):
+        return None, None
+    return items, spans
+
+
+def _is_extra_data(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        return e.msg == "Extra data" and "\n" in text[: e.pos]
+    except (ValueError, RecursionError):
+        return False
+    return False
+
+
+def _parse_document(path: Path, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SeedFileError(path, _describe_json_error(text, e)) from None
+    except RecursionError:
+        raise SeedFileError(path, "invalid JSON: nested too deeply to parse") from None
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        raise SeedFileError(path, f"invalid JSON: {e}") from None
+
+
+def _describe_json_error(text: str, e: json.JSONDecodeError) -> str:
+    end = len(text.rstrip())
+    if e.msg.startswith("Unterminated string"):
+        line, col = _line_col(text, end)
+        return (
+            f"truncated JSON at line {line}, column {col} (file ends inside a string "
+            f"that starts at line {e.lineno}, column {e.colno})"
+        )
+    if e.pos >= end:
+        line, col = _line_col(text, end)
+        inside = _innermost_open(text[:end])
+        where = f" (file ends inside {inside})" if inside else ""
+        return f"truncated JSON at line {line}, column {col}{where}"
+    hint = " (several JSON values one after another: is this JSON Lines?)" if e.msg == "Extra data" else ""
+    return f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}{hint}"
+
+
+def _innermost_open(text: str) -> str | None:
+    stack: list[str] = []
+    for m in _BRACKETS.finditer(_JSON_STRING.sub('""', text)):
+        c = m.group()
+        if c in "[{":
+            stack.append(c)
+        elif stack:
+            stack.pop()
+    if not stack:
+        return None
+    return "an object" if stack[-1] == "{" else "an array"
+
+
+def jsonl_records(data: bytes) -> list[Record]:
+    records = []
+    for lineno, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        location = f"line {lineno}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            col = len(line[: e.start].decode("utf-8", "replace")) + 1
+            reason = f"{INVALID_UTF8}: byte 0x{line[e.start]:02x} at column {col}"
+            raw = clip(line.decode("utf-8", "backslashreplace"))
+            records.append(Record(location, None, raw, (RECORD_FIELD, reason)))
+            continue
+        raw = clip(text.rstrip("\r"))
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            reason = f"{INVALID_JSON}: {e.msg} at column {e.colno}"
+            records.append(Record(location, None, raw, (RECORD_FIELD, reason)))
+            continue
+        except RecursionError:
+            reason = f"{INVALID_JSON}: nested too deeply to parse"
+            records.append(Record(location, None, raw, (RECORD_FIELD, reason)))
+            continue
+        except ValueError as e:
+            records.append(Record(location, None, raw, (RECORD_FIELD, f"{INVALID_JSON}: {e}")))
+            continue
+        records.append(Record(location, value, raw))
+    return records
+

@@ -1,0 +1,160 @@
+"""Format detection and readers: which format a seed file is (from its content, never its name),
+and its records, read by the decoder that fits (JSON array, JSON Lines, Parquet)."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from middo_pipeline.core.ingest.base import (
+    FORMATS,
+    NOT_AN_OBJECT,
+    Record,
+    SeedFileError,
+    clip,
+    dump,
+    json_type,
+    short,
+)
+from middo_pipeline.core.ingest.decode import (
+    BOM,
+    array_records,
+    jsonl_records,
+    read_bytes,
+)
+
+
+@dataclass
+class Loaded:
+    format: str
+    flavor: str  # "alpaca", "sharegpt", "messages"
+    records: list[Record]
+
+
+def load(path: Path, format: str | None) -> Loaded:
+    if format is not None and format not in FORMATS:
+        raise SeedFileError(path, f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
+    data = read_bytes(path)
+    if not data:
+        raise SeedFileError(path, "empty file")
+
+    if data[:4] == b"PAR1":
+        if format not in (None, "parquet"):
+            raise SeedFileError(path, f"is a Parquet file, not {format!r}; its format is 'parquet'")
+        records = _parquet_records(path, data)
+        return Loaded("parquet", _flavor(path, "parquet", records, None), records)
+    if format == "parquet":
+        raise SeedFileError(path, "not a Parquet file (no PAR1 magic bytes at the start)")
+
+    if data.startswith(BOM):
+        data = data[len(BOM) :]
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise SeedFileError(
+            path,
+            f"invalid UTF-8: byte 0x{data[0]:02x} at line 1, column 1 "
+            "(the file looks like UTF-16; save it as UTF-8)",
+        )
+    if not data.strip():
+        raise SeedFileError(path, "empty file (only whitespace)")
+
+    if format == "alpaca_jsonl":
+        container = "jsonl"
+    elif format == "alpaca_json" or data.lstrip()[:1] == b"[":
+        container = "array"
+    else:
+        container = _object_or_lines(path, data)
+
+    records = array_records(path, data, lines_fallback=format is None) if container == "array" else None
+    if records is None:  # JSON Lines, or several JSON values one per line that start with an array
+        container = "jsonl"
+        records = jsonl_records(data)
+        if not records:
+            raise SeedFileError(path, "empty file (only blank lines)")
+
+    flavor = _flavor(path, container, records, format)
+    if flavor == "alpaca":
+        name = "alpaca_json" if container == "array" else "alpaca_jsonl"
+    else:
+        name = flavor
+    return Loaded(name, flavor, records)
+
+
+def _object_or_lines(path: Path, data: bytes) -> str:
+    """Data that does not start with '[': JSON Lines, unless the whole file is one JSON value
+    spread over several lines (a top-level object or scalar), which is an error."""
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return "jsonl"  # not one JSON document: read it line by line
+    n_lines = sum(1 for line in data.split(b"\n") if line.strip())
+    if isinstance(value, dict):
+        if n_lines == 1:
+            return "jsonl"  # a single JSON Lines record
+        hint = ""
+        for key, inner in value.items():
+            if isinstance(inner, list) and inner and all(isinstance(x, dict) for x in inner):
+                hint = f" (its key {short(key)} holds an array of {len(inner)} objects: use that array)"
+                break
+        raise SeedFileError(path, f"expected a JSON array of objects, found a top-level object{hint}")
+    raise SeedFileError(path, f"expected a JSON array of objects, found a top-level {json_type(value).split()[-1]}")
+
+
+def _parquet_records(path: Path, data: bytes) -> list[Record]:
+    try:
+        df = pl.read_parquet(io.BytesIO(data))
+        rows = list(df.iter_rows(named=True))
+    except Exception as e:  # noqa: BLE001 - any reader failure means the file is unusable
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SeedFileError(path, f"unreadable Parquet file: {clip(first, 200)}") from None
+    if not rows:
+        raise SeedFileError(path, "the Parquet file has no rows")
+    return [Record(f"record {i}", row, clip(dump(row))) for i, row in enumerate(rows, 1)]
+
+
+def _flavor(path: Path, container: str, records: list[Record], format: str | None) -> str:
+    """Which record layout the file uses: "alpaca", "sharegpt" or "messages"."""
+    if format is not None and format != "parquet":
+        return "alpaca" if format.startswith("alpaca") else format
+    objects = [rec.value for rec in records if isinstance(rec.value, dict)]
+    first_keys = list(objects[0]) if objects else None
+    votes: Counter[str] = Counter()
+    # a key votes when it holds a value (Parquet has every column in every row, often null);
+    # when no key holds one, presence alone decides
+    for non_null in (True, False):
+        for obj in objects:
+            keys = {k for k, v in obj.items() if v is not None} if non_null else obj.keys()
+            if "conversations" in keys:
+                votes["sharegpt"] += 1
+            elif "messages" in keys:
+                votes["messages"] += 1
+            elif "instruction" in keys or "output" in keys:
+                votes["alpaca"] += 1
+        if votes:
+            break
+    if votes:
+        priority = {"alpaca": 0, "sharegpt": 1, "messages": 2}
+        return max(votes, key=lambda f: (votes[f], -priority[f]))
+    if first_keys is None:  # not a single object among the records
+        first = records[0]
+        if container == "array":
+            raise SeedFileError(
+                path, f"expected a JSON array of objects, found an array whose record 1 is {json_type(first.value)}"
+            )
+        what = first.problem[1] if first.problem else f"{NOT_AN_OBJECT}: {json_type(first.value)}"
+        raise SeedFileError(
+            path,
+            "unknown format: not a JSON array, JSON Lines of objects or Parquet "
+            f"(no line holds a JSON object; {first.location}: {what})",
+        )
+    shown = ", ".join(short(k) for k in first_keys[:8]) or "none"
+    raise SeedFileError(
+        path,
+        "cannot tell the format: no record has an instruction/output, conversations or messages "
+        f"key (keys of the first object: {shown}); give the format explicitly",
+    )
+

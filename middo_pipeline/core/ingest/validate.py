@@ -1,0 +1,159 @@
+"""Validation: each record's fields checked, normalized and turned into a canonical sample, or
+quarantined with the first problem found."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+
+from middo_pipeline.core.ingest.base import (
+    BLANK,
+    DUPLICATE,
+    EMPTY_CONVERSATION,
+    INVALID_TEXT,
+    MISSING_FIELD,
+    NO_ASSISTANT_REPLY,
+    NO_GPT_REPLY,
+    NO_HUMAN_FIRST,
+    NO_USER_FIRST,
+    NOT_AN_OBJECT,
+    RECORD_FIELD,
+    TOO_LONG,
+    WRONG_TYPE,
+    IngestResult,
+    Reject,
+    clip,
+    json_type,
+    short,
+)
+from middo_pipeline.core.ingest.readers import Loaded
+from middo_pipeline.core.schema import (
+    QUARANTINE_SCHEMA,
+    make_sample_id,
+    make_samples,
+    normalize_text,
+)
+
+
+def _text(obj: dict, key: str, field: str | None = None, *, required: bool = True) -> str:
+    field = field or key
+    if key not in obj:
+        if required:
+            raise Reject(field, MISSING_FIELD)
+        return ""
+    value = obj[key]
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise Reject(field, f"{WRONG_TYPE}: expected a string, found {json_type(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise Reject(
+            field, f"{INVALID_TEXT}: lone surrogate U+{ord(value[e.start]):04X} at character {e.start + 1}"
+        ) from None
+    if required and not normalize_text(value):
+        raise Reject(field, f"{BLANK}: empty after stripping whitespace")
+    return value
+
+
+def _alpaca(obj: dict) -> tuple[str, str, str, bool]:
+    return _text(obj, "instruction"), _text(obj, "input", required=False), _text(obj, "output"), False
+
+
+def _conversation_reader(
+    key: str, speaker: str, content: str, prompts: set[str], replies: set[str], skip: set[str],
+    no_first: str, no_reply: str, prompt_name: str, reply_name: str,
+) -> Callable[[dict], tuple[str, str, str, bool]]:
+    def read(obj: dict) -> tuple[str, str, str, bool]:
+        if key not in obj:
+            raise Reject(key, MISSING_FIELD)
+        turns = obj[key]
+        if not isinstance(turns, list):
+            raise Reject(key, f"{WRONG_TYPE}: expected an array, found {json_type(turns)}")
+        if not turns:
+            raise Reject(key, f"{EMPTY_CONVERSATION}: no turns")
+
+        def who(i: int) -> str:
+            turn = turns[i]
+            if not isinstance(turn, dict):
+                raise Reject(f"{key}[{i}]", f"{WRONG_TYPE}: expected an object, found {json_type(turn)}")
+            return _text(turn, speaker, f"{key}[{i}].{speaker}").strip().lower()
+
+        i = 0
+        while i < len(turns) and who(i) in skip:
+            i += 1
+        if i == len(turns):
+            raise Reject(key, f"{no_first}: only {'/'.join(sorted(skip))} turns")
+        first = who(i)
+        if first not in prompts:
+            raise Reject(f"{key}[{i}].{speaker}", f"{no_first}: first turn is {short(turns[i][speaker])}")
+        j = i + 1
+        if j == len(turns):
+            raise Reject(key, f"{no_reply}: the conversation ends after the {prompt_name} turn")
+        second = who(j)
+        if second not in replies:
+            raise Reject(
+                f"{key}[{j}].{speaker}",
+                f"{no_reply}: the {prompt_name} turn is followed by {short(turns[j][speaker])}, not {reply_name}",
+            )
+        instruction = _text(turns[i], content, f"{key}[{i}].{content}")
+        output = _text(turns[j], content, f"{key}[{j}].{content}")
+        return instruction, "", output, len(turns) > j + 1
+
+    return read
+
+
+_EXTRACTORS: dict[str, Callable[[dict], tuple[str, str, str, bool]]] = {
+    "alpaca": _alpaca,
+    "sharegpt": _conversation_reader(
+        "conversations", "from", "value", {"human", "user"}, {"gpt", "assistant"}, {"system"},
+        NO_HUMAN_FIRST, NO_GPT_REPLY, "human", "gpt",
+    ),
+    "messages": _conversation_reader(
+        "messages", "role", "content", {"user"}, {"assistant"}, {"system", "developer"},
+        NO_USER_FIRST, NO_ASSISTANT_REPLY, "user", "assistant",
+    ),
+}
+
+
+def ingest(path: Path, loaded: Loaded, max_chars: int) -> IngestResult:
+    extract = _EXTRACTORS[loaded.flavor]
+    source = str(path)
+    rows: list[dict] = []
+    rejected: list[dict] = []
+    first_seen: dict[str, str] = {}
+    truncated = 0
+    for rec in loaded.records:
+        try:
+            if rec.problem is not None:
+                raise Reject(*rec.problem)
+            if not isinstance(rec.value, dict):
+                raise Reject(RECORD_FIELD, f"{NOT_AN_OBJECT}: found {json_type(rec.value)}")
+            instruction, input, output, was_truncated = extract(rec.value)
+            instruction, input, output = map(normalize_text, (instruction, input, output))
+            n_chars = len(instruction) + len(input) + len(output)
+            if n_chars > max_chars:
+                raise Reject(RECORD_FIELD, f"{TOO_LONG}: {n_chars} characters (limit {max_chars})")
+            sample_id = make_sample_id(instruction, input, output)
+            if sample_id in first_seen:
+                raise Reject(RECORD_FIELD, f"{DUPLICATE}: same content as {first_seen[sample_id]}")
+        except Reject as r:
+            rejected.append(
+                {"source_file": source, "location": rec.location, "field": r.field,
+                 "reason": clip(r.reason), "raw": rec.raw}
+            )
+            continue
+        first_seen[sample_id] = rec.location
+        truncated += was_truncated
+        rows.append({"sample_id": sample_id, "instruction": instruction, "input": input, "output": output})
+    return IngestResult(
+        samples=make_samples(rows),
+        quarantine=pl.DataFrame(rejected, schema=QUARANTINE_SCHEMA),
+        format=loaded.format,
+        total_records=len(loaded.records),
+        source_file=source,
+        truncated_conversations=truncated,
+    )
