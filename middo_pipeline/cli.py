@@ -6,10 +6,13 @@ dagster) happen inside the command that needs them, so ``middo --help`` stays fa
     middo validate PATH [--format F] [--max-chars N] [--show N]
     middo loop --rounds N [--seed PATH] [--config FILE|tiny|gpu]
     middo summary
-    middo export --round R --format jsonl|json|parquet [--layout alpaca|messages] --out PATH
+    middo export --round R --format jsonl|json|parquet [--layout alpaca|messages] --out PATH|-
 
 Exit codes of ``validate``: 0 every record is usable, 1 some records were rejected, 2 the file
 as a whole is unusable (or the command line is wrong).
+Exit codes of ``export``: 0 written, 2 nothing written (no such round; an output path that is
+not a regular file: links, FIFOs, devices and folders are never replaced; ``--out -`` writes to
+standard output).
 """
 
 from __future__ import annotations
@@ -124,7 +127,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a round's optimized dataset with provenance on every row."""
-    from middo_pipeline.core.export import export_table
+    from middo_pipeline.core.export import ExportError, export_table
     from middo_pipeline.core.storage import Storage
     from middo_pipeline.loop import ensure_dagster_home
     from middo_pipeline.rounds import round_key
@@ -138,8 +141,14 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"(and use the same DAGSTER_HOME / MIDDO_HOME)", file=sys.stderr)
         return 2
     df = pl.read_parquet(path)
-    out = export_table(df, args.out, fmt=args.format, layout=args.layout)
-    print(f"wrote {df.height} rows of round-{args.round} to {out} ({args.format}, {args.layout} layout)")
+    try:
+        out = export_table(df, args.out, fmt=args.format, layout=args.layout)
+    except ExportError as e:
+        print(f"error: {e}; nothing written", file=sys.stderr)
+        return 2
+    where = "standard output" if out == "-" else out
+    print(f"wrote {df.height} rows of round-{args.round} to {where} ({args.format}, {args.layout} layout)",
+          file=sys.stderr if out == "-" else sys.stdout)
     return 0
 
 
@@ -192,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("jsonl", "json", "parquet"), default="jsonl")
     export.add_argument("--layout", choices=("alpaca", "messages"), default="alpaca",
                         help="alpaca: instruction/input/output (LLaMA-Factory); messages: chat turns")
-    export.add_argument("--out", required=True, metavar="PATH")
+    export.add_argument("--out", required=True, metavar="PATH",
+                        help="a regular file (replaced atomically; links, FIFOs, devices and folders are refused), "
+                             "or - for standard output")
     export.set_defaults(func=cmd_export)
     return parser
 
