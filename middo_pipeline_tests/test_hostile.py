@@ -72,3 +72,40 @@ def test_export_new_file_gets_umask_mode(round_1, tmp_path, capsys):
     finally:
         os.umask(old)
     assert (tmp_path / "o.jsonl").stat().st_mode & 0o777 == 0o644
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. validate refuses special files up front and bounds what it reads
+# ---------------------------------------------------------------------------------------------
+
+
+def _validate_subprocess(path: str, timeout: float = 60):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "middo_pipeline.cli", "validate", path],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_validate_refuses_fifo_without_blocking(tmp_path):
+    fifo = tmp_path / "seed.jsonl"
+    os.mkfifo(fifo)
+    res = _validate_subprocess(str(fifo), timeout=60)  # before the fix: blocked forever
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr == f"error: {fifo}: is a FIFO (named pipe), not a regular file\n"
+
+
+def test_validate_refuses_devices(capsys):
+    assert main(["validate", "/dev/zero"]) == 2  # before the fix: read until MemoryError
+    assert capsys.readouterr().err == "error: /dev/zero: is a character device, not a regular file\n"
+
+
+def test_validate_bounds_the_read(tmp_path, monkeypatch, capsys):
+    from middo_pipeline.core.ingest import decode
+
+    path = tmp_path / "big.jsonl"
+    path.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n" * 200)
+    monkeypatch.setattr(decode, "MAX_FILE_BYTES", 100)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: too large (") and "limit 100 bytes" in err and err.count("\n") == 1

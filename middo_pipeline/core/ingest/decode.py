@@ -4,7 +4,9 @@ line, a bad line a record with its problem), and whole-file JSON errors with the
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +36,48 @@ def _line_col(text: str, pos: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- loading
 
 
+MAX_FILE_BYTES = 4 * 1024**3  # a seed file larger than this is refused before it is read
+
+_SPECIAL = (
+    (stat.S_ISDIR, "is a directory, not a file"),
+    (stat.S_ISFIFO, "is a FIFO (named pipe), not a regular file"),
+    (stat.S_ISCHR, "is a character device, not a regular file"),
+    (stat.S_ISBLK, "is a block device, not a regular file"),
+    (stat.S_ISSOCK, "is a socket, not a regular file"),
+)
+
+
+def _refuse_special(path: Path, mode: int) -> None:
+    for test, why in _SPECIAL:
+        if test(mode):
+            raise SeedFileError(path, why)
+    if not stat.S_ISREG(mode):
+        raise SeedFileError(path, "not a regular file")
+
+
 def read_bytes(path: Path) -> bytes:
+    """The whole file, if it is a regular file of at most MAX_FILE_BYTES: a FIFO, a device or a
+    folder is refused before it is opened (so nothing blocks or reads without end)."""
     try:
-        return path.read_bytes()
+        _refuse_special(path, os.stat(path).st_mode)
+        # O_NONBLOCK: should a FIFO be swapped in after the check, opening it does not wait for a writer
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise SeedFileError(path, "file not found") from None
-    except IsADirectoryError:
-        raise SeedFileError(path, "is a directory, not a file") from None
     except OSError as e:
         raise SeedFileError(path, f"cannot read the file: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        _refuse_special(path, st.st_mode)
+        if st.st_size > MAX_FILE_BYTES:
+            raise SeedFileError(path, f"too large ({st.st_size} bytes; limit {MAX_FILE_BYTES} bytes): split it")
+        try:
+            data = fh.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows meanwhile
+        except OSError as e:
+            raise SeedFileError(path, f"cannot read the file: {e.strerror or e}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise SeedFileError(path, f"too large (over {MAX_FILE_BYTES} bytes; limit {MAX_FILE_BYTES} bytes): split it")
+    return data
 
 
 def _decode_whole(path: Path, data: bytes) -> str:
