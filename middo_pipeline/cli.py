@@ -78,6 +78,7 @@ def cmd_loop(args: argparse.Namespace) -> int:
     # bars would only interleave with it. Set before transformers is imported; env wins.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from middo_pipeline.loop import load_run_config, run_rounds
+    from middo_pipeline.preflight import PreflightError
 
     try:
         config = load_run_config(args.config)
@@ -85,7 +86,13 @@ def cmd_loop(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        summaries = run_rounds(args.rounds, seed_path=args.seed, config=config, log=lambda m: print(m, flush=True))
+        summaries = run_rounds(args.rounds, seed_path=args.seed, config=config, log=lambda m: print(m, flush=True),
+                               config_source=args.config)
+    except PreflightError as e:
+        for line in e.problems:
+            print(f"error: {line}", file=sys.stderr)
+        print("nothing was run", file=sys.stderr)
+        return 2
     except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -28,6 +28,15 @@ from middo_pipeline.resources import ModelResource, OptimizerResource, StorageRe
 from middo_pipeline.schedules import nightly_round
 
 
+def _positive_int(env: dict, name: str, default: int) -> int:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{name}={text}: not a positive integer; set it to e.g. {default}, or unset it")
+    return int(text)
+
+
 def resources_from_env(env: dict | None = None) -> dict:
     env = dict(os.environ if env is None else env)
     profile = env.get("MIDDO_PROFILE", "default")
@@ -46,7 +55,7 @@ def resources_from_env(env: dict | None = None) -> dict:
             model=env.get("MIDDO_OPTIMIZER_MODEL", default_model),
             base_url=env.get("MIDDO_OPTIMIZER_BASE_URL") or None,
             api_key_env=env.get("MIDDO_OPTIMIZER_API_KEY_ENV", "OPENAI_API_KEY"),
-            max_concurrency=int(env.get("MIDDO_OPTIMIZER_CONCURRENCY", "8")),
+            max_concurrency=_positive_int(env, "MIDDO_OPTIMIZER_CONCURRENCY", 8),
             device=device,
         ),
     }

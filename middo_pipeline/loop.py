@@ -15,6 +15,7 @@ from dagster import AssetKey, DagsterInstance
 from filelock import Timeout
 
 from middo_pipeline.core.storage import Storage
+from middo_pipeline.preflight import PreflightError, preflight
 from middo_pipeline.rounds import ROUNDS, existing_rounds, latest_materialization, round_key
 
 ROUND_ASSET_OPS = {  # run-config keys under "ops" that belong to the round job / the seed job
@@ -67,11 +68,18 @@ def load_run_config(path: str | None) -> dict:
     if not Path(path).exists() and (PRESETS / f"{path}.yaml").exists():
         path = str(PRESETS / f"{path}.yaml")
     try:
-        cfg = yaml.safe_load(Path(path).read_text()) or {}
+        cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise FileNotFoundError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory; --config takes a YAML file or a preset (tiny, gpu)") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                         "save the config as UTF-8") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: expected a mapping with 'ops:' at the top")
     return cfg
@@ -83,6 +91,8 @@ def split_config(cfg: dict) -> tuple[dict, dict]:
         raise ValueError(f"unknown top-level config keys {sorted(unknown_top)}: only 'ops' (resources come from "
                          "MIDDO_* environment variables, see README)")
     ops = cfg.get("ops") or {}
+    if not isinstance(ops, dict):
+        raise ValueError(f"'ops' must be a mapping of asset names to {{config: ...}}, found {type(ops).__name__} {ops!r:.40}")
     unknown = set(ops) - ROUND_ASSET_OPS - {"seed_dataset"}
     if unknown:
         raise ValueError(f"unknown entries under ops: {sorted(unknown)}; known: seed_dataset, {sorted(ROUND_ASSET_OPS)}")
@@ -130,20 +140,31 @@ def summarize_round(instance: DagsterInstance, key: str) -> dict:
 
 
 def run_rounds(n: int, *, seed_path: str | None = None, config: dict | None = None, log=print,
-               env: dict | None = None) -> list[RoundSummary]:
+               env: dict | None = None, config_source: str | None = None) -> list[RoundSummary]:
     """Materialize the seed if needed (or when ``seed_path`` is given), then the next ``n`` rounds in order.
-    Resources come from ``env`` (default: the process environment; see ``definitions``)."""
-    from middo_pipeline.definitions import build_defs
+    Resources come from ``env`` (default: the process environment; see ``definitions``).
+    Raises :class:`PreflightError` (nothing run) when a setting or the run config is wrong."""
     from middo_pipeline.jobs import ROUND_JOB, SEED_JOB
 
-    defs = build_defs(env)
-    ensure_dagster_home()
+    try:
+        from middo_pipeline.definitions import build_defs  # builds the default location: reads the env
+
+        defs = build_defs(env)
+    except ValueError as exc:  # a MIDDO_* variable that cannot be used
+        raise PreflightError([str(exc)]) from None
     # progress lines at INFO; the step-by-step DEBUG events stay in the instance (and the UI)
     quiet = {"loggers": {"console": {"config": {"log_level": os.environ.get("MIDDO_LOG_LEVEL", "INFO")}}}}
-    seed_cfg, round_cfg = ({**quiet, **c} for c in split_config(config or {}))
-    store = Storage((env or os.environ).get("MIDDO_HOME") or None)
+    source = config_source or "run config"
+    try:
+        seed_cfg, round_cfg = ({**quiet, **c} for c in split_config(config or {}))
+    except ValueError as exc:
+        raise PreflightError([f"{source}: {exc}"]) from None
     if seed_path:
         seed_cfg["ops"].setdefault("seed_dataset", {}).setdefault("config", {})["path"] = str(Path(seed_path).resolve())
+    # before anything is materialized: resources resolvable, run config valid, storage writable
+    preflight(defs, {SEED_JOB: seed_cfg, ROUND_JOB: round_cfg}, source=source, env=env)
+    ensure_dagster_home()
+    store = Storage((env or os.environ).get("MIDDO_HOME") or None)
     with DagsterInstance.get() as instance:
         seed_done = instance.get_latest_materialization_event(AssetKey("seed_dataset")) is not None
         if seed_path or not seed_done or seed_cfg["ops"]:

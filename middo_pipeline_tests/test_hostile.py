@@ -109,3 +109,141 @@ def test_validate_bounds_the_read(tmp_path, monkeypatch, capsys):
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: too large (") and "limit 100 bytes" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. preflight: misconfiguration is found before anything is materialized, one line each
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def loop_env(homes, model_cache, small_seed, monkeypatch):
+    monkeypatch.setenv("MIDDO_PROFILE", "tiny")
+    monkeypatch.setenv("MIDDO_DEVICE", "cpu")
+    monkeypatch.setenv("MIDDO_MODEL_CACHE", str(model_cache))
+    for var in ("MIDDO_OPTIMIZER_BACKEND", "MIDDO_OPTIMIZER_BASE_URL", "MIDDO_BASE_MODEL", "MIDDO_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    return homes, small_seed
+
+
+def _nothing_ran(homes) -> None:
+    home, dagster_home = homes
+    assert not (home / "tables").exists() and not (home / "checkpoints").exists()
+    assert not (dagster_home / "history").exists() and not (dagster_home / "storage").exists()
+
+
+def _loop_errors(capsys, *args) -> list[str]:
+    code = main(["loop", "--rounds", "1", *args])
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert "Traceback" not in err and "materializing" not in out
+    lines = err.splitlines()
+    assert lines[-1] == "nothing was run" and all(line.startswith("error: ") for line in lines[:-1])
+    return [line[len("error: "):] for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"MIDDO_OPTIMIZER_BACKEND": "openai"}, "MIDDO_OPTIMIZER_BACKEND=openai needs MIDDO_OPTIMIZER_BASE_URL"),
+    ({"MIDDO_OPTIMIZER_BACKEND": "vllm"}, "MIDDO_OPTIMIZER_BACKEND=vllm: unknown backend; use local or openai"),
+    ({"MIDDO_BASE_MODEL": "/nonexistent"}, "MIDDO_BASE_MODEL=/nonexistent: no such model folder"),
+    ({"MIDDO_DEVICE": "tpu"}, "MIDDO_DEVICE=tpu: unknown device"),
+    ({"MIDDO_OPTIMIZER_CONCURRENCY": "lots"}, "MIDDO_OPTIMIZER_CONCURRENCY=lots: not a positive integer"),
+    ({"MIDDO_PROFILE": "huge"}, "MIDDO_PROFILE must be 'default' or 'tiny', got 'huge'"),
+])
+def test_bad_setting_is_refused_before_anything_runs(loop_env, monkeypatch, capsys, env, expected):
+    homes, seed = loop_env
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    lines = _loop_errors(capsys, "--seed", str(seed))
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
+    _nothing_ran(homes)
+
+
+def test_cuda_without_cuda_is_refused(loop_env, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("MIDDO_DEVICE", "cuda")
+    lines = _loop_errors(capsys, "--seed", str(loop_env[1]))
+    assert lines == ["MIDDO_DEVICE=cuda: CUDA is not available on this machine; set MIDDO_DEVICE=cpu or auto"]
+    _nothing_ran(loop_env[0])
+
+
+def test_unwritable_storage_is_refused(loop_env, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("MIDDO_HOME", str(blocker / "middo"))  # under a regular file: never creatable
+    lines = _loop_errors(capsys, "--seed", str(loop_env[1]))
+    assert len(lines) == 1 and lines[0].startswith("MIDDO_HOME: cannot create storage folder"), lines
+
+
+def test_openai_server_down_is_refused(loop_env, monkeypatch, capsys):
+    from middo_pipeline_tests.core.fake_openai_server import closed_port
+
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    monkeypatch.setenv("MIDDO_OPTIMIZER_BACKEND", "openai")
+    monkeypatch.setenv("MIDDO_OPTIMIZER_BASE_URL", url)
+    lines = _loop_errors(capsys, "--seed", str(loop_env[1]))
+    assert len(lines) == 1 and lines[0].startswith(f"MIDDO_OPTIMIZER_BASE_URL={url}: cannot connect"), lines
+    _nothing_ran(loop_env[0])
+
+
+@pytest.mark.parametrize("config, expected", [
+    ("ops:\n  sft_checkpoint:\n    config:\n      learning_rate: fast\n",
+     'Invalid scalar at path ops.sft_checkpoint.config.learning_rate. Value "fast"'),
+    ("ops:\n  sft_checkpoint:\n    config:\n      bogus: 1\n",
+     'Received unexpected config entry "bogus" at path ops.sft_checkpoint.config'),
+    ("ops: 5\n", "'ops' must be a mapping"),
+    ("ops:\n  training: {}\n", "unknown entries under ops: ['training']"),
+    ("resources: {}\n", "unknown top-level config keys ['resources']"),
+])
+def test_bad_run_config_is_refused_before_the_seed_step(loop_env, tmp_path, capsys, config, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(config)
+    lines = _loop_errors(capsys, "--seed", str(loop_env[1]), "--config", str(path))
+    assert len(lines) == 1 and lines[0].startswith(f"{path}: ") and expected in lines[0], lines
+    _nothing_ran(loop_env[0])
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "is a directory; --config takes a YAML file"),
+    (b"ops: {}\n# caf\xe9\n", "not UTF-8 text (byte 0xe9"),
+    (b"ops: [\n", "not valid YAML"),
+    (b"- a\n", "expected a mapping with 'ops:' at the top"),
+])
+def test_unreadable_config_file_is_named(loop_env, tmp_path, capsys, content, expected):
+    path = tmp_path / "cfg"
+    path.mkdir() if content is None else path.write_bytes(content)
+    assert main(["loop", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: ") and expected in err and err.count("\n") == 1, err
+    _nothing_ran(loop_env[0])
+
+
+def test_ui_run_fails_at_its_first_step(loop_env, monkeypatch):
+    """A round launched from the UI (not through `middo loop`) stops in round_dataset, before training."""
+    from dagster import DagsterInstance
+
+    from middo_pipeline.definitions import build_defs
+    from middo_pipeline.preflight import PreflightError
+
+    (home, dagster_home), seed = loop_env
+    dagster_home.mkdir()
+    with DagsterInstance.get() as instance:
+        env = dict(os.environ)
+        seed_run = build_defs(env).resolve_job_def("seed_job").execute_in_process(
+            instance=instance, run_config={"ops": {"seed_dataset": {"config": {"path": str(seed)}}}})
+        assert seed_run.success
+        env["MIDDO_BASE_MODEL"] = "/nonexistent"
+        instance.add_dynamic_partitions("rounds", ["round-1"])
+        res = build_defs(env).resolve_job_def("middo_round").execute_in_process(
+            instance=instance, partition_key="round-1", raise_on_error=False)
+    assert not res.success
+    failures = [e for e in res.all_events if e.is_step_failure]
+    assert [e.step_key for e in failures] == ["round_dataset"]
+    err = failures[0].step_failure_data.error
+    while err.cause is not None and err.cls_name != "PreflightError":
+        err = err.cause
+    assert err.cls_name == "PreflightError" and "MIDDO_BASE_MODEL=/nonexistent: no such model folder" in err.message
+    assert not Storage(home).checkpoint_dir("round-1").exists()
+    assert PreflightError  # the class the UI shows

@@ -23,7 +23,8 @@ from middo_pipeline.assets._meta import json_md, length_stats, preview_md
 from middo_pipeline.core.ingest import SeedFileError, read_seed
 from middo_pipeline.core.schema import fingerprint, schema_problems
 from middo_pipeline.core.storage import StorageError
-from middo_pipeline.resources import StorageResource
+from middo_pipeline.preflight import PreflightError, resource_problems
+from middo_pipeline.resources import ModelResource, OptimizerResource, StorageResource
 from middo_pipeline.rounds import latest_materialization, round_key, round_number, rounds_partitions
 
 DEFAULT_SEED = Path(__file__).resolve().parents[2] / "data" / "seed_alpaca.json"
@@ -37,6 +38,12 @@ class SeedConfig(Config):
     path: str = Field(default_factory=default_seed_path, description="Seed file: Alpaca JSON/JSONL, ShareGPT, messages JSONL or Parquet")
     format: str | None = Field(default=None, description="Override format detection: alpaca_json | alpaca_jsonl | sharegpt | messages | parquet")
     max_chars: int = Field(default=16000, description="Records longer than this (instruction+input+output) are quarantined")
+
+
+def _preflight(**resources) -> None:
+    problems = resource_problems(**resources)
+    if problems:
+        raise PreflightError(problems)
 
 
 @multi_asset(
@@ -107,7 +114,11 @@ def seed_dataset(context: AssetExecutionContext, config: SeedConfig):
         "loaded from storage (the loop cannot be a declared edge) with its provenance in the metadata."
     ),
 )
-def round_dataset(context: AssetExecutionContext, storage: StorageResource, seed_dataset: pl.DataFrame):
+def round_dataset(context: AssetExecutionContext, storage: StorageResource, model: ModelResource,
+                  optimizer: OptimizerResource, seed_dataset: pl.DataFrame):
+    # the round's first step: a run launched from the UI or the schedule stops here, before training,
+    # when a resource cannot work (the same check `middo loop` runs before anything)
+    _preflight(model=model, optimizer=optimizer, storage=storage.get())
     r = round_number(context.partition_key)
     if r == 1:
         df = seed_dataset
