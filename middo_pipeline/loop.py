@@ -6,12 +6,14 @@ instance at ``$DAGSTER_HOME``, so they show up in the UI afterwards with all the
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetKey, DagsterInstance, Field, logger
+from dagster._utils.log import coerce_valid_log_level, create_console_logger
 from filelock import Timeout
 
 from middo_pipeline.core.storage import Storage
@@ -40,6 +42,33 @@ run_coordinator:
           applyLimitPerUniqueValue: true
         limit: 1
 """
+
+
+def _one_line_errors(record: logging.LogRecord) -> bool:
+    """Below DEBUG verbosity, an error event shows its first line only, and step / run failures not
+    at all (`middo loop` prints them on one line): the stack traces stay in the instance (the
+    run's event log, and the UI)."""
+    if record.levelno >= logging.ERROR:
+        msg = record.getMessage()
+        if " - STEP_FAILURE - " in msg or " - RUN_FAILURE - " in msg:
+            return False  # `middo loop` prints the failure itself, on one line
+        if "\n" in msg:
+            record.msg, record.args = msg.split("\n", 1)[0], ()
+    return True
+
+
+@logger(
+    {"log_level": Field(str, is_required=False, default_value="INFO"),
+     "name": Field(str, is_required=False, default_value="dagster")},
+    description="The console logger of `middo loop`: Dagster's, with error events on one line unless log_level is DEBUG.",
+)
+def loop_console_logger(init_context) -> logging.Logger:
+    level = coerce_valid_log_level(init_context.logger_config["log_level"])
+    log = create_console_logger(name=init_context.logger_config["name"], level=level)
+    if level > logging.DEBUG:
+        for handler in log.handlers:
+            handler.addFilter(_one_line_errors)
+    return log
 
 
 class RoundBusy(RuntimeError):
@@ -169,7 +198,8 @@ def run_rounds(n: int, *, seed_path: str | None = None, config: dict | None = No
         seed_done = instance.get_latest_materialization_event(AssetKey("seed_dataset")) is not None
         if seed_path or not seed_done or seed_cfg["ops"]:
             log("materializing seed_dataset …")
-            res = defs.resolve_job_def(SEED_JOB).execute_in_process(instance=instance, run_config=seed_cfg, raise_on_error=False)
+            seed_job = defs.resolve_job_def(SEED_JOB).with_logger_defs({"console": loop_console_logger})
+            res = seed_job.execute_in_process(instance=instance, run_config=seed_cfg, raise_on_error=False)
             if not res.success:
                 raise RuntimeError(_failure_message(res, "seed_dataset"))
             md = _meta(instance, "seed_dataset", None)
@@ -180,7 +210,7 @@ def run_rounds(n: int, *, seed_path: str | None = None, config: dict | None = No
             start = max(done)  # the last round did not finish: resume it (cached LLM calls are reused)
             log(f"{round_key(start)} did not finish before: resuming it")
         summaries = []
-        job = defs.resolve_job_def(ROUND_JOB)
+        job = defs.resolve_job_def(ROUND_JOB).with_logger_defs({"console": loop_console_logger})
         for r in range(start, start + n):
             key = round_key(r)
             if not instance.has_dynamic_partition(ROUNDS, key):
@@ -214,14 +244,28 @@ _DAGSTER_WRAPPERS = ("DagsterExecutionStepExecutionError", "DagsterExecutionHand
 
 
 def _failure_message(res, what: str) -> str:
+    """One line: what failed, in which step, why (the error's own message; the class only when the
+    error is not one of ours), and where the full log is."""
+    log_file = Path(os.environ["DAGSTER_HOME"]) / "history" / "runs" / f"{res.run_id}.db"
+    where = f"full log: run {res.run_id} in the UI, or {log_file}; MIDDO_LOG_LEVEL=DEBUG prints the trace"
     for event in res.all_events:
         if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
             err = event.step_failure_data.error
             # Dagster wraps the real error (an asset's, or the IO manager's while storing / loading)
             while err.cause is not None and err.cls_name in _DAGSTER_WRAPPERS:
                 err = err.cause
-            msg = err.message.strip()
-            if not msg.startswith(f"{err.cls_name}:"):
+            msg = " ".join(err.message.strip().split("\n", 1)[0].split())
+            # format_exception_only writes "package.module.Class: message"; keep the message
+            head, sep, rest = msg.partition(": ")
+            if sep and head.rsplit(".", 1)[-1] == err.cls_name:
+                msg = rest
+            if not _is_ours(err.cls_name, head):
                 msg = f"{err.cls_name}: {msg}"
-            return f"{what} failed in step {event.step_key}: {msg} (run {res.run_id})"
-    return f"{what} failed (run {res.run_id}); see the run in the UI"
+            return f"{what} failed in step {event.step_key}: {msg} [{where}]"
+    return f"{what} failed [{where}]"
+
+
+def _is_ours(cls_name: str, qualified: str) -> bool:
+    """Errors raised on purpose with a message written for the user (no class name needed)."""
+    return qualified.startswith("middo_pipeline.") or cls_name in ("StorageError", "SeedFileError", "PreflightError",
+                                                                    "BackendUnavailable")

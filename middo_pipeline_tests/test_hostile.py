@@ -247,3 +247,46 @@ def test_ui_run_fails_at_its_first_step(loop_env, monkeypatch):
     assert err.cls_name == "PreflightError" and "MIDDO_BASE_MODEL=/nonexistent: no such model folder" in err.message
     assert not Storage(home).checkpoint_dir("round-1").exists()
     assert PreflightError  # the class the UI shows
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. a failing loop prints one clear line and where the full log is; the trace only at DEBUG
+# ---------------------------------------------------------------------------------------------
+
+
+def test_loop_failure_is_one_line(loop_env, tmp_path, monkeypatch, capfd):
+    (home, dagster_home) = loop_env[0]
+    bad = tmp_path / "unusable.json"
+    bad.write_text(json.dumps([{"instruction": " ", "output": "x"}]))
+    assert main(["loop", "--seed", str(bad)]) == 1
+    out, err = capfd.readouterr()
+    assert out.splitlines() == ["materializing seed_dataset …"]
+    assert "Traceback" not in err and "Stack Trace" not in err and "SeedFileError" not in err
+    [line] = err.splitlines()
+    assert line.startswith(f"error: seed_dataset failed in step seed_dataset: {bad}: no usable rows (1 rejected)")
+    log_file = Path(line.rsplit(" or ", 1)[1].split(";")[0])
+    assert log_file.is_file() and log_file.parent == dagster_home / "history" / "runs"
+
+    monkeypatch.setenv("MIDDO_LOG_LEVEL", "DEBUG")
+    assert main(["loop", "--seed", str(bad)]) == 1
+    out, err = capfd.readouterr()
+    assert "Stack Trace" in out + err  # the whole trace, on request
+    assert err.splitlines()[-1].startswith("error: seed_dataset failed in step seed_dataset: ")
+
+
+def test_failure_message_keeps_the_class_of_unexpected_errors(monkeypatch):
+    from types import SimpleNamespace
+
+    from middo_pipeline.loop import _failure_message
+
+    def result(cls_name: str, message: str):
+        err = SimpleNamespace(cls_name=cls_name, message=message, cause=None)
+        event = SimpleNamespace(is_step_failure=True, step_key="sft_checkpoint",
+                                step_failure_data=SimpleNamespace(error=err))
+        return SimpleNamespace(all_events=[event], run_id="r1")
+
+    monkeypatch.setenv("DAGSTER_HOME", "/tmp/dh")
+    ours = _failure_message(result("StorageError", "middo_pipeline.core.storage.StorageError: disk full\n"), "round-1")
+    assert ours.startswith("round-1 failed in step sft_checkpoint: disk full [full log: run r1")
+    theirs = _failure_message(result("KeyError", "KeyError: 'x'\n"), "round-1")
+    assert theirs.startswith("round-1 failed in step sft_checkpoint: KeyError: 'x' [")
