@@ -196,6 +196,16 @@ def run_rounds(n: int, *, seed_path: str | None = None, config: dict | None = No
     store = Storage((env or os.environ).get("MIDDO_HOME") or None)
     with DagsterInstance.get() as instance:
         seed_done = instance.get_latest_materialization_event(AssetKey("seed_dataset")) is not None
+        if seed_path and existing_rounds(instance):
+            problem = seed_conflict(instance, seed_path)
+            if problem:
+                raise PreflightError([problem])
+            log(f"seed {seed_path} is the one the rounds grew from: not ingested again")
+            seed_path, seed_cfg["ops"] = None, {k: v for k, v in seed_cfg["ops"].items() if k != "seed_dataset"}
+        elif seed_cfg["ops"] and existing_rounds(instance):
+            raise PreflightError([f"{source}: ops.seed_dataset would ingest a seed again on an instance that already "
+                                  "has rounds; remove it (the rounds continue from their own data), or start a "
+                                  "fresh instance (another DAGSTER_HOME and MIDDO_HOME)"])
         if seed_path or not seed_done or seed_cfg["ops"]:
             log("materializing seed_dataset …")
             seed_job = defs.resolve_job_def(SEED_JOB).with_logger_defs({"console": loop_console_logger})
@@ -233,6 +243,26 @@ def run_rounds(n: int, *, seed_path: str | None = None, config: dict | None = No
             if not res.success:
                 raise RuntimeError(_failure_message(res, key))
         return summaries
+
+
+def seed_conflict(instance: DagsterInstance, seed_path: str) -> str | None:
+    """Why ``--seed seed_path`` cannot be used on an instance that already has rounds, or None
+    when it is the very file (same content) the rounds grew from."""
+    from middo_pipeline.assets.ingestion import file_sha256
+
+    rounds = existing_rounds(instance)
+    prev = _meta(instance, "seed_dataset", None)
+    try:
+        same = prev.get("file_sha256") is not None and file_sha256(seed_path) == prev["file_sha256"]
+    except OSError:
+        same = False
+    if same:
+        return None
+    home = os.environ.get("DAGSTER_HOME", "")
+    return (f"--seed {seed_path}: this instance ({home}) already has {round_key(max(rounds))}, grown from the seed "
+            f"{prev.get('path', 'ingested before')}; the next round continues from {round_key(max(rounds))}'s optimized "
+            "data and would ignore a new seed. Run without --seed to continue, or start a new lineage from the new "
+            "seed in a fresh instance: DAGSTER_HOME=<new folder> MIDDO_HOME=<new folder>/middo middo loop --seed ...")
 
 
 def _fmt(v) -> str:

@@ -138,7 +138,7 @@ def _loop_errors(capsys, *args) -> list[str]:
     assert code == 2, (out, err)
     assert "Traceback" not in err and "materializing" not in out
     lines = err.splitlines()
-    assert lines[-1] == "nothing was run" and all(line.startswith("error: ") for line in lines[:-1])
+    assert lines[-1] == "nothing was run" and all(line.startswith("error: ") for line in lines[:-1]), err
     return [line[len("error: "):] for line in lines[:-1]]
 
 
@@ -290,3 +290,38 @@ def test_failure_message_keeps_the_class_of_unexpected_errors(monkeypatch):
     assert ours.startswith("round-1 failed in step sft_checkpoint: disk full [full log: run r1")
     theirs = _failure_message(result("KeyError", "KeyError: 'x'\n"), "round-1")
     assert theirs.startswith("round-1 failed in step sft_checkpoint: KeyError: 'x' [")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. --seed NEW on an instance that already has rounds is refused, not silently ignored
+# ---------------------------------------------------------------------------------------------
+
+
+def test_new_seed_on_an_instance_with_rounds_is_refused(loop_env, tmp_path, capsys):
+    from dagster import DagsterInstance
+
+    from middo_pipeline.definitions import build_defs
+    from middo_pipeline.loop import seed_conflict
+
+    (home, dagster_home), seed = loop_env
+    dagster_home.mkdir()
+    with DagsterInstance.get() as instance:  # a seed ingested, and round-1 started from it
+        assert build_defs(dict(os.environ)).resolve_job_def("seed_job").execute_in_process(
+            instance=instance, run_config={"ops": {"seed_dataset": {"config": {"path": str(seed)}}}}).success
+        instance.add_dynamic_partitions("rounds", ["round-1"])
+    store = Storage(home)
+    before = store.read_table(store.table_path("seed_dataset"))
+
+    new_seed = tmp_path / "new_seed.json"
+    new_seed.write_text(json.dumps(json.loads(seed.read_text())[:10]))
+    capsys.readouterr()  # the setup's own run log
+    lines = _loop_errors(capsys, "--seed", str(new_seed))
+    assert len(lines) == 1 and lines[0].startswith(f"--seed {new_seed}: this instance ({dagster_home}) already has round-1")
+    assert "Run without --seed to continue" in lines[0] and "fresh instance" in lines[0]
+    assert store.read_table(store.table_path("seed_dataset")).equals(before)  # not re-ingested
+
+    copy = tmp_path / "same_content.json"
+    copy.write_bytes(seed.read_bytes())
+    with DagsterInstance.get() as instance:
+        assert seed_conflict(instance, str(copy)) is None  # the same seed again is fine: it is not re-ingested
+        assert seed_conflict(instance, str(new_seed)) is not None
