@@ -9,7 +9,7 @@ dagster) happen inside the command that needs them, so ``middo --help`` stays fa
     middo export --round R --format jsonl|json|parquet [--layout alpaca|messages] --out PATH|-
 
 Exit codes of ``validate``: 0 every record is usable, 1 some records were rejected, 2 the file
-as a whole is unusable (or the command line is wrong).
+as a whole is unusable or no record is usable (or the command line is wrong).
 Exit codes of ``export``: 0 written, 2 nothing written (no such round; an output path that is
 not a regular file: links, FIFOs, devices and folders are never replaced; ``--out -`` writes to
 standard output).
@@ -55,6 +55,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"truncated conversations (first pair kept): {result.truncated_conversations}")
     if not result.rejected:
         return 0
+    code = 1
 
     lines = result.rejection_lines()
     shown = lines if args.show < 0 else lines[: args.show]
@@ -67,7 +68,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     width = max(len(str(n)) for n in counts.values())
     for kind, n in counts.items():
         print(f"  {n:>{width}}  {kind}")
-    return 1
+    if not result.usable:
+        print(f"error: {result.source_file}: no usable records ({result.rejected} rejected); "
+              "`middo loop` would refuse this file", file=sys.stderr)
+        code = 2
+    return code
 
 
 def cmd_loop(args: argparse.Namespace) -> int:
@@ -171,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Read a seed file (Alpaca JSON/JSONL, ShareGPT, OpenAI messages, Parquet) as the "
             "pipeline would and report every rejected record. Exit status: 0 clean, "
-            "1 some records rejected, 2 the file is unusable."
+            "1 some records rejected, 2 the file is unusable or no record is usable."
         ),
     )
     validate.add_argument("path", metavar="PATH", help="the seed file")

@@ -325,3 +325,32 @@ def test_new_seed_on_an_instance_with_rounds_is_refused(loop_env, tmp_path, caps
     with DagsterInstance.get() as instance:
         assert seed_conflict(instance, str(copy)) is None  # the same seed again is fine: it is not re-ingested
         assert seed_conflict(instance, str(new_seed)) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. validate: nothing usable is exit 2, as `middo loop` refuses such a file
+# 8. text of invisible characters only is blank
+# ---------------------------------------------------------------------------------------------
+
+
+def test_validate_nothing_usable_exits_2(tmp_path, capsys):
+    path = tmp_path / "none.jsonl"
+    path.write_text('{"instruction": "a", "output": 1}\n{"instruction": " ", "output": "b"}\n')
+    assert main(["validate", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert "usable: 0" in out and "rejected: 2" in out  # the report is still there
+    assert err == f"error: {path}: no usable records (2 rejected); `middo loop` would refuse this file\n"
+
+
+@pytest.mark.parametrize("text", ["\u200b", "\u200b\u200c\u200d\u2060\ufeff", " \u3164 ", "\u00ad", "\u2800\u200b",
+                                  "\u180e", "\u202e\u202c", "\U000e0020\U000e007f"])
+def test_invisible_text_is_blank(tmp_path, text):
+    from middo_pipeline.core.ingest import read_seed
+
+    path = tmp_path / "inv.jsonl"
+    path.write_text(json.dumps({"instruction": text, "output": "ok"}) + "\n"
+                    + json.dumps({"instruction": "Visible \u200b joiner", "output": "ok"}) + "\n")
+    result = read_seed(path)
+    assert result.usable == 1
+    [line] = result.rejection_lines()
+    assert line.startswith(f"{path}:line 1: instruction: blank: only invisible characters"), line

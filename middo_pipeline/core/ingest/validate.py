@@ -3,6 +3,7 @@ quarantined with the first problem found."""
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +38,17 @@ from middo_pipeline.core.schema import (
 )
 
 
+# characters that render as nothing although Unicode files them as letters or symbols
+_FILLERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u034f\u180e")
+
+
+def _visible(c: str) -> bool:
+    """Not whitespace, not a control/format/unassigned code point (zero-width space, joiners, BOM,
+    bidi marks, tags, soft hyphen), not a combining mark alone, not a blank filler."""
+    category = unicodedata.category(c)
+    return category[0] not in "ZCM" and c not in _FILLERS
+
+
 def _text(obj: dict, key: str, field: str | None = None, *, required: bool = True) -> str:
     field = field or key
     if key not in obj:
@@ -56,6 +68,9 @@ def _text(obj: dict, key: str, field: str | None = None, *, required: bool = Tru
         ) from None
     if required and not normalize_text(value):
         raise Reject(field, f"{BLANK}: empty after stripping whitespace")
+    if required and not any(_visible(c) for c in value):
+        shown = " ".join(f"U+{ord(c):04X}" for c in dict.fromkeys(value))
+        raise Reject(field, f"{BLANK}: only invisible characters ({clip(shown, 60)})")
     return value
 
 
