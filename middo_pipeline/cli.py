@@ -126,7 +126,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from middo_pipeline.loop import ensure_dagster_home, summarize_round
     from middo_pipeline.rounds import existing_rounds, round_key
 
-    home = ensure_dagster_home()
+    home = ensure_dagster_home(create=False)  # runs nothing: creates nothing
+    if not home.is_dir():
+        print(f"no rounds recorded: {home} does not exist; run `middo loop --rounds N` first "
+              "(with the same DAGSTER_HOME)", file=sys.stderr)
+        return 1
     with DagsterInstance.get() as instance:
         rows = [(round_key(n), summarize_round(instance, round_key(n))) for n in existing_rounds(instance)]
     if not rows:
@@ -146,7 +150,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     import polars as pl
 
-    ensure_dagster_home()
+    ensure_dagster_home(create=False)
     path = Storage().table_path("optimized_dataset", round_key(args.round))
     if not path.exists():
         print(f"error: round {args.round} has no optimized_dataset at {path}; run `middo loop` first "

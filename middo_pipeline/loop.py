@@ -75,9 +75,13 @@ class RoundBusy(RuntimeError):
     """Another process is running this round right now."""
 
 
-def ensure_dagster_home() -> Path:
-    """DAGSTER_HOME (./.dagster_home when unset), created with DAGSTER_YAML when new."""
+def ensure_dagster_home(create: bool = True) -> Path:
+    """DAGSTER_HOME (./.dagster_home when unset), created with DAGSTER_YAML when new
+    (``create=False``: only resolved and exported, for commands that run nothing)."""
     home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
+    if not create:
+        os.environ["DAGSTER_HOME"] = str(home)
+        return home
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "dagster.yaml"
     if not cfg.exists():

@@ -354,3 +354,70 @@ def test_invisible_text_is_blank(tmp_path, text):
     assert result.usable == 1
     [line] = result.rejection_lines()
     assert line.startswith(f"{path}:line 1: instruction: blank: only invisible characters"), line
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. small messages
+# ---------------------------------------------------------------------------------------------
+
+
+def test_json_error_messages_do_not_stutter(tmp_path):
+    from middo_pipeline.core.ingest import read_seed
+
+    path = tmp_path / "ctl.jsonl"
+    path.write_bytes(b'{"instruction": "a\x01", "output": "b"}\n{"instruction": "a", "output": "b"}\n')
+    [line] = read_seed(path).rejection_lines()
+    assert line == f"{path}:line 1: (record): invalid JSON: Invalid control character at column 19"
+    assert " at at " not in line
+
+
+@pytest.mark.parametrize("encoding, name", [("utf-16-le", "UTF-16 LE"), ("utf-16-be", "UTF-16 BE")])
+def test_utf16_without_bom_gets_a_hint(tmp_path, capsys, encoding, name):
+    path = tmp_path / "u16.json"
+    path.write_bytes(json.dumps([{"instruction": "a", "output": "b"}]).encode(encoding))
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err == (f"error: {path}: the file looks like {name} without a byte-order mark "
+                                       "(every other byte is 0); save it as UTF-8\n")
+
+
+def test_huge_integer_rejects_only_its_record(tmp_path):
+    from middo_pipeline.core.ingest import read_seed
+
+    big = "9" * 5000
+    path = tmp_path / "big.json"
+    path.write_text(f'[{{"instruction": "a", "output": {big}}},\n {{"instruction": "b", "output": "ok", "n": {big}}}]')
+    result = read_seed(path)
+    assert result.usable == 1  # the huge number in an ignored key does not matter
+    assert result.rejection_lines() == [f"{path}:record 1 (line 1): output: wrong type: expected a string, found a number"]
+    lines = tmp_path / "big.jsonl"
+    lines.write_text(f'{{"instruction": "a", "output": {big}}}\n{{"instruction": "b", "output": "ok"}}\n')
+    assert read_seed(lines).rejection_lines() == [f"{lines}:line 1: output: wrong type: expected a string, found a number"]
+
+
+def test_duplicate_json_keys_are_reported(tmp_path):
+    from middo_pipeline.core.ingest import read_seed
+
+    path = tmp_path / "dup.json"
+    path.write_text('[{"instruction": "a", "output": "first", "output": "second"},\n'
+                    ' {"conversations": [{"from": "human", "value": "x", "value": "y"}], "instruction": "b", "output": "c"},\n'
+                    ' {"instruction": "ok", "output": "fine"}]')
+    result = read_seed(path)
+    assert result.usable == 1
+    assert result.rejection_lines() == [
+        f"{path}:record 1 (line 1): (record): duplicate key: 'output' appears more than once",
+        f"{path}:record 2 (line 2): (record): duplicate key: 'value' appears more than once",
+    ]
+    jl = tmp_path / "dup.jsonl"
+    jl.write_text('{"instruction": "a", "instruction": "b", "output": "c"}\n')
+    assert read_seed(jl).rejection_lines() == [f"{jl}:line 1: (record): duplicate key: 'instruction' appears more than once"]
+
+
+def test_summary_and_export_create_nothing(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "no_such_home"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.delenv("MIDDO_HOME", raising=False)
+    assert main(["summary"]) == 1
+    assert "no rounds recorded" in capsys.readouterr().err
+    assert main(["export", "--round", "1", "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "has no optimized_dataset" in capsys.readouterr().err
+    assert not home.exists() and not (tmp_path / "o.jsonl").exists()

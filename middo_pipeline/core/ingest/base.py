@@ -30,6 +30,7 @@ NO_USER_FIRST = "no user turn first"
 NO_ASSISTANT_REPLY = "no assistant reply"
 TOO_LONG = "too long"
 DUPLICATE = "duplicate"
+DUPLICATE_KEY = "duplicate key"
 
 RECORD_FIELD = "(record)"  # the ``field`` of a problem with the record as a whole
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from middo_pipeline.core.ingest.base import (
+    DUPLICATE_KEY,
     INVALID_JSON,
     INVALID_UTF8,
     RAW_CHARS,
@@ -20,6 +21,7 @@ from middo_pipeline.core.ingest.base import (
     clip,
     dump,
     json_type,
+    short,
 )
 
 BOM = b"\xef\xbb\xbf"
@@ -92,11 +94,58 @@ def _decode_whole(path: Path, data: bytes) -> str:
         ) from None
 
 
+class _Decoder:
+    """``json`` with two guards. An integer too long for ``int()`` (over 4300 digits) becomes
+    ±inf, a number like any other, instead of failing the whole file. Duplicate keys in an object,
+    which ``json`` resolves silently by keeping the last, are collected so the record can be
+    rejected as ambiguous."""
+
+    def __init__(self):
+        self.duplicates: list[str] = []
+        self._json = json.JSONDecoder(parse_int=self._int, object_pairs_hook=self._object)
+
+    @staticmethod
+    def _int(text: str):
+        try:
+            return int(text)
+        except ValueError:
+            return float("-inf") if text.startswith("-") else float("inf")
+
+    def _object(self, pairs: list) -> dict:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    self.duplicates.append(key)
+                seen.add(key)
+        return obj
+
+    def loads(self, text: str) -> Any:
+        self.duplicates = []
+        return self._json.decode(text)
+
+    def raw_decode(self, text: str, idx: int) -> tuple[Any, int]:
+        self.duplicates = []
+        return self._json.raw_decode(text, idx)
+
+    def problem(self) -> tuple[str, str] | None:
+        """The (field, reason) of the value just decoded, when it had a duplicate key."""
+        if not self.duplicates:
+            return None
+        return RECORD_FIELD, f"{DUPLICATE_KEY}: {short(self.duplicates[0])} appears more than once"
+
+
+def _json_msg(e: json.JSONDecodeError) -> str:
+    """``json``'s message without the dangling "at" some end with ("Invalid control character at")."""
+    return e.msg[: -len(" at")] if e.msg.endswith(" at") else e.msg
+
+
 def array_records(path: Path, data: bytes, lines_fallback: bool) -> list[Record] | None:
     """Records of a file that is one JSON array. None when ``lines_fallback`` and the file holds
     several JSON values one after another (JSON Lines whose first line is an array)."""
     text = _decode_whole(path, data)
-    items, spans = _walk_array(text)
+    items, spans, problems = _walk_array(text)
     if items is None:
         if lines_fallback and _is_extra_data(text):
             return None
@@ -105,7 +154,7 @@ def array_records(path: Path, data: bytes, lines_fallback: bool) -> list[Record]
             raise SeedFileError(
                 path, f"expected a JSON array of objects, found a top-level {json_type(value).split()[-1]}"
             )
-        items, spans = value, None
+        items, spans, problems = value, None, None
     if not items:
         raise SeedFileError(path, "the JSON array is empty (no records)")
     records = []
@@ -118,42 +167,44 @@ def array_records(path: Path, data: bytes, lines_fallback: bool) -> list[Record]
         line += text.count("\n", prev, start)
         prev = start
         raw = text[start : min(end, start + RAW_CHARS + 1)]
-        records.append(Record(f"record {i} (line {line})", item, clip(raw)))
+        records.append(Record(f"record {i} (line {line})", item, clip(raw), problems[i - 1]))
     return records
 
 
-def _walk_array(text: str) -> tuple[list | None, list[tuple[int, int]] | None]:
-    """Parse a top-level JSON array element by element, keeping where each one starts and
-    ends. (None, None) when the text is not exactly one well-formed array."""
-    decoder = json.JSONDecoder()
-    items, spans = [], []
+def _walk_array(text: str) -> tuple[list | None, list[tuple[int, int]] | None, list | None]:
+    """Parse a top-level JSON array element by element, keeping where each one starts and ends
+    and each one's duplicate-key problem. Nones when the text is not exactly one well-formed array."""
+    decoder = _Decoder()
+    items, spans, problems = [], [], []
+    none = None, None, None
     try:
         idx = _WS.match(text).end()
         if text[idx] != "[":
-            return None, None
+            return none
         idx = _WS.match(text, idx + 1).end()
         if text[idx] != "]":
             while True:
                 item, end = decoder.raw_decode(text, idx)
                 items.append(item)
                 spans.append((idx, end))
+                problems.append(decoder.problem())
                 idx = _WS.match(text, end).end()
                 if text[idx] == ",":
                     idx = _WS.match(text, idx + 1).end()
                     continue
                 if text[idx] == "]":
                     break
-                return None, None
+                return none
         if _WS.match(text, idx + 1).end() != len(text):
-            return None, None
+            return none
     except (ValueError, IndexError, RecursionError):
-        return None, None
-    return items, spans
+        return none
+    return items, spans, problems
 
 
 def _is_extra_data(text: str) -> bool:
     try:
-        json.loads(text)
+        _Decoder().loads(text)
     except json.JSONDecodeError as e:
         return e.msg == "Extra data" and "\n" in text[: e.pos]
     except (ValueError, RecursionError):
@@ -163,7 +214,7 @@ def _is_extra_data(text: str) -> bool:
 
 def _parse_document(path: Path, text: str) -> Any:
     try:
-        return json.loads(text)
+        return _Decoder().loads(text)
     except json.JSONDecodeError as e:
         raise SeedFileError(path, _describe_json_error(text, e)) from None
     except RecursionError:
@@ -186,7 +237,7 @@ def _describe_json_error(text: str, e: json.JSONDecodeError) -> str:
         where = f" (file ends inside {inside})" if inside else ""
         return f"truncated JSON at line {line}, column {col}{where}"
     hint = " (several JSON values one after another: is this JSON Lines?)" if e.msg == "Extra data" else ""
-    return f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}{hint}"
+    return f"invalid JSON at line {e.lineno}, column {e.colno}: {_json_msg(e)}{hint}"
 
 
 def _innermost_open(text: str) -> str | None:
@@ -204,6 +255,7 @@ def _innermost_open(text: str) -> str | None:
 
 def jsonl_records(data: bytes) -> list[Record]:
     records = []
+    decoder = _Decoder()
     for lineno, line in enumerate(data.split(b"\n"), 1):
         if not line.strip():
             continue
@@ -218,9 +270,9 @@ def jsonl_records(data: bytes) -> list[Record]:
             continue
         raw = clip(text.rstrip("\r"))
         try:
-            value = json.loads(text)
+            value = decoder.loads(text)
         except json.JSONDecodeError as e:
-            reason = f"{INVALID_JSON}: {e.msg} at column {e.colno}"
+            reason = f"{INVALID_JSON}: {_json_msg(e)} at column {e.colno}"
             records.append(Record(location, None, raw, (RECORD_FIELD, reason)))
             continue
         except RecursionError:
@@ -230,6 +282,6 @@ def jsonl_records(data: bytes) -> list[Record]:
         except ValueError as e:
             records.append(Record(location, None, raw, (RECORD_FIELD, f"{INVALID_JSON}: {e}")))
             continue
-        records.append(Record(location, value, raw))
+        records.append(Record(location, value, raw, decoder.problem()))
     return records
 

@@ -59,6 +59,10 @@ def load(path: Path, format: str | None) -> Loaded:
             f"invalid UTF-8: byte 0x{data[0]:02x} at line 1, column 1 "
             "(the file looks like UTF-16; save it as UTF-8)",
         )
+    utf16 = _utf16_without_bom(data)
+    if utf16:
+        raise SeedFileError(path, f"the file looks like {utf16} without a byte-order mark (every other byte is 0); "
+                                  "save it as UTF-8")
     if not data.strip():
         raise SeedFileError(path, "empty file (only whitespace)")
 
@@ -82,6 +86,19 @@ def load(path: Path, format: str | None) -> Loaded:
     else:
         name = flavor
     return Loaded(name, flavor, records)
+
+
+def _utf16_without_bom(data: bytes) -> str | None:
+    """"UTF-16 LE" / "UTF-16 BE" when the start of the file is ASCII text stored in 16 bits."""
+    head = data[:4096]
+    if len(head) < 4 or b"\x00" not in head:
+        return None
+    even, odd = head[0::2], head[1::2]
+    if odd.count(0) >= 0.9 * len(odd) and even.count(0) <= 0.1 * len(even):
+        return "UTF-16 LE"
+    if even.count(0) >= 0.9 * len(even) and odd.count(0) <= 0.1 * len(odd):
+        return "UTF-16 BE"
+    return None
 
 
 def _object_or_lines(path: Path, data: bytes) -> str:
