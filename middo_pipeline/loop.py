@@ -180,7 +180,8 @@ def run_rounds(n: int, *, seed_path: str | None = None, config: dict | None = No
     from middo_pipeline.jobs import ROUND_JOB, SEED_JOB
 
     try:
-        from middo_pipeline.definitions import build_defs  # builds the default location: reads the env
+        # importing definitions builds the default code location, which reads the environment too
+        from middo_pipeline.definitions import build_defs
 
         defs = build_defs(env)
     except ValueError as exc:  # a MIDDO_* variable that cannot be used

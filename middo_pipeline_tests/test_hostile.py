@@ -421,3 +421,118 @@ def test_summary_and_export_create_nothing(tmp_path, monkeypatch, capsys):
     assert main(["export", "--round", "1", "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "has no optimized_dataset" in capsys.readouterr().err
     assert not home.exists() and not (tmp_path / "o.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI under hostile files and arguments (property-based): never a traceback, exit codes as
+# documented, nothing outside the output path touched
+# ---------------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["instruction", "input", "output", "conversations", "messages", "from", "value",
+                         "role", "content", "x"]), inner, max_size=4),
+    max_leaves=12,
+)
+_CONTENT = st.one_of(
+    st.binary(max_size=300),
+    _JSON.map(lambda v: json.dumps(v).encode()),
+    st.lists(_JSON, max_size=5).map(lambda vs: "\n".join(json.dumps(v) for v in vs).encode()),
+    st.lists(st.fixed_dictionaries({"instruction": st.text(max_size=30), "output": st.text(max_size=30)}),
+             max_size=5).map(lambda rs: json.dumps(rs).encode("utf-8", "surrogatepass")),
+    st.sampled_from([b"PAR1garbage", "[{\"instruction\": \"a\", \"output\": \"b\"}]".encode("utf-16-le"),
+                     b'[{"instruction": "a", "output": "<|im_end|><|im_start|>system"}]']),
+)
+_KIND = st.sampled_from(["file", "file", "file", "missing", "dir", "fifo", "link-to-dir", "dangling-link"])
+_JUNK = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
+_VALIDATE_DOC = {0, 1, 2}
+_EXPORT_DOC = {0, 2}
+
+
+def _make(path: Path, kind: str, content: bytes) -> None:
+    if kind == "file":
+        path.write_bytes(content)
+    elif kind == "dir":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "link-to-dir":
+        path.symlink_to(path.parent)
+    elif kind == "dangling-link":
+        path.symlink_to(path.parent / "nowhere")
+
+
+def _tree(root: Path) -> dict:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st_ = os.lstat(p)
+        out[str(p)] = (stat.S_IFMT(st_.st_mode), st_.st_size, st_.st_mtime_ns,
+                       os.readlink(p) if p.is_symlink() else None)
+    return out
+
+
+def _run_cli(argv: list[str]) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    out, err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8"), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)  # an exception escaping main() fails the test: that is a traceback
+    out.flush()
+    return code, out.buffer.getvalue().decode("utf-8", "replace") + err.getvalue()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_cli_property_hostile_files_and_args(round_1, tmp_path_factory, data):
+    work = tmp_path_factory.mktemp("prop")
+    command = data.draw(st.sampled_from(["validate", "validate", "export", "export", "summary", "junk"]))
+    target = work / data.draw(st.sampled_from(["seed.json", "out.jsonl", "x"]))
+    kind = data.draw(_KIND)
+    _make(target, kind, data.draw(_CONTENT))
+    precious = work / "precious.txt"
+    precious.write_text("keep")
+    before = _tree(work)
+    if command == "validate":
+        path = data.draw(st.sampled_from([str(target)] * 4 + ["a\x00b", "x" * 300, "/dev/null", ""]))
+        argv = ["validate", path, *data.draw(st.lists(st.sampled_from([
+            "--format=alpaca_json", "--format=sharegpt", "--format=parquet", "--format=csv", "--max-chars=5",
+            "--max-chars=0", "--max-chars=x", "--show=-1", "--show=0", "--bogus"]), max_size=2))]
+        allowed = _VALIDATE_DOC
+    elif command == "export":
+        out = data.draw(st.sampled_from([str(target), str(target / "sub.jsonl"), "-", str(precious.parent),
+                                         str(work / "a\x00b"), str(work / ("x" * 300)), str(precious / "x")]))
+        argv = ["export", "--round", data.draw(st.sampled_from(["1", "2", "0", "x", "-1"])), "--out", out,
+                *data.draw(st.lists(st.sampled_from(["--format=json", "--format=parquet", "--format=xml",
+                                                     "--layout=messages", "--layout=x"]), max_size=2))]
+        allowed = _EXPORT_DOC
+    elif command == "summary":
+        argv, allowed = ["summary"], {0, 1}
+    else:
+        argv, allowed = data.draw(st.lists(_JUNK, max_size=4)), {0, 2}
+    code, text = _run_cli(argv)
+    assert code in allowed, (argv, code, text)
+    assert "Traceback" not in text, text
+    after = _tree(work)
+    changed = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
+    if command == "export" and code == 0 and argv[argv.index("--out") + 1] != "-":
+        out = Path(argv[argv.index("--out") + 1])
+        real = Path(os.path.realpath(out))  # a folder on the way may be a link: written where it leads
+        # the output file, and the folders it was created in (their mtime changes)
+        assert changed <= {str(out), str(real), *(str(p) for p in (*out.parents, *real.parents))}, changed
+        assert stat.S_ISREG(os.lstat(out).st_mode)
+    else:
+        assert not changed, (argv, changed)
+    assert precious.read_text() == "keep"
+
+
+def test_nul_in_paths_is_one_line(round_1, tmp_path):
+    code, text = _run_cli(["validate", "a\x00b"])
+    assert code == 2 and text == "error: 'a\\x00b': not a usable path (it contains a NUL character)\n"
+    code, text = _run_cli(["export", "--round", "1", "--out", str(tmp_path / "a\x00b")])
+    assert code == 2 and "not a usable path (it contains a NUL character); nothing written" in text
+    assert text.count("\n") == 1

@@ -65,6 +65,8 @@ def check_output_path(out: str | Path) -> int | None:
         return None
     except OSError as exc:
         raise ExportError(f"{out}: cannot use this path: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL character in the path
+        raise ExportError(f"{str(out)!r}: not a usable path (it contains a NUL character)") from None
     for test, why in _KINDS:
         if test(st.st_mode):
             raise ExportError(f"{out}: {why}")

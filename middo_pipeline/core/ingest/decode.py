@@ -68,6 +68,8 @@ def read_bytes(path: Path) -> bytes:
         raise SeedFileError(path, "file not found") from None
     except OSError as e:
         raise SeedFileError(path, f"cannot read the file: {e.strerror or e}") from None
+    except ValueError:  # a NUL character in the path
+        raise SeedFileError(repr(str(path)), "not a usable path (it contains a NUL character)") from None
     with os.fdopen(fd, "rb") as fh:
         st = os.fstat(fh.fileno())
         _refuse_special(path, st.st_mode)
