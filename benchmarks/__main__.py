@@ -18,7 +18,7 @@ from benchmarks.common import (
     write_json_atomic,
 )
 
-SECTIONS = ("hardware", "speed", "knn", "judge", "detection", "downstream")
+SECTIONS = ("hardware", "speed", "knn", "judge", "detection", "downstream", "ingest")
 
 GOALS = {
     "signal_speedup_vs_reference": (">=", 5.0, "signal pass >= 5x the reference's way"),
@@ -84,6 +84,8 @@ def headline(sections: dict) -> dict:
         "mfu_signal_pass": sp.get("mfu_ours"),
         "matmul_fp32_gflops": _get(hw, "fp32.gflops"),
         "detection_auroc": de.get("detection_auroc") or {"complexity": None, "diversity": None, "quality": None},
+        "ingest_peak_mib_1m": (sections.get("ingest") or {}).get("ingest_peak_mib_1m"),
+        "ingest_seconds_1m": (sections.get("ingest") or {}).get("ingest_seconds_1m"),
     }
     down = sections.get("downstream") or {}
     if down and not down.get("skipped"):
@@ -240,7 +242,7 @@ def main(argv=None) -> int:
         seconds[name] = time.perf_counter() - t0
         log(f"=== {name} done in {seconds[name]:.1f}s")
 
-    from benchmarks import detection, downstream, hardware, judge, knn, speed
+    from benchmarks import detection, downstream, hardware, ingest, judge, knn, speed
 
     section("hardware", lambda: hardware.run(settings, models))
     section("speed", lambda: speed.run(settings, models, sections.get("hardware") if "fp32" in (sections.get("hardware") or {}) else None))
@@ -254,6 +256,8 @@ def main(argv=None) -> int:
         section("downstream", lambda: downstream.run(settings, models))
     elif "downstream" in only:
         sections["downstream"] = {"skipped": True, "reason": "--quick: two CPU training runs per seed do not fit in minutes; run --full"}
+
+    section("ingest", lambda: ingest.run(settings))  # 1M rows in a child process (about 30 s, 1.5 GB today)
 
     head = headline(sections)
     gl = goals(head)

@@ -536,3 +536,16 @@ def test_nul_in_paths_is_one_line(round_1, tmp_path):
     code, text = _run_cli(["export", "--round", "1", "--out", str(tmp_path / "a\x00b")])
     assert code == 2 and "not a usable path (it contains a NUL character); nothing written" in text
     assert text.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. the ingestion memory benchmark runs (the 1M-row figure is `python -m benchmarks.ingest`)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_ingest_benchmark_harness():
+    from benchmarks.ingest import run
+
+    res = run(rows=2000, formats=("jsonl", "parquet"))
+    assert res["rows"] == 2000 and res["ingest_seconds_2000"] > 0 and res["ingest_peak_mib_2000"] >= 0
+    assert {f: b["rows"] for f, b in res["formats"].items()} == {"jsonl": 2000, "parquet": 2000}
