@@ -31,6 +31,9 @@ line and column.
 
 The package: ``decode`` turns bytes into records (with JSON error locations), ``readers`` tells
 the format and reads the file, ``validate`` checks each record into a sample or the quarantine.
+Records are produced one at a time (a pass tells the format, another validates) and accepted
+rows are kept in columnar chunks, so memory grows with the kept table rather than with Python
+objects per record; the file's bytes are held whole.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from middo_pipeline.core.ingest.base import (
     DUPLICATE_KEY,
@@ -143,12 +143,13 @@ def _json_msg(e: json.JSONDecodeError) -> str:
     return e.msg[: -len(" at")] if e.msg.endswith(" at") else e.msg
 
 
-def array_records(path: Path, data: bytes, lines_fallback: bool) -> list[Record] | None:
-    """Records of a file that is one JSON array. None when ``lines_fallback`` and the file holds
-    several JSON values one after another (JSON Lines whose first line is an array)."""
+def array_records(path: Path, data: bytes, lines_fallback: bool) -> Callable[[], Iterator[Record]] | None:
+    """The records of a file that is one JSON array, as a function that yields them one at a time
+    (each call parses again: nothing per record is kept). None when ``lines_fallback`` and the file
+    holds several JSON values one after another (JSON Lines whose first line is an array)."""
     text = _decode_whole(path, data)
-    items, spans, problems = _walk_array(text)
-    if items is None:
+    n = _count_array(text)
+    if n is None:
         if lines_fallback and _is_extra_data(text):
             return None
         value = _parse_document(path, text)  # raises with the exact position
@@ -156,52 +157,59 @@ def array_records(path: Path, data: bytes, lines_fallback: bool) -> list[Record]
             raise SeedFileError(
                 path, f"expected a JSON array of objects, found a top-level {json_type(value).split()[-1]}"
             )
-        items, spans, problems = value, None, None
-    if not items:
+        if not value:
+            raise SeedFileError(path, "the JSON array is empty (no records)")
+        return lambda: (Record(f"record {i}", item, clip(dump(item))) for i, item in enumerate(value, 1))
+    if not n:
         raise SeedFileError(path, "the JSON array is empty (no records)")
-    records = []
-    line, prev = 1, 0
-    for i, item in enumerate(items, 1):
-        if spans is None:
-            records.append(Record(f"record {i}", item, clip(dump(item))))
-            continue
-        start, end = spans[i - 1]
-        line += text.count("\n", prev, start)
-        prev = start
-        raw = text[start : min(end, start + RAW_CHARS + 1)]
-        records.append(Record(f"record {i} (line {line})", item, clip(raw), problems[i - 1]))
+
+    def records() -> Iterator[Record]:
+        line, prev = 1, 0
+        for i, (item, start, end, problem) in enumerate(_iter_array(text), 1):
+            line += text.count("\n", prev, start)
+            prev = start
+            raw = text[start : min(end, start + RAW_CHARS + 1)]
+            yield Record(f"record {i} (line {line})", item, clip(raw), problem)
+
     return records
 
 
-def _walk_array(text: str) -> tuple[list | None, list[tuple[int, int]] | None, list | None]:
-    """Parse a top-level JSON array element by element, keeping where each one starts and ends
-    and each one's duplicate-key problem. Nones when the text is not exactly one well-formed array."""
+class _NotAnArray(Exception):
+    pass
+
+
+def _iter_array(text: str) -> Iterator[tuple[Any, int, int, tuple[str, str] | None]]:
+    """A top-level JSON array element by element: (element, start, end, duplicate-key problem).
+    Raises when the text is not exactly one well-formed array."""
     decoder = _Decoder()
-    items, spans, problems = [], [], []
-    none = None, None, None
+    idx = _WS.match(text).end()
+    if text[idx] != "[":
+        raise _NotAnArray
+    idx = _WS.match(text, idx + 1).end()
+    if text[idx] != "]":
+        while True:
+            item, end = decoder.raw_decode(text, idx)
+            yield item, idx, end, decoder.problem()
+            idx = _WS.match(text, end).end()
+            if text[idx] == ",":
+                idx = _WS.match(text, idx + 1).end()
+                continue
+            if text[idx] == "]":
+                break
+            raise _NotAnArray
+    if _WS.match(text, idx + 1).end() != len(text):
+        raise _NotAnArray
+
+
+def _count_array(text: str) -> int | None:
+    """How many elements the top-level array has; None when the text is not one well-formed array."""
+    n = 0
     try:
-        idx = _WS.match(text).end()
-        if text[idx] != "[":
-            return none
-        idx = _WS.match(text, idx + 1).end()
-        if text[idx] != "]":
-            while True:
-                item, end = decoder.raw_decode(text, idx)
-                items.append(item)
-                spans.append((idx, end))
-                problems.append(decoder.problem())
-                idx = _WS.match(text, end).end()
-                if text[idx] == ",":
-                    idx = _WS.match(text, idx + 1).end()
-                    continue
-                if text[idx] == "]":
-                    break
-                return none
-        if _WS.match(text, idx + 1).end() != len(text):
-            return none
-    except (ValueError, IndexError, RecursionError):
-        return none
-    return items, spans, problems
+        for _ in _iter_array(text):
+            n += 1
+    except (_NotAnArray, ValueError, IndexError, RecursionError):
+        return None
+    return n
 
 
 def _is_extra_data(text: str) -> bool:
@@ -255,10 +263,25 @@ def _innermost_open(text: str) -> str | None:
     return "an object" if stack[-1] == "{" else "an array"
 
 
-def jsonl_records(data: bytes) -> list[Record]:
-    records = []
+def jsonl_records(data: bytes) -> Callable[[], Iterator[Record]]:
+    """The records of a JSON Lines file, one per non-blank line, as a function that yields them
+    one at a time (a line that cannot be parsed is a record with its problem)."""
+    return lambda: _jsonl(data)
+
+
+def _lines(data: bytes) -> Iterator[bytes]:
+    start, n = 0, len(data)
+    while start < n:
+        end = data.find(b"\n", start)
+        if end < 0:
+            end = n
+        yield data[start:end]
+        start = end + 1
+
+
+def _jsonl(data: bytes) -> Iterator[Record]:
     decoder = _Decoder()
-    for lineno, line in enumerate(data.split(b"\n"), 1):
+    for lineno, line in enumerate(_lines(data), 1):
         if not line.strip():
             continue
         location = f"line {lineno}"
@@ -268,22 +291,21 @@ def jsonl_records(data: bytes) -> list[Record]:
             col = len(line[: e.start].decode("utf-8", "replace")) + 1
             reason = f"{INVALID_UTF8}: byte 0x{line[e.start]:02x} at column {col}"
             raw = clip(line.decode("utf-8", "backslashreplace"))
-            records.append(Record(location, None, raw, (RECORD_FIELD, reason)))
+            yield Record(location, None, raw, (RECORD_FIELD, reason))
             continue
         raw = clip(text.rstrip("\r"))
         try:
             value = decoder.loads(text)
         except json.JSONDecodeError as e:
             reason = f"{INVALID_JSON}: {_json_msg(e)} at column {e.colno}"
-            records.append(Record(location, None, raw, (RECORD_FIELD, reason)))
+            yield Record(location, None, raw, (RECORD_FIELD, reason))
             continue
         except RecursionError:
             reason = f"{INVALID_JSON}: nested too deeply to parse"
-            records.append(Record(location, None, raw, (RECORD_FIELD, reason)))
+            yield Record(location, None, raw, (RECORD_FIELD, reason))
             continue
         except ValueError as e:
-            records.append(Record(location, None, raw, (RECORD_FIELD, f"{INVALID_JSON}: {e}")))
+            yield Record(location, None, raw, (RECORD_FIELD, f"{INVALID_JSON}: {e}"))
             continue
-        records.append(Record(location, value, raw, decoder.problem()))
-    return records
+        yield Record(location, value, raw, decoder.problem())
 

@@ -8,6 +8,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import polars as pl
 
@@ -33,7 +34,7 @@ from middo_pipeline.core.ingest.decode import (
 class Loaded:
     format: str
     flavor: str  # "alpaca", "sharegpt", "messages"
-    records: list[Record]
+    records: Callable[[], Iterator[Record]]  # each call yields the records again, one at a time
 
 
 def load(path: Path, format: str | None) -> Loaded:
@@ -77,7 +78,7 @@ def load(path: Path, format: str | None) -> Loaded:
     if records is None:  # JSON Lines, or several JSON values one per line that start with an array
         container = "jsonl"
         records = jsonl_records(data)
-        if not records:
+        if next(records(), None) is None:
             raise SeedFileError(path, "empty file (only blank lines)")
 
     flavor = _flavor(path, container, records, format)
@@ -121,43 +122,48 @@ def _object_or_lines(path: Path, data: bytes) -> str:
     raise SeedFileError(path, f"expected a JSON array of objects, found a top-level {json_type(value).split()[-1]}")
 
 
-def _parquet_records(path: Path, data: bytes) -> list[Record]:
+def _parquet_records(path: Path, data: bytes) -> Callable[[], Iterator[Record]]:
     try:
         df = pl.read_parquet(io.BytesIO(data))
-        rows = list(df.iter_rows(named=True))
+        next(df.iter_rows(named=True), None)  # a column the row reader cannot convert fails here
     except Exception as e:  # noqa: BLE001 - any reader failure means the file is unusable
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SeedFileError(path, f"unreadable Parquet file: {clip(first, 200)}") from None
-    if not rows:
+    if not df.height:
         raise SeedFileError(path, "the Parquet file has no rows")
-    return [Record(f"record {i}", row, clip(dump(row))) for i, row in enumerate(rows, 1)]
+    # the table stays columnar; each row becomes Python values only while it is validated
+    return lambda: (Record(f"record {i}", row, clip(dump(row))) for i, row in enumerate(df.iter_rows(named=True), 1))
 
 
-def _flavor(path: Path, container: str, records: list[Record], format: str | None) -> str:
+def _flavor(path: Path, container: str, records: Callable[[], Iterator[Record]], format: str | None) -> str:
     """Which record layout the file uses: "alpaca", "sharegpt" or "messages"."""
     if format is not None and format != "parquet":
         return "alpaca" if format.startswith("alpaca") else format
-    objects = [rec.value for rec in records if isinstance(rec.value, dict)]
-    first_keys = list(objects[0]) if objects else None
-    votes: Counter[str] = Counter()
     # a key votes when it holds a value (Parquet has every column in every row, often null);
-    # when no key holds one, presence alone decides
-    for non_null in (True, False):
-        for obj in objects:
-            keys = {k for k, v in obj.items() if v is not None} if non_null else obj.keys()
+    # when no key holds one, presence alone decides. One pass over the records counts both.
+    first_keys, first = None, None
+    by_value: Counter[str] = Counter()
+    by_presence: Counter[str] = Counter()
+    for rec in records():
+        if first is None:
+            first = rec
+        obj = rec.value
+        if not isinstance(obj, dict):
+            continue
+        if first_keys is None:
+            first_keys = list(obj)
+        for votes, keys in ((by_value, {k for k, v in obj.items() if v is not None}), (by_presence, obj.keys())):
             if "conversations" in keys:
                 votes["sharegpt"] += 1
             elif "messages" in keys:
                 votes["messages"] += 1
             elif "instruction" in keys or "output" in keys:
                 votes["alpaca"] += 1
-        if votes:
-            break
+    votes = by_value or by_presence
     if votes:
         priority = {"alpaca": 0, "sharegpt": 1, "messages": 2}
         return max(votes, key=lambda f: (votes[f], -priority[f]))
     if first_keys is None:  # not a single object among the records
-        first = records[0]
         if container == "array":
             raise SeedFileError(
                 path, f"expected a JSON array of objects, found an array whose record 1 is {json_type(first.value)}"

@@ -32,8 +32,9 @@ from middo_pipeline.core.ingest.base import (
 from middo_pipeline.core.ingest.readers import Loaded
 from middo_pipeline.core.schema import (
     QUARANTINE_SCHEMA,
+    SAMPLE_SCHEMA,
+    SEED,
     make_sample_id,
-    make_samples,
     normalize_text,
 )
 
@@ -134,14 +135,40 @@ _EXTRACTORS: dict[str, Callable[[dict], tuple[str, str, str, bool]]] = {
 }
 
 
+_CHUNK = 50_000  # accepted rows turned into a columnar chunk at a time
+_CHUNK_SCHEMA = {"sample_id": pl.String, "instruction": pl.String, "input": pl.String, "output": pl.String,
+                 "_n": pl.Int64, "_location": pl.String, "_truncated": pl.Boolean}
+
+
+def _chunk(cols: dict[str, list]) -> pl.DataFrame:
+    """Accepted rows (already normalized, with their ids) as a canonical seed table, plus the
+    bookkeeping columns _n, _location, _truncated (built column-wise: no dict per row)."""
+    df = pl.DataFrame(cols, schema=_CHUNK_SCHEMA)
+    extra = {"round": pl.lit(0, SAMPLE_SCHEMA["round"]), "origin_id": pl.lit(None, SAMPLE_SCHEMA["origin_id"]),
+             "operation": pl.lit(SEED, SAMPLE_SCHEMA["operation"])}
+    return df.with_columns(**extra).select(*SAMPLE_SCHEMA, "_n", "_location", "_truncated")
+
+
 def ingest(path: Path, loaded: Loaded, max_chars: int) -> IngestResult:
+    """Validate the records one at a time. Accepted rows go into columnar chunks every _CHUNK
+    rows, so memory grows with the table, not with Python objects per record; duplicates are
+    found on the sample-id column at the end, and their raw text is read again (a third pass over
+    the records, only when there are duplicates)."""
     extract = _EXTRACTORS[loaded.flavor]
     source = str(path)
-    rows: list[dict] = []
-    rejected: list[dict] = []
-    first_seen: dict[str, str] = {}
-    truncated = 0
-    for rec in loaded.records:
+    cols: dict[str, list] = {name: [] for name in _CHUNK_SCHEMA}
+    chunks: list[pl.DataFrame] = []
+    rejected: list[dict] = []  # with "_n", the record's position, to merge duplicates in file order
+    total = 0
+
+    def flush() -> None:
+        if cols["sample_id"]:
+            chunks.append(_chunk(cols))
+            for values in cols.values():
+                values.clear()
+
+    for n, rec in enumerate(loaded.records()):
+        total += 1
         try:
             if rec.problem is not None:
                 raise Reject(*rec.problem)
@@ -152,23 +179,44 @@ def ingest(path: Path, loaded: Loaded, max_chars: int) -> IngestResult:
             n_chars = len(instruction) + len(input) + len(output)
             if n_chars > max_chars:
                 raise Reject(RECORD_FIELD, f"{TOO_LONG}: {n_chars} characters (limit {max_chars})")
-            sample_id = make_sample_id(instruction, input, output)
-            if sample_id in first_seen:
-                raise Reject(RECORD_FIELD, f"{DUPLICATE}: same content as {first_seen[sample_id]}")
         except Reject as r:
             rejected.append(
                 {"source_file": source, "location": rec.location, "field": r.field,
-                 "reason": clip(r.reason), "raw": rec.raw}
+                 "reason": clip(r.reason), "raw": rec.raw, "_n": n}
             )
             continue
-        first_seen[sample_id] = rec.location
-        truncated += was_truncated
-        rows.append({"sample_id": sample_id, "instruction": instruction, "input": input, "output": output})
+        for name, value in zip(_CHUNK_SCHEMA, (make_sample_id(instruction, input, output), instruction, input,
+                                               output, n, rec.location, was_truncated)):
+            cols[name].append(value)
+        if len(cols["sample_id"]) >= _CHUNK:
+            flush()
+    flush()
+    # chunks stay chunks (no rechunk copy): Parquet writes them as they are
+    kept = pl.concat(chunks, rechunk=False) if chunks else _chunk(cols)
+    chunks.clear()
+    first = kept["sample_id"].is_first_distinct()
+    if not first.all():
+        kept, rejected = _move_duplicates(kept, first, rejected, loaded, source)
+    quarantine = pl.DataFrame(rejected, schema={**QUARANTINE_SCHEMA, "_n": pl.Int64}).sort("_n").drop("_n")
     return IngestResult(
-        samples=make_samples(rows),
-        quarantine=pl.DataFrame(rejected, schema=QUARANTINE_SCHEMA),
+        samples=kept.drop("_n", "_location", "_truncated"),
+        quarantine=quarantine,
         format=loaded.format,
-        total_records=len(loaded.records),
+        total_records=total,
         source_file=source,
-        truncated_conversations=truncated,
+        truncated_conversations=int(kept["_truncated"].sum() or 0),
     )
+
+
+def _move_duplicates(kept: pl.DataFrame, first: pl.Series, rejected: list[dict], loaded: Loaded,
+                     source: str) -> tuple[pl.DataFrame, list[dict]]:
+    """Rows whose content came earlier: into the quarantine, naming where it came first."""
+    firsts = kept.filter(first).select("sample_id", pl.col("_location").alias("_first"))
+    dups = kept.filter(~first).select("sample_id", "_n", "_location").join(firsts, on="sample_id", how="left")
+    wanted = dict(zip(dups["_n"].to_list(), zip(dups["_location"].to_list(), dups["_first"].to_list())))
+    for n, rec in enumerate(loaded.records()):  # the raw text of the duplicates only
+        if n in wanted:
+            location, first_location = wanted[n]
+            rejected.append({"source_file": source, "location": location, "field": RECORD_FIELD,
+                             "reason": clip(f"{DUPLICATE}: same content as {first_location}"), "raw": rec.raw, "_n": n})
+    return kept.filter(first), rejected
