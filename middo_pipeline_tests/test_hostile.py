@@ -549,3 +549,39 @@ def test_ingest_benchmark_harness():
     res = run(rows=2000, formats=("jsonl", "parquet"))
     assert res["rows"] == 2000 and res["ingest_seconds_2000"] > 0 and res["ingest_peak_mib_2000"] >= 0
     assert {f: b["rows"] for f, b in res["formats"].items()} == {"jsonl": 2000, "parquet": 2000}
+
+
+_BIG_FILE_CASES = [
+    b'\xef\xbb\xbf{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n',
+    b'{"instruction": "a", "output": "b"}\n{not json\n\n{"instruction": "a", "output": "b"}\n',
+    b'{not json\n{"instruction": "a", "output": "b"}\n',
+    b'{\n "instruction": "a",\n "output": "b"\n}\n',
+    b'[{"instruction": "a", "output": "b"},\n {"instruction": "c", "output": 5}]',
+    b'["x"]\n{"instruction": "a", "output": "b"}\n',
+    b'\n\n\n' + b' ' * 100 + b'\n',
+    b'{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "r"}]}\n' * 3,
+    b'5\n',
+    b' ' * 40 + b'\n[{"instruction": "a", "output": "b"}]',
+    b'\n' * 30 + b'{"instruction": "a", "output": "b"}\n',
+]
+
+
+@pytest.mark.parametrize("content", _BIG_FILE_CASES)
+def test_files_larger_than_the_head_read_the_same(tmp_path, monkeypatch, content):
+    """Files over HEAD_BYTES are told apart from their head and JSON Lines are read line by line
+    from the file: the same result as a file read whole."""
+    from middo_pipeline.core.ingest import SeedFileError, read_seed, readers
+
+    path = tmp_path / "seed"
+    path.write_bytes(content)
+
+    def outcome():
+        try:
+            r = read_seed(path)
+        except SeedFileError as e:
+            return str(e)
+        return (r.format, r.total_records, r.samples.to_dicts(), r.rejection_lines(), r.truncated_conversations)
+
+    whole = outcome()
+    monkeypatch.setattr(readers, "HEAD_BYTES", 8)
+    assert outcome() == whole

@@ -33,7 +33,8 @@ The package: ``decode`` turns bytes into records (with JSON error locations), ``
 the format and reads the file, ``validate`` checks each record into a sample or the quarantine.
 Records are produced one at a time (a pass tells the format, another validates) and accepted
 rows are kept in columnar chunks, so memory grows with the kept table rather than with Python
-objects per record; the file's bytes are held whole.
+objects per record. JSON Lines are read line by line from the file (the first MiB tells the
+format); a JSON array or a Parquet file is held whole while it is read.
 """
 
 from __future__ import annotations

@@ -57,9 +57,9 @@ def _refuse_special(path: Path, mode: int) -> None:
         raise SeedFileError(path, "not a regular file")
 
 
-def read_bytes(path: Path) -> bytes:
-    """The whole file, if it is a regular file of at most MAX_FILE_BYTES: a FIFO, a device or a
-    folder is refused before it is opened (so nothing blocks or reads without end)."""
+def _open_regular(path: Path):
+    """An open binary file and its stat, if ``path`` is a regular file of at most MAX_FILE_BYTES:
+    a FIFO, a device or a folder is refused before it is opened (nothing blocks or reads without end)."""
     try:
         _refuse_special(path, os.stat(path).st_mode)
         # O_NONBLOCK: should a FIFO be swapped in after the check, opening it does not wait for a writer
@@ -70,18 +70,50 @@ def read_bytes(path: Path) -> bytes:
         raise SeedFileError(path, f"cannot read the file: {e.strerror or e}") from None
     except ValueError:  # a NUL character in the path
         raise SeedFileError(repr(str(path)), "not a usable path (it contains a NUL character)") from None
-    with os.fdopen(fd, "rb") as fh:
+    fh = os.fdopen(fd, "rb")
+    try:
         st = os.fstat(fh.fileno())
         _refuse_special(path, st.st_mode)
         if st.st_size > MAX_FILE_BYTES:
             raise SeedFileError(path, f"too large ({st.st_size} bytes; limit {MAX_FILE_BYTES} bytes): split it")
+    except BaseException:
+        fh.close()
+        raise
+    return fh, st
+
+
+def _too_large(path: Path) -> SeedFileError:
+    return SeedFileError(path, f"too large (over {MAX_FILE_BYTES} bytes; limit {MAX_FILE_BYTES} bytes): split it")
+
+
+def read_bytes(path: Path, limit: int | None = None) -> bytes:
+    """The whole file (or its first ``limit`` bytes), read from a regular file only, bounded."""
+    fh, _ = _open_regular(path)
+    with fh:
         try:
-            data = fh.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows meanwhile
+            data = fh.read((MAX_FILE_BYTES if limit is None else min(limit, MAX_FILE_BYTES)) + 1)
         except OSError as e:
             raise SeedFileError(path, f"cannot read the file: {e.strerror or e}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise SeedFileError(path, f"too large (over {MAX_FILE_BYTES} bytes; limit {MAX_FILE_BYTES} bytes): split it")
+    if limit is not None:
+        return data[:limit]
+    if len(data) > MAX_FILE_BYTES:  # bounded even if the file grows meanwhile
+        raise _too_large(path)
     return data
+
+
+def file_lines(path: Path) -> Iterator[bytes]:
+    """The lines of a regular file without their "\n" (a UTF-8 byte-order mark dropped), read
+    as they are used: the file is never held whole."""
+    fh, _ = _open_regular(path)
+    read = 0
+    with fh:
+        for i, line in enumerate(fh):
+            read += len(line)
+            if read > MAX_FILE_BYTES:
+                raise _too_large(path)
+            if i == 0 and line.startswith(BOM):
+                line = line[len(BOM):]
+            yield line[:-1] if line.endswith(b"\n") else line
 
 
 def _decode_whole(path: Path, data: bytes) -> str:
@@ -263,10 +295,13 @@ def _innermost_open(text: str) -> str | None:
     return "an object" if stack[-1] == "{" else "an array"
 
 
-def jsonl_records(data: bytes) -> Callable[[], Iterator[Record]]:
-    """The records of a JSON Lines file, one per non-blank line, as a function that yields them
-    one at a time (a line that cannot be parsed is a record with its problem)."""
-    return lambda: _jsonl(data)
+def jsonl_records(source: bytes | Path) -> Callable[[], Iterator[Record]]:
+    """The records of JSON Lines (bytes, or a file read line by line), one per non-blank line, as
+    a function that yields them one at a time (a line that cannot be parsed is a record with its
+    problem)."""
+    if isinstance(source, Path):
+        return lambda: _jsonl(file_lines(source))
+    return lambda: _jsonl(_lines(source))
 
 
 def _lines(data: bytes) -> Iterator[bytes]:
@@ -279,9 +314,9 @@ def _lines(data: bytes) -> Iterator[bytes]:
         start = end + 1
 
 
-def _jsonl(data: bytes) -> Iterator[Record]:
+def _jsonl(lines: Iterator[bytes]) -> Iterator[Record]:
     decoder = _Decoder()
-    for lineno, line in enumerate(_lines(data), 1):
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         location = f"line {lineno}"

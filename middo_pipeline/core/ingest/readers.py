@@ -37,47 +37,59 @@ class Loaded:
     records: Callable[[], Iterator[Record]]  # each call yields the records again, one at a time
 
 
+HEAD_BYTES = 1 << 20  # what is read to tell the format; JSON Lines are then read line by line
+
+
 def load(path: Path, format: str | None) -> Loaded:
     if format is not None and format not in FORMATS:
         raise SeedFileError(path, f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
-    data = read_bytes(path)
-    if not data:
+    head = read_bytes(path, limit=HEAD_BYTES + 1)
+    whole = len(head) <= HEAD_BYTES  # the head is the whole file
+    if not head:
         raise SeedFileError(path, "empty file")
 
-    if data[:4] == b"PAR1":
+    if head[:4] == b"PAR1":
         if format not in (None, "parquet"):
             raise SeedFileError(path, f"is a Parquet file, not {format!r}; its format is 'parquet'")
-        records = _parquet_records(path, data)
+        records = _parquet_records(path, head if whole else read_bytes(path))
         return Loaded("parquet", _flavor(path, "parquet", records, None), records)
     if format == "parquet":
         raise SeedFileError(path, "not a Parquet file (no PAR1 magic bytes at the start)")
 
-    if data.startswith(BOM):
-        data = data[len(BOM) :]
-    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+    if head.startswith(BOM):
+        head = head[len(BOM) :]
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise SeedFileError(
             path,
-            f"invalid UTF-8: byte 0x{data[0]:02x} at line 1, column 1 "
+            f"invalid UTF-8: byte 0x{head[0]:02x} at line 1, column 1 "
             "(the file looks like UTF-16; save it as UTF-8)",
         )
-    utf16 = _utf16_without_bom(data)
+    utf16 = _utf16_without_bom(head)
     if utf16:
         raise SeedFileError(path, f"the file looks like {utf16} without a byte-order mark (every other byte is 0); "
                                   "save it as UTF-8")
-    if not data.strip():
+    if not head.strip() and (whole or not _without_bom(read_bytes(path)).strip()):
         raise SeedFileError(path, "empty file (only whitespace)")
 
+    data = head if whole else None  # the whole file, once it is needed
     if format == "alpaca_jsonl":
         container = "jsonl"
-    elif format == "alpaca_json" or data.lstrip()[:1] == b"[":
+    elif format == "alpaca_json" or head.lstrip()[:1] == b"[":
         container = "array"
+    elif not whole and _first_line_is_json(head):
+        container = "jsonl"  # a JSON value per line: never one document spread over lines
     else:
-        container = _object_or_lines(path, data)
+        data = data if data is not None else _without_bom(read_bytes(path))
+        container = "array" if data.lstrip()[:1] == b"[" else _object_or_lines(path, data)
 
-    records = array_records(path, data, lines_fallback=format is None) if container == "array" else None
+    records = None
+    if container == "array":
+        data = data if data is not None else _without_bom(read_bytes(path))
+        records = array_records(path, data, lines_fallback=format is None)
     if records is None:  # JSON Lines, or several JSON values one per line that start with an array
         container = "jsonl"
-        records = jsonl_records(data)
+        del data  # JSON Lines are read from the file, line by line, on every pass
+        records = jsonl_records(path)
         if next(records(), None) is None:
             raise SeedFileError(path, "empty file (only blank lines)")
 
@@ -87,6 +99,22 @@ def load(path: Path, format: str | None) -> Loaded:
     else:
         name = flavor
     return Loaded(name, flavor, records)
+
+
+def _without_bom(data: bytes) -> bytes:
+    return data[len(BOM) :] if data.startswith(BOM) else data
+
+
+def _first_line_is_json(head: bytes) -> bool:
+    """Whether the first non-blank line (complete within ``head``) is a JSON value on its own."""
+    for line in head.split(b"\n")[:-1]:  # the last piece may be cut
+        if line.strip():
+            try:
+                json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                return False
+            return True
+    return False
 
 
 def _utf16_without_bom(data: bytes) -> str | None:
