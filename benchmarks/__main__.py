@@ -18,7 +18,7 @@ from benchmarks.common import (
     write_json_atomic,
 )
 
-SECTIONS = ("hardware", "speed", "knn", "judge", "detection", "downstream")
+SECTIONS = ("hardware", "speed", "knn", "judge", "detection", "downstream", "ingest")
 
 GOALS = {
     "signal_speedup_vs_reference": (">=", 5.0, "signal pass >= 5x the reference's way"),
@@ -94,6 +94,8 @@ def headline(sections: dict) -> dict:
         "detection_auroc_ci95": de.get("detection_auroc_ci95"),
         "quality_auroc_by_kind": de.get("quality_auroc_by_kind"),
         "quality_auroc_by_kind_ci95": de.get("quality_auroc_by_kind_ci95"),
+        "ingest_peak_mib_1m": (sections.get("ingest") or {}).get("ingest_peak_mib_1m"),
+        "ingest_seconds_1m": (sections.get("ingest") or {}).get("ingest_seconds_1m"),
     }
     down = sections.get("downstream") or {}
     for key in (
@@ -353,7 +355,7 @@ def main(argv=None) -> int:
         seconds[name] = time.perf_counter() - t0
         log(f"=== {name} done in {seconds[name]:.1f}s")
 
-    from benchmarks import detection, downstream, hardware, judge, knn, speed
+    from benchmarks import detection, downstream, hardware, ingest, judge, knn, speed
 
     section("hardware", lambda: hardware.run(settings, models))
     section(
@@ -375,6 +377,8 @@ def main(argv=None) -> int:
             "skipped": True,
             "reason": "--quick: dozens of training runs do not fit in minutes; --only downstream or --full",
         }
+
+    section("ingest", lambda: ingest.run(settings))  # 1M rows in a child process (about 30 s, 1.5 GB today)
 
     head = headline(sections)
     gl = goals(head)

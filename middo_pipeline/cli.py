@@ -6,10 +6,13 @@ dagster) happen inside the command that needs them, so ``middo --help`` stays fa
     middo validate PATH [--format F] [--max-chars N] [--show N]
     middo loop --rounds N [--seed PATH] [--config FILE|tiny|gpu]
     middo summary
-    middo export --round R --format jsonl|json|parquet [--layout alpaca|messages] --out PATH
+    middo export --round R --format jsonl|json|parquet [--layout alpaca|messages] --out PATH|-
 
 Exit codes of ``validate``: 0 every record is usable, 1 some records were rejected, 2 the file
-as a whole is unusable (or the command line is wrong).
+as a whole is unusable or no record is usable (or the command line is wrong).
+Exit codes of ``export``: 0 written, 2 nothing written (no such round; an output path that is
+not a regular file: links, FIFOs, devices and folders are never replaced; ``--out -`` writes to
+standard output).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"truncated conversations (first pair kept): {result.truncated_conversations}")
     if not result.rejected:
         return 0
+    code = 1
 
     lines = result.rejection_lines()
     shown = lines if args.show < 0 else lines[: args.show]
@@ -64,7 +68,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     width = max(len(str(n)) for n in counts.values())
     for kind, n in counts.items():
         print(f"  {n:>{width}}  {kind}")
-    return 1
+    if not result.usable:
+        print(
+            f"error: {result.source_file}: no usable records ({result.rejected} rejected); "
+            "`middo loop` would refuse this file",
+            file=sys.stderr,
+        )
+        code = 2
+    return code
 
 
 def cmd_loop(args: argparse.Namespace) -> int:
@@ -75,6 +86,7 @@ def cmd_loop(args: argparse.Namespace) -> int:
     # bars would only interleave with it. Set before transformers is imported; env wins.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from middo_pipeline.loop import load_run_config, run_rounds
+    from middo_pipeline.preflight import PreflightError
 
     try:
         config = load_run_config(args.config)
@@ -82,7 +94,18 @@ def cmd_loop(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        summaries = run_rounds(args.rounds, seed_path=args.seed, config=config, log=lambda m: print(m, flush=True))
+        summaries = run_rounds(
+            args.rounds,
+            seed_path=args.seed,
+            config=config,
+            log=lambda m: print(m, flush=True),
+            config_source=args.config,
+        )
+    except PreflightError as e:
+        for line in e.problems:
+            print(f"error: {line}", file=sys.stderr)
+        print("nothing was run", file=sys.stderr)
+        return 2
     except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -112,7 +135,14 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from middo_pipeline.loop import ensure_dagster_home, summarize_round
     from middo_pipeline.rounds import existing_rounds, round_key
 
-    home = ensure_dagster_home()
+    home = ensure_dagster_home(create=False)  # runs nothing: creates nothing
+    if not home.is_dir():
+        print(
+            f"no rounds recorded: {home} does not exist; run `middo loop --rounds N` first "
+            "(with the same DAGSTER_HOME)",
+            file=sys.stderr,
+        )
+        return 1
     with DagsterInstance.get() as instance:
         rows = [(round_key(n), summarize_round(instance, round_key(n))) for n in existing_rounds(instance)]
     if not rows:
@@ -129,12 +159,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write a round's optimized dataset with provenance on every row."""
     import polars as pl
 
-    from middo_pipeline.core.export import export_table
+    from middo_pipeline.core.export import ExportError, export_table
     from middo_pipeline.core.storage import Storage
     from middo_pipeline.loop import ensure_dagster_home
     from middo_pipeline.rounds import round_key
 
-    ensure_dagster_home()
+    ensure_dagster_home(create=False)
     path = Storage().table_path("optimized_dataset", round_key(args.round))
     if not path.exists():
         print(
@@ -144,8 +174,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
         return 2
     df = pl.read_parquet(path)
-    out = export_table(df, args.out, fmt=args.format, layout=args.layout)
-    print(f"wrote {df.height} rows of round-{args.round} to {out} ({args.format}, {args.layout} layout)")
+    try:
+        out = export_table(df, args.out, fmt=args.format, layout=args.layout)
+    except ExportError as e:
+        print(f"error: {e}; nothing written", file=sys.stderr)
+        return 2
+    where = "standard output" if out == "-" else out
+    print(
+        f"wrote {df.height} rows of round-{args.round} to {where} ({args.format}, {args.layout} layout)",
+        file=sys.stderr if out == "-" else sys.stdout,
+    )
     return 0
 
 
@@ -161,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Read a seed file (Alpaca JSON/JSONL, ShareGPT, OpenAI messages, Parquet) as the "
             "pipeline would and report every rejected record. Exit status: 0 clean, "
-            "1 some records rejected, 2 the file is unusable."
+            "1 some records rejected, 2 the file is unusable or no record is usable."
         ),
     )
     validate.add_argument("path", metavar="PATH", help="the seed file")
@@ -214,7 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="alpaca",
         help="alpaca: instruction/input/output (LLaMA-Factory); messages: chat turns",
     )
-    export.add_argument("--out", required=True, metavar="PATH")
+    export.add_argument(
+        "--out",
+        required=True,
+        metavar="PATH",
+        help="a regular file (replaced atomically; links, FIFOs, devices and folders are refused), "
+        "or - for standard output",
+    )
     export.set_defaults(func=cmd_export)
     return parser
 

@@ -27,6 +27,15 @@ from middo_pipeline.resources import ModelResource, OptimizerResource, StorageRe
 from middo_pipeline.schedules import nightly_round
 
 
+def _positive_int(env: dict, name: str, default: int) -> int:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{name}={text}: not a positive integer; set it to e.g. {default}, or unset it")
+    return int(text)
+
+
 def resources_from_env(env: dict | None = None) -> dict:
     env = dict(os.environ if env is None else env)
     profile = env.get("MIDDO_PROFILE", "default")
@@ -36,6 +45,8 @@ def resources_from_env(env: dict | None = None) -> dict:
     root = env.get("MIDDO_HOME") or None
     device = env.get("MIDDO_DEVICE", "auto")
     backend = env.get("MIDDO_OPTIMIZER_BACKEND", "local")
+    if backend not in ("local", "openai"):  # one line (the resource's own validation error is several)
+        raise ValueError(f"MIDDO_OPTIMIZER_BACKEND={backend}: unknown backend; use local or openai")
     return {
         "io_manager": ParquetIOManager(root=root),
         "storage": StorageResource(root=root),
@@ -45,7 +56,7 @@ def resources_from_env(env: dict | None = None) -> dict:
             model=env.get("MIDDO_OPTIMIZER_MODEL", default_model),
             base_url=env.get("MIDDO_OPTIMIZER_BASE_URL") or None,
             api_key_env=env.get("MIDDO_OPTIMIZER_API_KEY_ENV", "OPENAI_API_KEY"),
-            max_concurrency=int(env.get("MIDDO_OPTIMIZER_CONCURRENCY", "8")),
+            max_concurrency=_positive_int(env, "MIDDO_OPTIMIZER_CONCURRENCY", 8),
             device=device,
         ),
     }

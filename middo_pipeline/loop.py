@@ -6,15 +6,18 @@ instance at ``$DAGSTER_HOME``, so they show up in the UI afterwards with all the
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetKey, DagsterInstance, Field, logger
+from dagster._utils.log import coerce_valid_log_level, create_console_logger
 from filelock import Timeout
 
 from middo_pipeline.core.storage import Storage
+from middo_pipeline.preflight import PreflightError, preflight
 from middo_pipeline.rounds import ROUNDS, existing_rounds, latest_materialization, round_key
 
 ROUND_ASSET_OPS = {  # run-config keys under "ops" that belong to the round job / the seed job
@@ -48,13 +51,46 @@ run_coordinator:
 """
 
 
+def _one_line_errors(record: logging.LogRecord) -> bool:
+    """Below DEBUG verbosity, an error event shows its first line only, and step / run failures not
+    at all (`middo loop` prints them on one line): the stack traces stay in the instance (the
+    run's event log, and the UI)."""
+    if record.levelno >= logging.ERROR:
+        msg = record.getMessage()
+        if " - STEP_FAILURE - " in msg or " - RUN_FAILURE - " in msg:
+            return False  # `middo loop` prints the failure itself, on one line
+        if "\n" in msg:
+            record.msg, record.args = msg.split("\n", 1)[0], ()
+    return True
+
+
+@logger(
+    {
+        "log_level": Field(str, is_required=False, default_value="INFO"),
+        "name": Field(str, is_required=False, default_value="dagster"),
+    },
+    description="The console logger of `middo loop`: Dagster's, with error events on one line unless log_level is DEBUG.",
+)
+def loop_console_logger(init_context) -> logging.Logger:
+    level = coerce_valid_log_level(init_context.logger_config["log_level"])
+    log = create_console_logger(name=init_context.logger_config["name"], level=level)
+    if level > logging.DEBUG:
+        for handler in log.handlers:
+            handler.addFilter(_one_line_errors)
+    return log
+
+
 class RoundBusy(RuntimeError):
     """Another process is running this round right now."""
 
 
-def ensure_dagster_home() -> Path:
-    """DAGSTER_HOME (./.dagster_home when unset), created with DAGSTER_YAML when new."""
+def ensure_dagster_home(create: bool = True) -> Path:
+    """DAGSTER_HOME (./.dagster_home when unset), created with DAGSTER_YAML when new
+    (``create=False``: only resolved and exported, for commands that run nothing)."""
     home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
+    if not create:
+        os.environ["DAGSTER_HOME"] = str(home)
+        return home
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "dagster.yaml"
     if not cfg.exists():
@@ -74,11 +110,20 @@ def load_run_config(path: str | None) -> dict:
     if not Path(path).exists() and (PRESETS / f"{path}.yaml").exists():
         path = str(PRESETS / f"{path}.yaml")
     try:
-        cfg = yaml.safe_load(Path(path).read_text()) or {}
+        cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise FileNotFoundError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory; --config takes a YAML file or a preset (tiny, gpu)") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "save the config as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: expected a mapping with 'ops:' at the top")
     return cfg
@@ -92,6 +137,10 @@ def split_config(cfg: dict) -> tuple[dict, dict]:
             "MIDDO_* environment variables, see README)"
         )
     ops = cfg.get("ops") or {}
+    if not isinstance(ops, dict):
+        raise ValueError(
+            f"'ops' must be a mapping of asset names to {{config: ...}}, found {type(ops).__name__} {ops!r:.40}"
+        )
     unknown = set(ops) - ROUND_ASSET_OPS - {"seed_dataset"}
     if unknown:
         raise ValueError(
@@ -141,28 +190,59 @@ def summarize_round(instance: DagsterInstance, key: str) -> dict:
 
 
 def run_rounds(
-    n: int, *, seed_path: str | None = None, config: dict | None = None, log=print, env: dict | None = None
+    n: int,
+    *,
+    seed_path: str | None = None,
+    config: dict | None = None,
+    log=print,
+    env: dict | None = None,
+    config_source: str | None = None,
 ) -> list[RoundSummary]:
     """Materialize the seed if needed (or when ``seed_path`` is given), then the next ``n`` rounds in order.
-    Resources come from ``env`` (default: the process environment; see ``definitions``)."""
-    from middo_pipeline.definitions import build_defs
+    Resources come from ``env`` (default: the process environment; see ``definitions``).
+    Raises :class:`PreflightError` (nothing run) when a setting or the run config is wrong."""
     from middo_pipeline.jobs import ROUND_JOB, SEED_JOB
 
-    defs = build_defs(env)
-    ensure_dagster_home()
+    try:
+        # importing definitions builds the default code location, which reads the environment too
+        from middo_pipeline.definitions import build_defs
+
+        defs = build_defs(env)
+    except ValueError as exc:  # a MIDDO_* variable that cannot be used
+        raise PreflightError([str(exc)]) from None
     # progress lines at INFO; the step-by-step DEBUG events stay in the instance (and the UI)
     quiet = {"loggers": {"console": {"config": {"log_level": os.environ.get("MIDDO_LOG_LEVEL", "INFO")}}}}
-    seed_cfg, round_cfg = ({**quiet, **c} for c in split_config(config or {}))
-    store = Storage((env or os.environ).get("MIDDO_HOME") or None)
+    source = config_source or "run config"
+    try:
+        seed_cfg, round_cfg = ({**quiet, **c} for c in split_config(config or {}))
+    except ValueError as exc:
+        raise PreflightError([f"{source}: {exc}"]) from None
     if seed_path:
         seed_cfg["ops"].setdefault("seed_dataset", {}).setdefault("config", {})["path"] = str(Path(seed_path).resolve())
+    # before anything is materialized: resources resolvable, run config valid, storage writable
+    preflight(defs, {SEED_JOB: seed_cfg, ROUND_JOB: round_cfg}, source=source, env=env)
+    ensure_dagster_home()
+    store = Storage((env or os.environ).get("MIDDO_HOME") or None)
     with DagsterInstance.get() as instance:
         seed_done = instance.get_latest_materialization_event(AssetKey("seed_dataset")) is not None
+        if seed_path and existing_rounds(instance):
+            problem = seed_conflict(instance, seed_path)
+            if problem:
+                raise PreflightError([problem])
+            log(f"seed {seed_path} is the one the rounds grew from: not ingested again")
+            seed_path, seed_cfg["ops"] = None, {k: v for k, v in seed_cfg["ops"].items() if k != "seed_dataset"}
+        elif seed_cfg["ops"] and existing_rounds(instance):
+            raise PreflightError(
+                [
+                    f"{source}: ops.seed_dataset would ingest a seed again on an instance that already "
+                    "has rounds; remove it (the rounds continue from their own data), or start a "
+                    "fresh instance (another DAGSTER_HOME and MIDDO_HOME)"
+                ]
+            )
         if seed_path or not seed_done or seed_cfg["ops"]:
             log("materializing seed_dataset …")
-            res = defs.resolve_job_def(SEED_JOB).execute_in_process(
-                instance=instance, run_config=seed_cfg, raise_on_error=False
-            )
+            seed_job = defs.resolve_job_def(SEED_JOB).with_logger_defs({"console": loop_console_logger})
+            res = seed_job.execute_in_process(instance=instance, run_config=seed_cfg, raise_on_error=False)
             if not res.success:
                 raise RuntimeError(_failure_message(res, "seed_dataset"))
             md = _meta(instance, "seed_dataset", None)
@@ -173,7 +253,7 @@ def run_rounds(
             start = max(done)  # the last round did not finish: resume it (cached LLM calls are reused)
             log(f"{round_key(start)} did not finish before: resuming it")
         summaries = []
-        job = defs.resolve_job_def(ROUND_JOB)
+        job = defs.resolve_job_def(ROUND_JOB).with_logger_defs({"console": loop_console_logger})
         for r in range(start, start + n):
             key = round_key(r)
             if not instance.has_dynamic_partition(ROUNDS, key):
@@ -200,6 +280,28 @@ def run_rounds(
         return summaries
 
 
+def seed_conflict(instance: DagsterInstance, seed_path: str) -> str | None:
+    """Why ``--seed seed_path`` cannot be used on an instance that already has rounds, or None
+    when it is the very file (same content) the rounds grew from."""
+    from middo_pipeline.assets.ingestion import file_sha256
+
+    rounds = existing_rounds(instance)
+    prev = _meta(instance, "seed_dataset", None)
+    try:
+        same = prev.get("file_sha256") is not None and file_sha256(seed_path) == prev["file_sha256"]
+    except OSError:
+        same = False
+    if same:
+        return None
+    home = os.environ.get("DAGSTER_HOME", "")
+    return (
+        f"--seed {seed_path}: this instance ({home}) already has {round_key(max(rounds))}, grown from the seed "
+        f"{prev.get('path', 'ingested before')}; the next round continues from {round_key(max(rounds))}'s optimized "
+        "data and would ignore a new seed. Run without --seed to continue, or start a new lineage from the new "
+        "seed in a fresh instance: DAGSTER_HOME=<new folder> MIDDO_HOME=<new folder>/middo middo loop --seed ..."
+    )
+
+
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -212,14 +314,32 @@ _DAGSTER_WRAPPERS = (
 
 
 def _failure_message(res, what: str) -> str:
+    """One line: what failed, in which step, why (the error's own message; the class only when the
+    error is not one of ours), and where the full log is."""
+    log_file = Path(os.environ["DAGSTER_HOME"]) / "history" / "runs" / f"{res.run_id}.db"
+    where = f"full log: run {res.run_id} in the UI, or {log_file}; MIDDO_LOG_LEVEL=DEBUG prints the trace"
     for event in res.all_events:
         if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
             err = event.step_failure_data.error
             # Dagster wraps the real error (an asset's, or the IO manager's while storing / loading)
             while err.cause is not None and err.cls_name in _DAGSTER_WRAPPERS:
                 err = err.cause
-            msg = err.message.strip()
-            if not msg.startswith(f"{err.cls_name}:"):
+            msg = " ".join(err.message.strip().split("\n", 1)[0].split())
+            # format_exception_only writes "package.module.Class: message"; keep the message
+            head, sep, rest = msg.partition(": ")
+            if sep and head.rsplit(".", 1)[-1] == err.cls_name:
+                msg = rest
+            if not _is_ours(err.cls_name, head):
                 msg = f"{err.cls_name}: {msg}"
-            return f"{what} failed in step {event.step_key}: {msg} (run {res.run_id})"
-    return f"{what} failed (run {res.run_id}); see the run in the UI"
+            return f"{what} failed in step {event.step_key}: {msg} [{where}]"
+    return f"{what} failed [{where}]"
+
+
+def _is_ours(cls_name: str, qualified: str) -> bool:
+    """Errors raised on purpose with a message written for the user (no class name needed)."""
+    return qualified.startswith("middo_pipeline.") or cls_name in (
+        "StorageError",
+        "SeedFileError",
+        "PreflightError",
+        "BackendUnavailable",
+    )

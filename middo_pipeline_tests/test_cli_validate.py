@@ -1,4 +1,4 @@
-"""``middo validate``: output lines and exit codes 0 (clean) / 1 (rows rejected) / 2 (unusable)."""
+"""``middo validate``: output lines and exit codes 0 (clean) / 1 (rows rejected) / 2 (unusable, or no row usable)."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def test_array_locations(tmp_path, capsys):
 
 
 def test_max_chars(clean_file, capsys):
-    assert main(["validate", str(clean_file), "--max-chars", "20"]) == 1
+    assert main(["validate", str(clean_file), "--max-chars", "20"]) == 2  # no record usable
     out = capsys.readouterr().out
     assert f"{clean_file}:record 1 (line 2): (record): too long: 26 characters (limit 20)" in out
     assert "  2  too long" in out
@@ -126,7 +126,7 @@ def test_format_override(tmp_path, capsys):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "completion": "b"}])
     assert main(["validate", str(path)]) == 2
     assert "cannot tell the format" in capsys.readouterr().err
-    assert main(["validate", str(path), "--format", "alpaca_jsonl"]) == 1
+    assert main(["validate", str(path), "--format", "alpaca_jsonl"]) == 2  # read, but no record usable
     out = capsys.readouterr().out
     assert f"{path}: format alpaca_jsonl (given)" in out
     assert f"{path}:line 1: instruction: missing field" in out

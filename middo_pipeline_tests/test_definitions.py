@@ -104,5 +104,5 @@ def test_bad_choice_fails_at_config_validation_naming_the_choices(op, field, bad
 
 
 def test_bad_optimizer_backend_fails_when_the_resources_are_built():
-    with pytest.raises(Exception, match=r"'local' or 'openai'"):
+    with pytest.raises(ValueError, match=r"MIDDO_OPTIMIZER_BACKEND=vllm: unknown backend; use local or openai"):
         resources_from_env({"MIDDO_OPTIMIZER_BACKEND": "vllm"})

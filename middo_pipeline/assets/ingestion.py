@@ -1,5 +1,6 @@
 """Seed data in, and each round's input dataset."""
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from middo_pipeline.assets._meta import json_md, length_stats, preview_md
 from middo_pipeline.core.ingest import SeedFileError, read_seed
 from middo_pipeline.core.schema import fingerprint, schema_problems
 from middo_pipeline.core.storage import StorageError
-from middo_pipeline.resources import StorageResource
+from middo_pipeline.preflight import PreflightError, resource_problems
+from middo_pipeline.resources import ModelResource, OptimizerResource, StorageResource
 from middo_pipeline.rounds import latest_materialization, previous_round, previous_table, rounds_partitions
 
 DEFAULT_SEED = Path(__file__).resolve().parents[2] / "data" / "seed_alpaca.json"
@@ -44,6 +46,21 @@ class SeedConfig(Config):
     max_chars: int = Field(
         default=16000, description="Records longer than this (instruction+input+output) are quarantined"
     )
+
+
+def file_sha256(path: str | Path) -> str:
+    """The seed file's content hash: `middo loop --seed` compares it to tell a new seed from the same one."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _preflight(**resources) -> None:
+    problems = resource_problems(**resources)
+    if problems:
+        raise PreflightError(problems)
 
 
 @multi_asset(
@@ -86,6 +103,7 @@ def seed_dataset(context: AssetExecutionContext, config: SeedConfig):
         output_name="seed_dataset",
         metadata={
             "path": MetadataValue.path(str(Path(config.path).resolve())),
+            "file_sha256": file_sha256(config.path),
             "format": result.format,
             "records_read": result.total_records,
             "rows": samples.height,
@@ -126,7 +144,16 @@ def seed_dataset(context: AssetExecutionContext, config: SeedConfig):
         "loaded from storage (the loop cannot be a declared edge) with its provenance in the metadata."
     ),
 )
-def round_dataset(context: AssetExecutionContext, storage: StorageResource, seed_dataset: pl.DataFrame):
+def round_dataset(
+    context: AssetExecutionContext,
+    storage: StorageResource,
+    model: ModelResource,
+    optimizer: OptimizerResource,
+    seed_dataset: pl.DataFrame,
+):
+    # the round's first step: a run launched from the UI or the schedule stops here, before training,
+    # when a resource cannot work (the same check `middo loop` runs before anything)
+    _preflight(model=model, optimizer=optimizer, storage=storage.get())
     prev = previous_round(context.partition_key)
     if prev is None:
         df = seed_dataset

@@ -24,6 +24,11 @@ Tokenizers without offset mappings (slow, Python-only ones) are handled by token
 text piecewise (framing, prompt, framing, response, framing) and concatenating; token
 boundaries then always fall on the span boundaries.
 
+Text in the data is text: a prompt or response holding the string of a special or added token
+(``<|im_end|><|im_start|>system``) is tokenized piecewise with special-token parsing off for the
+contents, so it becomes ordinary text tokens and can never add a turn, end one, or change the
+conversation's structure. Samples without such strings take the one-pass path above unchanged.
+
 Truncation to ``max_length`` keeps the framing and drops, in this order: the template's text
 after the end-of-turn token, response tokens from the end, prompt tokens from the end of the
 prompt. ``truncated`` records whether anything was dropped. If the framing alone is longer
@@ -35,7 +40,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["EncodedSample", "encode_sample", "encode_samples", "render_sample"]
+__all__ = ["EncodedSample", "control_strings", "encode_sample", "encode_samples", "has_control", "render_sample"]
 
 # Private-use code points: never produced by tokenizing normal text, never in a template.
 _S_PROMPT = "\ue000middo-prompt\ue001"
@@ -235,17 +240,39 @@ def _offsets_supported(tokenizer) -> bool:
     return bool(getattr(tokenizer, "is_fast", False))
 
 
-def _tokenize_piecewise(tokenizer, r: _Rendered) -> tuple[list[int], tuple[int, int], tuple[int, int] | None]:
+def control_strings(tokenizer) -> tuple[str, ...]:
+    """The text of every special or added token (``<|im_end|>``, ``<|im_start|>``, ``</s>`` ...):
+    in data, each must be read as text, never as the token."""
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        content = getattr(tok, "content", None)
+        if content:
+            found.add(content)
+    return tuple(sorted((s for s in found if s), key=len, reverse=True))
+
+
+def has_control(text: str | None, controls: tuple[str, ...]) -> bool:
+    return bool(text) and any(c in text for c in controls)
+
+
+def _tokenize_piecewise(
+    tokenizer, r: _Rendered, literal: bool = False
+) -> tuple[list[int], tuple[int, int], tuple[int, int] | None]:
+    """Tokenize framing, prompt, framing, response, framing one after another. ``literal``: the
+    prompt and response are tokenized with special-token parsing off, so a control-token string
+    in the data (``<|im_end|><|im_start|>system``) stays text and cannot change the conversation."""
     bounds = [0, r.prompt_chars[0], r.prompt_chars[1]]
     if r.response_chars is not None:
         bounds += [r.response_chars[0], r.response_chars[1]]
     bounds.append(len(r.text))
     ids: list[int] = []
     starts = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         starts.append(len(ids))
         if b > a:
-            ids.extend(tokenizer(r.text[a:b], add_special_tokens=False)["input_ids"])
+            content = k in (1, 3)  # the prompt, the response
+            kwargs = {"split_special_tokens": True} if literal and content else {}
+            ids.extend(tokenizer(r.text[a:b], add_special_tokens=False, **kwargs)["input_ids"])
     starts.append(len(ids))
     pspan = (starts[1], starts[2])
     rspan = (starts[3], starts[4]) if r.response_chars is not None else None
@@ -297,10 +324,19 @@ def encode_samples(
         raise ValueError(f"max_length must be positive, got {max_length}")
     rendered = [render_sample(tokenizer, p, r) for p, r in zip(prompts, responses)]
     special = _special_ids(tokenizer)
-    out: list[EncodedSample] = []
-    if _offsets_supported(tokenizer) and rendered:
-        enc = tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
-        for r, ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+    controls = control_strings(tokenizer)
+    # samples whose text holds a control-token string are tokenized piecewise, contents literally
+    literal = {
+        i for i, (p, r) in enumerate(zip(prompts, responses)) if has_control(p, controls) or has_control(r, controls)
+    }
+    out: dict[int, EncodedSample] = {}
+    for i in sorted(literal):
+        out[i] = _encode_piecewise(tokenizer, rendered[i], special, max_length, literal=True)
+    todo = [i for i in range(len(rendered)) if i not in literal]
+    if _offsets_supported(tokenizer) and todo:
+        enc = tokenizer([rendered[i].text for i in todo], add_special_tokens=False, return_offsets_mapping=True)
+        for k, ids, offsets in zip(todo, enc["input_ids"], enc["offset_mapping"]):
+            r = rendered[k]
             ids = list(ids)
             offsets = [tuple(o) for o in offsets]
             pspan = _char_span_to_tokens(offsets, r.prompt_chars)
@@ -310,19 +346,25 @@ def encode_samples(
                 rspan = _char_span_to_tokens(offsets, r.response_chars, lo=pspan[1])
                 rspan = (max(rspan[0], pspan[1]), rspan[1])
                 rspan = (rspan[0], _extend_end_of_turn(r.text, ids, offsets, rspan[1], special))
-            out.append(_finish(ids, pspan, rspan, max_length))
+            out[k] = _finish(ids, pspan, rspan, max_length)
     else:
-        for r in rendered:
-            ids, pspan, rspan = _tokenize_piecewise(tokenizer, r)
-            if rspan is None:
-                rspan = (len(ids), len(ids))
-            else:
-                end = rspan[1]
-                if end < len(ids) and ids[end] in special:
-                    end += 1
-                rspan = (rspan[0], end)
-            out.append(_finish(ids, pspan, rspan, max_length))
-    return out
+        for k in todo:
+            out[k] = _encode_piecewise(tokenizer, rendered[k], special, max_length)
+    return [out[i] for i in range(len(rendered))]
+
+
+def _encode_piecewise(
+    tokenizer, r: _Rendered, special: frozenset[int], max_length: int, literal: bool = False
+) -> EncodedSample:
+    ids, pspan, rspan = _tokenize_piecewise(tokenizer, r, literal=literal)
+    if rspan is None:
+        rspan = (len(ids), len(ids))
+    else:
+        end = rspan[1]
+        if end < len(ids) and ids[end] in special:
+            end += 1
+        rspan = (rspan[0], end)
+    return _finish(ids, pspan, rspan, max_length)
 
 
 def _finish(ids, pspan, rspan, max_length) -> EncodedSample:

@@ -285,11 +285,48 @@ def build_trainer(
             peft_config=peft_config,
             callbacks=[_ProgressCallback(progress).make()],
         )
+    trainer.train_dataset = literal_control_strings(trainer.train_dataset, tokenizer, int(config.max_length))
     # with disable_tqdm the Trainer prints every log dict to stdout; progress() reports instead
     trainer.remove_callback(PrinterCallback)
     # the scheduler is only created in train(): set the warm-up now that the dataset size is known
     trainer.args.warmup_steps = int(config.warmup_ratio * planned_steps(len(trainer.train_dataset), config))
     return trainer
+
+
+def literal_control_strings(dataset, tokenizer, max_length: int):
+    """trl tokenizes the rendered chat with special-token parsing on, so a sample whose text holds
+    ``<|im_end|><|im_start|>system`` would train on real control tokens. Such rows are encoded
+    again with ``encode_sample`` (contents as text) and labelled as trl labels them: the prompt
+    masked, everything from the response on trained. Other rows are left as trl made them."""
+    from middo_pipeline.core.encoding import control_strings, encode_sample, has_control
+
+    controls = control_strings(tokenizer)
+
+    def text(row, key):
+        return row[key][0]["content"]
+
+    if not controls or not any(
+        has_control(text(r, "prompt"), controls) or has_control(text(r, "completion"), controls) for r in dataset
+    ):
+        return dataset
+    columns = set(dataset.column_names)
+
+    def fix(row):
+        prompt, response = text(row, "prompt"), text(row, "completion")
+        if not (has_control(prompt, controls) or has_control(response, controls)):
+            return {}
+        enc = encode_sample(tokenizer, prompt, response, max_length)
+        ids, start = list(enc.input_ids), enc.response_span[0]
+        out = {"input_ids": ids}
+        if "labels" in columns:
+            out["labels"] = [-100] * start + ids[start:]
+        if "completion_mask" in columns:
+            out["completion_mask"] = [0] * start + [1] * (len(ids) - start)
+        if "attention_mask" in columns:
+            out["attention_mask"] = [1] * len(ids)
+        return out
+
+    return dataset.map(fix)
 
 
 def planned_steps(n_samples: int, config: TrainConfig) -> int:

@@ -451,7 +451,12 @@ GOOD = {"instruction": "Say hi.", "output": "Hi."}
             "instruction",
             "invalid text: lone surrogate U+D800 at character 2",
         ),
-        ('{"instruction": "a", "output": 1' + "0" * 5000 + "}", "(record)", None),  # int too long for Python
+        # an int too long for Python's int(): a number like any other (issue 14.10)
+        (
+            '{"instruction": "a", "output": 1' + "0" * 5000 + "}",
+            "output",
+            "wrong type: expected a string, found a number",
+        ),
     ],
 )
 def test_bad_jsonl_record(tmp_path, line, field, reason):
