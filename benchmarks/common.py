@@ -67,7 +67,7 @@ class Settings:
     det_batch_size: int = 8
     det_max_length: int = 256
     det_bootstrap: int = 1000
-    det_embedding: tuple = ("last", "middle", 1)  # the pipeline's default (pooling, layer, top components removed)
+    det_embedding: tuple = ("mean", "last", 1)  # the pipeline's default (pooling, layer, top components removed)
     det_quality_mode: str = "ifd"  # the pipeline's default quality reading
     # downstream
     downstream: bool = False

@@ -63,7 +63,7 @@ class RefineConfig(Config):
         description="Verified refinement: re-score every candidate with the round's models and thresholds; accept only fixes (off: the first candidate is taken unchecked)",
     )
     duplicate_cosine: float = Field(
-        default=0.95,
+        default=0.9,
         gt=0.0,
         le=1.0,
         description="An extension this similar (cosine, in the round's embedding space) to any round sample is a near-duplicate",

@@ -50,10 +50,12 @@ class ReadoutConfig(Config):
     max_length: int = Field(default=384, description="Tokens per sample; longer samples are truncated (response first)")
     max_batch_tokens: int = Field(default=8192, description="Token budget of one length-bucketed batch")
     embedding_pooling: Literal["mean", "last"] = Field(
-        default="last", description="Prompt embedding: mean over the prompt tokens, or the last prompt token's state"
+        default="mean",
+        description="Prompt embedding: mean over the prompt tokens (default, chosen on the controlled benchmark), or the "
+        "last prompt token's state",
     )
     embedding_layer: str = Field(
-        default="middle",
+        default="last",
         description="Hidden states for the embedding: last (after the final norm), middle, or a layer number",
     )
 
