@@ -319,12 +319,23 @@ def main(argv=None) -> int:
         help="model to benchmark (default: the packaged SmolLM2-135M-Instruct; 'tiny-llama' smoke-tests the harness in seconds)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--downstream-from",
+        default=None,
+        metavar="MIDDO_HOME",
+        help="downstream: reuse the round-1 candidates of a finished loop (e.g. .dagster_home/middo) instead of running a round",
+    )
+    p.add_argument("--seeds", default=None, help="downstream: comma-separated training seeds (default 0,1,2,3,4)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/{quick,full}.json)")
     args = p.parse_args(argv)
 
     over = {"device": args.device, "threads": args.threads}
     if args.model:
         over["model"] = args.model
+    if args.downstream_from:
+        over["down_from"] = args.downstream_from
+    if args.seeds:
+        over["down_seeds"] = tuple(int(x) for x in args.seeds.split(","))
     settings = (Settings.quick if args.quick else Settings.full)(**over)
     if args.threads:
         import torch

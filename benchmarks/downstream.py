@@ -89,6 +89,31 @@ def _one_round(settings, workdir: Path):
     return seed, cands, sparse_order, {"seconds": time.perf_counter() - t0, "round": summaries[0].metadata}
 
 
+def _finished_round(middo_home: Path):
+    """The same tables from a round that already ran (``--downstream-from MIDDO_HOME``)."""
+    import polars as pl
+
+    from middo_pipeline.core.storage import Storage
+
+    store = Storage(middo_home)
+    names = ("round_dataset", "refinement_candidates", "embedding_signals")
+    paths = {n: store.table_path(n, "round-1") for n in names}
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"--downstream-from {middo_home}: no finished round-1 there (missing {', '.join(missing)})"
+        )
+    log(f"downstream: reusing round-1 of {middo_home}")
+    emb = pl.read_parquet(paths["embedding_signals"])
+    sparse_order = emb.filter(pl.col("is_sparse")).sort("knn_mean_similarity")["sample_id"].to_list()
+    return (
+        pl.read_parquet(paths["round_dataset"]),
+        pl.read_parquet(paths["refinement_candidates"]),
+        sparse_order,
+        {"reused_from": str(middo_home)},
+    )
+
+
 def build_variants(seed, cands, sparse_order) -> dict:
     """Every dataset of the comparison, from the same candidates (see the module docstring)."""
     import polars as pl
@@ -135,8 +160,11 @@ def run(settings, models=None) -> dict:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="middo-bench-down-") as tmp:
         tmp = Path(tmp)
-        log("downstream: one Middo round (verified refinement) through the Dagster loop")
-        seed_df, cands, sparse_order, loop_info = _one_round(settings, tmp)
+        if settings.down_from:
+            seed_df, cands, sparse_order, loop_info = _finished_round(Path(settings.down_from))
+        else:
+            log("downstream: one Middo round (verified refinement) through the Dagster loop")
+            seed_df, cands, sparse_order, loop_info = _one_round(settings, tmp)
         datasets = build_variants(seed_df, cands, sparse_order)
         names = [v for v in VARIANTS if v in datasets and v in settings.down_variants]
         log("downstream: " + ", ".join(f"{n} {datasets[n][0].height} rows" for n in names))

@@ -1,0 +1,73 @@
+"""The downstream benchmark's variants are built from the same candidates, and its paired
+statistic is right (the benchmark itself is too long for the suite)."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from benchmarks.downstream import build_variants, paired
+from middo_pipeline.core.schema import make_sample_id, make_samples
+
+ROWS = [{"instruction": f"Question number {i}?", "input": "", "output": f"Answer {i}."} for i in range(20)]
+
+
+def _cand(origin, op, c, status, passed, q):
+    ins, out = f"New prompt for {origin} {op} {c}", f"New answer {c}."
+    return {
+        "origin_id": origin,
+        "operation": op,
+        "candidate": c,
+        "flags": op,
+        "status": status,
+        "failure_reason": None if status == "ok" else "empty response",
+        "instruction_before": "x",
+        "input_before": "",
+        "output_before": "y",
+        "instruction_after": ins if status == "ok" else None,
+        "input_after": "" if status == "ok" else None,
+        "output_after": out if status == "ok" else None,
+        "new_sample_id": make_sample_id(ins, "", out) if status == "ok" else None,
+        "passed": passed,
+        "reasons": None if passed else "still hard",
+        "quality_value": q,
+        "loss_after": 1.0,
+    }
+
+
+def test_variants_share_the_candidates():
+    seed = make_samples(ROWS)
+    ids = seed["sample_id"].to_list()
+    cands = pl.DataFrame(
+        [
+            _cand(ids[0], "simplified", 0, "ok", False, 1.0),
+            _cand(ids[0], "simplified", 1, "ok", True, 2.0),
+            _cand(ids[1], "rewritten", 0, "ok", False, 1.0),
+            _cand(ids[1], "rewritten", 1, "failed", False, None),
+            _cand(ids[2], "extended", 0, "ok", True, 3.0),
+            _cand(ids[2], "extended", 1, "ok", True, 1.0),
+        ]
+    )
+    v = build_variants(seed, cands, sparse_order=[ids[2]])
+    assert set(v) == {"seed", "gate_on", "gate_off", "simplify_only", "rewrite_only", "extend_only"}
+    assert v["seed"][0].equals(seed)
+    on, off = v["gate_on"][0], v["gate_off"][0]
+    # gate on: candidate 1 replaces sample 0, the rewrite is rejected (sample 1 kept), candidate 0 extends sample 2
+    assert ids[0] not in on["sample_id"].to_list() and ids[1] in on["sample_id"].to_list()
+    assert "New prompt for " + ids[0] + " simplified 1" in on["instruction"].to_list()
+    assert "New prompt for " + ids[2] + " extended 0" in on["instruction"].to_list()
+    # gate off: every first candidate that was generated is taken, passed or not
+    assert "New prompt for " + ids[0] + " simplified 0" in off["instruction"].to_list()
+    assert ids[1] not in off["sample_id"].to_list()
+    assert v["gate_on"][1]["accepted"] == 2 and v["gate_off"][1]["accepted"] == 3
+    assert v["simplify_only"][1]["accepted"] == 1 and v["rewrite_only"][1]["accepted"] == 0
+    assert v["extend_only"][0].height == seed.height + 1
+
+
+def test_paired_mean_and_interval():
+    a, b = np.array([1.0, 1.0, 0.0, 1.0]), np.array([0.0, 1.0, 0.0, 0.0])
+    res = paired(a, b, n_boot=500)
+    assert res["mean"] == 0.5 and res["items"] == 4 and res["ci95"][0] <= 0.5 <= res["ci95"][1]
+    same = paired(a, a)
+    assert same["mean"] == 0.0 and same["ci95"] == [0.0, 0.0] and not same["significant"]
+    assert paired(np.array([np.nan]), np.array([1.0]))["mean"] is None
