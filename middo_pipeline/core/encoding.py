@@ -37,6 +37,7 @@ than ``max_length`` a ``ValueError`` is raised (a configuration error, not a dat
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -253,6 +254,27 @@ def control_strings(tokenizer) -> tuple[str, ...]:
 
 def has_control(text: str | None, controls: tuple[str, ...]) -> bool:
     return bool(text) and any(c in text for c in controls)
+
+
+# chat-template control tokens of the common families (ChatML, Llama 3, Mistral / Llama 2, Gemma):
+# for text that goes to a model whose tokenizer we do not hold (a served optimizer)
+GENERIC_CONTROL = re.compile(r"<\|[A-Za-z_][\w.-]*\|>|</?s>|\[/?INST\]|<start_of_turn>|<end_of_turn>")
+_ZWSP = "\u200b"
+
+
+def escape_controls(text: str | None, controls: tuple[str, ...] | None = None) -> str | None:
+    """``text`` with every control-token string broken by a zero-width space after its first
+    character (``<\u200b|im_end|>``), so no tokenizer can read it as the token: for prompts that
+    carry sample text to a model (the judge, the optimizer). ``controls``: the tokenizer's own
+    (``control_strings``); None: the common chat families (``GENERIC_CONTROL``)."""
+    if not text:
+        return text
+    if controls is None:
+        return GENERIC_CONTROL.sub(lambda m: m.group(0)[0] + _ZWSP + m.group(0)[1:], text)
+    if not has_control(text, controls):
+        return text
+    pattern = re.compile("|".join(re.escape(c) for c in controls if len(c) > 1))
+    return pattern.sub(lambda m: m.group(0)[0] + _ZWSP + m.group(0)[1:], text)
 
 
 def _tokenize_piecewise(

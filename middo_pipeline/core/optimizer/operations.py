@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import polars as pl
 
+from middo_pipeline.core.encoding import escape_controls
 from middo_pipeline.core.llm.protocol import Completion, LLMBackend
 from middo_pipeline.core.optimizer.parsing import clean_response, parse_final_prompt
 from middo_pipeline.core.optimizer.prompts import PromptConfig, operation_request, response_request
@@ -200,13 +201,14 @@ def run_operations(
         if oid not in by_id:
             raise ValueError(f"plan refers to sample {oid!r}, which is not in the samples")
         src = by_id[oid]
-        source_prompt = prompt_text(src["instruction"], src["input"])
+        # sample text is data: control-token strings in it are broken before it reaches the optimizer
+        source_prompt = escape_controls(prompt_text(src["instruction"], src["input"]))
         hint_prompts = []
         if op == EXTENDED:
             for nid in neighbors.get(oid) or []:
                 if nid != oid and nid in by_id:
                     nb = by_id[nid]
-                    hint_prompts.append(prompt_text(nb["instruction"], nb["input"]))
+                    hint_prompts.append(escape_controls(prompt_text(nb["instruction"], nb["input"])))
         for c in range(candidates):
             cfg = dataclasses.replace(config, seed=config.seed + c) if c else config
             ops.append(

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 
+from middo_pipeline.core.encoding import control_strings, escape_controls
+
 log = logging.getLogger(__name__)
 
 DIMENSIONS = ("factuality", "clarity", "completeness")
@@ -130,9 +132,11 @@ def _build_sequences(tokenizer, prompts, responses, prefill: str, max_length: in
     budget = limit - worst - margin
     seqs: list[list[int]] = []
     n_cut = 0
+    controls = control_strings(tokenizer)
     for prompt, response in zip(prompts, responses):
-        prompt = prompt or ""
-        response = response or ""
+        # sample text is data: a control-token string in it must not open a turn in the judge prompt
+        prompt = escape_controls(prompt or "", controls)
+        response = escape_controls(response or "", controls)
         p, r = _fit_texts(tokenizer, _encode(tokenizer, prompt), _encode(tokenizer, response), prompt, response, budget)
         for view in VIEWS:
             for d in DIMENSIONS:
