@@ -185,6 +185,14 @@ def refined_samples(
     t0 = time.perf_counter()
     q_orig = quality_signals.select(
         pl.col("sample_id").alias("origin_id"), pl.col("quality_value").alias("quality_value_original")
+    ).join(
+        loss_signals.select(
+            pl.col("sample_id").alias("origin_id"),
+            pl.col("loss_before").cast(pl.Float64).alias("loss_before_original"),
+            pl.col("loss_after").cast(pl.Float64).alias("loss_after_original"),
+        ),
+        on="origin_id",
+        how="left",
     )
     if config.verify and candidates.height:
         th = _round_thresholds(loss_signals, quality_signals, config)
@@ -247,9 +255,10 @@ def refined_samples(
     signals_cols = [
         "operation",
         "origin_id",
+        "loss_after_original",
         "loss_after",
-        "quality_value",
         "quality_value_original",
+        "quality_value",
         "max_cosine",
         "instruction_before",
         "instruction_after",
