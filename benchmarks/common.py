@@ -75,6 +75,13 @@ class Settings:
     down_candidates: int = 2  # candidates per flagged sample in the round that makes the data
     down_variants: tuple[str, ...] = ("seed", "gate_on", "gate_off", "simplify_only", "rewrite_only", "extend_only")
     down_equal_steps: tuple[str, ...] = ("gate_on",)  # also trained for exactly the seed data's steps
+    # optimizer generation: the same requests through each local path (benchmarks/generation.py)
+    gen_requests: int = 64
+    gen_repeats: int = 2
+    gen_batch_sizes: tuple[int, ...] = (32, 64)
+    gen_int8: bool = True  # CPU only
+    gen_int8_batch_sizes: tuple[int, ...] = (32,)
+    gen_continuous: bool = True
     seed: int = 0
 
     @staticmethod
