@@ -90,3 +90,14 @@ def test_all_failed_optimizer_calls_fail_the_check():
 def test_some_generated_passes_and_nothing_planned_passes():
     assert optimizer_calls_check(_candidates(["failed", "ok", "failed"]), "direct").passed
     assert optimizer_calls_check(pl.DataFrame(schema=REFINED_SCHEMA), "direct").passed
+
+
+def test_summary_prints_round_warnings(capsys):
+    from middo_pipeline.cli import _print_rounds
+
+    warning = "WARNING round-1: all 10 optimizer candidates failed (prompt style stepwise): nothing was refined"
+    md = {"rows_in": 40, "step_seconds": {"train": 1.5, "gen": 0.5, "total": 3.0}, "warnings": [warning]}
+    _print_rounds([("round-1", md)])
+    out = capsys.readouterr().out
+    assert warning in out and "seconds per step (wall)" in out
+    assert out.splitlines()[0].split() == ["round", "rows_in"]  # the seconds have their own table
