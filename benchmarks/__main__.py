@@ -18,7 +18,7 @@ from benchmarks.common import (
     write_json_atomic,
 )
 
-SECTIONS = ("hardware", "speed", "knn", "judge", "detection", "downstream", "ingest")
+SECTIONS = ("hardware", "speed", "knn", "judge", "detection", "downstream", "ingest", "generation")
 
 GOALS = {
     "signal_speedup_vs_reference": (">=", 5.0, "signal pass >= 5x the reference's way"),
@@ -32,6 +32,11 @@ GOALS = {
     "quality_auroc_by_kind.garbled_prompt": (">=", 0.85, "quality AUROC vs clean >= 0.85 on garbled prompts"),
     "quality_auroc_by_kind.truncated_prompt": (">=", 0.85, "quality AUROC vs clean >= 0.85 on truncated prompts"),
     "quality_auroc_by_kind.unrelated_response": (">=", 0.85, "quality AUROC vs clean >= 0.85 on unrelated answers"),
+    "generation_speedup_vs_transformers_generate": (
+        ">=",
+        5.0,
+        "local generation >= 5x the tokens/s of transformers generate at batch 8, same requests",
+    ),
     "downstream_mc_accuracy_diff": (
         ">=",
         0.0,
@@ -96,6 +101,10 @@ def headline(sections: dict) -> dict:
         "quality_auroc_by_kind_ci95": de.get("quality_auroc_by_kind_ci95"),
         "ingest_peak_mib_1m": (sections.get("ingest") or {}).get("ingest_peak_mib_1m"),
         "ingest_seconds_1m": (sections.get("ingest") or {}).get("ingest_seconds_1m"),
+        "generation_speedup_vs_transformers_generate": (sections.get("generation") or {}).get(
+            "speedup_vs_transformers_generate"
+        ),
+        "generation_default_path": (sections.get("generation") or {}).get("default_path"),
     }
     down = sections.get("downstream") or {}
     for key in (
@@ -260,6 +269,23 @@ def table(sections: dict, head: dict, gl: dict) -> str:
                 _goal(gl, f"quality_auroc_by_kind.{kind}"),
             )
         )
+    gn = sections.get("generation") or {}
+    for name, g in (gn.get("paths") or {}).items():
+        if "tokens_per_s" not in g:
+            rows.append((f"generation {name}", "error", g.get("error", "")[:40], "", ""))
+            continue
+        bound = g.get("fraction_of_bound")
+        agree = g.get("agreement_with_baseline")
+        rows.append(
+            (
+                f"generation {name}" + (" (default)" if name == gn.get("default_path") else ""),
+                f"{_fmt(g['tokens_per_s'], 1)} tok/s, {_fmt(g['seconds_per_request'])} s/req",
+                ("" if bound is None else f"{100 * bound:.0f}% of bound; ")
+                + ("" if agree is None else f"agree {100 * agree:.0f}%"),
+                _fmt(g.get("speedup")) + "x",
+                _goal(gl, "generation_speedup_vs_transformers_generate") if name == gn.get("default_path") else "",
+            )
+        )
     dn = sections.get("downstream") or {}
     if dn:
         if dn.get("skipped"):
@@ -366,7 +392,7 @@ def main(argv=None) -> int:
         seconds[name] = time.perf_counter() - t0
         log(f"=== {name} done in {seconds[name]:.1f}s")
 
-    from benchmarks import detection, downstream, hardware, ingest, judge, knn, speed
+    from benchmarks import detection, downstream, generation, hardware, ingest, judge, knn, speed
 
     section("hardware", lambda: hardware.run(settings, models))
     section(
@@ -390,6 +416,12 @@ def main(argv=None) -> int:
         }
 
     section("ingest", lambda: ingest.run(settings))  # 1M rows in a child process (about 30 s, 1.5 GB today)
+    section(
+        "generation",
+        lambda: generation.run(
+            settings, models, sections.get("hardware") if "fp32" in (sections.get("hardware") or {}) else None
+        ),
+    )
 
     head = headline(sections)
     gl = goals(head)

@@ -76,6 +76,13 @@ class Settings:
     down_variants: tuple[str, ...] = ("seed", "gate_on", "gate_off", "simplify_only", "rewrite_only", "extend_only")
     down_equal_steps: tuple[str, ...] = ("gate_on",)  # also trained for exactly the seed data's steps
     down_from: str | None = None  # MIDDO_HOME of a finished round 1 (e.g. the demo's): reuse its candidates
+    # optimizer generation: the same requests through each local path (benchmarks/generation.py)
+    gen_requests: int = 64
+    gen_repeats: int = 2
+    gen_batch_sizes: tuple[int, ...] = (16, 32)  # 16: the backend default
+    gen_int8: bool = True  # CPU only
+    gen_int8_batch_sizes: tuple[int, ...] = (16,)
+    gen_continuous: bool = True
     seed: int = 0
 
     @staticmethod

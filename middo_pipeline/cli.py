@@ -116,12 +116,24 @@ def cmd_loop(args: argparse.Namespace) -> int:
 
 
 def _print_rounds(rows: list[tuple[str, dict]]) -> None:
-    """One line per round, columns aligned; '-' where a figure is missing (a round not finished)."""
-    keys = list(rows[0][1]) if rows else []
-    table = [["round"] + keys] + [
-        [key]
-        + ["-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in (md.get(k) for k in keys)]
-        for key, md in rows
+    """One line per round, columns aligned; '-' where a figure is missing (a round not finished).
+    Then the wall seconds per step, one line per round, and any round's warnings."""
+    extra = ("step_seconds", "warnings")
+    keys = [k for k in rows[0][1] if k not in extra] if rows else []
+    _print_table(["round"] + keys, [[key] + [md.get(k) for k in keys] for key, md in rows])
+    steps = [(key, md.get("step_seconds") or {}) for key, md in rows]
+    cols = list(next((s for _, s in steps if s), {}))
+    if cols:
+        print("\n  seconds per step (wall)")
+        _print_table(["round"] + cols, [[key] + [s.get(c) for c in cols] for key, s in steps])
+    for _, md in rows:
+        for w in md.get("warnings") or []:
+            print(w)
+
+
+def _print_table(head: list[str], rows: list[list]) -> None:
+    table = [head] + [
+        ["-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in rows
     ]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:

@@ -10,6 +10,7 @@ Resources come from environment variables so one code location serves a laptop a
 - MIDDO_OPTIMIZER_BASE_URL         e.g. http://localhost:8000/v1 (vLLM)
 - MIDDO_OPTIMIZER_API_KEY_ENV      name of the variable holding the key (default OPENAI_API_KEY)
 - MIDDO_OPTIMIZER_CONCURRENCY      parallel requests to the server (default 8)
+- MIDDO_OPTIMIZER_QUANTIZE         local backend on CPU: none | int8 (dynamic int8 Linear layers)
 - MIDDO_HOME                       storage root (default $DAGSTER_HOME/middo or ./.middo)
 """
 
@@ -47,6 +48,8 @@ def resources_from_env(env: dict | None = None) -> dict:
     backend = env.get("MIDDO_OPTIMIZER_BACKEND", "local")
     if backend not in ("local", "openai"):  # one line (the resource's own validation error is several)
         raise ValueError(f"MIDDO_OPTIMIZER_BACKEND={backend}: unknown backend; use local or openai")
+    if env.get("MIDDO_OPTIMIZER_QUANTIZE") not in (None, "", "none", "int8"):
+        raise ValueError(f"MIDDO_OPTIMIZER_QUANTIZE={env['MIDDO_OPTIMIZER_QUANTIZE']}: use none or int8")
     return {
         "io_manager": ParquetIOManager(root=root),
         "storage": StorageResource(root=root),
@@ -58,6 +61,7 @@ def resources_from_env(env: dict | None = None) -> dict:
             api_key_env=env.get("MIDDO_OPTIMIZER_API_KEY_ENV", "OPENAI_API_KEY"),
             max_concurrency=_positive_int(env, "MIDDO_OPTIMIZER_CONCURRENCY", 8),
             device=device,
+            **({"quantize": env["MIDDO_OPTIMIZER_QUANTIZE"]} if env.get("MIDDO_OPTIMIZER_QUANTIZE") else {}),
         ),
     }
 

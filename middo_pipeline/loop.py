@@ -167,6 +167,60 @@ def _meta(instance: DagsterInstance, asset: str, partition: str | None) -> dict:
     return {k: v.value for k, v in md.items()}
 
 
+# the per-step seconds shown in the summary: column -> the round's steps (op names) whose wall
+# seconds add up to it; "gen" and "verify" split refined_samples by its own metadata
+STEP_COLUMNS = {
+    "train": ("sft_checkpoint",),
+    "readouts": ("model_readouts",),
+    "signals": ("loss_signals", "embedding_signals", "quality_signals"),
+    "optimize": ("refined_samples", "optimized_dataset"),
+    "eval": ("round_evaluation",),
+}
+ROUND_STEPS = ("round_dataset", *(op for ops in STEP_COLUMNS.values() for op in ops))
+
+
+def step_seconds(instance: DagsterInstance, key: str) -> dict:
+    """Wall seconds of each round step (from the step start and end Dagster records for the run
+    that materialized it), grouped as ``STEP_COLUMNS``, plus ``gen`` / ``verify`` (the optimizer
+    generation and verified refinement inside ``refined_samples``) and ``total`` (every step).
+    A step not materialized is missing (None)."""
+    per_op: dict[str, float] = {}
+    runs: dict[str, dict[str, float]] = {}
+    for op in ROUND_STEPS:
+        rec = latest_materialization(instance, op, key)
+        if rec is None or not rec.run_id:
+            continue
+        if rec.run_id not in runs:
+            stats = instance.get_run_step_stats(rec.run_id)
+            runs[rec.run_id] = {s.step_key: s.end_time - s.start_time for s in stats if s.start_time and s.end_time}
+        if op in runs[rec.run_id]:
+            per_op[op] = runs[rec.run_id][op]
+    cols: dict = {}
+    for col, ops in STEP_COLUMNS.items():
+        got = [per_op[o] for o in ops if o in per_op]
+        cols[col] = round(sum(got), 1) if got else None
+    ref = _meta(instance, "refined_samples", key)
+    order = ("train", "readouts", "signals", "optimize", "gen", "verify", "eval")
+    out = {c: cols.get(c) for c in order}
+    out["gen"] = ref.get("generation_seconds")
+    out["verify"] = ref.get("verification_seconds")
+    out["total"] = round(sum(per_op.values()), 1) if per_op else None
+    return out
+
+
+def round_warnings(instance: DagsterInstance, key: str) -> list[str]:
+    """What a round that 'succeeded' should still say loudly: every optimizer call failed."""
+    cand = _meta(instance, "refinement_candidates", key)
+    n, ok = cand.get("candidates"), cand.get("generated")
+    if n and not ok:
+        ref = _meta(instance, "refined_samples", key)
+        return [
+            f"WARNING {key}: all {n} optimizer candidates failed (prompt style {ref.get('prompt_style')}): "
+            "nothing was refined; see the refined_samples check 'optimizer_calls' for the reasons"
+        ]
+    return []
+
+
 def summarize_round(instance: DagsterInstance, key: str) -> dict:
     sig = {
         "rows_in": _meta(instance, "round_dataset", key).get("rows"),
@@ -186,6 +240,8 @@ def summarize_round(instance: DagsterInstance, key: str) -> dict:
         "eval_loss": ev.get("mean_response_loss"),
         "eval_mc_accuracy": ev.get("mc_accuracy"),
         "base_mc_accuracy": ev.get("base_mc_accuracy"),
+        "step_seconds": step_seconds(instance, key),
+        "warnings": round_warnings(instance, key),
     }
 
 
@@ -274,7 +330,15 @@ def run_rounds(
                 lock.release()
             summary = RoundSummary(key, res.success, res.run_id, summarize_round(instance, key))
             summaries.append(summary)
-            log(f"{key}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.metadata.items()))
+            log(
+                f"{key}: "
+                + ", ".join(
+                    f"{k}={_fmt(v)}" for k, v in summary.metadata.items() if k not in ("step_seconds", "warnings")
+                )
+            )
+            log(f"{key} seconds: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.metadata["step_seconds"].items()))
+            for w in summary.metadata["warnings"]:
+                log(w)
             if not res.success:
                 raise RuntimeError(_failure_message(res, key))
         return summaries

@@ -7,10 +7,13 @@ matter of resource config (see README "Scaling up").
 
 from __future__ import annotations
 
+from typing import Literal
+
 from dagster import ConfigurableResource
 from pydantic import Field
 
 from middo_pipeline.core.llm import BackendKind
+from middo_pipeline.core.llm.local import DEFAULT_BATCH_SIZE, DEFAULT_QUANTIZE
 from middo_pipeline.core.llm.protocol import LLMBackend
 from middo_pipeline.core.storage import Storage
 from middo_pipeline.models.loading import DEFAULT_MODEL, DType, LoadedModel, load_model, resolve_model_path
@@ -74,7 +77,14 @@ class OptimizerResource(ConfigurableResource):
     max_retries: int = Field(
         default=4, description="openai backend: retries on 429/5xx/connection errors (exponential backoff)"
     )
-    batch_size: int = Field(default=8, description="local backend: generations per batch")
+    batch_size: int = Field(
+        default=DEFAULT_BATCH_SIZE, description="local backend: generations per batch (sorted by prompt length)"
+    )
+    quantize: Literal["none", "int8"] = Field(
+        default=DEFAULT_QUANTIZE,
+        description="local backend on CPU: int8 = dynamic int8 quantization of the Linear layers (faster; its text "
+        "differs a little from fp32, and is cached apart); none = the model's own weights",
+    )
     device: str = Field(default="auto", description="local backend device")
     use_cache: bool = Field(default=True, description="Cache every completion on disk so reruns resume")
 
@@ -87,7 +97,7 @@ class OptimizerResource(ConfigurableResource):
         from middo_pipeline.core.llm import make_backend
 
         if self.backend == "local":
-            kwargs = dict(model=self.model, device=self.device, batch_size=self.batch_size)
+            kwargs = dict(model=self.model, device=self.device, batch_size=self.batch_size, quantize=self.quantize)
         else:
             kwargs = dict(
                 base_url=self.base_url,

@@ -266,8 +266,9 @@ def test_rate_limited_endpoint_succeeds_after_retry(pipeline, endpoint_rate_limi
     refined = pl.read_parquet(store.table_path("refined_samples", ROUND))
     assert refined.height > 0
     assert refined["status"].unique().to_list() == ["ok"], refined["failure_reason"].unique().to_list()
-    # each request was refused once, then retried: 2 calls per distinct request (both stages)
-    assert endpoint_rate_limited.distinct == 2 * refined.height
+    # each request was refused once, then retried: 2 calls per distinct request (both stages,
+    # and prompt_style auto's one probe)
+    assert endpoint_rate_limited.distinct == 2 * refined.height + 1
     assert len(fake.chat_calls) == 2 * endpoint_rate_limited.distinct
     md = _metadata("refined_samples")
     assert md["accepted"] == refined.height and md["failed"] == 0

@@ -144,14 +144,14 @@ def test_summary_cli_lists_every_round(two_rounds, capsys, tmp_path, monkeypatch
     summaries, _, _ = two_rounds
     capsys.readouterr()
     assert main(["summary"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["round"] + list(summaries[0].metadata)
-    for line, s in zip(lines[1:], summaries):  # the same figures `middo loop` reported, one line per round
+    out = capsys.readouterr().out
+    lines = out.split("\n\n")[0].splitlines()  # the figures; then the seconds per step
+    figures = [{k: v for k, v in s.metadata.items() if k not in ("step_seconds", "warnings")} for s in summaries]
+    assert lines[0].split() == ["round"] + list(figures[0])
+    for line, s, fig in zip(lines[1:], summaries, figures):  # the same figures `middo loop` reported
         cells = line.split()
-        assert cells[0] == s.round and len(cells) == len(s.metadata) + 1
-        assert cells[1:] == [
-            "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in s.metadata.values()
-        ]
+        assert cells[0] == s.round and len(cells) == len(fig) + 1
+        assert cells[1:] == ["-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in fig.values()]
     # a round partition added but never run (the missing-previous-round test adds one) has no figures
     for line in lines[1 + len(summaries) :]:
         key, *cells = line.split()
@@ -180,3 +180,21 @@ def test_judge_mode_in_the_pipeline_takes_the_packed_path(two_rounds, loop_env):
         q = latest_materialization(instance, "quality_signals", "round-1").asset_materialization.metadata
         # the fast judge path ran in the pipeline (a fall-back would say so here and in the run log)
         assert q["mode"].value == "judge" and q["judge_path"].value == "packed" and "judge_fallback_reason" not in q
+
+
+def test_step_seconds_in_summary(two_rounds, capsys):
+    from middo_pipeline.cli import main
+
+    summaries, logs, _ = two_rounds
+    for s in summaries:
+        sec = s.metadata["step_seconds"]
+        assert set(sec) == {"train", "readouts", "signals", "optimize", "gen", "verify", "eval", "total"}
+        assert all(v is not None and v >= 0 for v in sec.values()), sec
+        assert sec["train"] > 0 and sec["total"] >= sec["train"] + sec["signals"] + sec["eval"] - 0.5
+        assert sec["optimize"] >= sec["gen"]
+    assert any(line.startswith("round-1 seconds: train=") for line in logs)
+    assert main(["summary"]) == 0
+    out = capsys.readouterr().out
+    assert "seconds per step (wall)" in out
+    head = next(line for line in out.splitlines() if line.split()[:2] == ["round", "train"])
+    assert head.split() == ["round", "train", "readouts", "signals", "optimize", "gen", "verify", "eval", "total"]

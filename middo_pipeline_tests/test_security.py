@@ -16,6 +16,7 @@ import pytest
 from dagster import DagsterInstance
 
 from middo_pipeline.core.optimizer.prompts import PromptConfig, operation_request, response_request
+from middo_pipeline.core.optimizer.style import PROBE_TASK
 from middo_pipeline.core.schema import EXTENDED, REWRITTEN, SIMPLIFIED, prompt_text
 from middo_pipeline.core.storage import Storage
 from middo_pipeline.rounds import round_key, round_number
@@ -64,6 +65,8 @@ def test_api_key_never_leaks(tmp_path, model_cache, monkeypatch, capfd, caplog):
     def chat(body: dict, n: int):
         user = last_user(body)
         h = hashlib.sha256(user.encode()).hexdigest()[:10]
+        if PROBE_TASK in user:  # prompt_style auto's probe: a model that follows the stepwise format
+            return chat_ok("### Final prompt\nList three practical habits for staying healthy, with a reason each.")
         if not echoed:  # a careless server that quotes the key back in an error message
             echoed.append(user)
             return error(400, f"invalid request for api key {secret}")

@@ -27,6 +27,7 @@ from middo_pipeline.core.forward import EmbeddingSpec
 from middo_pipeline.core.merge import SizePolicy, check_conservation, merge_round
 from middo_pipeline.core.optimizer.operations import plan_operations, run_operations
 from middo_pipeline.core.optimizer.prompts import PromptConfig, PromptStyle
+from middo_pipeline.core.optimizer.style import choose_style
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.rescore import RescoreSettings, rescore_candidates
 from middo_pipeline.core.schema import fingerprint
@@ -45,7 +46,7 @@ class RefineConfig(Config):
     rewrite: bool = Field(default=True, description="Rewrite low-quality samples (quality signal)")
     prompt_style: Literal["auto", PromptStyle] = Field(
         default="auto",
-        description="direct (small models) | stepwise (strong models) | auto: direct for the local backend, stepwise for openai",
+        description="direct (small models) | stepwise (strong models) | auto: by the model's size when known (local), else by a one-call probe of the stepwise format",
     )
     max_prompt_tokens: int | None = Field(
         default=None, description="Max new tokens for a new prompt (default 160 direct, 768 stepwise)"
@@ -126,6 +127,14 @@ def _heldout_grams(path: str, n: int) -> set:
             "('verification: still hard', ...), or failed. Before and after, signals before and after.",
         ),
     },
+    check_specs=[
+        AssetCheckSpec(
+            "optimizer_calls",
+            asset="refined_samples",
+            description="The optimizer produced at least one usable candidate when operations were planned "
+            "(every call failing means a broken backend or a prompt style the model cannot follow)",
+        )
+    ],
 )
 def refined_samples(
     context: AssetExecutionContext,
@@ -158,7 +167,12 @@ def refined_samples(
     )
 
     backend = optimizer.make_backend(store)
-    style = optimizer.default_style() if config.prompt_style == "auto" else config.prompt_style
+    if config.prompt_style == "auto" and plan.height:
+        style, style_reason = choose_style(backend)
+        context.log.info(f"prompt style {style} ({style_reason})")
+    else:
+        style = optimizer.default_style() if config.prompt_style == "auto" else config.prompt_style
+        style_reason = "configured" if config.prompt_style != "auto" else "nothing to refine"
     max_prompt = config.max_prompt_tokens or (160 if style == "direct" else 768)
     k = config.candidates
     temperature = config.temperature if k > 1 or config.temperature > 0 else 0.0
@@ -316,6 +330,7 @@ def refined_samples(
             ),
             "cache": json_md(stats),
             "prompt_style": prompt_cfg.style,
+            "prompt_style_reason": style_reason,
             "optimizer": f"{optimizer.backend}:{optimizer.model}",
             "generation_seconds": round(gen_seconds, 1),
             "verification_seconds": round(gate_seconds, 1),
@@ -332,6 +347,46 @@ def refined_samples(
     )
     yield Output(verified, output_name="refinement_candidates")
     yield Output(chosen, output_name="refined_samples")
+    check = optimizer_calls_check(candidates, style)
+    if not check.passed:
+        context.log.warning(f"{context.partition_key}: {check.description}")
+    yield check
+
+
+def optimizer_calls_check(candidates: pl.DataFrame, style: str) -> AssetCheckResult:
+    """Failed when operations were planned and not one optimizer candidate came out usable (every
+    call failed or could not be parsed): a broken backend, or a prompt style the model cannot
+    follow; the round's data then stays unchanged, and that must not pass unnoticed."""
+    n_generated = int((candidates["status"] == "ok").sum()) if candidates.height else 0
+    all_failed = candidates.height > 0 and n_generated == 0
+    reasons = (
+        dict(
+            candidates.filter(pl.col("status") != "ok")
+            .group_by("failure_reason")
+            .len()
+            .sort("len", descending=True)
+            .iter_rows()
+        )
+        if candidates.height
+        else {}
+    )
+    top = "; ".join(f"{r} ({n})" for r, n in list(reasons.items())[:3])
+    return AssetCheckResult(
+        check_name="optimizer_calls",
+        asset_key="refined_samples",
+        passed=not all_failed,
+        description=(
+            f"ALL {candidates.height} optimizer candidates failed (prompt style {style}): {top}"
+            if all_failed
+            else f"{n_generated} of {candidates.height} optimizer candidates generated"
+        ),
+        metadata={
+            "candidates": candidates.height,
+            "generated": n_generated,
+            "prompt_style": style,
+            "failure_reasons": json_md(reasons),
+        },
+    )
 
 
 class MergeConfig(Config):

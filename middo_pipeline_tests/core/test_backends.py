@@ -108,6 +108,18 @@ def test_local_backend_id_changes_when_the_folder_is_rewritten(tmp_path):
     assert LocalBackend(str(folder)).backend_id == f"local:{folder}"  # gone: the name only
 
 
+def test_local_int8_quantize_is_a_setting_with_its_own_cache_key(lively_model_dir):
+    plain = LocalBackend(str(lively_model_dir), device="cpu", batch_size=4)
+    q = LocalBackend(str(lively_model_dir), device="cpu", batch_size=4, quantize="int8")
+    assert q.backend_id == plain.backend_id + "?quantize=int8"  # different text, different cache entries
+    assert q.path_name == "int8_batch_4" and plain.path_name == "batch_4"
+    out = q.complete([req(p, max_tokens=8) for p in PROMPTS])
+    assert all(c.ok and c.usage["finish_reason"] in ("stop", "length") for c in out)
+    assert any(".quantized.dynamic." in type(m).__module__ for m in q.loaded.model.modules())
+    with pytest.raises(ValueError, match="quantize"):
+        LocalBackend(quantize="int4")
+
+
 def test_local_prefill_excluded_and_continued(local):
     import torch
 

@@ -27,6 +27,10 @@ from middo_pipeline.core.llm.protocol import (
 log = logging.getLogger(__name__)
 
 DEFAULT_REPETITION_PENALTY = 1.1
+# generation batch: measured by ``python -m benchmarks --only hardware,generation`` (see its README)
+DEFAULT_BATCH_SIZE = 16  # 1.30x batch 8, identical greedy texts (benchmarks/README.md, generation)
+QUANTIZE_CHOICES = ("none", "int8")
+DEFAULT_QUANTIZE = "none"
 
 
 def _folder_fingerprint(folder: Path) -> str | None:
@@ -63,12 +67,16 @@ class LocalBackend:
         device: str = "auto",
         dtype: str = "auto",
         threads: int | None = None,
-        batch_size: int = 8,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         loaded=None,
         repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
+        quantize: str = DEFAULT_QUANTIZE,
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+        self.quantize = quantize
         self.model_name = str(model) if model else DEFAULT_MODEL
         self.device = device
         self.dtype = dtype
@@ -96,12 +104,21 @@ class LocalBackend:
         if self.repetition_penalty != DEFAULT_REPETITION_PENALTY:
             # changes the text, so it must change the cache key
             bid += f"?repetition_penalty={self.repetition_penalty:g}"
+        if self.quantize != "none":  # int8 weights change the text a little: their own cache entries
+            bid += f"?quantize={self.quantize}"
         return bid
+
+    @property
+    def path_name(self) -> str:
+        """The benchmark's name for this configuration (``benchmarks/generation.py``)."""
+        if self.quantize == "int8":
+            return f"int8_batch_{self.batch_size}"
+        return "transformers_generate" if self.batch_size == 8 else f"batch_{self.batch_size}"
 
     def __repr__(self) -> str:
         return (
             f"LocalBackend(model={self.model_name!r}, device={self.device!r}, "
-            f"batch_size={self.batch_size}, loaded={self._loaded is not None})"
+            f"batch_size={self.batch_size}, quantize={self.quantize!r}, loaded={self._loaded is not None})"
         )
 
     def stats(self) -> dict:
@@ -126,7 +143,20 @@ class LocalBackend:
                             f"cannot load the local optimizer model {self.model_name!r}: {type(exc).__name__}: {exc}"
                         ) from exc
                     log.info("loaded optimizer model %s in %.1fs", self._loaded.path, time.monotonic() - t0)
+                    self._loaded = self._quantized(self._loaded)
         return self._loaded
+
+    def _quantized(self, lm):
+        """int8: the Linear layers dynamically quantized (CPU only; elsewhere the model as is)."""
+        if self.quantize != "int8":
+            return lm
+        import torch
+
+        if lm.device.type != "cpu":
+            log.warning("quantize=int8 applies on CPU only: %s runs the model unquantized", lm.device)
+            return lm
+        lm.model = torch.ao.quantization.quantize_dynamic(lm.model, {torch.nn.Linear}, dtype=torch.qint8)
+        return lm
 
     def _prompt_text(self, tok, req: ChatRequest) -> str:
         messages = req.as_messages()

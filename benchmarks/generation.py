@@ -1,0 +1,174 @@
+"""Optimizer generation: the same requests through the local backend's paths, side by side.
+
+The requests are what a round sends: built with the optimizer's own prompt builders
+(``operation_request`` for simplify / rewrite / extend in the local default style,
+``response_request`` for the response step) from the seed samples, at the pipeline's token
+limits (160 new tokens for a prompt step, 192 for a response), greedy (temperature 0) so that
+the paths' texts can be compared.
+
+Paths (all in one process, on one loaded model, in one run, alternated per repeat):
+
+- ``transformers_generate``: ``LocalBackend`` as it was before this section (static batches
+  of 8, sorted by prompt length): the baseline;
+- ``batch_N``: the same backend with larger static batches (still sorted by length);
+- ``int8_batch_N``: the Linear layers dynamically quantized to int8
+  (``torch.ao.quantization.quantize_dynamic``, CPU only) at batch N;
+- ``continuous_batching``: transformers' ``generate_batch`` (paged attention, requests join and
+  leave the batch as they finish), greedy, without stop strings or repetition penalty (it
+  takes neither per request), so its texts differ from the others by construction.
+
+Per path: generated tokens/s, seconds per request, the fraction of the machine's bound
+(fp32 matmul FLOP/s from the hardware section / (2 x parameters) tokens/s), and agreement
+with the baseline's texts (identical strings). Static batches pad on the left: a row's
+logits depend (by float rounding) on its batch's padding width, so even two fp32 batch
+sizes may disagree on a few greedy texts; the fraction says how many.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+from benchmarks.common import load_seed_rows, log, n_params
+
+BASELINE = "transformers_generate"
+
+
+def build_requests(n: int, rows: list[dict] | None = None) -> list:
+    """``n`` optimizer requests from the seed: half prompt steps (simplify / rewrite / extend in
+    turn), half response steps, at the pipeline's default token limits, greedy."""
+    from middo_pipeline.core.optimizer.prompts import PromptConfig, operation_request, response_request
+    from middo_pipeline.core.schema import EXTENDED, REWRITTEN, SIMPLIFIED, prompt_text
+
+    rows = rows or load_seed_rows()
+    cfg = PromptConfig()  # direct style, 160 / 192 new tokens, temperature 0
+    ops = (SIMPLIFIED, REWRITTEN, EXTENDED)
+    reqs = []
+    for i in range(n):
+        s = rows[i % len(rows)]
+        p = prompt_text(s["instruction"], s.get("input", ""))
+        if i % 2 == 0:
+            op = ops[(i // 2) % 3]
+            hints = []
+            if op == EXTENDED:
+                hints = [prompt_text(rows[(i + j) % len(rows)]["instruction"], "") for j in (1, 2, 3)]
+            reqs.append(operation_request(op, p, cfg, hints))
+        else:
+            reqs.append(response_request(s["instruction"], cfg))
+    return reqs
+
+
+def _continuous(lm, backend, requests) -> list:
+    """transformers' continuous batching (``generate_batch``), greedy."""
+    from transformers import GenerationConfig
+
+    from middo_pipeline.core.llm.protocol import Completion
+
+    tok = lm.tokenizer
+    ids = [list(tok(backend._prompt_text(tok, r), add_special_tokens=False)["input_ids"]) for r in requests]
+    eos = backend._eos_ids(lm)
+    gc = GenerationConfig(
+        max_new_tokens=max(r.max_tokens for r in requests),
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0],
+    )
+    out = lm.model.generate_batch(ids, generation_config=gc, progress_bar=False)
+    res = []
+    for i, (_rid, o) in enumerate(sorted(out.items(), key=lambda kv: int(str(kv[0]).rsplit("_", 1)[-1]))):
+        new = list(o.generated_tokens)[: requests[i].max_tokens]
+        new = [t for t in new if t not in eos]
+        res.append(Completion(text=tok.decode(new, skip_special_tokens=True), usage={"completion_tokens": len(new)}))
+    return res
+
+
+def run(settings, models, hardware: dict | None = None) -> dict:
+    import torch
+
+    from middo_pipeline.core.llm.local import LocalBackend
+
+    lm = models.get()
+    n = settings.gen_requests
+    requests = build_requests(n)
+    params = n_params(lm.model)
+    bound_tok_s = None
+    if hardware and "fp32" in hardware:
+        bound_tok_s = hardware["fp32"]["flops"] / (2.0 * params)
+
+    paths: dict[str, callable] = {}
+    base = LocalBackend(batch_size=8, loaded=lm)
+    paths[BASELINE] = lambda: base.complete(requests)
+    for b in settings.gen_batch_sizes:
+        be = LocalBackend(batch_size=b, loaded=lm)
+        paths[f"batch_{b}"] = lambda be=be: be.complete(requests)
+    if lm.device.type == "cpu" and settings.gen_int8:
+        qlm = copy.copy(lm)
+        qlm.model = torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(lm.model), {torch.nn.Linear}, dtype=torch.qint8
+        )
+        for b in settings.gen_int8_batch_sizes:
+            be = LocalBackend(batch_size=b, loaded=qlm)
+            paths[f"int8_batch_{b}"] = lambda be=be: be.complete(requests)
+    if settings.gen_continuous and hasattr(lm.model, "generate_batch"):
+        paths["continuous_batching"] = lambda: _continuous(lm, base, requests)
+
+    runs: dict[str, list[dict]] = {k: [] for k in paths}
+    texts: dict[str, list] = {}
+    for rep in range(settings.gen_repeats):
+        for name, fn in paths.items():
+            log(f"generation: {name}, repeat {rep + 1}/{settings.gen_repeats}, {n} requests")
+            t0 = time.perf_counter()
+            try:
+                out = fn()
+            except Exception as exc:  # one path failing must not lose the others
+                runs[name].append({"error": f"{type(exc).__name__}: {exc}"[:300]})
+                log(f"generation: {name} failed: {exc}")
+                continue
+            dt = time.perf_counter() - t0
+            toks = sum(int(c.usage.get("completion_tokens") or 0) for c in out if c.ok)
+            runs[name].append({"seconds": dt, "tokens": toks, "errors": sum(not c.ok for c in out), "tok_s": toks / dt})
+            texts.setdefault(name, [c.text for c in out])
+            log(f"generation: {name}: {dt:.1f}s, {toks} tokens, {toks / dt:.1f} tok/s")
+
+    out: dict = {
+        "requests": n,
+        "repeats": settings.gen_repeats,
+        "params": params,
+        "bound_tokens_per_s": bound_tok_s,
+        "paths": {},
+    }
+    ref = texts.get(BASELINE)
+    for name, rs in runs.items():
+        good = [r for r in rs if "seconds" in r]
+        if not good:
+            out["paths"][name] = {"error": rs[0]["error"] if rs else "not run"}
+            continue
+        tok_s = statistics.median(r["tok_s"] for r in good)
+        sec = statistics.median(r["seconds"] for r in good)
+        agree = None
+        if ref is not None and name in texts:
+            agree = sum(a == b for a, b in zip(ref, texts[name])) / len(ref)
+        out["paths"][name] = {
+            "tokens_per_s": tok_s,
+            "seconds_per_request": sec / n,
+            "tokens": statistics.median(r["tokens"] for r in good),
+            "errors": good[0]["errors"],
+            "runs_tokens_per_s": [r["tok_s"] for r in good],
+            "fraction_of_bound": tok_s / bound_tok_s if bound_tok_s else None,
+            "agreement_with_baseline": agree,
+        }
+    base_tok = (out["paths"].get(BASELINE) or {}).get("tokens_per_s")
+    for p in out["paths"].values():
+        if base_tok and "tokens_per_s" in p:
+            p["speedup"] = p["tokens_per_s"] / base_tok
+    default = LocalBackend(loaded=lm)  # the backend's defaults: what a round uses
+    out["default_path"] = default.path_name
+    chosen = out["paths"].get(default.path_name) or {}
+    out["speedup_vs_transformers_generate"] = chosen.get("speedup")
+    out["default_agreement_with_baseline"] = chosen.get("agreement_with_baseline")
+    best = max(
+        (k for k, p in out["paths"].items() if "speedup" in p), key=lambda k: out["paths"][k]["speedup"], default=None
+    )
+    out["fastest_path"] = best
+    return out
