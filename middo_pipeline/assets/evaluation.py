@@ -8,7 +8,7 @@ import polars as pl
 from dagster import AssetExecutionContext, Config, MetadataValue, asset
 from pydantic import Field
 
-from middo_pipeline.assets._meta import image_md
+from middo_pipeline.assets._meta import bars_md, image_md, tidy
 from middo_pipeline.core.evaluation import evaluate, load_eval_set
 from middo_pipeline.core.plots import metric_by_round_png
 from middo_pipeline.core.progress import ProgressLogger
@@ -87,20 +87,42 @@ def round_evaluation(
     ) as tmp:
         tmp.write_text(json.dumps(summary))
 
+    change = (
+        {"mc_accuracy_change_vs_previous_round": series["mc_accuracy"][-1] - series["mc_accuracy"][-2]}
+        if len(rounds) > 1
+        else {}
+    )
     context.add_output_metadata(
-        {
-            "mean_response_loss": float(res["mean_response_loss"]),
-            "mc_accuracy": float(res["mc_accuracy"]),
-            "base_mean_response_loss": base["mean_response_loss"],
-            "base_mc_accuracy": base["mc_accuracy"],
-            "delta_mc_accuracy_vs_base": float(res["mc_accuracy"]) - base["mc_accuracy"],
-            "delta_loss_vs_base": float(res["mean_response_loss"]) - base["mean_response_loss"],
-            "n_items": int(res["n_items"]),
-            "eval_set": MetadataValue.path(str(Path(config.path).resolve())),
-            "by_round": image_md(
-                metric_by_round_png(rounds, series | {f"base_{m}": [base[m]] * len(rounds) for m in METRICS}),
-                "held-out metrics by round",
+        tidy(
+            {
+                "mean_response_loss": float(res["mean_response_loss"]),
+                "mc_accuracy": float(res["mc_accuracy"]),
+                "base_mean_response_loss": base["mean_response_loss"],
+                "base_mc_accuracy": base["mc_accuracy"],
+                "delta_mc_accuracy_vs_base": float(res["mc_accuracy"]) - base["mc_accuracy"],
+                "delta_loss_vs_base": float(res["mean_response_loss"]) - base["mean_response_loss"],
+                "n_items": int(res["n_items"]),
+                "eval_set": MetadataValue.path(str(Path(config.path).resolve())),
+                "by_round": image_md(
+                    metric_by_round_png(rounds, series | {f"base_{m}": [base[m]] * len(rounds) for m in METRICS}),
+                    "held-out metrics by round",
+                ),
+                "mc_accuracy_by_round": bars_md(
+                    [("base model", base["mc_accuracy"])]
+                    + [(f"round-{n}", v) for n, v in zip(rounds, series["mc_accuracy"])],
+                    "held-out accuracy",
+                    fmt="{:.3f}",
+                ),
+                **change,
+            },
+            first=(
+                "mc_accuracy",
+                "mc_accuracy_change_vs_previous_round",
+                "delta_mc_accuracy_vs_base",
+                "mean_response_loss",
+                "delta_loss_vs_base",
+                "mc_accuracy_by_round",
             ),
-        }
+        )
     )
     return items

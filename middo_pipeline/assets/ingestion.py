@@ -19,7 +19,7 @@ from dagster import (
 from pydantic import Field
 
 from middo_pipeline.assets._checks import schema_check, schema_spec
-from middo_pipeline.assets._meta import json_md, length_stats, preview_md
+from middo_pipeline.assets._meta import json_md, length_stats, preview_md, tidy
 from middo_pipeline.core.ingest import SeedFileError, read_seed
 from middo_pipeline.core.schema import fingerprint, schema_problems
 from middo_pipeline.core.storage import StorageError
@@ -101,20 +101,23 @@ def seed_dataset(context: AssetExecutionContext, config: SeedConfig):
     yield Output(
         samples,
         output_name="seed_dataset",
-        metadata={
-            "path": MetadataValue.path(str(Path(config.path).resolve())),
-            "file_sha256": file_sha256(config.path),
-            "format": result.format,
-            "records_read": result.total_records,
-            "rows": samples.height,
-            "rejected": quarantine.height,
-            "rejected_by_reason": json_md(by_reason),
-            "truncated_conversations": int(getattr(result, "truncated_conversations", 0)),
-            "fingerprint": fingerprint(samples),
-            **length_stats(samples, "instruction"),
-            **length_stats(samples, "output"),
-            "preview": preview_md(samples, ["sample_id", "instruction", "input", "output"]),
-        },
+        metadata=tidy(
+            {
+                "path": MetadataValue.path(str(Path(config.path).resolve())),
+                "file_sha256": file_sha256(config.path),
+                "format": result.format,
+                "records_read": result.total_records,
+                "rows": samples.height,
+                "rejected": quarantine.height,
+                "rejected_by_reason": json_md(by_reason),
+                "truncated_conversations": int(getattr(result, "truncated_conversations", 0)),
+                "fingerprint": fingerprint(samples),
+                **length_stats(samples, "instruction"),
+                **length_stats(samples, "output"),
+                "preview": preview_md(samples, ["sample_id", "instruction", "input", "output"]),
+            },
+            first=("rows", "rejected", "rejected_by_reason"),
+        ),
     )
     yield Output(
         quarantine,
@@ -178,14 +181,17 @@ def round_dataset(
     )
     yield Output(
         df,
-        metadata={
-            **source,
-            "source_run_id": record.run_id if record else "unknown",
-            "rows": df.height,
-            "fingerprint": fingerprint(df),
-            "rows_by_operation": json_md(ops),
-            **length_stats(df, "output"),
-            "preview": preview_md(df, ["sample_id", "operation", "origin_id", "instruction", "output"]),
-        },
+        metadata=tidy(
+            {
+                **source,
+                "source_run_id": record.run_id if record else "unknown",
+                "rows": df.height,
+                "fingerprint": fingerprint(df),
+                "rows_by_operation": json_md(ops),
+                **length_stats(df, "output"),
+                "preview": preview_md(df, ["sample_id", "operation", "origin_id", "instruction", "output"]),
+            },
+            first=("rows", "rows_by_operation"),
+        ),
     )
     yield check

@@ -19,7 +19,7 @@ from dagster import (
 from pydantic import Field
 
 from middo_pipeline.assets._checks import schema_check, schema_spec
-from middo_pipeline.assets._meta import json_md, preview_md
+from middo_pipeline.assets._meta import bars_md, json_md, preview_md, tidy
 from middo_pipeline.core import diversity
 from middo_pipeline.core.checkpoints import require_checkpoint
 from middo_pipeline.core.evaluation import load_eval_set
@@ -281,69 +281,85 @@ def refined_samples(
     stats = backend.stats()
     context.add_output_metadata(
         output_name="refinement_candidates",
-        metadata={
-            "candidates": verified.height,
-            "generated": generated.height,
-            "passed": int(verified["passed"].sum()) if verified.height else 0,
-            "per_sample": k,
-            "temperature": temperature,
-            "rejected_by_reason": json_md({f"{o}: {r_}": n for o, r_, n in by_reason.iter_rows()}),
-            "thresholds": json_md(th.as_dict() if th else {"verify": False}),
-            "generation_seconds": round(gen_seconds, 1),
-            "verification_seconds": round(gate_seconds, 1),
-        },
+        metadata=tidy(
+            {
+                "candidates": verified.height,
+                "generated": generated.height,
+                "passed": int(verified["passed"].sum()) if verified.height else 0,
+                "per_sample": k,
+                "temperature": temperature,
+                "rejected_by_reason": json_md({f"{o}: {r_}": n for o, r_, n in by_reason.iter_rows()}),
+                "thresholds": json_md(th.as_dict() if th else {"verify": False}),
+                "generation_seconds": round(gen_seconds, 1),
+                "verification_seconds": round(gate_seconds, 1),
+                "why_rejected": bars_md(
+                    sorted(((f"{o}: {r_}", n) for o, r_, n in by_reason.iter_rows()), key=lambda x: -x[1]),
+                    "rejected candidates by reason",
+                ),
+            },
+            first=("passed", "candidates", "why_rejected"),
+        ),
     )
+    outcome = [
+        (f"{op}: {status}", int(((chosen["operation"] == op) & (chosen["status"] == code)).sum()))
+        for op in sorted(set(chosen["operation"].to_list()))
+        for code, status in (("ok", "accepted"), ("rejected", "rejected"), ("failed", "failed"))
+    ]
     context.add_output_metadata(
         output_name="refined_samples",
-        metadata={
-            "attempted": chosen.height,
-            "accepted": ok.height,
-            "rejected": rejected.height,
-            "failed": failed.height,
-            "succeeded": ok.height,  # kept for earlier dashboards: = accepted
-            "verified": config.verify,
-            "by_operation": json_md(
-                {
-                    op: {
-                        "accepted": int(((chosen["operation"] == op) & (chosen["status"] == "ok")).sum()),
-                        "rejected": int(((chosen["operation"] == op) & (chosen["status"] == "rejected")).sum()),
-                        "failed": int(((chosen["operation"] == op) & (chosen["status"] == "failed")).sum()),
+        metadata=tidy(
+            {
+                "attempted": chosen.height,
+                "accepted": ok.height,
+                "rejected": rejected.height,
+                "failed": failed.height,
+                "succeeded": ok.height,  # kept for earlier dashboards: = accepted
+                "verified": config.verify,
+                "by_operation": json_md(
+                    {
+                        op: {
+                            "accepted": int(((chosen["operation"] == op) & (chosen["status"] == "ok")).sum()),
+                            "rejected": int(((chosen["operation"] == op) & (chosen["status"] == "rejected")).sum()),
+                            "failed": int(((chosen["operation"] == op) & (chosen["status"] == "failed")).sum()),
+                        }
+                        for op in sorted(set(chosen["operation"].to_list()))
                     }
-                    for op in sorted(set(chosen["operation"].to_list()))
-                }
-            ),
-            "rejected_or_failed_by_reason": json_md(
-                dict(
-                    chosen.filter(pl.col("status") != "ok")
-                    .group_by("failure_reason")
-                    .len()
-                    .sort("failure_reason")
-                    .iter_rows()
-                )
-            ),
-            "hard_and_low_quality": MetadataValue.text(
-                f"{both} samples flagged hard and low quality: rewritten, not simplified (a sample the model cannot learn "
-                f"and whose prompt does not explain its answer is more likely defective than difficult)"
-            ),
-            "sparse_not_extended": MetadataValue.text(
-                f"{not_extended} sparse samples are also low quality: not extended (an extension would carry the defect)"
-            ),
-            "cache": json_md(stats),
-            "prompt_style": prompt_cfg.style,
-            "prompt_style_reason": style_reason,
-            "optimizer": f"{optimizer.backend}:{optimizer.model}",
-            "generation_seconds": round(gen_seconds, 1),
-            "verification_seconds": round(gate_seconds, 1),
-            "accepted_before_after": preview_md(ok, signals_cols, n=10),
-            "rejected_examples": preview_md(
-                rejected,
-                ["operation", "failure_reason", "instruction_before", "instruction_after", "output_after"],
-                n=10,
-            ),
-            "failed_examples": preview_md(
-                failed, ["operation", "origin_id", "failure_reason", "instruction_before"], n=5
-            ),
-        },
+                ),
+                "rejected_or_failed_by_reason": json_md(
+                    dict(
+                        chosen.filter(pl.col("status") != "ok")
+                        .group_by("failure_reason")
+                        .len()
+                        .sort("failure_reason")
+                        .iter_rows()
+                    )
+                ),
+                "hard_and_low_quality": MetadataValue.text(
+                    f"{both} samples flagged hard and low quality: rewritten, not simplified (a sample the model cannot learn "
+                    f"and whose prompt does not explain its answer is more likely defective than difficult)"
+                ),
+                "sparse_not_extended": MetadataValue.text(
+                    f"{not_extended} sparse samples are also low quality: not extended (an extension would carry the defect)"
+                ),
+                "cache": json_md(stats),
+                "prompt_style": prompt_cfg.style,
+                "prompt_style_reason": style_reason,
+                "optimizer": f"{optimizer.backend}:{optimizer.model}",
+                "generation_seconds": round(gen_seconds, 1),
+                "verification_seconds": round(gate_seconds, 1),
+                "accepted_before_after": preview_md(ok, signals_cols, n=10),
+                "rejected_examples": preview_md(
+                    rejected,
+                    ["operation", "failure_reason", "instruction_before", "instruction_after", "output_after"],
+                    n=10,
+                ),
+                "failed_examples": preview_md(
+                    failed, ["operation", "origin_id", "failure_reason", "instruction_before"], n=5
+                ),
+                "outcome": bars_md([(label, n) for label, n in outcome if n], "refinements by operation and outcome"),
+            },
+            first=("accepted", "rejected", "failed", "attempted", "outcome", "accepted_before_after"),
+        ),
     )
     yield Output(verified, output_name="refinement_candidates")
     yield Output(chosen, output_name="refined_samples")
@@ -465,20 +481,23 @@ def optimized_dataset(
     yield Output(
         ds,
         output_name="optimized_dataset",
-        metadata={
-            "rows_before": round_dataset.height,
-            "rows_after": ds.height,
-            "growth": round(growth, 4),
-            "size_policy": config.size_policy,
-            "counts": json_md(result.counts),
-            "duplicates_removed": result.duplicates.height,
-            "duplicates": MetadataValue.path(str(dup_path)),
-            "rows_by_operation": json_md(dict(ds.group_by("operation").len().sort("operation").iter_rows())),
-            "fingerprint": fingerprint(ds),
-            "before_after": preview_md(
-                changed, ["operation", "instruction_before", "instruction_after", "output_after"], n=10
-            ),
-        },
+        metadata=tidy(
+            {
+                "rows_before": round_dataset.height,
+                "rows_after": ds.height,
+                "growth": round(growth, 4),
+                "size_policy": config.size_policy,
+                "counts": json_md(result.counts),
+                "duplicates_removed": result.duplicates.height,
+                "duplicates": MetadataValue.path(str(dup_path)),
+                "rows_by_operation": json_md(dict(ds.group_by("operation").len().sort("operation").iter_rows())),
+                "fingerprint": fingerprint(ds),
+                "before_after": preview_md(
+                    changed, ["operation", "instruction_before", "instruction_after", "output_after"], n=10
+                ),
+            },
+            first=("rows_after", "rows_before", "growth", "rows_by_operation", "before_after"),
+        ),
     )
     yield schema_check(ds, "optimized_dataset")
     yield conservation

@@ -9,7 +9,7 @@ from dagster import AssetExecutionContext, Config, MetadataValue, Output, asset
 from pydantic import Field, field_validator
 
 from middo_pipeline.assets._checks import band_check, band_spec
-from middo_pipeline.assets._meta import image_md, json_md, preview_md
+from middo_pipeline.assets._meta import image_md, json_md, preview_md, tidy
 from middo_pipeline.core import diversity, quality
 from middo_pipeline.core.checkpoints import require_checkpoint
 from middo_pipeline.core.forward import EmbeddingSpec, score_samples
@@ -138,16 +138,18 @@ def model_readouts(
         }
     ).with_columns(pl.lit(spec.pooling).alias("embedding_pooling"), pl.lit(str(spec.layer)).alias("embedding_layer"))
     context.add_output_metadata(
-        {
-            "samples": df.height,
-            "model_before": model.base_model,
-            "checkpoint": MetadataValue.path(str(ckpt)),
-            "embedding": f"{spec.pooling} pooling, layer {spec.layer}",
-            "embedding_dim": int(after.embedding.shape[1]),
-            "tokens": int(total_tokens),
-            "seconds": round(seconds, 1),
-            "tokens_per_second": round(total_tokens / max(seconds, 1e-9), 1),
-        }
+        tidy(
+            {
+                "samples": df.height,
+                "model_before": model.base_model,
+                "checkpoint": MetadataValue.path(str(ckpt)),
+                "embedding": f"{spec.pooling} pooling, layer {spec.layer}",
+                "embedding_dim": int(after.embedding.shape[1]),
+                "tokens": int(total_tokens),
+                "seconds": round(seconds, 1),
+                "tokens_per_second": round(total_tokens / max(seconds, 1e-9), 1),
+            }
+        )
     )
     return df
 
@@ -182,23 +184,26 @@ def loss_signals(
     )
     yield Output(
         df,
-        metadata={
-            "m": res_after.m if res_after.m is not None else MetadataValue.text("target fraction"),
-            "threshold_loss_before": float(res_before.threshold),
-            "threshold_loss_after": float(res_after.threshold),
-            "hard": int(hard.sum()),
-            "hard_fraction": float(hard.mean()) if len(hard) else 0.0,
-            "loss_before_mean": float(np.nanmean(before)),
-            "loss_after_mean": float(np.nanmean(after)),
-            "missing": int(np.isnan(after).sum()),
-            "scatter": image_md(
-                loss_scatter_png(before, after, hard, res_before.threshold, res_after.threshold),
-                "loss before vs after training",
-            ),
-            "hardest": preview_md(
-                hardest, ["sample_id", "loss_before", "loss_after", "is_hard", "instruction", "output"]
-            ),
-        },
+        metadata=tidy(
+            {
+                "m": res_after.m if res_after.m is not None else MetadataValue.text("target fraction"),
+                "threshold_loss_before": float(res_before.threshold),
+                "threshold_loss_after": float(res_after.threshold),
+                "hard": int(hard.sum()),
+                "hard_fraction": float(hard.mean()) if len(hard) else 0.0,
+                "loss_before_mean": float(np.nanmean(before)),
+                "loss_after_mean": float(np.nanmean(after)),
+                "missing": int(np.isnan(after).sum()),
+                "scatter": image_md(
+                    loss_scatter_png(before, after, hard, res_before.threshold, res_after.threshold),
+                    "loss before vs after training",
+                ),
+                "hardest": preview_md(
+                    hardest, ["sample_id", "loss_before", "loss_after", "is_hard", "instruction", "output"]
+                ),
+            },
+            first=("hard", "hard_fraction", "m", "threshold_loss_after", "scatter"),
+        ),
     )
     yield band_check(int(hard.sum()), len(hard), "loss_signals")
 
@@ -306,7 +311,8 @@ def embedding_signals(
         meta["cluster_map"] = image_md(
             cluster_map_png(xy, labels, res.flagged, f"{context.partition_key}: clusters, sparse marked"), "cluster map"
         )
-    yield Output(df, metadata=meta)
+    first = ("sparse", "sparse_fraction", "m", "threshold", "cluster_map")
+    yield Output(df, metadata=tidy(meta, first=first))
     yield band_check(int(res.n_flagged), len(ids), "embedding_signals")
 
 
@@ -436,41 +442,46 @@ def quality_signals(
     )
     yield Output(
         df,
-        metadata={
-            **res.as_metadata(),
-            "mode": config.mode,
-            **(
-                {
-                    "judge": config.judge,
-                    "judge_reading": config.judge_reading,
-                    "missing_judgements": int(np.isnan(scores6).sum()),
-                    "judge_mean": round(float(np.nanmean(judge_score)), 3) if np.isfinite(judge_score).any() else None,
-                }
-                if config.mode != "ifd"
-                else {}
-            ),
-            "judge_path": judge_info["judge_path"],
-            **(
-                {"judge_fallback_reason": str(judge_info["fallback_reason"])}
-                if judge_info.get("fallback_reason") and judge_info["judge_path"] != "packed"
-                else {}
-            ),
-            "seconds": round(time.perf_counter() - t0, 1),
-            "low_quality": int(res.n_flagged),
-            "low_quality_fraction": float(res.fraction),
-            "ifd_mean": round(float(np.nanmean(ifd)), 4) if np.isfinite(ifd).any() else None,
-            "missing_values": int((~np.isfinite(value)).sum()),
-            "histograms": image_md(
-                histogram_png(
-                    {k: v for k, v in hist.items() if v is not None},
-                    {"quality_value": float(res.threshold)},
-                    f"{context.partition_key}: {title[config.mode]}",
+        metadata=tidy(
+            {
+                **res.as_metadata(),
+                "mode": config.mode,
+                **(
+                    {
+                        "judge": config.judge,
+                        "judge_reading": config.judge_reading,
+                        "missing_judgements": int(np.isnan(scores6).sum()),
+                        "judge_mean": round(float(np.nanmean(judge_score)), 3)
+                        if np.isfinite(judge_score).any()
+                        else None,
+                    }
+                    if config.mode != "ifd"
+                    else {}
                 ),
-                "quality histograms",
-            ),
-            "lowest_scored": preview_md(
-                lowest, ["sample_id", "quality_value", "ifd", "quality_score", "instruction", "output"]
-            ),
-        },
+                "judge_path": judge_info["judge_path"],
+                **(
+                    {"judge_fallback_reason": str(judge_info["fallback_reason"])}
+                    if judge_info.get("fallback_reason") and judge_info["judge_path"] != "packed"
+                    else {}
+                ),
+                "seconds": round(time.perf_counter() - t0, 1),
+                "low_quality": int(res.n_flagged),
+                "low_quality_fraction": float(res.fraction),
+                "ifd_mean": round(float(np.nanmean(ifd)), 4) if np.isfinite(ifd).any() else None,
+                "missing_values": int((~np.isfinite(value)).sum()),
+                "histograms": image_md(
+                    histogram_png(
+                        {k: v for k, v in hist.items() if v is not None},
+                        {"quality_value": float(res.threshold)},
+                        f"{context.partition_key}: {title[config.mode]}",
+                    ),
+                    "quality histograms",
+                ),
+                "lowest_scored": preview_md(
+                    lowest, ["sample_id", "quality_value", "ifd", "quality_score", "instruction", "output"]
+                ),
+            },
+            first=("low_quality", "low_quality_fraction", "mode", "m", "threshold", "histograms"),
+        ),
     )
     yield band_check(int(res.n_flagged), df.height, "quality_signals")

@@ -7,7 +7,7 @@ import polars as pl
 from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
-from middo_pipeline.assets._meta import image_md
+from middo_pipeline.assets._meta import image_md, tidy
 from middo_pipeline.core.checkpoints import write_round_info
 from middo_pipeline.core.plots import loss_curve_png
 from middo_pipeline.core.progress import ProgressLogger
@@ -91,19 +91,22 @@ def sft_checkpoint(
         )
     history = [(int(s), float(loss)) for s, loss in result.loss_history]
     return MaterializeResult(
-        metadata={
-            "path": MetadataValue.path(str(target)),
-            "base_model": model.base_model,
-            "initialized_from": start or "base model",
-            "lora": config.lora,
-            "samples": round_dataset.height,
-            "trained_on": fingerprint(round_dataset),
-            "steps": result.steps,
-            "tokens_seen": result.tokens_seen,
-            "seconds": round(result.seconds, 2),
-            "tokens_per_second": round(result.tokens_per_second, 1),
-            "final_loss": float(result.final_loss),
-            "loss_curve": image_md(loss_curve_png(history), "training loss"),
-            "loss_history": MetadataValue.json(json.loads(json.dumps(history))),
-        }
+        metadata=tidy(
+            {
+                "path": MetadataValue.path(str(target)),
+                "base_model": model.base_model,
+                "initialized_from": start or "base model",
+                "lora": config.lora,
+                "samples": round_dataset.height,
+                "trained_on": fingerprint(round_dataset),
+                "steps": result.steps,
+                "tokens_seen": result.tokens_seen,
+                "seconds": round(result.seconds, 2),
+                "tokens_per_second": round(result.tokens_per_second, 1),
+                "final_loss": float(result.final_loss),
+                "loss_curve": image_md(loss_curve_png(history), "training loss"),
+                "loss_history": MetadataValue.json(json.loads(json.dumps(history))),
+            },
+            first=("final_loss", "steps", "samples", "loss_curve"),
+        )
     )
