@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from middo_pipeline.core.encoding import GENERIC_CONTROL
 from middo_pipeline.core.schema import EXTENDED, REWRITTEN, SIMPLIFIED
 
 __all__ = [
@@ -142,9 +143,6 @@ class RoundThresholds:
 # text checks
 
 _WORD = re.compile(r"\w+", re.UNICODE)
-# chat-template control tokens of the common families (ChatML, Llama 3, Mistral/Llama 2, Gemma,
-# Phi), plus whatever special tokens the tokenizer in use declares (``extra``)
-_CONTROL = re.compile(r"<\|[A-Za-z_][\w.-]*\|>|</?s>|\[/?INST\]|<start_of_turn>|<end_of_turn>|<\|eot_id\|>")
 
 
 def ngram_set(texts: Iterable[str], n: int = DEFAULT_NGRAM) -> set[tuple[str, ...]]:
@@ -165,7 +163,7 @@ def _shares_ngram(text: str, grams: set, n: int) -> bool:
 
 def has_control_tokens(text: str, extra: Sequence[str] = ()) -> bool:
     text = text or ""
-    return bool(_CONTROL.search(text)) or any(tok and tok in text for tok in extra)
+    return bool(GENERIC_CONTROL.search(text)) or any(tok and tok in text for tok in extra)
 
 
 # ----------------------------------------------------------------------------------------------
