@@ -114,10 +114,24 @@ class FakeOpenAI:
                     n_chat = sum(1 for c in fake.calls if c.path.endswith("/chat/completions")) - 1
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                # In flight = asked and not yet answered. The count drops *before* the reply is
+                # written: once the client has read it, it may send its next request before this
+                # thread gets scheduled again, and counting the tail of this handler would then
+                # report one request more than the client ever had outstanding.
+                answered = False
+
+                def answer():
+                    nonlocal answered
+                    if not answered:
+                        answered = True
+                        with fake.lock:
+                            fake.in_flight -= 1
+
                 try:
                     reply = fake.route(method, self.path, body, n_chat)
                     if reply.delay:
                         time.sleep(reply.delay)
+                    answer()
                     payload = reply.body
                     if isinstance(payload, (dict, list)):
                         payload = json.dumps(payload).encode()
@@ -135,8 +149,7 @@ class FakeOpenAI:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
                 finally:
-                    with fake.lock:
-                        fake.in_flight -= 1
+                    answer()
 
             def do_GET(self):
                 self._handle("GET")
