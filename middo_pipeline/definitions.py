@@ -12,6 +12,9 @@ Resources come from environment variables so one code location serves a laptop a
 - MIDDO_OPTIMIZER_CONCURRENCY      parallel requests to the server (default 8)
 - MIDDO_OPTIMIZER_QUANTIZE         local backend on CPU: none | int8 (dynamic int8 Linear layers)
 - MIDDO_HOME                       storage root (default $DAGSTER_HOME/middo or ./.middo)
+- MIDDO_RAY_ADDRESS                unset: one process; local | auto | ray://HEAD:10001: the loss and
+                                   embedding passes run on Ray workers (extra [ray]; README "Scaling up")
+- MIDDO_RAY_WORKERS, MIDDO_RAY_CPUS_PER_WORKER, MIDDO_RAY_GPUS_PER_WORKER, MIDDO_RAY_NUM_CPUS
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from middo_pipeline.assets import evaluation, ingestion, optimization, signals, 
 from middo_pipeline.io import ParquetIOManager
 from middo_pipeline.jobs import round_job, seed_job
 from middo_pipeline.models.loading import DEFAULT_MODEL, TINY_MODEL
-from middo_pipeline.resources import ModelResource, OptimizerResource, StorageResource
+from middo_pipeline.resources import ModelResource, OptimizerResource, RayComputeResource, StorageResource
 from middo_pipeline.schedules import nightly_round
 
 
@@ -63,7 +66,39 @@ def resources_from_env(env: dict | None = None) -> dict:
             device=device,
             **({"quantize": env["MIDDO_OPTIMIZER_QUANTIZE"]} if env.get("MIDDO_OPTIMIZER_QUANTIZE") else {}),
         ),
+        "ray": ray_from_env(env),
     }
+
+
+def ray_from_env(env: dict) -> RayComputeResource:
+    """``MIDDO_RAY_ADDRESS`` (unset: off), ``MIDDO_RAY_WORKERS``, ``MIDDO_RAY_GPUS_PER_WORKER``,
+    ``MIDDO_RAY_CPUS_PER_WORKER``; ``MIDDO_RAY_NUM_CPUS`` caps a ``local`` Ray's CPUs."""
+    address = (env.get("MIDDO_RAY_ADDRESS") or "").strip()
+    if address and not (address in ("local", "auto") or "://" in address or ":" in address):
+        raise ValueError(f"MIDDO_RAY_ADDRESS={address}: use local, auto, ray://HEAD:10001 or HEAD:6379 (unset: no Ray)")
+
+    def number(name: str, default: float) -> float:
+        text = (env.get(name) or "").strip()
+        if not text:
+            return default
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise ValueError(f"{name}={text}: not a number >= 0")
+        return value
+
+    init = {}
+    if address == "local" and env.get("MIDDO_RAY_NUM_CPUS"):
+        init["num_cpus"] = int(number("MIDDO_RAY_NUM_CPUS", 0))
+    return RayComputeResource(
+        address=address,
+        workers=int(number("MIDDO_RAY_WORKERS", 0)),
+        num_cpus_per_worker=number("MIDDO_RAY_CPUS_PER_WORKER", 1.0),
+        num_gpus_per_worker=number("MIDDO_RAY_GPUS_PER_WORKER", 0.0),
+        ray_init_options=init,
+    )
 
 
 def build_defs(env: dict | None = None) -> Definitions:

@@ -7,9 +7,14 @@ matter of resource config (see README "Scaling up").
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Callable
 from typing import Literal
+from urllib.parse import urlsplit
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, InitResourceContext
+from dagster_ray import RayResource
 from pydantic import Field
 
 from middo_pipeline.core.llm import BackendKind
@@ -47,15 +52,13 @@ class ModelResource(ConfigurableResource):
     def base_path(self) -> str:
         return resolve_model_path(self.base_model, self.cache_dir)
 
+    def load_kwargs(self) -> dict:
+        """What ``load_model`` is given besides the path (also what each Ray worker loads with)."""
+        return dict(device=self.device, dtype=self.dtype, threads=self.threads, cache_dir=self.cache_dir)
+
     def load(self, path: str | None = None) -> LoadedModel:
         """Load the base model, or a checkpoint folder when ``path`` is given."""
-        return load_model(
-            path or self.base_model,
-            device=self.device,
-            dtype=self.dtype,
-            threads=self.threads,
-            cache_dir=self.cache_dir,
-        )
+        return load_model(path or self.base_model, **self.load_kwargs())
 
 
 class OptimizerResource(ConfigurableResource):
@@ -109,3 +112,85 @@ class OptimizerResource(ConfigurableResource):
             )
         cache = storage.ensure_dir(storage.cache_dir) / "completions.sqlite" if self.use_cache else None
         return make_backend(self.backend, cache=cache, **kwargs)
+
+
+class RayComputeResource(RayResource):
+    """Where the per-sample model work of a round runs: here (``address`` empty, the default),
+    or on a Ray cluster, one model replica per worker (``core.distributed``).
+
+    A ``dagster_ray.RayResource``: when ``address`` is set, Dagster connects (``ray.init``)
+    before the step and disconnects after it, with dagster-ray's lifecycle, logging and
+    ``ray_init_options``. ``address``: ``local`` starts Ray on this machine for the step (or
+    joins ``$RAY_ADDRESS`` when that is set); ``auto`` joins the cluster this machine is a node
+    of (``ray start``); ``ray://head:10001`` connects through the Ray client. Model and
+    checkpoint folders must be readable on every node (a shared ``MIDDO_HOME``).
+    """
+
+    address: str = Field(
+        default="",
+        description="'' = off (one process); 'local' = Ray on this machine; 'auto' = the cluster of "
+        "`ray start`; 'ray://head:10001' = a remote cluster through the Ray client",
+    )
+    workers: int = Field(default=0, ge=0, description="model replicas (0: as many as the cluster holds)")
+    num_cpus_per_worker: float = Field(default=1.0, ge=0, description="CPUs reserved by each replica")
+    num_gpus_per_worker: float = Field(default=0.0, ge=0, description="GPUs per replica (1 on a GPU cluster)")
+    shards_per_worker: int = Field(default=4, ge=1, description="shards per replica and pass (progress, balance)")
+    max_task_retries: int = Field(default=3, ge=0, description="re-runs of a shard whose worker died")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.address.strip())
+
+    @property
+    def host(self) -> str:
+        a = self.address.strip()
+        if a in ("", "local", "auto"):
+            return "127.0.0.1"
+        return urlsplit(a if "://" in a else f"ray://{a}").hostname or a
+
+    @property
+    def name(self) -> str:
+        return f"Ray cluster ({self.address.strip() or 'off'})"
+
+    @property
+    def ray_address(self) -> str | None:  # type: ignore[override]
+        a = self.address.strip()
+        return None if a == "local" else a
+
+    @property
+    def created(self) -> bool:
+        return True  # an existing cluster (or one ray.init starts): nothing to create
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    @contextlib.contextmanager
+    def yield_for_execution(self, context: InitResourceContext):
+        if not self.enabled:  # off: never import or start Ray
+            yield self
+            return
+        with super().yield_for_execution(context) as r:
+            yield r
+
+    def forward(self, model: ModelResource, path: str | None = None, log: Callable[[str], None] | None = None):
+        """The forward passes for ``path`` (default: the base model): a ``RayForward`` on this
+        cluster when enabled, else a ``LocalForward`` on the model loaded here. Use as a context
+        manager; both have ``score_samples`` and ``unconditional_loss``."""
+        from middo_pipeline.core.distributed import LocalForward, RayForward, RaySettings
+
+        if not self.enabled:
+            return LocalForward(model.load(path))
+        kwargs = model.load_kwargs()
+        if self.num_gpus_per_worker <= 0:
+            kwargs["threads"] = None  # each worker: its own num_cpus_per_worker threads
+        settings = RaySettings(
+            workers=self.workers,
+            num_cpus=self.num_cpus_per_worker,
+            num_gpus=self.num_gpus_per_worker,
+            shards_per_worker=self.shards_per_worker,
+            max_task_retries=self.max_task_retries,
+            # fault injection for the suite: a worker crashes once in the middle of a pass
+            fault_once_file=os.environ.get("MIDDO_RAY_FAULT_ONCE_FILE") or None,
+        )
+        return RayForward(path or model.base_path(), settings, kwargs, log=log)

@@ -5,7 +5,7 @@
 # Idempotent: a second run only checks (a few seconds).  Usage: bash scripts/setup.sh
 #   VENV=DIR                    install into DIR instead of ./.venv
 #   MIDDO_CONSTRAINTS=none      newest versions pyproject.toml allows (scripts/test_latest.sh)
-#   MIDDO_EXTRAS=cpu,dev        extras to install
+#   MIDDO_EXTRAS=cpu,dev,ray    extras to install
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -33,7 +33,7 @@ if ! "$VENV/bin/python" -c "$probe" >/dev/null 2>&1 \
   fi
   "$VENV/bin/python" -m pip install "${pip_args[@]}" --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
   # extras: cpu = the CPU build of torch (see README "Install"); dev = pytest, hypothesis, ruff
-  "$VENV/bin/python" -m pip install "${pip_args[@]}" "${upgrade[@]}" -e ".[${MIDDO_EXTRAS:-cpu,dev}]" \
+  "$VENV/bin/python" -m pip install "${pip_args[@]}" "${upgrade[@]}" -e ".[${MIDDO_EXTRAS:-cpu,dev,ray}]" \
     2>&1 | grep -v "is ignored: it is neither" || true
   "$VENV/bin/python" -c 'import middo_pipeline, dagster, trl' \
     || { echo "setup: installing middo-pipeline failed (see pip's output above)" >&2; exit 1; }

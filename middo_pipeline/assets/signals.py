@@ -12,8 +12,8 @@ from middo_pipeline.assets._checks import band_check, band_spec
 from middo_pipeline.assets._meta import image_md, json_md, preview_md, tidy
 from middo_pipeline.core import diversity, quality
 from middo_pipeline.core.checkpoints import require_checkpoint
-from middo_pipeline.core.forward import EmbeddingSpec, score_samples
-from middo_pipeline.core.ifd import ifd_scores, unconditional_loss
+from middo_pipeline.core.forward import EmbeddingSpec
+from middo_pipeline.core.ifd import ifd_scores
 from middo_pipeline.core.llm import make_backend
 from middo_pipeline.core.plots import cluster_map_png, histogram_png, loss_scatter_png
 from middo_pipeline.core.progress import ProgressLogger
@@ -21,7 +21,7 @@ from middo_pipeline.core.schema import fingerprint, prompt_text
 from middo_pipeline.core.thresholds import ThresholdSpec, flag_below, flag_both_above
 from middo_pipeline.core.verify import QualityScale, quality_value
 from middo_pipeline.models.loading import pick_device
-from middo_pipeline.resources import ModelResource, OptimizerResource, StorageResource
+from middo_pipeline.resources import ModelResource, OptimizerResource, RayComputeResource, StorageResource
 from middo_pipeline.rounds import previous_table, round_number, rounds_partitions
 
 
@@ -85,6 +85,7 @@ def model_readouts(
     config: ReadoutConfig,
     model: ModelResource,
     storage: StorageResource,
+    ray: RayComputeResource,
     round_dataset: pl.DataFrame,
 ) -> pl.DataFrame:
     store = storage.get()
@@ -95,36 +96,28 @@ def model_readouts(
     # "before training" is always the base model, whatever the training init: a previous
     # round's checkpoint has already seen the kept samples, so new samples would look hard
     t0 = time.perf_counter()
-    lm = model.load()
-    before = score_samples(
-        lm.model,
-        lm.tokenizer,
-        prompts,
-        responses,
-        with_embeddings=False,
-        progress=ProgressLogger(context.log.info, "loss before training (base model)"),
-        **kw,
-    )
-    uncond = unconditional_loss(
-        lm.model,
-        lm.tokenizer,
-        responses,
-        progress=ProgressLogger(context.log.info, "prompt-free loss (base model)"),
-        **kw,
-    )
-    del lm
-    lm = model.load(str(ckpt))
+    with ray.forward(model, log=context.log.info) as base:
+        before = base.score_samples(
+            prompts,
+            responses,
+            with_embeddings=False,
+            progress=ProgressLogger(context.log.info, "loss before training (base model)"),
+            **kw,
+        )
+        uncond = base.unconditional_loss(
+            responses, progress=ProgressLogger(context.log.info, "prompt-free loss (base model)"), **kw
+        )
     spec = config.embedding_spec()
-    after = score_samples(
-        lm.model,
-        lm.tokenizer,
-        prompts,
-        responses,
-        with_embeddings=True,
-        embedding=spec,
-        progress=ProgressLogger(context.log.info, "loss + embedding after training"),
-        **kw,
-    )
+    with ray.forward(model, str(ckpt), log=context.log.info) as trained:
+        after = trained.score_samples(
+            prompts,
+            responses,
+            with_embeddings=True,
+            embedding=spec,
+            progress=ProgressLogger(context.log.info, "loss + embedding after training"),
+            **kw,
+        )
+        workers = trained.workers
     seconds = time.perf_counter() - t0
     total_tokens = before.n_tokens + uncond.n_tokens + after.n_tokens
     df = pl.DataFrame(
@@ -145,6 +138,7 @@ def model_readouts(
                 "checkpoint": MetadataValue.path(str(ckpt)),
                 "embedding": f"{spec.pooling} pooling, layer {spec.layer}",
                 "embedding_dim": int(after.embedding.shape[1]),
+                "compute": f"ray: {workers} workers at {ray.address}" if ray.enabled else "this process",
                 "tokens": int(total_tokens),
                 "seconds": round(seconds, 1),
                 "tokens_per_second": round(total_tokens / max(seconds, 1e-9), 1),

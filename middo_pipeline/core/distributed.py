@@ -1,0 +1,264 @@
+"""The per-sample forward passes on a Ray cluster: one model replica per worker, samples in
+length-sorted shards, results gathered back in the caller's order.
+
+``RayForward(model_path, ...)`` keeps a pool of Ray actors (``ray.util.ActorPool``), each of
+which loads the model once (``models.loading.load_model``) and runs ``forward.score_samples``
+on the shards it is given. A shard is a run of samples that are adjacent in the length order
+(characters of prompt + response), so that every worker's batches are as evenly padded as on
+one machine; each worker batches its shard again by tokens (``forward.make_batches``). What
+comes back is the same ``ForwardResult`` as ``score_samples`` gives for the whole list.
+
+Nothing here schedules, retries or moves data by hand: Ray places the actors (``num_cpus`` /
+``num_gpus`` per worker), restarts an actor whose process died (``max_restarts``) and re-runs
+the task it was running (``max_task_retries``), and carries the arrays back through its object
+store. A shard's rows are written into the result at their original positions, and every
+position must be written exactly once, so a retried shard cannot duplicate or lose a row.
+
+Paths are read by the workers: on a cluster of several machines the model and checkpoint
+folders must be on a filesystem every node sees (the same ``MIDDO_HOME`` everywhere). Ray is
+an optional dependency (``pip install 'middo-pipeline[ray]'``); this module imports it only
+when a pool is made. Dagster-free: the ``ray`` resource (``middo_pipeline.resources``) builds
+one of these from its settings.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from middo_pipeline.core.forward import ForwardResult
+
+__all__ = ["LocalForward", "RaySettings", "RayForward", "plan_shards"]
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class LocalForward:
+    """The one-process counterpart of ``RayForward``: the same two methods on a loaded model."""
+
+    lm: object  # models.loading.LoadedModel
+    workers: int = 0
+
+    def score_samples(self, prompts, responses, **kwargs) -> ForwardResult:
+        from middo_pipeline.core.forward import score_samples
+
+        return score_samples(self.lm.model, self.lm.tokenizer, prompts, responses, **kwargs)
+
+    def unconditional_loss(self, responses, **kwargs) -> ForwardResult:
+        from middo_pipeline.core.ifd import unconditional_loss
+
+        return unconditional_loss(self.lm.model, self.lm.tokenizer, responses, **kwargs)
+
+    def close(self) -> None:
+        self.lm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    """How the model work spreads over the cluster.
+
+    ``workers``: model replicas (0: as many as the cluster has room for, by ``num_cpus`` /
+    ``num_gpus`` per worker). ``shards_per_worker``: shards per replica and pass (more: finer
+    progress and load balance, a little more overhead). ``max_task_retries``: how often a
+    shard is re-run when its worker dies (Ray restarts the worker, ``max_restarts`` times).
+    ``fault_once_file``: for tests only; the first shard whose worker finds this file deletes it
+    and kills its own process, as a crash in the middle of a pass would."""
+
+    workers: int = 0
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    shards_per_worker: int = 4
+    max_task_retries: int = 3
+    max_restarts: int = 3
+    fault_once_file: str | None = None
+
+    def replicas(self, cluster: dict) -> int:
+        """The number of workers: ``workers`` when set, else what the cluster's resources hold."""
+        if self.workers > 0:
+            return self.workers
+        by = []
+        if self.num_gpus > 0:
+            by.append(int(cluster.get("GPU", 0) // self.num_gpus))
+        if self.num_cpus > 0:
+            by.append(int(cluster.get("CPU", 0) // self.num_cpus))
+        return max(1, min(by) if by else 1)
+
+
+def plan_shards(lengths: Sequence[int], n_shards: int) -> list[np.ndarray]:
+    """Split sample indices into ``n_shards`` runs of the length order (longest first), about
+    equal in total length. Every index is in exactly one shard; empty shards are dropped."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    n_shards = max(1, min(int(n_shards), n))
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    cost = np.asarray(lengths, dtype=np.float64)[order] + 1.0
+    cum = np.cumsum(cost)
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, n_shards) / n_shards, side="left")
+    parts = np.split(order, np.unique(np.clip(cuts + 1, 1, n - 1)))
+    return [p for p in parts if p.size]
+
+
+@dataclass
+class _Shard:
+    index: np.ndarray
+    prompts: list[str]
+    responses: list[str | None]
+
+
+class _Worker:
+    """One model replica (the body of a Ray actor)."""
+
+    def __init__(self, model_path: str, load_kwargs: dict, fault_once_file: str | None):
+        from middo_pipeline.models.loading import load_model
+
+        self.lm = load_model(model_path, **load_kwargs)
+        self.fault_once_file = fault_once_file
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def score(self, shard: _Shard, kwargs: dict) -> tuple[np.ndarray, ForwardResult]:
+        from middo_pipeline.core.forward import score_samples
+
+        f = self.fault_once_file
+        if f:
+            try:
+                os.remove(f)  # the first shard to get here crashes its worker, once
+            except FileNotFoundError:
+                pass
+            else:
+                os._exit(1)
+        res = score_samples(self.lm.model, self.lm.tokenizer, shard.prompts, shard.responses, **kwargs)
+        return shard.index, res
+
+
+@dataclass
+class RayForward:
+    """``score_samples`` for one model, on a pool of Ray workers (see the module docstring).
+
+    ``load_kwargs`` go to ``load_model`` on each worker (device, dtype, threads, cache_dir);
+    on a GPU worker leave ``device`` at ``auto``: Ray sets ``CUDA_VISIBLE_DEVICES`` to the
+    worker's own GPU."""
+
+    model_path: str
+    settings: RaySettings = field(default_factory=RaySettings)
+    load_kwargs: dict = field(default_factory=dict)
+    log: Callable[[str], None] | None = None
+
+    def __post_init__(self):
+        import ray
+        from ray.util import ActorPool
+
+        if not ray.is_initialized():
+            raise RuntimeError("RayForward needs a connected Ray cluster (ray.init / the 'ray' resource)")
+        st = self.settings
+        n = st.replicas(ray.cluster_resources())
+        remote = ray.remote(
+            num_cpus=st.num_cpus,
+            num_gpus=st.num_gpus,
+            max_restarts=st.max_restarts,
+            max_task_retries=st.max_task_retries,
+        )(_Worker)
+        kwargs = dict(self.load_kwargs)
+        if st.num_gpus <= 0 and not kwargs.get("threads"):
+            kwargs["threads"] = max(1, int(st.num_cpus))  # a CPU worker uses the CPUs it reserved
+        t0 = time.perf_counter()
+        self._actors = [remote.remote(self.model_path, dict(kwargs), st.fault_once_file) for _ in range(n)]
+        self._pids = ray.get([a.pid.remote() for a in self._actors])
+        self._pool = ActorPool(self._actors)
+        self.workers = n
+        self._say(f"ray: {n} worker(s) loaded {self.model_path} in {time.perf_counter() - t0:.1f}s")
+
+    def _say(self, msg: str) -> None:
+        if self.log is not None:
+            self.log(msg)
+
+    def score_samples(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str | None],
+        *,
+        progress: Progress | None = None,
+        **kwargs,
+    ) -> ForwardResult:
+        """Same arguments and result as ``forward.score_samples`` (without the model and tokenizer)."""
+        t0 = time.perf_counter()
+        prompts, responses = list(prompts), list(responses)
+        n = len(prompts)
+        if len(responses) != n:
+            raise ValueError(f"{n} prompts but {len(responses)} responses")
+        lengths = [len(p or "") + len(r or "") for p, r in zip(prompts, responses)]
+        shards = plan_shards(lengths, self.workers * max(1, self.settings.shards_per_worker))
+        work = [_Shard(s, [prompts[i] for i in s], [responses[i] for i in s]) for s in shards]
+        with_emb = kwargs.get("with_embeddings", True)
+        loss = np.full(n, np.nan, dtype=np.float32)
+        counts = np.zeros(n, dtype=np.int64)
+        truncated = np.zeros(n, dtype=bool)
+        written = np.zeros(n, dtype=np.int64)
+        emb: np.ndarray | None = None
+        n_tokens, heads, done = 0, set(), 0
+        results = self._pool.map_unordered(lambda a, s: a.score.remote(s, kwargs), work)
+        for idx, res in results:
+            loss[idx] = res.loss
+            counts[idx] = res.n_response_tokens
+            if res.truncated is not None:
+                truncated[idx] = res.truncated
+            if with_emb and res.embedding is not None:
+                if emb is None:
+                    emb = np.zeros((n, res.embedding.shape[1]), dtype=np.float32)
+                emb[idx] = res.embedding
+            written[idx] += 1
+            n_tokens += res.n_tokens
+            heads.add(res.head)
+            done += len(idx)
+            if progress is not None:
+                progress(done, n)
+        if n and not (written == 1).all():
+            bad = int((written != 1).sum())
+            raise RuntimeError(f"ray: {bad} of {n} samples came back {sorted(set(written.tolist()))} times, not once")
+        if with_emb and emb is None:
+            emb = np.zeros((0, 0), dtype=np.float32)
+        return ForwardResult(
+            loss=loss,
+            n_response_tokens=counts,
+            embedding=emb if with_emb else None,
+            n_tokens=int(n_tokens),
+            seconds=time.perf_counter() - t0,
+            truncated=truncated,
+            head="full" if "full" in heads else "fast",
+        )
+
+    def unconditional_loss(self, responses: Sequence[str | None], **kwargs) -> ForwardResult:
+        """``ifd.unconditional_loss`` on the pool."""
+        kwargs.pop("with_embeddings", None)
+        return self.score_samples([""] * len(responses), list(responses), with_embeddings=False, **kwargs)
+
+    @property
+    def pids(self) -> list[int]:
+        """The workers' process ids when they started (for logs and tests)."""
+        return list(self._pids)
+
+    def close(self) -> None:
+        import ray
+
+        for a in self._actors:
+            ray.kill(a)
+        self._actors = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
