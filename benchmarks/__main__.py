@@ -18,7 +18,7 @@ from benchmarks.common import (
     write_json_atomic,
 )
 
-SECTIONS = ("hardware", "speed", "knn", "judge", "detection", "downstream", "ingest", "generation")
+SECTIONS = ("hardware", "speed", "knn", "judge", "detection", "downstream", "ingest", "generation", "ray")
 
 GOALS = {
     "signal_speedup_vs_reference": (">=", 5.0, "signal pass >= 5x the reference's way"),
@@ -37,6 +37,7 @@ GOALS = {
         5.0,
         "local generation >= 5x the tokens/s of transformers generate at batch 8, same requests",
     ),
+    "ray_overhead_at_equal_cores": ("<=", 0.2, "the Ray path's signal pass at most 20% slower at equal cores"),
     "downstream_mc_accuracy_diff": (
         ">=",
         0.0,
@@ -105,6 +106,7 @@ def headline(sections: dict) -> dict:
             "speedup_vs_transformers_generate"
         ),
         "generation_default_path": (sections.get("generation") or {}).get("default_path"),
+        "ray_overhead_at_equal_cores": (sections.get("ray") or {}).get("ray_overhead_at_equal_cores"),
     }
     down = sections.get("downstream") or {}
     for key in (
@@ -286,6 +288,34 @@ def table(sections: dict, head: dict, gl: dict) -> str:
                 _goal(gl, "generation_speedup_vs_transformers_generate") if name == gn.get("default_path") else "",
             )
         )
+    ry = sections.get("ray") or {}
+    if ry.get("one_process"):
+        one = ry["one_process"]
+        rows.append(
+            ("ray: one process", f"{_fmt(one['samples_per_second'], 1)} samples/s", f"{one['threads']} threads", "", "")
+        )
+        for r in (ry.get("ray") or {}).values():
+            rows.append(
+                (
+                    f"ray: {r['workers']} worker(s) x {r['threads_per_worker']} thread(s)",
+                    f"{_fmt(r['samples_per_second'], 1)} samples/s",
+                    f"start-up {_fmt(r['startup_seconds'], 1)} s; |loss diff| {r['max_abs_loss_diff']:.0e}",
+                    f"{100 * r['overhead_vs_one_process']:+.0f}%",
+                    _goal(gl, "ray_overhead_at_equal_cores")
+                    if r["overhead_vs_one_process"] == ry.get("ray_overhead_at_equal_cores")
+                    else "",
+                )
+            )
+    elif ry:
+        rows.append(
+            (
+                "ray",
+                "skipped" if ry.get("skipped") else "error",
+                (ry.get("reason") or ry.get("error") or "")[:40],
+                "",
+                "",
+            )
+        )
     dn = sections.get("downstream") or {}
     if dn:
         if dn.get("skipped"):
@@ -392,7 +422,7 @@ def main(argv=None) -> int:
         seconds[name] = time.perf_counter() - t0
         log(f"=== {name} done in {seconds[name]:.1f}s")
 
-    from benchmarks import detection, downstream, generation, hardware, ingest, judge, knn, speed
+    from benchmarks import detection, downstream, generation, hardware, ingest, judge, knn, ray_bench, speed
 
     section("hardware", lambda: hardware.run(settings, models))
     section(
@@ -422,6 +452,8 @@ def main(argv=None) -> int:
             settings, models, sections.get("hardware") if "fp32" in (sections.get("hardware") or {}) else None
         ),
     )
+
+    section("ray", lambda: ray_bench.run(settings, models))
 
     head = headline(sections)
     gl = goals(head)

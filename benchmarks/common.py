@@ -83,6 +83,11 @@ class Settings:
     gen_int8: bool = True  # CPU only
     gen_int8_batch_sizes: tuple[int, ...] = (16,)
     gen_continuous: bool = True
+    # ray: the signal pass in one process vs on a local Ray cluster of the same cores
+    ray_samples: int = 96
+    ray_repeats: int = 2
+    ray_cpus: int = 2
+    ray_shards_per_worker: int = 4
     seed: int = 0
 
     @staticmethod
@@ -206,6 +211,13 @@ class ModelCache:
         self.settings = settings
         self._lm = None
         self.load_seconds: float | None = None
+
+    @property
+    def path(self) -> str:
+        """The model's folder (what a Ray worker loads)."""
+        from middo_pipeline.models.loading import resolve_model_path
+
+        return resolve_model_path(self.settings.model)
 
     def get(self):
         if self._lm is None:

@@ -120,6 +120,8 @@ def test_model_readouts_on_ray_equal_one_process(one_round):
     store = Storage(env["MIDDO_HOME"])
     path = store.table_path("model_readouts", "round-1")
     single = pl.read_parquet(path)
+    cand_path = store.table_path("refinement_candidates", "round-1")
+    single_cands = pl.read_parquet(cand_path)
     crash = tmp / "crash-once"
     crash.touch()
     mp.setenv("MIDDO_RAY_FAULT_ONCE_FILE", str(crash))
@@ -128,11 +130,14 @@ def test_model_readouts_on_ray_equal_one_process(one_round):
     with DagsterInstance.get() as instance:
         res = (
             defs.resolve_job_def("middo_round")
-            .get_subset(asset_selection={AssetKey("model_readouts")})
+            .get_subset(
+                asset_selection={AssetKey(k) for k in ("model_readouts", "refined_samples", "refinement_candidates")}
+            )
             .execute_in_process(
                 instance=instance,
                 partition_key="round-1",
-                run_config={"ops": {"model_readouts": cfg["ops"]["model_readouts"]}},  # as the round ran
+                # as the round ran; the optimizer's completions come from the round's cache
+                run_config={"ops": {k: cfg["ops"][k] for k in ("model_readouts", "refined_samples")}},
             )
         )
         assert res.success
@@ -140,7 +145,7 @@ def test_model_readouts_on_ray_equal_one_process(one_round):
         logs = [
             e.message
             for e in instance.all_logs(res.run_id)
-            if e.message and e.step_key == "model_readouts" and not e.is_dagster_event
+            if e.message and e.step_key in ("model_readouts", "refined_samples") and not e.is_dagster_event
         ]
     assert not ray.is_initialized()  # the resource disconnected after the step
     assert meta["compute"].value == "ray: 2 workers at local"
@@ -153,9 +158,17 @@ def test_model_readouts_on_ray_equal_one_process(one_round):
     np.testing.assert_allclose(
         np.stack(on_ray["embedding"].to_numpy()), np.stack(single["embedding"].to_numpy()), atol=1e-5
     )
+    # the candidates were re-scored on Ray too (loss before/after, IFD, nearest-neighbour cosine)
+    on_ray_cands = pl.read_parquet(cand_path)
+    assert on_ray_cands["origin_id"].to_list() == single_cands["origin_id"].to_list()
+    assert on_ray_cands["passed"].to_list() == single_cands["passed"].to_list()
+    for col in ("loss_before", "loss_after", "ifd", "max_cosine"):
+        a, b = on_ray_cands[col].cast(pl.Float64).to_numpy(), single_cands[col].cast(pl.Float64).to_numpy()
+        np.testing.assert_allclose(a, b, atol=1e-5, equal_nan=True)
     text = "\n".join(logs)
     assert "ray: 2 worker(s) loaded" in text, text
     assert "loss before training (base model)" in text and "loss + embedding after training" in text, text
+    assert "candidates: loss + embedding after training" in text, text
 
 
 def test_ray_address_is_checked(monkeypatch):
@@ -168,3 +181,46 @@ def test_ray_address_is_checked(monkeypatch):
         resources_from_env({"MIDDO_RAY_ADDRESS": "head"})
     with pytest.raises(ValueError, match="MIDDO_RAY_WORKERS=two"):
         resources_from_env({"MIDDO_RAY_ADDRESS": "local", "MIDDO_RAY_WORKERS": "two"})
+
+
+def test_candidate_rescoring_on_ray_equals_one_process(local_ray, tiny_model_dir):
+    from middo_pipeline.core.distributed import RayForward, RaySettings
+    from middo_pipeline.core.diversity import TopComponents
+    from middo_pipeline.core.forward import EmbeddingSpec
+    from middo_pipeline.core.rescore import RescoreSettings, rescore_candidates
+    from middo_pipeline.core.verify import QualityScale
+    from middo_pipeline.models.loading import load_model
+
+    prompts, responses = _texts(12)
+    cands = pl.DataFrame(
+        {
+            "origin_id": [f"s{i}" for i in range(12)],
+            "status": ["ok"] * 11 + ["failed"],
+            "instruction_after": prompts,
+            "input_after": [""] * 12,
+            "output_after": responses,
+        }
+    )
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    round_emb = np.random.default_rng(0).normal(size=(6, lm.model.config.hidden_size)).astype(np.float32)
+    comps = TopComponents(1).fit(round_emb)
+    kw = dict(
+        scale=QualityScale.fit("ifd", np.array([4.0, 6.0]), np.array([0.5, 0.9])),
+        round_embeddings=comps.transform(round_emb),
+        components=comps,
+        settings=RescoreSettings(embedding=EmbeddingSpec(pooling="last", layer="middle"), max_length=256),
+    )
+    local = rescore_candidates(cands, base=lm, checkpoint=lm, **kw)
+    opened: list[int] = []
+
+    def pool():
+        opened.append(1)
+        return RayForward(str(tiny_model_dir), RaySettings(workers=2), {"device": "cpu"})
+
+    on_ray = rescore_candidates(cands, base=pool, checkpoint=pool, **kw)
+    assert len(opened) == 2  # base, then the checkpoint: one pool at a time
+    assert on_ray["origin_id"].to_list() == local["origin_id"].to_list()
+    for col in ("loss_before", "loss_after", "loss_unconditional", "ifd", "quality_value", "max_cosine"):
+        np.testing.assert_allclose(
+            on_ray[col].cast(pl.Float64).to_numpy(), local[col].cast(pl.Float64).to_numpy(), atol=1e-5, equal_nan=True
+        )

@@ -32,7 +32,7 @@ from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.rescore import RescoreSettings, rescore_candidates
 from middo_pipeline.core.schema import fingerprint
 from middo_pipeline.core.verify import QualityScale, RoundThresholds, choose_candidates, ngram_set, verify_candidates
-from middo_pipeline.resources import ModelResource, OptimizerResource, StorageResource
+from middo_pipeline.resources import ModelResource, OptimizerResource, RayComputeResource, StorageResource
 from middo_pipeline.rounds import round_number, rounds_partitions
 
 DEFAULT_EVAL = Path(__file__).resolve().parents[2] / "data" / "eval_heldout.jsonl"
@@ -142,6 +142,7 @@ def refined_samples(
     optimizer: OptimizerResource,
     model: ModelResource,
     storage: StorageResource,
+    ray: RayComputeResource,
     round_dataset: pl.DataFrame,
     model_readouts: pl.DataFrame,
     loss_signals: pl.DataFrame,
@@ -217,11 +218,12 @@ def refined_samples(
         comps = diversity.TopComponents(int(embedding_signals["top_components"][0])).fit(round_emb)
         ckpt = store.checkpoint_dir(context.partition_key)
         require_checkpoint(ckpt, context.partition_key, fingerprint(round_dataset))
-        base_lm, round_lm = model.load(), model.load(str(ckpt))
+        judge_lm = model.load(str(ckpt)) if scale.mode in ("judge", "combined") else None
         scored = rescore_candidates(
             candidates,
-            base=base_lm,
-            checkpoint=round_lm,
+            base=lambda: ray.forward(model, log=context.log.info),
+            checkpoint=lambda: ray.forward(model, str(ckpt), log=context.log.info),
+            judge_model=judge_lm,
             scale=scale,
             round_embeddings=comps.transform(round_emb),
             components=comps,
@@ -229,7 +231,7 @@ def refined_samples(
             log=context.log.warning,
             progress=lambda name: ProgressLogger(context.log.info, name),
         )
-        del base_lm, round_lm
+        del judge_lm
         scored = scored.join(q_orig, on="origin_id", how="left")
         verified = verify_candidates(
             scored,

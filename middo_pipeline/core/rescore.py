@@ -15,6 +15,10 @@ For every generated candidate (``status == "ok"``), with the new prompt and resp
 - ``quality_value``: those readings on the round's ``QualityScale``.
 
 Rows that were not generated keep nulls. Order and rows are unchanged.
+
+``base`` and ``checkpoint`` are loaded models, or zero-argument callables that open the forward
+passes of one (``core.distributed``: ``LocalForward`` here, ``RayForward`` on a cluster); they
+are opened one after the other, so a pool that fills the cluster is closed before the next.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import numpy as np
 import polars as pl
 
 from middo_pipeline.core import quality
+from middo_pipeline.core.distributed import LocalForward
 from middo_pipeline.core.diversity import TopComponents, max_cosine_to
-from middo_pipeline.core.forward import EmbeddingSpec, score_samples
-from middo_pipeline.core.ifd import ifd_scores, unconditional_loss
+from middo_pipeline.core.forward import EmbeddingSpec
+from middo_pipeline.core.ifd import ifd_scores
 from middo_pipeline.core.schema import prompt_text
 from middo_pipeline.core.verify import QualityScale, quality_value
 
@@ -57,11 +62,18 @@ def rescore_candidates(
     settings: RescoreSettings | None = None,
     log: Callable[[str], None] | None = None,
     progress: Callable[[str], Progress | None] | None = None,
+    judge_model=None,
 ) -> pl.DataFrame:
     """``candidates`` with the signal columns added (see the module docstring). ``base`` and
-    ``checkpoint`` are loaded models (``.model``, ``.tokenizer``); ``round_embeddings`` are the
-    round's samples' embeddings *already mapped* by ``components``."""
+    ``checkpoint``: loaded models (``.model``, ``.tokenizer``) or openers of their forward
+    passes; ``judge_model``: the loaded checkpoint for the self-judge (default: ``checkpoint``
+    when it is a loaded model; needed only when ``scale`` reads the judge).
+    ``round_embeddings`` are the round's samples' embeddings *already mapped* by ``components``."""
     st = settings or RescoreSettings()
+    if judge_model is None and hasattr(checkpoint, "model"):
+        judge_model = checkpoint
+    if scale.mode in ("judge", "combined") and judge_model is None:
+        raise ValueError(f"quality mode {scale.mode!r} re-scores with the self-judge: pass judge_model")
     n = candidates.height
     cols = {
         name: np.full(n, np.nan)
@@ -84,35 +96,27 @@ def rescore_candidates(
         responses = [outs[i] for i in ok]
         kw = dict(max_length=st.max_length, max_batch_tokens=st.max_batch_tokens)
         step = progress or (lambda name: None)
-        before = score_samples(
-            base.model,
-            base.tokenizer,
-            prompts,
-            responses,
-            with_embeddings=False,
-            progress=step("candidates: loss before training"),
-            **kw,
-        )
-        uncond = unconditional_loss(
-            base.model, base.tokenizer, responses, progress=step("candidates: prompt-free loss"), **kw
-        )
-        after = score_samples(
-            checkpoint.model,
-            checkpoint.tokenizer,
-            prompts,
-            responses,
-            with_embeddings=True,
-            embedding=st.embedding,
-            progress=step("candidates: loss + embedding after training"),
-            **kw,
-        )
+        with _opener(base)() as fwd:
+            before = fwd.score_samples(
+                prompts, responses, with_embeddings=False, progress=step("candidates: loss before training"), **kw
+            )
+            uncond = fwd.unconditional_loss(responses, progress=step("candidates: prompt-free loss"), **kw)
+        with _opener(checkpoint)() as fwd:
+            after = fwd.score_samples(
+                prompts,
+                responses,
+                with_embeddings=True,
+                embedding=st.embedding,
+                progress=step("candidates: loss + embedding after training"),
+                **kw,
+            )
         ifd = ifd_scores(before.loss, uncond.loss)
         judge = None
         if scale.mode in ("judge", "combined"):
             info: dict = {}
             six = quality.expected_scores(
-                checkpoint.model,
-                checkpoint.tokenizer,
+                judge_model.model,
+                judge_model.tokenizer,
                 prompts,
                 responses,
                 max_length=st.judge_max_length,
@@ -138,3 +142,10 @@ def rescore_candidates(
             for name, v in cols.items()
         ]
     )
+
+
+def _opener(m) -> Callable:
+    """A loaded model → an opener of its one-process forward passes; an opener stays one."""
+    if hasattr(m, "model") and hasattr(m, "tokenizer"):
+        return lambda: LocalForward(m)
+    return m
