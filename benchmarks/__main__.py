@@ -381,6 +381,11 @@ def main(argv=None) -> int:
         metavar="MIDDO_HOME",
         help="downstream: reuse the round-1 candidates of a finished loop (e.g. .dagster_home/middo) instead of running a round",
     )
+    p.add_argument(
+        "--downstream-partial",
+        default=None,
+        help="downstream: JSON written after every training run (seed, gate on/off first), so a stopped run keeps its figures",
+    )
     p.add_argument("--seeds", default=None, help="downstream: comma-separated training seeds (default 0,1,2,3,4)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/{quick,full}.json)")
     args = p.parse_args(argv)
@@ -390,6 +395,8 @@ def main(argv=None) -> int:
         over["model"] = args.model
     if args.downstream_from:
         over["down_from"] = args.downstream_from
+    if args.downstream_partial:
+        over["down_partial"] = args.downstream_partial
     if args.seeds:
         over["down_seeds"] = tuple(int(x) for x in args.seeds.split(","))
     settings = (Settings.quick if args.quick else Settings.full)(**over)

@@ -75,6 +75,7 @@ class Settings:
     down_candidates: int = 2  # candidates per flagged sample in the round that makes the data
     down_variants: tuple[str, ...] = ("seed", "gate_on", "gate_off", "simplify_only", "rewrite_only", "extend_only")
     down_equal_steps: tuple[str, ...] = ("gate_on",)  # also trained for exactly the seed data's steps
+    down_partial: str | None = None  # JSON written after every training run (what is complete so far)
     down_from: str | None = None  # MIDDO_HOME of a finished round 1 (e.g. the demo's): reuse its candidates
     # optimizer generation: the same requests through each local path (benchmarks/generation.py)
     gen_requests: int = 64

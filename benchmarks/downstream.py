@@ -172,54 +172,89 @@ def run(settings, models=None) -> dict:
         correct: dict[str, list[np.ndarray]] = {}
         losses: dict[str, list[np.ndarray]] = {}
         seed_steps: dict[int, int] = {}
-        plan = [(n, "epoch") for n in names] + [
-            (n, "steps") for n in settings.down_equal_steps if n in names and n != "seed"
+        # the headline first (seed, gate on, gate off over every seed), then the one-operation
+        # ablation, then equal steps: a run stopped early has the most important figures complete
+        head = [n for n in names if n in ("seed", "gate_on", "gate_off")]
+        plan = [(s, n, "epoch") for s in settings.down_seeds for n in head]
+        plan += [(s, n, "epoch") for s in settings.down_seeds for n in names if n not in head]
+        plan += [
+            (s, n, "steps")
+            for s in settings.down_seeds
+            for n in settings.down_equal_steps
+            if n in names and n != "seed"
         ]
-        for s in settings.down_seeds:
-            for name, budget in plan:
-                df = datasets[name][0]
-                steps = seed_steps[s] if budget == "steps" else -1
-                cfg = TrainConfig(
-                    epochs=1.0,
-                    max_steps=steps,
-                    batch_size=8,
-                    max_length=384,
-                    seed=s,
-                    device=settings.device,
-                    threads=settings.threads,
-                    logging_steps=10,
-                )
-                out = tmp / f"{name}-{budget}-{s}"
-                tr = train_sft(settings.model, df, out, cfg)
-                if name == "seed" and budget == "epoch":
-                    seed_steps[s] = tr.steps
-                lm = load_model(str(out), device=settings.device, dtype="auto", threads=settings.threads)
-                ev = evaluate(lm.model, lm.tokenizer, eval_df, max_length=384)
-                del lm
-                key = name if budget == "epoch" else f"{name}@equal_steps"
-                items = ev["items"].sort("id") if "id" in ev["items"].columns else ev["items"]
-                correct.setdefault(key, []).append(items["correct"].cast(float).to_numpy())
-                losses.setdefault(key, []).append(items["loss"].cast(float).to_numpy())
-                runs.setdefault(key, []).append(
-                    {
-                        "seed": s,
-                        "steps": tr.steps,
-                        "rows": df.height,
-                        "train_tokens": tr.tokens_seen,
-                        "mc_accuracy": ev["mc_accuracy"],
-                        "mean_response_loss": ev["mean_response_loss"],
-                    }
-                )
-                log(
-                    f"downstream: {key} seed {s}: {tr.steps} steps, mc_accuracy {ev['mc_accuracy']:.3f}, "
-                    f"loss {ev['mean_response_loss']:.3f}"
+        for s, name, budget in plan:
+            df = datasets[name][0]
+            steps = seed_steps[s] if budget == "steps" else -1
+            cfg = TrainConfig(
+                epochs=1.0,
+                max_steps=steps,
+                batch_size=8,
+                max_length=384,
+                seed=s,
+                device=settings.device,
+                threads=settings.threads,
+                logging_steps=10,
+            )
+            out = tmp / f"{name}-{budget}-{s}"
+            tr = train_sft(settings.model, df, out, cfg)
+            if name == "seed" and budget == "epoch":
+                seed_steps[s] = tr.steps
+            lm = load_model(str(out), device=settings.device, dtype="auto", threads=settings.threads)
+            ev = evaluate(lm.model, lm.tokenizer, eval_df, max_length=384)
+            del lm
+            key = name if budget == "epoch" else f"{name}@equal_steps"
+            items = ev["items"].sort("id") if "id" in ev["items"].columns else ev["items"]
+            correct.setdefault(key, []).append(items["correct"].cast(float).to_numpy())
+            losses.setdefault(key, []).append(items["loss"].cast(float).to_numpy())
+            runs.setdefault(key, []).append(
+                {
+                    "seed": s,
+                    "steps": tr.steps,
+                    "rows": df.height,
+                    "train_tokens": tr.tokens_seen,
+                    "mc_accuracy": ev["mc_accuracy"],
+                    "mean_response_loss": ev["mean_response_loss"],
+                }
+            )
+            log(
+                f"downstream: {key} seed {s}: {tr.steps} steps, mc_accuracy {ev['mc_accuracy']:.3f}, "
+                f"loss {ev['mean_response_loss']:.3f}"
+            )
+            if settings.down_partial:
+                # after every run: what is complete so far, in the final layout
+                from benchmarks.common import write_json_atomic
+
+                part = _summarize(runs, correct, losses)
+                write_json_atomic(
+                    Path(settings.down_partial),
+                    {"partial": True, "runs_done": sum(map(len, runs.values())), "runs_planned": len(plan), **part},
                 )
 
-    def mean_ci(key: str, what: dict) -> np.ndarray:
-        return np.mean(np.stack(what[key]), axis=0)
+    part = _summarize(runs, correct, losses)
+    return {
+        "skipped": False,
+        "eval_file": DOWN_EVAL.name,
+        "eval_items": eval_df.height,
+        "seeds": list(settings.down_seeds),
+        "candidates_per_sample": settings.down_candidates,
+        "loop": loop_info,
+        "candidates": {"total": cands.height, "passed": int(cands["passed"].sum())},
+        "datasets": {k: v[1] | {"rows": v[0].height} for k, v in datasets.items()},
+        **part,
+        "seconds": time.perf_counter() - t_start,
+        "runs": runs,
+        "note": "small scale: 135M model, LoRA, one epoch on ~200 samples, 240 held-out items",
+    }
+
+
+def _summarize(runs: dict, correct: dict, losses: dict) -> dict:
+    """Per variant: accuracy and loss over seeds, and the paired per-item comparison with the
+    seed data (over the seeds both have: the same items, the same seeds, only the data differ)."""
 
     summary, by_op = {}, {}
-    base_c, base_l = mean_ci("seed", correct), mean_ci("seed", losses)
+    if "seed" not in correct:
+        return {"variants": {}}
     for key in correct:
         acc = [r["mc_accuracy"] for r in runs[key]]
         entry = {
@@ -230,29 +265,22 @@ def run(settings, models=None) -> dict:
             "steps": [r["steps"] for r in runs[key]],
         }
         if key != "seed":
-            entry["mc_accuracy_diff_vs_seed"] = paired(mean_ci(key, correct), base_c)
+            k = min(len(correct[key]), len(correct["seed"]))  # seeds in plan order: the first k match
+            c_v, c_s = np.mean(np.stack(correct[key][:k]), axis=0), np.mean(np.stack(correct["seed"][:k]), axis=0)
+            l_v, l_s = np.mean(np.stack(losses[key][:k]), axis=0), np.mean(np.stack(losses["seed"][:k]), axis=0)
+            entry["seeds_compared"] = k
+            entry["mc_accuracy_diff_vs_seed"] = paired(c_v, c_s)
             # lower loss is better: report seed − variant so that > 0 means the variant is better
-            entry["response_loss_improvement_vs_seed"] = paired(base_l, mean_ci(key, losses))
+            entry["response_loss_improvement_vs_seed"] = paired(l_s, l_v)
         summary[key] = entry
         if key in _OP_OF:
             by_op[_OP_OF[key]] = entry.get("mc_accuracy_diff_vs_seed")
     on, off = summary.get("gate_on", {}), summary.get("gate_off", {})
     return {
-        "skipped": False,
-        "eval_file": DOWN_EVAL.name,
-        "eval_items": eval_df.height,
-        "seeds": list(settings.down_seeds),
-        "candidates_per_sample": settings.down_candidates,
-        "loop": loop_info,
-        "candidates": {"total": cands.height, "passed": int(cands["passed"].sum())},
-        "datasets": {k: v[1] | {"rows": v[0].height} for k, v in datasets.items()},
         "variants": summary,
         "downstream_mc_accuracy_diff": (on.get("mc_accuracy_diff_vs_seed") or {}).get("mean"),
         "downstream_mc_accuracy_diff_ci": (on.get("mc_accuracy_diff_vs_seed") or {}).get("ci95"),
         "downstream_gate_off_diff": (off.get("mc_accuracy_diff_vs_seed") or {}).get("mean"),
         "downstream_gate_off_diff_ci": (off.get("mc_accuracy_diff_vs_seed") or {}).get("ci95"),
         "downstream_by_operation": by_op,
-        "seconds": time.perf_counter() - t_start,
-        "runs": runs,
-        "note": "small scale: 135M model, LoRA, one epoch on ~200 samples, 240 held-out items",
     }
