@@ -14,6 +14,7 @@ long enough for the start-up not to matter.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -53,6 +54,7 @@ def run(settings, models) -> dict:
         "ray": {},
     }
     path = models.path
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     try:
         for workers in (1, 2):

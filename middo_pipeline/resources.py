@@ -170,6 +170,8 @@ class RayComputeResource(RayResource):
         if not self.enabled:  # off: never import or start Ray
             yield self
             return
+        # nothing leaves the machine unasked: Ray's usage statistics stay off unless the user set them
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         with super().yield_for_execution(context) as r:
             yield r
 

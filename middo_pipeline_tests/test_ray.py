@@ -48,7 +48,8 @@ def _texts(n: int) -> tuple[list[str], list[str]]:
 
 
 @pytest.fixture
-def local_ray():
+def local_ray(monkeypatch):
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield
