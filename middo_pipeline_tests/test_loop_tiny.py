@@ -198,3 +198,27 @@ def test_step_seconds_in_summary(two_rounds, capsys):
     assert "seconds per step (wall)" in out
     head = next(line for line in out.splitlines() if line.split()[:2] == ["round", "train"])
     assert head.split() == ["round", "train", "readouts", "signals", "optimize", "gen", "verify", "eval", "total"]
+
+
+def test_sft_checkpoint_data_parallel(two_rounds, loop_env):
+    """Runs after the others (it replaces round-1's checkpoint): the training step as two
+    torchrun processes on this CPU, from the asset's config."""
+    from middo_pipeline.definitions import build_defs
+
+    defs = build_defs(loop_env[0])
+    with DagsterInstance.get() as instance:
+        res = (
+            defs.resolve_job_def("middo_round")
+            .get_subset(asset_selection={AssetKey("sft_checkpoint")})
+            .execute_in_process(
+                instance=instance,
+                partition_key="round-1",
+                run_config={"ops": {"sft_checkpoint": {"config": {"max_steps": 2, "max_length": 128, "processes": 2}}}},
+            )
+        )
+        assert res.success
+        meta = latest_materialization(instance, "sft_checkpoint", "round-1").asset_materialization.metadata
+        logs = [e.message for e in instance.all_logs(res.run_id) if e.message and not e.is_dagster_event]
+    assert meta["processes"].value == 2 and meta["steps"].value == 2
+    assert any("data parallel: 2 training processes" in m for m in logs)
+    assert any(m.startswith("training: 2/2 steps") for m in logs), logs

@@ -12,7 +12,7 @@ from middo_pipeline.core.checkpoints import write_round_info
 from middo_pipeline.core.plots import loss_curve_png
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.schema import fingerprint
-from middo_pipeline.core.training import TrainConfig, train_sft
+from middo_pipeline.core.training import TrainConfig, train_sft, train_sft_processes
 from middo_pipeline.resources import ModelResource, StorageResource
 from middo_pipeline.rounds import previous_round, rounds_partitions
 
@@ -30,6 +30,12 @@ class TrainingConfig(Config):
     lora_alpha: int = Field(default=32)
     seed: int = Field(default=0)
     max_steps: int = Field(default=-1, description="Stop after this many steps (-1: the epochs decide)")
+    processes: int = Field(
+        default=1,
+        ge=1,
+        description="data-parallel training processes on this machine (torchrun): one per GPU; on CPU, gloo "
+        "processes that share the cores. A step then sees processes x batch_size samples",
+    )
     init: Literal["base", "previous"] = Field(
         default="base",
         description="base: retrain from the base model each round (the paper); previous: continue from the previous round's checkpoint",
@@ -37,8 +43,9 @@ class TrainingConfig(Config):
 
     def train_config(self, **overrides) -> TrainConfig:
         """The core ``TrainConfig``: every field of this config that it has (all but ``init``),
-        plus ``overrides`` (device, threads: the model resource's)."""
-        return TrainConfig(**self.model_dump(exclude={"init"}), **overrides)
+        plus ``overrides`` (device, threads: the model resource's). ``init`` and ``processes`` are
+        the asset's own."""
+        return TrainConfig(**self.model_dump(exclude={"init", "processes"}), **overrides)
 
 
 def init_checkpoint(storage, partition_key: str, init: str) -> str | None:
@@ -80,7 +87,20 @@ def sft_checkpoint(
 
     context.log.info(f"fine-tuning {start or model.base_model} on {round_dataset.height} samples -> {target}")
     with store.lock("sft_checkpoint", context.partition_key), store.atomic_path(target, is_dir=True) as tmp:
-        result = train_sft(model.base_path(), round_dataset, tmp, train_cfg, init_from=start, progress=on_log)
+        if config.processes > 1:
+            context.log.info(f"data parallel: {config.processes} training processes (torchrun --standalone)")
+            result = train_sft_processes(
+                model.base_path(),
+                round_dataset,
+                tmp,
+                train_cfg,
+                config.processes,
+                init_from=start,
+                progress=on_log,
+                log_line=context.log.debug,
+            )
+        else:
+            result = train_sft(model.base_path(), round_dataset, tmp, train_cfg, init_from=start, progress=on_log)
         write_round_info(
             tmp,
             round_key=context.partition_key,
@@ -100,6 +120,7 @@ def sft_checkpoint(
                 "samples": round_dataset.height,
                 "trained_on": fingerprint(round_dataset),
                 "steps": result.steps,
+                "processes": result.processes,
                 "tokens_seen": result.tokens_seen,
                 "seconds": round(result.seconds, 2),
                 "tokens_per_second": round(result.tokens_per_second, 1),

@@ -19,6 +19,9 @@ import contextlib
 import json
 import logging
 import math
+import os
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -101,6 +104,7 @@ class TrainResult:
     total_seconds: float = 0.0  # the whole call: loading, training, merging, saving
     warmup_steps: int = 0
     device: str = ""
+    processes: int = 1  # data-parallel training processes (torchrun); tokens_seen counts the main one's
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,6 +195,8 @@ def _sft_config(config: TrainConfig, scratch: Path, device) -> Any:
         dataloader_num_workers=0,
         # counts the attention mask of every batch trained on -> state.num_input_tokens_seen
         include_num_input_tokens_seen="non_padding",
+        # under torchrun (data parallel): every trainable parameter (LoRA or all) gets a gradient
+        ddp_find_unused_parameters=False,
         packing=False,
         completion_only_loss=True,  # prompt/completion data: mask the prompt (also trl's default)
         assistant_only_loss=False,
@@ -329,11 +335,17 @@ def literal_control_strings(dataset, tokenizer, max_length: int):
     return dataset.map(fix)
 
 
+def world_size() -> int:
+    """Training processes of this run (``torchrun`` sets ``WORLD_SIZE``; 1 otherwise)."""
+    return max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1)
+
+
 def planned_steps(n_samples: int, config: TrainConfig) -> int:
-    """Optimizer steps a run will take (transformers' own arithmetic, one process)."""
+    """Optimizer steps a run will take (transformers' own arithmetic; under data parallelism
+    every process takes a ``batch_size`` batch per step)."""
     if config.max_steps > 0:
         return int(config.max_steps)
-    batches = math.ceil(n_samples / max(config.batch_size, 1))
+    batches = math.ceil(n_samples / max(config.batch_size * world_size(), 1))
     per_epoch = max(math.ceil(batches / max(config.grad_accum, 1)), 1)
     return math.ceil(config.epochs * per_epoch)
 
@@ -419,6 +431,8 @@ def train_sft(
         state = trainer.state
         trained = trainer.model
 
+        main = bool(trainer.accelerator.is_main_process)
+
     history = [(int(e["step"]), float(e["loss"])) for e in state.log_history if "loss" in e]
     tokens_seen = int(state.num_input_tokens_seen or 0)
 
@@ -430,9 +444,10 @@ def train_sft(
     trained.eval()
     if use_cache:
         trained.config.use_cache = True
-    output_dir.mkdir(parents=True, exist_ok=True)
-    trained.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    if main:  # under data parallelism every process holds the same weights: one writes them
+        output_dir.mkdir(parents=True, exist_ok=True)
+        trained.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
 
     result = TrainResult(
         output_dir=str(output_dir),
@@ -451,6 +466,7 @@ def train_sft(
         total_seconds=time.monotonic() - t_all,
         warmup_steps=int(warmup_steps),
         device=str(device),
+        processes=world_size(),
     )
     info = {
         **asdict(result),
@@ -459,7 +475,8 @@ def train_sft(
         "chat_template": "fallback (added)" if template_added else "the model's own",
         "saved_dtype": str(store_dtype or torch.float32).replace("torch.", ""),
     }
-    (output_dir / TRAINING_INFO).write_text(json.dumps(info, indent=2, default=str))
+    if main:
+        (output_dir / TRAINING_INFO).write_text(json.dumps(info, indent=2, default=str))
     del trainer, trained, model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -470,3 +487,79 @@ def read_training_info(checkpoint_dir: str | Path) -> dict | None:
     """The ``middo_training.json`` of a checkpoint folder, or None when it has none."""
     path = Path(checkpoint_dir) / TRAINING_INFO
     return json.loads(path.read_text()) if path.exists() else None
+
+
+PROGRESS_PREFIX = "MIDDO_PROGRESS "
+
+
+def train_sft_processes(
+    base_model: str,
+    samples: pl.DataFrame,
+    output_dir: Path,
+    config: TrainConfig,
+    processes: int,
+    *,
+    init_from: str | None = None,
+    progress: Callable[[dict], None] | None = None,
+    log_line: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """``train_sft`` as ``processes`` data-parallel processes on this node (``torchrun
+    --standalone``; one per GPU, or CPU processes with the gloo backend): each process takes a
+    ``batch_size`` batch per step from its own part of the data and gradients are averaged, so
+    a step sees ``processes × batch_size`` samples. The samples go to the workers as a Parquet
+    file; the main process writes the checkpoint; progress comes back on its stdout."""
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    output_dir = Path(output_dir)
+    with tempfile.TemporaryDirectory(prefix="middo-ddp-") as tmp:
+        table = Path(tmp) / "samples.parquet"
+        samples.write_parquet(table)
+        cfg = Path(tmp) / "config.json"
+        cfg.write_text(json.dumps(asdict(config)))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={int(processes)}",
+            "-m",
+            "middo_pipeline.core.train_main",
+            "--base",
+            str(base_model),
+            "--samples",
+            str(table),
+            "--out",
+            str(output_dir),
+            "--config",
+            str(cfg),
+        ] + (["--init-from", str(init_from)] if init_from else [])
+        env = dict(os.environ)
+        if config.threads:
+            env["OMP_NUM_THREADS"] = str(config.threads)
+        tail: list[str] = []
+        with subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                if line.startswith(PROGRESS_PREFIX):
+                    if progress is not None:
+                        progress(json.loads(line[len(PROGRESS_PREFIX) :]))
+                    continue
+                tail = (tail + [line])[-40:]
+                if log_line is not None and line.strip():
+                    log_line(line)
+            rc = proc.wait()
+    if rc != 0:
+        raise RuntimeError(
+            f"data-parallel training ({processes} processes, torchrun) failed with exit code {rc}; "
+            "its last lines:\n" + "\n".join(tail)
+        )
+    info = read_training_info(output_dir)
+    if info is None:
+        raise RuntimeError(f"data-parallel training ended without writing {output_dir / TRAINING_INFO}")
+    fields = {f for f in TrainResult.__dataclass_fields__}
+    data = {k: v for k, v in info.items() if k in fields}
+    data["loss_history"] = [tuple(x) for x in data.get("loss_history", [])]
+    return TrainResult(**data)
