@@ -80,6 +80,11 @@ def test_ray_forward_equals_one_process_and_survives_a_killed_worker(local_ray, 
             prompts, responses, max_length=256, embedding=spec, progress=lambda d, n: seen.append((d, n))
         )
         out_u = pool.unconditional_loss(responses, max_length=256)
+        judged: list[tuple[int, int]] = []
+        info: dict = {}
+        six = pool.expected_scores(
+            prompts[:10], responses[:10], max_length=448, progress=lambda d, n: judged.append((d, n)), info=info
+        )
         now = ray.get([a.pid.remote() for a in pool._actors])
     assert not crash.exists()  # a worker did crash in the middle of the pass ...
     assert set(now) != set(first_pids)  # ... and Ray restarted it, and re-ran its shard
@@ -88,6 +93,12 @@ def test_ray_forward_equals_one_process_and_survives_a_killed_worker(local_ray, 
     np.testing.assert_array_equal(out.n_response_tokens, ref.n_response_tokens)
     np.testing.assert_allclose(out_u.loss, ref_u.loss, atol=1e-5, equal_nan=True)
     assert np.isnan(out.loss[5]) and out.n_tokens == ref.n_tokens
+    # the self-judge's six judgements per sample, on the workers, as in one process
+    from middo_pipeline.core import quality
+
+    ref_six = quality.expected_scores(lm.model, lm.tokenizer, prompts[:10], responses[:10], max_length=448)
+    np.testing.assert_allclose(six, ref_six, atol=1e-5, equal_nan=True)
+    assert info["judge_path"] == "packed" and judged[-1] == (60, 60)
     assert seen[-1] == (48, 48) and [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 

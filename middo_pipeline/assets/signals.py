@@ -333,26 +333,33 @@ class QualitySignalConfig(ThresholdConfig):
 
 
 def _judge(
-    context, config: QualitySignalConfig, model: ModelResource, optimizer: OptimizerResource, store, prompts, responses
+    context,
+    config: QualitySignalConfig,
+    model: ModelResource,
+    optimizer: OptimizerResource,
+    ray: RayComputeResource,
+    store,
+    prompts,
+    responses,
 ) -> tuple[np.ndarray, dict]:
     """The 6 judgements per sample, (N, 6), and which path ran."""
     progress = ProgressLogger(context.log.info, "quality judgements", unit="judgements")
     info: dict = {"judge_path": f"generate ({config.judge})"}
     if config.judge == "optimizer":
         return quality.generated_scores(optimizer.make_backend(store), prompts, responses, progress=progress), info
-    lm = model.load(str(store.checkpoint_dir(context.partition_key)))
+    ckpt = str(store.checkpoint_dir(context.partition_key))
     if config.judge_reading == "generate":
+        lm = model.load(ckpt)
         return quality.generated_scores(make_backend("local", loaded=lm), prompts, responses, progress=progress), info
-    scores6 = quality.expected_scores(
-        lm.model,
-        lm.tokenizer,
-        prompts,
-        responses,
-        max_length=config.max_length,
-        max_batch_size=config.max_batch_size,
-        progress=progress,
-        info=info,
-    )
+    with ray.forward(model, ckpt, log=context.log.info) as judge:  # this process, or Ray workers
+        scores6 = judge.expected_scores(
+            prompts,
+            responses,
+            max_length=config.max_length,
+            max_batch_size=config.max_batch_size,
+            progress=progress,
+            info=info,
+        )
     if info["judge_path"] != "packed":
         context.log.warning(
             f"self-judge fell back to one forward pass per judgement (about 5x slower): {info['fallback_reason']}"
@@ -378,6 +385,7 @@ def quality_signals(
     model: ModelResource,
     optimizer: OptimizerResource,
     storage: StorageResource,
+    ray: RayComputeResource,
     round_dataset: pl.DataFrame,
     model_readouts: pl.DataFrame,
 ):
@@ -397,7 +405,7 @@ def quality_signals(
         require_checkpoint(
             store.checkpoint_dir(context.partition_key), context.partition_key, fingerprint(round_dataset)
         )
-        scores6, judge_info = _judge(context, config, model, optimizer, store, prompts, responses)
+        scores6, judge_info = _judge(context, config, model, optimizer, ray, store, prompts, responses)
     combined = quality.combine_scores(scores6)
     judge_score = np.asarray(combined["quality_score"], dtype=np.float64)
     scale = QualityScale.fit(config.mode, judge_score, ifd)

@@ -39,7 +39,7 @@ Progress = Callable[[int, int], None]
 
 @dataclass
 class LocalForward:
-    """The one-process counterpart of ``RayForward``: the same two methods on a loaded model."""
+    """The one-process counterpart of ``RayForward``: the same methods on a loaded model."""
 
     lm: object  # models.loading.LoadedModel
     workers: int = 0
@@ -53,6 +53,11 @@ class LocalForward:
         from middo_pipeline.core.ifd import unconditional_loss
 
         return unconditional_loss(self.lm.model, self.lm.tokenizer, responses, **kwargs)
+
+    def expected_scores(self, prompts, responses, **kwargs) -> np.ndarray:
+        from middo_pipeline.core import quality
+
+        return quality.expected_scores(self.lm.model, self.lm.tokenizer, prompts, responses, **kwargs)
 
     def close(self) -> None:
         self.lm = None
@@ -132,6 +137,21 @@ class _Worker:
     def score(self, shard: _Shard, kwargs: dict) -> tuple[np.ndarray, ForwardResult]:
         from middo_pipeline.core.forward import score_samples
 
+        self._maybe_crash()
+        res = score_samples(self.lm.model, self.lm.tokenizer, shard.prompts, shard.responses, **kwargs)
+        return shard.index, res
+
+    def judge(self, shard: _Shard, kwargs: dict) -> tuple[np.ndarray, np.ndarray, dict]:
+        from middo_pipeline.core import quality
+
+        self._maybe_crash()
+        info: dict = {}
+        six = quality.expected_scores(
+            self.lm.model, self.lm.tokenizer, shard.prompts, shard.responses, info=info, **kwargs
+        )
+        return shard.index, six, info
+
+    def _maybe_crash(self) -> None:
         f = self.fault_once_file
         if f:
             try:
@@ -140,8 +160,6 @@ class _Worker:
                 pass
             else:
                 os._exit(1)
-        res = score_samples(self.lm.model, self.lm.tokenizer, shard.prompts, shard.responses, **kwargs)
-        return shard.index, res
 
 
 @dataclass
@@ -195,22 +213,14 @@ class RayForward:
     ) -> ForwardResult:
         """Same arguments and result as ``forward.score_samples`` (without the model and tokenizer)."""
         t0 = time.perf_counter()
-        prompts, responses = list(prompts), list(responses)
         n = len(prompts)
-        if len(responses) != n:
-            raise ValueError(f"{n} prompts but {len(responses)} responses")
-        lengths = [len(p or "") + len(r or "") for p, r in zip(prompts, responses)]
-        shards = plan_shards(lengths, self.workers * max(1, self.settings.shards_per_worker))
-        work = [_Shard(s, [prompts[i] for i in s], [responses[i] for i in s]) for s in shards]
         with_emb = kwargs.get("with_embeddings", True)
         loss = np.full(n, np.nan, dtype=np.float32)
         counts = np.zeros(n, dtype=np.int64)
         truncated = np.zeros(n, dtype=bool)
-        written = np.zeros(n, dtype=np.int64)
         emb: np.ndarray | None = None
-        n_tokens, heads, done = 0, set(), 0
-        results = self._pool.map_unordered(lambda a, s: a.score.remote(s, kwargs), work)
-        for idx, res in results:
+        n_tokens, heads = 0, set()
+        for idx, res in self._map("score", prompts, responses, kwargs, progress):
             loss[idx] = res.loss
             counts[idx] = res.n_response_tokens
             if res.truncated is not None:
@@ -219,15 +229,8 @@ class RayForward:
                 if emb is None:
                     emb = np.zeros((n, res.embedding.shape[1]), dtype=np.float32)
                 emb[idx] = res.embedding
-            written[idx] += 1
             n_tokens += res.n_tokens
             heads.add(res.head)
-            done += len(idx)
-            if progress is not None:
-                progress(done, n)
-        if n and not (written == 1).all():
-            bad = int((written != 1).sum())
-            raise RuntimeError(f"ray: {bad} of {n} samples came back {sorted(set(written.tolist()))} times, not once")
         if with_emb and emb is None:
             emb = np.zeros((0, 0), dtype=np.float32)
         return ForwardResult(
@@ -239,6 +242,59 @@ class RayForward:
             truncated=truncated,
             head="full" if "full" in heads else "fast",
         )
+
+    def expected_scores(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        *,
+        progress: Progress | None = None,
+        info: dict | None = None,
+        **kwargs,
+    ) -> np.ndarray:
+        """``quality.expected_scores`` (the self-judge's 6 judgements per sample, (N, 6)) on the
+        pool; ``progress`` counts judgements; ``info`` gets ``judge_path`` (``packed`` when every
+        shard took it, else the slowest path any shard took) and the shards' fallback reasons."""
+        from middo_pipeline.core.quality import COLUMNS
+
+        n, k = len(prompts), len(COLUMNS)
+        out = np.full((n, k), np.nan, dtype=np.float64)
+        paths, reasons = [], set()
+        judged = None if progress is None else (lambda d, total: progress(d * k, total * k))
+        for idx, six, shard_info in self._map("judge", prompts, responses, kwargs, judged):
+            out[idx] = six
+            paths.append(shard_info.get("judge_path", "packed"))
+            if shard_info.get("fallback_reason"):
+                reasons.add(str(shard_info["fallback_reason"]))
+        if info is not None:
+            order = ("whole", "per_judgement", "packed")
+            info["judge_path"] = next((p for p in order if p in paths), "packed") if paths else "packed"
+            if reasons:
+                info["fallback_reason"] = "; ".join(sorted(reasons))
+            info["ray_workers"] = self.workers
+        return out
+
+    def _map(self, method: str, prompts, responses, kwargs: dict, progress: Progress | None):
+        """Yield ``(indices, *result)`` per shard as shards finish; every sample exactly once."""
+        prompts, responses = list(prompts), list(responses)
+        n = len(prompts)
+        if len(responses) != n:
+            raise ValueError(f"{n} prompts but {len(responses)} responses")
+        lengths = [len(p or "") + len(r or "") for p, r in zip(prompts, responses)]
+        shards = plan_shards(lengths, self.workers * max(1, self.settings.shards_per_worker))
+        work = [_Shard(s, [prompts[i] for i in s], [responses[i] for i in s]) for s in shards]
+        written = np.zeros(n, dtype=np.int64)
+        done = 0
+        for out in self._pool.map_unordered(lambda a, s: getattr(a, method).remote(s, kwargs), work):
+            idx = out[0]
+            written[idx] += 1
+            yield out
+            done += len(idx)
+            if progress is not None:
+                progress(done, n)
+        if n and not (written == 1).all():
+            bad = int((written != 1).sum())
+            raise RuntimeError(f"ray: {bad} of {n} samples came back {sorted(set(written.tolist()))} times, not once")
 
     def unconditional_loss(self, responses: Sequence[str | None], **kwargs) -> ForwardResult:
         """``ifd.unconditional_loss`` on the pool."""
