@@ -95,12 +95,19 @@ class OptimizerResource(ConfigurableResource):
         """direct prompts (prefilled answers) suit small local models; stepwise suits strong served ones."""
         return "direct" if self.backend == "local" else "stepwise"
 
-    def make_backend(self, storage: Storage) -> LLMBackend:
-        """The configured backend, behind the on-disk completion cache unless ``use_cache`` is off."""
+    def make_backend(self, storage: Storage, ray: RayComputeResource | None = None, log=None) -> LLMBackend:
+        """The configured backend, behind the on-disk completion cache unless ``use_cache`` is off.
+        A local backend runs on the Ray workers when ``ray`` is given and switched on."""
         from middo_pipeline.core.llm import make_backend
 
         if self.backend == "local":
             kwargs = dict(model=self.model, device=self.device, batch_size=self.batch_size, quantize=self.quantize)
+            if ray is not None and ray.enabled:
+                from middo_pipeline.core.llm.cache import CachedBackend
+
+                pool = ray.generation(kwargs, log=log)
+                cache = storage.ensure_dir(storage.cache_dir) / "completions.sqlite" if self.use_cache else None
+                return CachedBackend(pool, cache) if cache is not None else pool
         else:
             kwargs = dict(
                 base_url=self.base_url,
@@ -175,18 +182,11 @@ class RayComputeResource(RayResource):
         with super().yield_for_execution(context) as r:
             yield r
 
-    def forward(self, model: ModelResource, path: str | None = None, log: Callable[[str], None] | None = None):
-        """The forward passes for ``path`` (default: the base model): a ``RayForward`` on this
-        cluster when enabled, else a ``LocalForward`` on the model loaded here. Use as a context
-        manager; both have ``score_samples`` and ``unconditional_loss``."""
-        from middo_pipeline.core.distributed import LocalForward, RayForward, RaySettings
+    def settings(self):
+        """The pool settings (``core.distributed.RaySettings``) of this resource."""
+        from middo_pipeline.core.distributed import RaySettings
 
-        if not self.enabled:
-            return LocalForward(model.load(path))
-        kwargs = model.load_kwargs()
-        if self.num_gpus_per_worker <= 0:
-            kwargs["threads"] = None  # each worker: its own num_cpus_per_worker threads
-        settings = RaySettings(
+        return RaySettings(
             workers=self.workers,
             num_cpus=self.num_cpus_per_worker,
             num_gpus=self.num_gpus_per_worker,
@@ -195,4 +195,24 @@ class RayComputeResource(RayResource):
             # fault injection for the suite: a worker crashes once in the middle of a pass
             fault_once_file=os.environ.get("MIDDO_RAY_FAULT_ONCE_FILE") or None,
         )
-        return RayForward(path or model.base_path(), settings, kwargs, log=log)
+
+    def generation(self, backend_kwargs: dict, log: Callable[[str], None] | None = None):
+        """A ``core.distributed.RayGeneration`` (the local LLM backend on the workers)."""
+        from middo_pipeline.core.distributed import RayGeneration
+
+        if not self.enabled:
+            raise RuntimeError("the ray resource is off (address is empty)")
+        return RayGeneration(backend_kwargs, self.settings(), log=log)
+
+    def forward(self, model: ModelResource, path: str | None = None, log: Callable[[str], None] | None = None):
+        """The forward passes for ``path`` (default: the base model): a ``RayForward`` on this
+        cluster when enabled, else a ``LocalForward`` on the model loaded here. Use as a context
+        manager; both have ``score_samples`` and ``unconditional_loss``."""
+        from middo_pipeline.core.distributed import LocalForward, RayForward
+
+        if not self.enabled:
+            return LocalForward(model.load(path))
+        kwargs = model.load_kwargs()
+        if self.num_gpus_per_worker <= 0:
+            kwargs["threads"] = None  # each worker: its own num_cpus_per_worker threads
+        return RayForward(path or model.base_path(), self.settings(), kwargs, log=log)

@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 from dagster import AssetKey, DagsterInstance
 
-from middo_pipeline.core.distributed import plan_shards
+from middo_pipeline.core.distributed import RayForward, RaySettings, plan_shards
 from middo_pipeline_tests.conftest import SEED_FILE, small_tiny_run
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
@@ -58,7 +58,6 @@ def local_ray(monkeypatch):
 
 
 def test_ray_forward_equals_one_process_and_survives_a_killed_worker(local_ray, tiny_model_dir, tmp_path):
-    from middo_pipeline.core.distributed import RayForward, RaySettings
     from middo_pipeline.core.forward import EmbeddingSpec, score_samples
     from middo_pipeline.core.ifd import unconditional_loss
     from middo_pipeline.models.loading import load_model
@@ -174,6 +173,10 @@ def test_model_readouts_on_ray_equal_one_process(one_round):
     on_ray_cands = pl.read_parquet(cand_path)
     assert on_ray_cands["origin_id"].to_list() == single_cands["origin_id"].to_list()
     assert on_ray_cands["passed"].to_list() == single_cands["passed"].to_list()
+    assert on_ray_cands["output_after"].to_list() == single_cands["output_after"].to_list()
+    assert on_ray_cands["response_cached"].to_list() == [True] * on_ray_cands.height, on_ray_cands[
+        "response_cached"
+    ].to_list()
     for col in ("loss_before", "loss_after", "ifd", "max_cosine"):
         a, b = on_ray_cands[col].cast(pl.Float64).to_numpy(), single_cands[col].cast(pl.Float64).to_numpy()
         np.testing.assert_allclose(a, b, atol=1e-5, equal_nan=True)
@@ -195,8 +198,30 @@ def test_ray_address_is_checked(monkeypatch):
         resources_from_env({"MIDDO_RAY_ADDRESS": "local", "MIDDO_RAY_WORKERS": "two"})
 
 
-def test_candidate_rescoring_on_ray_equals_one_process(local_ray, tiny_model_dir):
-    from middo_pipeline.core.distributed import RayForward, RaySettings
+def test_candidates_generated_and_rescored_on_ray_equal_one_process(local_ray, tiny_model_dir, tmp_path):
+    from middo_pipeline.core.distributed import RayGeneration
+    from middo_pipeline.core.llm.cache import CachedBackend
+    from middo_pipeline.core.llm.local import LocalBackend
+    from middo_pipeline.core.llm.protocol import ChatRequest
+
+    # generation: the local backend on 2 workers gives the one-process texts (greedy), in order
+    reqs = [
+        ChatRequest(messages=(("user", f"Say something about item {i}." + " more" * (i % 5)),), max_tokens=12)
+        for i in range(10)
+    ]
+    kwargs = {"model": str(tiny_model_dir), "device": "cpu", "batch_size": 4}
+    local = LocalBackend(**kwargs)
+    local_texts = [c.text for c in local.complete(reqs)]
+    gen = RayGeneration(kwargs, RaySettings(workers=2, shards_per_worker=2))
+    delivered: dict[int, str] = {}
+    cached = CachedBackend(gen, tmp_path / "completions.sqlite")
+    out = cached.complete(reqs, on_result=lambda i, c: delivered.__setitem__(i, c.text))
+    gen.close()
+    assert gen.backend_id == local.backend_id  # one cache for both paths
+    assert [c.text for c in out] == local_texts and all(c.ok for c in out)
+    assert delivered == dict(enumerate(local_texts)) and cached.stats()["stored"] == 10
+    assert gen.stats() == {"ray_workers": 2}
+
     from middo_pipeline.core.diversity import TopComponents
     from middo_pipeline.core.forward import EmbeddingSpec
     from middo_pipeline.core.rescore import RescoreSettings, rescore_candidates

@@ -167,7 +167,7 @@ def refined_samples(
         f"(hard and low quality: {both}, rewritten; sparse and low quality: {not_extended}, not extended)"
     )
 
-    backend = optimizer.make_backend(store)
+    backend = optimizer.make_backend(store, ray=ray, log=context.log.info)
     if config.prompt_style == "auto" and plan.height:
         style, style_reason = choose_style(backend)
         context.log.info(f"prompt style {style} ({style_reason})")
@@ -196,6 +196,9 @@ def refined_samples(
         progress=ProgressLogger(context.log.info, "optimizer calls", unit="calls"),
     )
     gen_seconds = time.perf_counter() - t0
+    close = getattr(getattr(backend, "backend", backend), "close", None)
+    if ray.enabled and close is not None:
+        close()  # free the Ray workers' CPUs/GPUs for the re-scoring pools
 
     t0 = time.perf_counter()
     q_orig = quality_signals.select(

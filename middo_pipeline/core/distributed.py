@@ -32,7 +32,7 @@ import numpy as np
 
 from middo_pipeline.core.forward import ForwardResult
 
-__all__ = ["LocalForward", "RaySettings", "RayForward", "plan_shards"]
+__all__ = ["LocalForward", "RaySettings", "RayForward", "RayGeneration", "plan_shards"]
 
 Progress = Callable[[int, int], None]
 
@@ -122,6 +122,17 @@ class _Shard:
     responses: list[str | None]
 
 
+def _crash_once(path: str | None) -> None:
+    """Fault injection for the tests: the first task to find ``path`` deletes it and kills
+    its own worker process, as a crash in the middle of a pass would."""
+    if path:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            return
+        os._exit(1)
+
+
 class _Worker:
     """One model replica (the body of a Ray actor)."""
 
@@ -152,14 +163,7 @@ class _Worker:
         return shard.index, six, info
 
     def _maybe_crash(self) -> None:
-        f = self.fault_once_file
-        if f:
-            try:
-                os.remove(f)  # the first shard to get here crashes its worker, once
-            except FileNotFoundError:
-                pass
-            else:
-                os._exit(1)
+        _crash_once(self.fault_once_file)
 
 
 @dataclass
@@ -318,3 +322,111 @@ class RayForward:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# generation
+
+
+class _GenWorker:
+    """One local generation backend (the body of a Ray actor)."""
+
+    def __init__(self, backend_kwargs: dict, fault_once_file: str | None):
+        from middo_pipeline.core.llm.local import LocalBackend
+
+        self.backend = LocalBackend(**backend_kwargs)
+        self.fault_once_file = fault_once_file
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.backend.loaded.model.parameters())
+
+    def backend_id(self) -> str:
+        self.backend.loaded  # noqa: B018 - loaded, the id names the model's folder, as in one process
+        return self.backend.backend_id
+
+    def complete(self, index: np.ndarray, requests: list) -> tuple[np.ndarray, list]:
+        _crash_once(self.fault_once_file)
+        return index, self.backend.complete(requests)
+
+
+class RayGeneration:
+    """An ``LLMBackend`` that runs the local backend (``core.llm.local.LocalBackend``, built
+    from ``backend_kwargs``) on a pool of Ray workers: requests sharded by prompt length, each
+    worker batching its shard as one process would. Its ``backend_id`` is the local backend's,
+    so the completion cache is shared with the one-process path. Wrap it in ``CachedBackend``
+    as any backend; ``on_result`` is called in the calling thread as each shard comes back."""
+
+    def __init__(self, backend_kwargs: dict, settings: RaySettings | None = None, log=None):
+        import ray
+        from ray.util import ActorPool
+
+        if not ray.is_initialized():
+            raise RuntimeError("RayGeneration needs a connected Ray cluster (ray.init / the 'ray' resource)")
+        st = settings or RaySettings()
+        kwargs = dict(backend_kwargs)
+        if st.num_gpus <= 0 and not kwargs.get("threads"):
+            kwargs["threads"] = max(1, int(st.num_cpus))
+        self.settings = st
+        n = st.replicas(ray.cluster_resources())
+        remote = ray.remote(
+            num_cpus=st.num_cpus,
+            num_gpus=st.num_gpus,
+            max_restarts=st.max_restarts,
+            max_task_retries=st.max_task_retries,
+        )(_GenWorker)
+        self._actors = [remote.remote(kwargs, st.fault_once_file) for _ in range(n)]
+        self._pool = ActorPool(self._actors)
+        self.workers = n
+        self._requests = 0
+        # the id a loaded local backend has (the model's folder and fingerprint): the completion
+        # cache is then shared with the one-process path
+        self._id = str(ray.get(self._actors[0].backend_id.remote()))
+        if log is not None:
+            log(f"ray: {n} generation worker(s) for {kwargs.get('model', 'the default model')}")
+
+    @property
+    def backend_id(self) -> str:
+        return self._id
+
+    @property
+    def n_params(self) -> int:
+        """The model's parameter count, read on one worker (for ``prompt_style: auto``)."""
+        import ray
+
+        return int(ray.get(self._actors[0].n_params.remote()))
+
+    def complete(self, requests, progress=None, on_result=None) -> list:
+        requests = list(requests)
+        n = len(requests)
+        results: list = [None] * n
+        if n == 0:
+            return results
+        lengths = [sum(len(c) for _, c in r.messages) for r in requests]
+        shards = plan_shards(lengths, self.workers * max(1, self.settings.shards_per_worker))
+        done = 0
+        work = [(s, [requests[i] for i in s]) for s in shards]
+        for idx, comps in self._pool.map_unordered(lambda a, w: a.complete.remote(w[0], w[1]), work):
+            for i, c in zip(idx.tolist(), comps):
+                if results[i] is not None:
+                    raise RuntimeError(f"ray: request {i} came back twice")
+                results[i] = c
+                if on_result is not None:
+                    on_result(i, c)
+            done += len(idx)
+            if progress is not None:
+                progress(done, n)
+        missing = [i for i, c in enumerate(results) if c is None]
+        if missing:
+            raise RuntimeError(f"ray: {len(missing)} of {n} requests did not come back")
+        self._requests += n
+        return results
+
+    def stats(self) -> dict:
+        return {"ray_workers": self.workers}
+
+    def close(self) -> None:
+        import ray
+
+        for a in self._actors:
+            ray.kill(a)
+        self._actors = []

@@ -25,6 +25,8 @@ PROBE_MAX_TOKENS = 768
 
 def _known_params(backend) -> int | None:
     inner = getattr(backend, "backend", backend)  # CachedBackend wraps the real one
+    if hasattr(inner, "n_params"):  # the local backend on Ray workers
+        return int(inner.n_params)
     if not hasattr(inner, "loaded"):
         return None
     model = getattr(inner.loaded, "model", None)
