@@ -261,3 +261,9 @@ def test_candidates_generated_and_rescored_on_ray_equal_one_process(local_ray, t
         np.testing.assert_allclose(
             on_ray[col].cast(pl.Float64).to_numpy(), local[col].cast(pl.Float64).to_numpy(), atol=1e-5, equal_nan=True
         )
+
+
+def test_more_workers_than_the_cluster_holds_fails_with_the_reason(local_ray, tiny_model_dir):
+    settings = RaySettings(workers=3, num_cpus=1, start_timeout_s=5)  # the cluster has 2 CPUs
+    with pytest.raises(RuntimeError, match=r"only [0-2] of 3 model workers started within 5s.*the cluster has 2 CPU"):
+        RayForward(str(tiny_model_dir), settings, {"device": "cpu"})

@@ -87,6 +87,7 @@ class RaySettings:
     max_task_retries: int = 3
     max_restarts: int = 3
     fault_once_file: str | None = None
+    start_timeout_s: float = 900.0  # workers not placed and loaded by then: the step fails, saying why
 
     def replicas(self, cluster: dict) -> int:
         """The number of workers: ``workers`` when set, else what the cluster's resources hold."""
@@ -120,6 +121,23 @@ class _Shard:
     index: np.ndarray
     prompts: list[str]
     responses: list[str | None]
+
+
+def _wait_started(refs: list, settings: RaySettings, what: str) -> list:
+    """``ray.get`` the workers' first answers, or fail with the reason when some cannot start
+    (more workers or bigger ones than the cluster can place) instead of waiting forever."""
+    import ray
+
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=settings.start_timeout_s)
+    if pending:
+        have = ray.cluster_resources()
+        raise RuntimeError(
+            f"ray: only {len(ready)} of {len(refs)} {what} workers started within {settings.start_timeout_s:.0f}s; "
+            f"each asks for {settings.num_cpus:g} CPU and {settings.num_gpus:g} GPU, the cluster has "
+            f"{have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU: lower MIDDO_RAY_WORKERS or the per-worker "
+            "resources, or add nodes"
+        )
+    return ray.get(refs)
 
 
 def _crash_once(path: str | None) -> None:
@@ -198,7 +216,11 @@ class RayForward:
             kwargs["threads"] = max(1, int(st.num_cpus))  # a CPU worker uses the CPUs it reserved
         t0 = time.perf_counter()
         self._actors = [remote.remote(self.model_path, dict(kwargs), st.fault_once_file) for _ in range(n)]
-        self._pids = ray.get([a.pid.remote() for a in self._actors])
+        try:
+            self._pids = _wait_started([a.pid.remote() for a in self._actors], st, "model")
+        except BaseException:
+            self.close()
+            raise
         self._pool = ActorPool(self._actors)
         self.workers = n
         self._say(f"ray: {n} worker(s) loaded {self.model_path} in {time.perf_counter() - t0:.1f}s")
@@ -380,7 +402,11 @@ class RayGeneration:
         self._requests = 0
         # the id a loaded local backend has (the model's folder and fingerprint): the completion
         # cache is then shared with the one-process path
-        self._id = str(ray.get(self._actors[0].backend_id.remote()))
+        try:
+            self._id = str(_wait_started([a.backend_id.remote() for a in self._actors], st, "generation")[0])
+        except BaseException:
+            self.close()
+            raise
         if log is not None:
             log(f"ray: {n} generation worker(s) for {kwargs.get('model', 'the default model')}")
 
