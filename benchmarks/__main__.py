@@ -386,6 +386,12 @@ def main(argv=None) -> int:
         default=None,
         help="downstream: JSON written after every training run (seed, gate on/off first), so a stopped run keeps its figures",
     )
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="downstream: comma-separated datasets to train on (default all): "
+        "seed,gate_on,gate_off,simplify_only,rewrite_only,extend_only (seed is always included: the baseline)",
+    )
     p.add_argument("--seeds", default=None, help="downstream: comma-separated training seeds (default 0,1,2,3,4)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/{quick,full}.json)")
     args = p.parse_args(argv)
@@ -395,6 +401,14 @@ def main(argv=None) -> int:
         over["model"] = args.model
     if args.downstream_from:
         over["down_from"] = args.downstream_from
+    if args.variants:
+        from benchmarks.downstream import VARIANTS
+
+        names = tuple(dict.fromkeys(["seed"] + [v.strip() for v in args.variants.split(",") if v.strip()]))
+        if set(names) - set(VARIANTS):
+            p.error(f"unknown --variants {sorted(set(names) - set(VARIANTS))}; known: {', '.join(VARIANTS)}")
+        over["down_variants"] = names
+        over["down_equal_steps"] = tuple(v for v in ("gate_on",) if v in names)
     if args.downstream_partial:
         over["down_partial"] = args.downstream_partial
     if args.seeds:
