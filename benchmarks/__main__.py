@@ -382,6 +382,12 @@ def main(argv=None) -> int:
         help="downstream: reuse the round-1 candidates of a finished loop (e.g. .dagster_home/middo) instead of running a round",
     )
     p.add_argument(
+        "--no-regate",
+        action="store_true",
+        help="downstream with --downstream-from: keep the stored gate verdicts instead of re-verifying the candidates "
+        "with this version's gate",
+    )
+    p.add_argument(
         "--downstream-partial",
         default=None,
         help="downstream: JSON written after every training run (seed, gate on/off first), so a stopped run keeps its figures",
@@ -409,6 +415,8 @@ def main(argv=None) -> int:
             p.error(f"unknown --variants {sorted(set(names) - set(VARIANTS))}; known: {', '.join(VARIANTS)}")
         over["down_variants"] = names
         over["down_equal_steps"] = tuple(v for v in ("gate_on",) if v in names)
+    if args.no_regate:
+        over["down_regate"] = False
     if args.downstream_partial:
         over["down_partial"] = args.downstream_partial
     if args.seeds:

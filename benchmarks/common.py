@@ -77,6 +77,7 @@ class Settings:
     down_equal_steps: tuple[str, ...] = ("gate_on",)  # also trained for exactly the seed data's steps
     down_partial: str | None = None  # JSON written after every training run (what is complete so far)
     down_from: str | None = None  # MIDDO_HOME of a finished round 1 (e.g. the demo's): reuse its candidates
+    down_regate: bool = True  # with down_from: judge the stored candidates again with this version's gate
     # optimizer generation: the same requests through each local path (benchmarks/generation.py)
     gen_requests: int = 64
     gen_repeats: int = 2

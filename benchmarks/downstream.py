@@ -33,9 +33,27 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import REPO, SEED_PATH, log
+from middo_pipeline.constants import DEFAULT_MODEL
 
 DOWN_EVAL = Path(os.environ.get("MIDDO_BENCH_DOWN_EVAL") or REPO / "data" / "eval_large.jsonl")
 VARIANTS = ("seed", "gate_on", "gate_off", "simplify_only", "rewrite_only", "extend_only")
+# what the gate adds to a candidate row (dropped before re-gating)
+_GATE_COLUMNS = (
+    "loss_before",
+    "loss_after",
+    "loss_unconditional",
+    "ifd",
+    "judge_score",
+    "quality_value",
+    "max_cosine",
+    "cosine_original",
+    "quality_value_original",
+    "loss_before_original",
+    "loss_after_original",
+    "neighbor_similarity_original",
+    "passed",
+    "reasons",
+)
 _OP_OF = {"simplify_only": "simplified", "rewrite_only": "rewritten", "extend_only": "extended"}
 
 
@@ -89,14 +107,19 @@ def _one_round(settings, workdir: Path):
     return seed, cands, sparse_order, {"seconds": time.perf_counter() - t0, "round": summaries[0].metadata}
 
 
-def _finished_round(middo_home: Path):
-    """The same tables from a round that already ran (``--downstream-from MIDDO_HOME``)."""
+def _finished_round(middo_home: Path, settings=None):
+    """The same tables from a round that already ran (``--downstream-from MIDDO_HOME``). Its
+    stored candidates are judged again by THIS version's gate (``core.gate.gate_round`` with
+    the round's own models, thresholds and the refine config's defaults), so that a change
+    of the rules is measured on the same candidates; ``--no-regate`` keeps the stored verdicts."""
     import polars as pl
 
     from middo_pipeline.core.storage import Storage
 
     store = Storage(middo_home)
     names = ("round_dataset", "refinement_candidates", "embedding_signals")
+    if settings is None or settings.down_regate:
+        names += ("model_readouts", "loss_signals", "quality_signals")
     paths = {n: store.table_path(n, "round-1") for n in names}
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
@@ -106,12 +129,57 @@ def _finished_round(middo_home: Path):
     log(f"downstream: reusing round-1 of {middo_home}")
     emb = pl.read_parquet(paths["embedding_signals"])
     sparse_order = emb.filter(pl.col("is_sparse")).sort("knn_mean_similarity")["sample_id"].to_list()
-    return (
-        pl.read_parquet(paths["round_dataset"]),
-        pl.read_parquet(paths["refinement_candidates"]),
-        sparse_order,
-        {"reused_from": str(middo_home)},
+    cands = pl.read_parquet(paths["refinement_candidates"])
+    info: dict = {"reused_from": str(middo_home), "regated": False}
+    if settings is None or settings.down_regate:
+        cands, info = (
+            _regate(store, cands, {n: pl.read_parquet(p) for n, p in paths.items()}, settings),
+            {
+                **info,
+                "regated": True,
+                "stored_passed": int(cands["passed"].sum()),
+            },
+        )
+    return pl.read_parquet(paths["round_dataset"]), cands, sparse_order, info
+
+
+def _regate(store, cands, tables: dict, settings):
+    """The stored candidates re-scored and re-verified with this version's gate."""
+    import polars as pl
+
+    from middo_pipeline.assets.optimization import RefineConfig, _heldout_grams
+    from middo_pipeline.core.gate import gate_round
+    from middo_pipeline.models.loading import load_model
+
+    cfg = RefineConfig()
+    keep = [c for c in cands.columns if c not in _GATE_COLUMNS]
+    ckpt = store.checkpoint_dir("round-1")
+    device = getattr(settings, "device", "auto")
+    threads = getattr(settings, "threads", None)
+    model = getattr(settings, "model", None) or DEFAULT_MODEL
+    base = load_model(model, device=device, threads=threads)
+    trained = load_model(str(ckpt), device=device, threads=threads)
+    judge = trained if tables["quality_signals"]["quality_mode"][0] in ("judge", "combined") else None
+    t0 = time.perf_counter()
+    verified, _ = gate_round(
+        cands.select(keep),
+        model_readouts=tables["model_readouts"],
+        loss_signals=tables["loss_signals"],
+        quality_signals=tables["quality_signals"],
+        embedding_signals=tables["embedding_signals"],
+        base=base,
+        checkpoint=trained,
+        judge_model=judge,
+        duplicate_cosine=cfg.duplicate_cosine,
+        near_origin=cfg.near_origin,
+        heldout_grams=_heldout_grams(cfg.heldout_path, cfg.heldout_ngram),
+        ngram=cfg.heldout_ngram,
     )
+    log(
+        f"downstream: re-gated {verified.height} stored candidates in {time.perf_counter() - t0:.0f}s: "
+        f"{int(cands['passed'].sum())} passed the stored gate, {int(verified['passed'].sum())} pass this one"
+    )
+    return verified.with_columns(pl.col("passed").fill_null(False))
 
 
 def build_variants(seed, cands, sparse_order) -> dict:
@@ -161,7 +229,7 @@ def run(settings, models=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="middo-bench-down-") as tmp:
         tmp = Path(tmp)
         if settings.down_from:
-            seed_df, cands, sparse_order, loop_info = _finished_round(Path(settings.down_from))
+            seed_df, cands, sparse_order, loop_info = _finished_round(Path(settings.down_from), settings)
         else:
             log("downstream: one Middo round (verified refinement) through the Dagster loop")
             seed_df, cands, sparse_order, loop_info = _one_round(settings, tmp)

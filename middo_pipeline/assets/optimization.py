@@ -4,7 +4,6 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import polars as pl
 from dagster import (
     AssetCheckResult,
@@ -20,18 +19,16 @@ from pydantic import Field
 
 from middo_pipeline.assets._checks import schema_check, schema_spec
 from middo_pipeline.assets._meta import bars_md, json_md, preview_md, tidy
-from middo_pipeline.core import diversity
 from middo_pipeline.core.checkpoints import require_checkpoint
 from middo_pipeline.core.evaluation import load_eval_set
-from middo_pipeline.core.forward import EmbeddingSpec
+from middo_pipeline.core.gate import gate_round
 from middo_pipeline.core.merge import SizePolicy, check_conservation, merge_round
 from middo_pipeline.core.optimizer.operations import plan_operations, run_operations
 from middo_pipeline.core.optimizer.prompts import PromptConfig, PromptStyle
 from middo_pipeline.core.optimizer.style import choose_style
 from middo_pipeline.core.progress import ProgressLogger
-from middo_pipeline.core.rescore import RescoreSettings, rescore_candidates
 from middo_pipeline.core.schema import fingerprint
-from middo_pipeline.core.verify import QualityScale, RoundThresholds, choose_candidates, ngram_set, verify_candidates
+from middo_pipeline.core.verify import choose_candidates, ngram_set
 from middo_pipeline.resources import ModelResource, OptimizerResource, RayComputeResource, StorageResource
 from middo_pipeline.rounds import round_number, rounds_partitions
 
@@ -69,37 +66,14 @@ class RefineConfig(Config):
         le=1.0,
         description="An extension this similar (cosine, in the round's embedding space) to any round sample is a near-duplicate",
     )
+    near_origin: bool = Field(
+        default=True,
+        description="A candidate must be at least as similar to the sample it was made from as that sample's k nearest "
+        "neighbours are on average (a rewrite that changed the task, an extension outside the sparse region, is rejected)",
+    )
     heldout_path: str = Field(default=str(DEFAULT_EVAL), description="Held-out set whose text candidates must not copy")
     heldout_ngram: int = Field(
         default=8, ge=3, description="A candidate sharing a run of this many words with the held-out set is rejected"
-    )
-
-
-def _round_thresholds(
-    loss_signals: pl.DataFrame, quality_signals: pl.DataFrame, config: RefineConfig
-) -> RoundThresholds:
-    def one(df: pl.DataFrame, col: str) -> float:
-        if col not in df.columns or df.height == 0:
-            raise ValueError(f"{col} is missing from the round's signals: re-materialize them with this version")
-        v = df[col][0]
-        return float("nan") if v is None else float(v)
-
-    return RoundThresholds(
-        hard_before=one(loss_signals, "threshold_loss_before"),
-        hard_after=one(loss_signals, "threshold_loss_after"),
-        quality=one(quality_signals, "quality_threshold"),
-        duplicate_cosine=config.duplicate_cosine,
-    )
-
-
-def _quality_scale(quality_signals: pl.DataFrame) -> QualityScale:
-    row = quality_signals.row(0, named=True)
-    return QualityScale(
-        row["quality_mode"],
-        *(
-            float(row[k]) if row[k] is not None else float("nan")
-            for k in ("judge_mean", "judge_std", "ifd_mean", "ifd_std")
-        ),
     )
 
 
@@ -201,47 +175,28 @@ def refined_samples(
         close()  # free the Ray workers' CPUs/GPUs for the re-scoring pools
 
     t0 = time.perf_counter()
-    q_orig = quality_signals.select(
-        pl.col("sample_id").alias("origin_id"), pl.col("quality_value").alias("quality_value_original")
-    ).join(
-        loss_signals.select(
-            pl.col("sample_id").alias("origin_id"),
-            pl.col("loss_before").cast(pl.Float64).alias("loss_before_original"),
-            pl.col("loss_after").cast(pl.Float64).alias("loss_after_original"),
-        ),
-        on="origin_id",
-        how="left",
-    )
     if config.verify and candidates.height:
-        th = _round_thresholds(loss_signals, quality_signals, config)
-        scale = _quality_scale(quality_signals)
-        readout = model_readouts.row(0, named=True)
-        spec = EmbeddingSpec(pooling=readout["embedding_pooling"], layer=readout["embedding_layer"])
-        round_emb = np.asarray(model_readouts["embedding"].to_list(), dtype=np.float32)
-        comps = diversity.TopComponents(int(embedding_signals["top_components"][0])).fit(round_emb)
         ckpt = store.checkpoint_dir(context.partition_key)
         require_checkpoint(ckpt, context.partition_key, fingerprint(round_dataset))
-        judge_lm = model.load(str(ckpt)) if scale.mode in ("judge", "combined") else None
-        scored = rescore_candidates(
+        mode = quality_signals["quality_mode"][0]
+        judge_lm = model.load(str(ckpt)) if mode in ("judge", "combined") else None
+        verified, th = gate_round(
             candidates,
+            model_readouts=model_readouts,
+            loss_signals=loss_signals,
+            quality_signals=quality_signals,
+            embedding_signals=embedding_signals,
             base=lambda: ray.forward(model, log=context.log.info),
             checkpoint=lambda: ray.forward(model, str(ckpt), log=context.log.info),
             judge_model=judge_lm,
-            scale=scale,
-            round_embeddings=comps.transform(round_emb),
-            components=comps,
-            settings=RescoreSettings(embedding=spec),
+            duplicate_cosine=config.duplicate_cosine,
+            near_origin=config.near_origin,
+            heldout_grams=_heldout_grams(config.heldout_path, config.heldout_ngram),
+            ngram=config.heldout_ngram,
             log=context.log.warning,
             progress=lambda name: ProgressLogger(context.log.info, name),
         )
         del judge_lm
-        scored = scored.join(q_orig, on="origin_id", how="left")
-        verified = verify_candidates(
-            scored,
-            th,
-            heldout_grams=_heldout_grams(config.heldout_path, config.heldout_ngram),
-            ngram=config.heldout_ngram,
-        )
         chosen = choose_candidates(verified)
     else:  # the gate is off: the first candidate of each operation, unchecked (what the reference does)
         th = None
@@ -279,6 +234,8 @@ def refined_samples(
         "quality_value_original",
         "quality_value",
         "max_cosine",
+        "cosine_original",
+        "neighbor_similarity_original",
         "instruction_before",
         "instruction_after",
         "output_after",

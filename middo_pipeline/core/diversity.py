@@ -99,6 +99,18 @@ def max_cosine_to(queries: np.ndarray, keys: np.ndarray, block_size: int = 4096)
     return out.astype(np.float64)
 
 
+def cosine_to_rows(queries: np.ndarray, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Cosine similarity of query ``i`` to key row ``rows[i]`` (float64 (Q,); NaN where
+    ``rows[i] < 0``: no such key)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.full(rows.shape[0], np.nan)
+    have = rows >= 0
+    if have.any():
+        q, kx = _normalize(np.asarray(queries)[have]), _normalize(np.asarray(keys)[rows[have]])
+        out[have] = np.sum(q * kx, axis=1, dtype=np.float64)
+    return out
+
+
 def _normalize(emb: np.ndarray) -> np.ndarray:
     x = np.asarray(emb, dtype=np.float32)
     if x.ndim != 2:

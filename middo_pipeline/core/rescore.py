@@ -9,7 +9,9 @@ For every generated candidate (``status == "ok"``), with the new prompt and resp
   the ratio (``core/ifd.py``);
 - ``loss_after`` and the embedding: under the round's checkpoint, in one pass, with the
   round's ``EmbeddingSpec``; the embedding is mapped with the round's ``TopComponents`` and
-  ``max_cosine`` is its highest cosine similarity to any of the round's samples;
+  ``max_cosine`` is its highest cosine similarity to any of the round's samples and
+  ``cosine_original`` its cosine similarity to the sample it was made from (when the round's
+  sample ids are given);
 - ``judge_score``: the round's checkpoint judges the candidate (expected score), only when the
   round's quality reading uses the judge;
 - ``quality_value``: those readings on the round's ``QualityScale``.
@@ -23,7 +25,7 @@ are opened one after the other, so a pool that fills the cluster is closed befor
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +33,7 @@ import polars as pl
 
 from middo_pipeline.core import quality
 from middo_pipeline.core.distributed import LocalForward
-from middo_pipeline.core.diversity import TopComponents, max_cosine_to
+from middo_pipeline.core.diversity import TopComponents, cosine_to_rows, max_cosine_to
 from middo_pipeline.core.forward import EmbeddingSpec
 from middo_pipeline.core.ifd import ifd_scores
 from middo_pipeline.core.schema import prompt_text
@@ -63,12 +65,14 @@ def rescore_candidates(
     log: Callable[[str], None] | None = None,
     progress: Callable[[str], Progress | None] | None = None,
     judge_model=None,
+    round_ids: Sequence[str] | None = None,
 ) -> pl.DataFrame:
     """``candidates`` with the signal columns added (see the module docstring). ``base`` and
     ``checkpoint``: loaded models (``.model``, ``.tokenizer``) or openers of their forward
     passes; ``judge_model``: the loaded checkpoint for the self-judge (default: ``checkpoint``
     when it is a loaded model; needed only when ``scale`` reads the judge).
-    ``round_embeddings`` are the round's samples' embeddings *already mapped* by ``components``."""
+    ``round_embeddings`` are the round's samples' embeddings *already mapped* by ``components``;
+    ``round_ids`` their sample ids, in the same order (for ``cosine_original``)."""
     st = settings or RescoreSettings()
     if judge_model is None and hasattr(checkpoint, "model"):
         judge_model = checkpoint
@@ -85,6 +89,7 @@ def rescore_candidates(
             "judge_score",
             "quality_value",
             "max_cosine",
+            "cosine_original",
         )
     }
     ok = np.flatnonzero(candidates["status"].eq("ok").fill_null(False).to_numpy()) if n else np.zeros(0, dtype=int)
@@ -136,12 +141,22 @@ def rescore_candidates(
             cols["judge_score"][ok] = judge
         cols["quality_value"][ok] = quality_value(scale, judge, ifd)
         cols["max_cosine"][ok] = max_cosine_to(emb, round_embeddings)
+        if round_ids is not None:
+            cols["cosine_original"][ok] = cosine_to_rows(
+                emb, round_embeddings, _row_of(round_ids, candidates["origin_id"].to_list(), ok)
+            )
     return candidates.with_columns(
         [
             pl.Series(name, np.where(np.isfinite(v), v, np.nan), dtype=pl.Float64).fill_nan(None)
             for name, v in cols.items()
         ]
     )
+
+
+def _row_of(round_ids: Sequence[str], origin_ids: list, ok: np.ndarray) -> np.ndarray:
+    """The row of each generated candidate's origin in the round's embeddings (-1: not there)."""
+    where = {sid: i for i, sid in enumerate(round_ids)}
+    return np.asarray([where.get(origin_ids[i], -1) for i in ok], dtype=np.int64)
 
 
 def _opener(m) -> Callable:

@@ -15,6 +15,18 @@ Rules (``verify_candidates``), for a candidate of an operation:
   ``finish_reason == "length"``), the text holds no chat control tokens, and no run of
   ``ngram`` words is shared with the held-out evaluation set (a candidate that copies the
   test set would inflate the evaluation);
+- every operation: it does the task instead of talking about it (``meta_answer``): no
+  refusal or assistant pleasantry opening the response ("I'm afraid I don't…", "I'd be
+  happy…", "Absolutely!"), no reference to "the original sentence / task" or "your next
+  question", no instruction about "the original task". A weak optimizer mixes up the sample
+  it edits with the conversation it is in; IFD cannot see it, since such an answer is well
+  explained by its own prompt. The phrases fire on none of the shipped seed and held-out rows
+  (``test_verify``);
+- every operation (``near_origin``, on by default): the candidate stays near the sample it was
+  made from — its cosine similarity to its origin, in the round's embedding space, is at least
+  the origin's mean similarity to its k nearest neighbours. A simplification or rewrite that
+  lands farther from its origin than the origin's neighbours are has changed the task; an
+  extension that does has not filled the sparse region it was made for;
 - ``simplified``: no longer hard, and not low quality;
 - ``rewritten``: quality above the round's threshold and above the original's; not hard;
 - ``extended``: not hard, not low quality, and not a near-duplicate of any sample of the
@@ -50,6 +62,7 @@ __all__ = [
     "quality_value",
     "ngram_set",
     "has_control_tokens",
+    "meta_answer",
     "verify_candidates",
     "choose_candidates",
     "CANDIDATE_SIGNAL_COLUMNS",
@@ -67,6 +80,7 @@ CANDIDATE_SIGNAL_COLUMNS = (
     "judge_score",
     "quality_value",
     "max_cosine",
+    "cosine_original",
 )
 
 
@@ -129,6 +143,8 @@ class RoundThresholds:
     hard_after: float
     quality: float  # low quality: quality_value < quality
     duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE  # extension too close to a round sample
+    # a candidate must be at least as close to its origin as the origin's neighbours are
+    near_origin: bool = True
 
     def as_dict(self) -> dict:
         return {
@@ -136,6 +152,7 @@ class RoundThresholds:
             "hard_after": self.hard_after,
             "quality": self.quality,
             "duplicate_cosine": self.duplicate_cosine,
+            "near_origin": self.near_origin,
         }
 
 
@@ -159,6 +176,57 @@ def _shares_ngram(text: str, grams: set, n: int) -> bool:
         return False
     words = _WORD.findall((text or "").lower())
     return any(tuple(words[i : i + n]) in grams for i in range(len(words) - n + 1))
+
+
+# Answers about the task instead of the task. Opening phrases are looked for in the first
+# sentence only (a polite e-mail may say "I'm afraid I can't attend" further down); the others
+# anywhere in the response; the last group in the new instruction.
+_META_OPENING = tuple(
+    re.compile(p, re.IGNORECASE)
+    for p in (
+        r"\bI(?:'m| am) (?:sorry|afraid|unable|not able)\b",
+        r"\bI (?:can(?:no|')t|cannot|don't have|do not have)\b",
+        r"\bas an (?:AI|artificial intelligence|language model)\b",
+        r"^\W*(?:absolutely|sure|certainly|of course|great|awesome|okay|ok)\b[!,.]",
+        r"\bI(?:'d| would) (?:be )?(?:happy|glad|love)\b",
+        r"\bI(?:'m| am) (?:happy|glad|ready|here) to\b",
+    )
+)
+_META_ANYWHERE = tuple(
+    re.compile(p, re.IGNORECASE)
+    for p in (
+        r"\bhere(?:'s| is) (?:a |an |the |my |your )?(?:revised|rewritten|simplified|corrected|improved|updated"
+        r"|shorter|new) (?:version|text|sentence|prompt|task|instruction|question)\b",
+        r"\b(?:the|your) original (?:sentence|task|text|question|instruction|prompt|statement|message|phrase|request)\b",
+        r"\b(?:your|the) next (?:question|challenge|task)\b",
+        r"\b(?:this|the) (?:revised|rewritten|simplified) (?:version|text|sentence|prompt|task|instruction)\b",
+    )
+)
+_META_INSTRUCTION = tuple(
+    re.compile(p, re.IGNORECASE)
+    for p in (
+        r"\b(?:the|this) original (?:task|instruction|prompt|question)\b",
+        r"\b(?:in )?this task,? you\b",
+        r"\bthis task requires\b",
+        r"\brewrite (?:the|this) (?:task|instruction|prompt)\b",
+    )
+)
+_FIRST_SENTENCE = re.compile(r"[.!?](?:\s|$)")
+
+
+def meta_answer(instruction: str, output: str) -> str | None:
+    """The phrase that shows a sample talks about the task instead of doing it (a refusal, an
+    assistant pleasantry, "the original sentence", an instruction about "the original task"),
+    or None."""
+    out = (output or "").strip()
+    m = _FIRST_SENTENCE.search(out)
+    opening = out[: m.end()] if m else out[:200]
+    for pats, text in ((_META_OPENING, opening), (_META_ANYWHERE, out), (_META_INSTRUCTION, instruction or "")):
+        for p in pats:
+            hit = p.search(text)
+            if hit:
+                return hit.group(0).strip()
+    return None
 
 
 def has_control_tokens(text: str, extra: Sequence[str] = ()) -> bool:
@@ -199,6 +267,12 @@ def candidate_reasons(
         reasons.append("chat control tokens")
     if _shares_ngram(text, heldout_grams, ngram):
         reasons.append("overlaps the held-out set")
+    if meta_answer(row.get("instruction_after") or "", row.get("output_after") or ""):
+        reasons.append("talks about the task")
+    if th.near_origin:
+        c0, nb = row.get("cosine_original"), row.get("neighbor_similarity_original")
+        if _finite(c0) and _finite(nb) and c0 < nb:
+            reasons.append("far from its origin")
     op = row["operation"]
     hard = _is_hard(row.get("loss_before"), row.get("loss_after"), th)
     q = row.get("quality_value")
@@ -236,7 +310,9 @@ def verify_candidates(
     Expects the candidate columns of ``operations.run_operations`` (``origin_id``,
     ``operation``, ``candidate``, ``status``, ``instruction_after``, ``output_after``,
     ``truncated``) and the re-scored signals (``loss_before``, ``loss_after``,
-    ``quality_value``, ``quality_value_original``, ``max_cosine``)."""
+    ``quality_value``, ``quality_value_original``, ``max_cosine``; ``cosine_original`` and
+    ``neighbor_similarity_original`` for ``near_origin``, which is skipped where they are
+    missing)."""
     grams = heldout_grams or set()
     reasons = [candidate_reasons(r, th, grams, ngram, control_tokens) for r in candidates.iter_rows(named=True)]
     return candidates.with_columns(

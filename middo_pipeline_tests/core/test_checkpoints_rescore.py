@@ -71,6 +71,7 @@ def test_rescore_candidates_matches_direct_scoring(tiny_model_dir):
             round_embeddings=comps.transform(round_emb),
             components=comps,
             settings=RescoreSettings(embedding=spec, judge_max_length=448),
+            round_ids=["x", "c", "y", "a", "z", "w"],  # origin "a" is row 3, "c" row 1
         )
         assert got.height == 3 and got["origin_id"].to_list() == ["a", "b", "c"]
         assert got.row(1, named=True)["loss_before"] is None  # not generated: nothing scored
@@ -83,6 +84,13 @@ def test_rescore_candidates_matches_direct_scoring(tiny_model_dir):
         np.testing.assert_allclose(
             ok["max_cosine"].to_numpy(),
             max_cosine_to(comps.transform(direct.embedding), comps.transform(round_emb)),
+            atol=1e-5,
+        )
+        mapped, rows = comps.transform(direct.embedding), comps.transform(round_emb)
+        unit = lambda x: x / np.linalg.norm(x)  # noqa: E731
+        np.testing.assert_allclose(
+            ok["cosine_original"].to_numpy(),
+            [unit(mapped[0]) @ unit(rows[3]), unit(mapped[1]) @ unit(rows[1])],
             atol=1e-5,
         )
         if mode == "ifd":

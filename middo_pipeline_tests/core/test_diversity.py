@@ -312,3 +312,14 @@ def test_embedding_config_validates_knn_method():
     assert EmbeddingSignalConfig(knn_method="approx").knn_method == "approx"
     with pytest.raises(Exception, match="knn_method"):
         EmbeddingSignalConfig(knn_method="fast")
+
+
+def test_cosine_to_rows_pairs_each_query_with_its_row():
+    from middo_pipeline.core.diversity import cosine_to_rows
+
+    keys = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=np.float32)
+    queries = np.array([[3.0, 0.0], [1.0, 0.0], [0.0, 5.0]], dtype=np.float32)
+    got = cosine_to_rows(queries, keys, np.array([0, 1, -1]))
+    np.testing.assert_allclose(got[:2], [1.0, 0.0], atol=1e-6)
+    assert np.isnan(got[2])  # no row: unknown, not zero
+    assert cosine_to_rows(queries[:0], keys, np.zeros(0, dtype=np.int64)).shape == (0,)

@@ -13,6 +13,7 @@ from middo_pipeline.core.verify import (
     RoundThresholds,
     choose_candidates,
     has_control_tokens,
+    meta_answer,
     ngram_set,
     quality_value,
     verify_candidates,
@@ -36,6 +37,8 @@ def cand(
     text="A fine new prompt",
     out="A fine answer.",
     failure=None,
+    cos0=None,
+    nb0=None,
 ):
     return {
         "origin_id": origin,
@@ -51,6 +54,8 @@ def cand(
         "quality_value": q,
         "quality_value_original": q0,
         "max_cosine": cos,
+        "cosine_original": cos0,
+        "neighbor_similarity_original": nb0,
     }
 
 
@@ -76,6 +81,15 @@ def run(rows, **kw):
         (cand(op="extended", cos=0.95), "near-duplicate of a round sample"),
         (cand(op="extended", cos=0.89), None),
         (cand(status="failed", failure="unparseable: no final prompt marker"), "generation: unparseable"),
+        (cand(out="I'm afraid I don't have any options that match."), "talks about the task"),
+        (cand(op="rewritten", q0=3.0, out="Absolutely! Here's a revised version of your text: ..."), "talks about"),
+        (cand(text="The original task required solving a linear equation."), "talks about the task"),
+        (cand(out="This is correct. I'm ready for your next question."), "talks about the task"),
+        (cand(cos0=0.30, nb0=0.55), "far from its origin"),  # farther than the origin's neighbours
+        (cand(op="extended", cos0=0.30, nb0=0.40), "far from its origin"),  # not in the sparse region
+        (cand(cos0=0.60, nb0=0.55), None),
+        (cand(op="extended", cos=0.7, cos0=0.7, nb0=0.40), None),
+        (cand(cos0=None, nb0=0.55), None),  # not measured: the rule does not apply
     ],
 )
 def test_each_rule(row, reason):
@@ -84,6 +98,46 @@ def test_each_rule(row, reason):
         assert got["passed"] and got["reasons"] is None
     else:
         assert not got["passed"] and got["reasons"].startswith(reason), got["reasons"]
+
+
+def test_near_origin_can_be_switched_off():
+    from dataclasses import replace
+
+    row = cand(cos0=0.1, nb0=0.6)
+    assert run([row])["reasons"][0] == "far from its origin"
+    assert verify_candidates(pl.DataFrame([row]), replace(TH, near_origin=False))["passed"][0]
+
+
+def _shipped_rows():
+    import json
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[2] / "data"
+    rows = json.loads((data / "seed_alpaca.json").read_text())
+    for name in ("eval_heldout.jsonl", "eval_large.jsonl"):
+        rows += [json.loads(line) for line in (data / name).read_text().splitlines() if line.strip()]
+    return rows
+
+
+def test_meta_answer_fires_on_no_shipped_row():
+    """The phrases are about a model talking about the task; written rows (polite e-mails that say
+    "I'm afraid" further down, "thank you for your email") must not be caught."""
+    rows = _shipped_rows()
+    assert len(rows) > 400
+    hits = [
+        (r["instruction"][:60], meta_answer(f"{r['instruction']}\n{r.get('input', '')}", str(r.get("output", ""))))
+        for r in rows
+    ]
+    assert [h for h in hits if h[1]] == []
+
+
+def test_meta_answer_phrases():
+    assert meta_answer("Suggest a title.", "Sure! Here is one: Dancing Bees.") == "Sure!"
+    assert meta_answer("Decline the meeting.", "Hi Jo,\n\nThanks for the invite. I'm afraid I can't make it.") is None
+    assert meta_answer("Write an e-mail declining.", "I'm afraid I can't help with that.") == "I'm afraid"
+    assert meta_answer("In this task, you will rate a sentence.", "4") == "In this task, you"
+    assert meta_answer("Is the tone formal?", "The original sentence is formal.") == "The original sentence"
+    assert meta_answer("Name a fruit.", "An apple.") is None
 
 
 def test_heldout_overlap_is_rejected():

@@ -1,0 +1,136 @@
+"""One call for the whole verification gate of a round: read the round's thresholds and
+quality scale from its signal tables, re-score the candidates with the round's models
+(``rescore``) and apply the rules (``verify``).
+
+The ``refined_samples`` asset and the downstream benchmark (which re-gates a finished round's
+stored candidates with this version's rules) both go through ``gate_round``, so what the
+benchmark measures is what the pipeline does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import polars as pl
+
+from middo_pipeline.core import diversity
+from middo_pipeline.core.forward import EmbeddingSpec
+from middo_pipeline.core.rescore import RescoreSettings, rescore_candidates
+from middo_pipeline.core.verify import (
+    DEFAULT_DUPLICATE_COSINE,
+    DEFAULT_NGRAM,
+    QualityScale,
+    RoundThresholds,
+    verify_candidates,
+)
+
+__all__ = ["round_thresholds", "quality_scale", "gate_round"]
+
+
+def round_thresholds(
+    loss_signals: pl.DataFrame,
+    quality_signals: pl.DataFrame,
+    duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE,
+    near_origin: bool = True,
+) -> RoundThresholds:
+    """The thresholds the round's signals stored with their tables."""
+
+    def one(df: pl.DataFrame, col: str) -> float:
+        if col not in df.columns or df.height == 0:
+            raise ValueError(f"{col} is missing from the round's signals: re-materialize them with this version")
+        v = df[col][0]
+        return float("nan") if v is None else float(v)
+
+    return RoundThresholds(
+        hard_before=one(loss_signals, "threshold_loss_before"),
+        hard_after=one(loss_signals, "threshold_loss_after"),
+        quality=one(quality_signals, "quality_threshold"),
+        duplicate_cosine=duplicate_cosine,
+        near_origin=near_origin,
+    )
+
+
+def quality_scale(quality_signals: pl.DataFrame) -> QualityScale:
+    """The round's quality scale, as stored in its quality table."""
+    row = quality_signals.row(0, named=True)
+    return QualityScale(
+        row["quality_mode"],
+        *(
+            float(row[k]) if row[k] is not None else float("nan")
+            for k in ("judge_mean", "judge_std", "ifd_mean", "ifd_std")
+        ),
+    )
+
+
+def originals(loss_signals: pl.DataFrame, quality_signals: pl.DataFrame, embedding_signals: pl.DataFrame):
+    """Per origin sample: its quality value, losses and neighbourhood similarity (the
+    candidates are compared with them)."""
+    return (
+        quality_signals.select(
+            pl.col("sample_id").alias("origin_id"), pl.col("quality_value").alias("quality_value_original")
+        )
+        .join(
+            loss_signals.select(
+                pl.col("sample_id").alias("origin_id"),
+                pl.col("loss_before").cast(pl.Float64).alias("loss_before_original"),
+                pl.col("loss_after").cast(pl.Float64).alias("loss_after_original"),
+            ),
+            on="origin_id",
+            how="left",
+        )
+        .join(
+            embedding_signals.select(
+                pl.col("sample_id").alias("origin_id"),
+                pl.col("knn_mean_similarity").cast(pl.Float64).alias("neighbor_similarity_original"),
+            ),
+            on="origin_id",
+            how="left",
+        )
+    )
+
+
+def gate_round(
+    candidates: pl.DataFrame,
+    *,
+    model_readouts: pl.DataFrame,
+    loss_signals: pl.DataFrame,
+    quality_signals: pl.DataFrame,
+    embedding_signals: pl.DataFrame,
+    base,
+    checkpoint,
+    judge_model=None,
+    duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE,
+    near_origin: bool = True,
+    heldout_grams: set | None = None,
+    ngram: int = DEFAULT_NGRAM,
+    control_tokens: Sequence[str] = (),
+    log: Callable[[str], None] | None = None,
+    progress=None,
+) -> tuple[pl.DataFrame, RoundThresholds]:
+    """Every candidate re-scored and verified (``passed``, ``reasons``), and the thresholds
+    used. ``base`` / ``checkpoint`` / ``judge_model``: as in ``rescore_candidates``."""
+    th = round_thresholds(loss_signals, quality_signals, duplicate_cosine, near_origin)
+    scale = quality_scale(quality_signals)
+    readout = model_readouts.row(0, named=True)
+    spec = EmbeddingSpec(pooling=readout["embedding_pooling"], layer=readout["embedding_layer"])
+    round_emb = np.asarray(model_readouts["embedding"].to_list(), dtype=np.float32)
+    comps = diversity.TopComponents(int(embedding_signals["top_components"][0])).fit(round_emb)
+    scored = rescore_candidates(
+        candidates,
+        base=base,
+        checkpoint=checkpoint,
+        judge_model=judge_model,
+        scale=scale,
+        round_embeddings=comps.transform(round_emb),
+        round_ids=model_readouts["sample_id"].to_list(),
+        components=comps,
+        settings=RescoreSettings(embedding=spec),
+        log=log,
+        progress=progress,
+    )
+    scored = scored.join(originals(loss_signals, quality_signals, embedding_signals), on="origin_id", how="left")
+    verified = verify_candidates(
+        scored, th, heldout_grams=heldout_grams or set(), ngram=ngram, control_tokens=control_tokens
+    )
+    return verified, th
