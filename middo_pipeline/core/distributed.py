@@ -140,6 +140,51 @@ def _wait_started(refs: list, settings: RaySettings, what: str) -> list:
     return ray.get(refs)
 
 
+def _worker_threads(kwargs: dict, st: RaySettings) -> dict:
+    """A CPU worker uses the CPUs it reserved (unless told otherwise)."""
+    kwargs = dict(kwargs)
+    if st.num_gpus <= 0 and not kwargs.get("threads"):
+        kwargs["threads"] = max(1, int(st.num_cpus))
+    return kwargs
+
+
+def _start_pool(owner: str, worker_cls, args: tuple, st: RaySettings, probe: str, what: str) -> tuple[list, list]:
+    """``st.replicas`` actors of ``worker_cls(*args)``, each reserving the settings' CPUs/GPUs and
+    restarted on a crash; waits until every one answers ``probe`` (a method without arguments)
+    and returns the actors and their answers. Fails with the reason (and kills the actors that
+    did start) when the cluster cannot place them."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError(f"{owner} needs a connected Ray cluster (ray.init / the 'ray' resource)")
+    remote = ray.remote(
+        num_cpus=st.num_cpus,
+        num_gpus=st.num_gpus,
+        max_restarts=st.max_restarts,
+        max_task_retries=st.max_task_retries,
+    )(worker_cls)
+    actors = [remote.remote(*args) for _ in range(st.replicas(ray.cluster_resources()))]
+    try:
+        answers = _wait_started([getattr(a, probe).remote() for a in actors], st, what)
+    except BaseException:
+        _kill(actors)
+        raise
+    return actors, answers
+
+
+def _actor_pool(actors: list):
+    from ray.util import ActorPool
+
+    return ActorPool(actors)
+
+
+def _kill(actors: list) -> None:
+    import ray
+
+    for a in actors:
+        ray.kill(a)
+
+
 def _crash_once(path: str | None) -> None:
     """Fault injection for the tests: the first task to find ``path`` deletes it and kills
     its own worker process, as a crash in the middle of a pass would."""
@@ -198,32 +243,19 @@ class RayForward:
     log: Callable[[str], None] | None = None
 
     def __post_init__(self):
-        import ray
-        from ray.util import ActorPool
-
-        if not ray.is_initialized():
-            raise RuntimeError("RayForward needs a connected Ray cluster (ray.init / the 'ray' resource)")
-        st = self.settings
-        n = st.replicas(ray.cluster_resources())
-        remote = ray.remote(
-            num_cpus=st.num_cpus,
-            num_gpus=st.num_gpus,
-            max_restarts=st.max_restarts,
-            max_task_retries=st.max_task_retries,
-        )(_Worker)
-        kwargs = dict(self.load_kwargs)
-        if st.num_gpus <= 0 and not kwargs.get("threads"):
-            kwargs["threads"] = max(1, int(st.num_cpus))  # a CPU worker uses the CPUs it reserved
+        kwargs = _worker_threads(self.load_kwargs, self.settings)
         t0 = time.perf_counter()
-        self._actors = [remote.remote(self.model_path, dict(kwargs), st.fault_once_file) for _ in range(n)]
-        try:
-            self._pids = _wait_started([a.pid.remote() for a in self._actors], st, "model")
-        except BaseException:
-            self.close()
-            raise
-        self._pool = ActorPool(self._actors)
-        self.workers = n
-        self._say(f"ray: {n} worker(s) loaded {self.model_path} in {time.perf_counter() - t0:.1f}s")
+        self._actors, self._pids = _start_pool(
+            "RayForward",
+            _Worker,
+            (self.model_path, kwargs, self.settings.fault_once_file),
+            self.settings,
+            "pid",
+            "model",
+        )
+        self._pool = _actor_pool(self._actors)
+        self.workers = len(self._actors)
+        self._say(f"ray: {self.workers} worker(s) loaded {self.model_path} in {time.perf_counter() - t0:.1f}s")
 
     def _say(self, msg: str) -> None:
         if self.log is not None:
@@ -333,10 +365,7 @@ class RayForward:
         return list(self._pids)
 
     def close(self) -> None:
-        import ray
-
-        for a in self._actors:
-            ray.kill(a)
+        _kill(self._actors)
         self._actors = []
 
     def __enter__(self):
@@ -379,36 +408,20 @@ class RayGeneration:
     as any backend; ``on_result`` is called in the calling thread as each shard comes back."""
 
     def __init__(self, backend_kwargs: dict, settings: RaySettings | None = None, log=None):
-        import ray
-        from ray.util import ActorPool
-
-        if not ray.is_initialized():
-            raise RuntimeError("RayGeneration needs a connected Ray cluster (ray.init / the 'ray' resource)")
         st = settings or RaySettings()
-        kwargs = dict(backend_kwargs)
-        if st.num_gpus <= 0 and not kwargs.get("threads"):
-            kwargs["threads"] = max(1, int(st.num_cpus))
+        kwargs = _worker_threads(backend_kwargs, st)
         self.settings = st
-        n = st.replicas(ray.cluster_resources())
-        remote = ray.remote(
-            num_cpus=st.num_cpus,
-            num_gpus=st.num_gpus,
-            max_restarts=st.max_restarts,
-            max_task_retries=st.max_task_retries,
-        )(_GenWorker)
-        self._actors = [remote.remote(kwargs, st.fault_once_file) for _ in range(n)]
-        self._pool = ActorPool(self._actors)
-        self.workers = n
         self._requests = 0
         # the id a loaded local backend has (the model's folder and fingerprint): the completion
         # cache is then shared with the one-process path
-        try:
-            self._id = str(_wait_started([a.backend_id.remote() for a in self._actors], st, "generation")[0])
-        except BaseException:
-            self.close()
-            raise
+        self._actors, ids = _start_pool(
+            "RayGeneration", _GenWorker, (kwargs, st.fault_once_file), st, "backend_id", "generation"
+        )
+        self._id = str(ids[0])
+        self._pool = _actor_pool(self._actors)
+        self.workers = len(self._actors)
         if log is not None:
-            log(f"ray: {n} generation worker(s) for {kwargs.get('model', 'the default model')}")
+            log(f"ray: {self.workers} generation worker(s) for {kwargs.get('model', 'the default model')}")
 
     @property
     def backend_id(self) -> str:
@@ -451,8 +464,5 @@ class RayGeneration:
         return {"ray_workers": self.workers}
 
     def close(self) -> None:
-        import ray
-
-        for a in self._actors:
-            ray.kill(a)
+        _kill(self._actors)
         self._actors = []
