@@ -81,7 +81,8 @@ class Settings:
     # optimizer generation: the same requests through each local path (benchmarks/generation.py)
     gen_requests: int = 64
     gen_repeats: int = 2
-    gen_batch_sizes: tuple[int, ...] = (16, 32)  # 16: the backend default
+    gen_batch_sizes: tuple[int, ...] = (16, 32)  # transformers' generate at larger batches
+    gen_compact_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)  # finished rows leave the batch (the default engine)
     gen_int8: bool = True  # CPU only
     gen_int8_batch_sizes: tuple[int, ...] = (16,)
     gen_continuous: bool = True

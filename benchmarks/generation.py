@@ -8,9 +8,12 @@ the paths' texts can be compared.
 
 Paths (all in one process, on one loaded model, in one run, alternated per repeat):
 
-- ``transformers_generate``: ``LocalBackend`` as it was before this section (static batches
-  of 8, sorted by prompt length): the baseline;
-- ``batch_N``: the same backend with larger static batches (still sorted by length);
+- ``transformers_generate``: ``LocalBackend`` as it was before this section (transformers'
+  ``generate`` on static batches of 8, sorted by prompt length): the baseline;
+- ``batch_N``: the same with larger static batches (still sorted by length);
+- ``compact_batch_N``: the backend's default engine (``core/llm/decode.py``): the same
+  batches, but a row that has finished leaves the batch and the KV cache before the next
+  step, and the prompt pass computes the last position's logits only;
 - ``int8_batch_N``: the Linear layers dynamically quantized to int8
   (``torch.ao.quantization.quantize_dynamic``, CPU only) at batch N;
 - ``continuous_batching``: transformers' ``generate_batch`` (paged attention, requests join and
@@ -97,11 +100,14 @@ def run(settings, models, hardware: dict | None = None) -> dict:
         bound_tok_s = hardware["fp32"]["flops"] / (2.0 * params)
 
     paths: dict[str, callable] = {}
-    base = LocalBackend(batch_size=8, loaded=lm)
+    base = LocalBackend(batch_size=8, loaded=lm, engine="generate")
     paths[BASELINE] = lambda: base.complete(requests)
     for b in settings.gen_batch_sizes:
-        be = LocalBackend(batch_size=b, loaded=lm)
+        be = LocalBackend(batch_size=b, loaded=lm, engine="generate")
         paths[f"batch_{b}"] = lambda be=be: be.complete(requests)
+    for b in settings.gen_compact_batch_sizes:
+        be = LocalBackend(batch_size=b, loaded=lm, engine="compact")
+        paths[be.path_name] = lambda be=be: be.complete(requests)
     if lm.device.type == "cpu" and settings.gen_int8:
         qlm = copy.copy(lm)
         qlm.model = torch.ao.quantization.quantize_dynamic(

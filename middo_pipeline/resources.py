@@ -18,7 +18,7 @@ from dagster_ray import RayResource
 from pydantic import Field
 
 from middo_pipeline.core.llm import BackendKind
-from middo_pipeline.core.llm.local import DEFAULT_BATCH_SIZE, DEFAULT_QUANTIZE
+from middo_pipeline.core.llm.local import DEFAULT_BATCH_SIZE, DEFAULT_ENGINE, DEFAULT_QUANTIZE
 from middo_pipeline.core.llm.protocol import LLMBackend
 from middo_pipeline.core.storage import Storage
 from middo_pipeline.models.loading import DEFAULT_MODEL, DType, LoadedModel, load_model, resolve_model_path
@@ -88,6 +88,11 @@ class OptimizerResource(ConfigurableResource):
         description="local backend on CPU: int8 = dynamic int8 quantization of the Linear layers (faster; its text "
         "differs a little from fp32, and is cached apart); none = the model's own weights",
     )
+    engine: Literal["compact", "generate"] = Field(
+        default=DEFAULT_ENGINE,
+        description="local backend: compact = finished rows leave the batch (faster, same greedy text); "
+        "generate = transformers' generate",
+    )
     device: str = Field(default="auto", description="local backend device")
     use_cache: bool = Field(default=True, description="Cache every completion on disk so reruns resume")
 
@@ -101,7 +106,13 @@ class OptimizerResource(ConfigurableResource):
         from middo_pipeline.core.llm import make_backend
 
         if self.backend == "local":
-            kwargs = dict(model=self.model, device=self.device, batch_size=self.batch_size, quantize=self.quantize)
+            kwargs = dict(
+                model=self.model,
+                device=self.device,
+                batch_size=self.batch_size,
+                quantize=self.quantize,
+                engine=self.engine,
+            )
             if ray is not None and ray.enabled:
                 from middo_pipeline.core.llm.cache import CachedBackend
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -12,3 +14,30 @@ def model_device(model) -> torch.device:
     if emb is not None and getattr(emb, "weight", None) is not None:
         return emb.weight.device
     return next(model.parameters()).device
+
+
+def _accepts(model, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# transformers ≤ 5.23 calls the KV-cache argument (and output field) ``past_key_values``; 5.24
+# renamed both to ``cache`` (the old name still works there, with a deprecation warning, until
+# 5.40). Probe both spellings, newest first, so neither release loses a cached path.
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_param(model) -> str | None:
+    """The name under which ``model.forward`` takes a past KV cache, or None."""
+    return next((name for name in _CACHE_NAMES if _accepts(model, name)), None)
+
+
+def _returned_cache(out):
+    """The KV cache a forward pass returned, under either name."""
+    for name in _CACHE_NAMES:
+        cache = getattr(out, name, None)
+        if cache is not None:
+            return cache
+    return None

@@ -112,7 +112,8 @@ def test_local_int8_quantize_is_a_setting_with_its_own_cache_key(lively_model_di
     plain = LocalBackend(str(lively_model_dir), device="cpu", batch_size=4)
     q = LocalBackend(str(lively_model_dir), device="cpu", batch_size=4, quantize="int8")
     assert q.backend_id == plain.backend_id + "?quantize=int8"  # different text, different cache entries
-    assert q.path_name == "int8_batch_4" and plain.path_name == "batch_4"
+    assert q.path_name == "int8_batch_4" and plain.path_name == "compact_batch_4"
+    assert LocalBackend(batch_size=8, engine="generate").path_name == "transformers_generate"
     out = q.complete([req(p, max_tokens=8) for p in PROMPTS])
     assert all(c.ok and c.usage["finish_reason"] in ("stop", "length") for c in out)
     assert any(".quantized.dynamic." in type(m).__module__ for m in q.loaded.model.modules())
@@ -175,9 +176,13 @@ def test_local_mixed_sampling_params(local):
     assert [c.text for c in other_seed] != [c.text for c in s_only]
 
 
-def test_local_generation_error_is_per_batch(lively_model_dir, local, monkeypatch):
-    backend = LocalBackend(str(lively_model_dir), device="cpu", batch_size=2, loaded=local.loaded)
-    real = local.loaded.model.generate
+@pytest.mark.parametrize("engine", ["compact", "generate"])
+def test_local_generation_error_is_per_batch(lively_model_dir, local, monkeypatch, engine):
+    import middo_pipeline.core.llm.decode as decode
+
+    backend = LocalBackend(str(lively_model_dir), device="cpu", batch_size=2, loaded=local.loaded, engine=engine)
+    owner, name = (decode, "decode_batch") if engine == "compact" else (local.loaded.model, "generate")
+    real = getattr(owner, name)
     calls = {"n": 0}
 
     def flaky(*a, **kw):
@@ -186,10 +191,52 @@ def test_local_generation_error_is_per_batch(lively_model_dir, local, monkeypatc
             raise RuntimeError("boom")
         return real(*a, **kw)
 
-    monkeypatch.setattr(local.loaded.model, "generate", flaky)
+    monkeypatch.setattr(owner, name, flaky)
     out = backend.complete([req(p, max_tokens=4) for p in PROMPTS[:4]])
     assert sum(1 for c in out if c.error and "boom" in c.error) == 2
     assert sum(1 for c in out if c.ok) == 2
+
+
+def test_compact_engine_equals_generate(local, lively_model_dir):
+    """Rows leaving the batch as they finish change nothing a caller sees: greedy texts, token
+    counts and finish reasons are generate's, with and without stop strings, at every batch size."""
+    reqs = [req(p, max_tokens=m) for p in PROMPTS for m in (3, 12)]
+    stop = local.complete([req(PROMPTS[1], max_tokens=24)])[0].text[6:9]
+    reqs += [req(p, max_tokens=24, stop=(stop,)) for p in PROMPTS]
+    ref = LocalBackend(str(lively_model_dir), device="cpu", batch_size=4, loaded=local.loaded, engine="generate")
+    want = ref.complete(reqs)
+
+    def seen(c, with_count: bool):
+        u = c.usage
+        return c.text, u["finish_reason"], u["prompt_tokens"], u["completion_tokens"] if with_count else None
+
+    for b in (1, 3, 8):
+        fast = LocalBackend(str(lively_model_dir), device="cpu", batch_size=b, loaded=local.loaded)
+        assert fast.engine == "compact"
+        got = fast.complete(reqs)
+        # generate keeps a row that met its stop string in the batch and counts the padding that
+        # follows as generated tokens; compact counts what was generated (never more)
+        for r, g, w in zip(reqs, got, want):
+            assert seen(g, not r.stop) == seen(w, not r.stop)
+            assert g.usage["completion_tokens"] <= w.usage["completion_tokens"]
+    assert {c.usage["finish_reason"] for c in want} == {"stop", "length"}  # both kinds were compared
+
+
+def test_compact_engine_falls_back_to_generate(local, lively_model_dir, monkeypatch, caplog):
+    import middo_pipeline.core.llm.decode as decode
+
+    def unsupported(*a, **kw):
+        raise decode.DecodeUnsupported("no droppable cache")
+
+    monkeypatch.setattr(decode, "decode_batch", unsupported)
+    backend = LocalBackend(str(lively_model_dir), device="cpu", batch_size=4, loaded=local.loaded)
+    reqs = [req(p, max_tokens=6) for p in PROMPTS]
+    with caplog.at_level("WARNING"):
+        out = backend.complete(reqs)
+    assert backend.engine == "generate" and "falls back" in caplog.text
+    assert [c.text for c in out] == [c.text for c in local.complete(reqs)]
+    with pytest.raises(ValueError, match="engine"):
+        LocalBackend(engine="vllm")
 
 
 def test_local_load_failure_is_unavailable(tmp_path):

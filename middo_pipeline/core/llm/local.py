@@ -7,6 +7,7 @@ soon as it is generated.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -31,6 +32,9 @@ DEFAULT_REPETITION_PENALTY = 1.1
 DEFAULT_BATCH_SIZE = 16  # 1.30x batch 8, identical greedy texts (benchmarks/README.md, generation)
 QUANTIZE_CHOICES = ("none", "int8")
 DEFAULT_QUANTIZE = "none"
+# compact: finished rows leave the batch (``core/llm/decode.py``); generate: transformers' generate
+ENGINES = ("compact", "generate")
+DEFAULT_ENGINE = "compact"
 
 
 def _folder_fingerprint(folder: Path) -> str | None:
@@ -71,12 +75,16 @@ class LocalBackend:
         loaded=None,
         repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
         quantize: str = DEFAULT_QUANTIZE,
+        engine: str = DEFAULT_ENGINE,
     ):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if quantize not in QUANTIZE_CHOICES:
             raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         self.quantize = quantize
+        self.engine = engine
         self.model_name = str(model) if model else DEFAULT_MODEL
         self.device = device
         self.dtype = dtype
@@ -113,12 +121,15 @@ class LocalBackend:
         """The benchmark's name for this configuration (``benchmarks/generation.py``)."""
         if self.quantize == "int8":
             return f"int8_batch_{self.batch_size}"
+        if self.engine == "compact":
+            return f"compact_batch_{self.batch_size}"
         return "transformers_generate" if self.batch_size == 8 else f"batch_{self.batch_size}"
 
     def __repr__(self) -> str:
         return (
             f"LocalBackend(model={self.model_name!r}, device={self.device!r}, "
-            f"batch_size={self.batch_size}, quantize={self.quantize!r}, loaded={self._loaded is not None})"
+            f"batch_size={self.batch_size}, quantize={self.quantize!r}, engine={self.engine!r}, "
+            f"loaded={self._loaded is not None})"
         )
 
     def stats(self) -> dict:
@@ -251,12 +262,9 @@ class LocalBackend:
 
     def _generate(self, lm, reqs: list[ChatRequest], ids: list[list[int]]) -> list[Completion]:
         import torch
-        from transformers import StoppingCriteriaList
 
-        tok, model, device = lm.tokenizer, lm.model, lm.device
-        first = reqs[0]
+        tok, device = lm.tokenizer, lm.device
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (self._eos_ids(lm) or [0])[0]
-        eos_ids = self._eos_ids(lm)
         width = max(len(x) for x in ids)
         input_ids = torch.full((len(ids), width), int(pad_id), dtype=torch.long)
         attention = torch.zeros((len(ids), width), dtype=torch.long)
@@ -265,6 +273,78 @@ class LocalBackend:
                 input_ids[r, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
                 attention[r, width - len(seq) :] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
+        if self.engine == "compact":
+            from middo_pipeline.core.llm.decode import DecodeUnsupported
+
+            try:
+                return self._decode_compact(lm, reqs, ids, input_ids, attention, int(pad_id))
+            except DecodeUnsupported as exc:
+                log.warning("local generation falls back to transformers' generate: %s", exc)
+                self.engine = "generate"
+        return self._decode_generate(lm, reqs, ids, input_ids, attention, int(pad_id))
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _seeded(lm, req: ChatRequest):
+        """The torch RNG seeded by the request when it samples (the global RNG untouched)."""
+        if req.temperature <= 0:
+            yield
+            return
+        import torch
+
+        with torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []):
+            torch.manual_seed(int(req.seed))
+            yield
+
+    def _decode_compact(self, lm, reqs, ids, input_ids, attention, pad_id: int) -> list[Completion]:
+        from middo_pipeline.core.llm.decode import decode_batch
+
+        tok = lm.tokenizer
+        first = reqs[0]
+        stops = [s for s in first.stop if s]
+        stop_fn = None
+        if stops:
+            window = 4 * max(len(s) for s in stops) + 8  # a stop string of L characters spans <= L tokens
+
+            def stop_fn(_row: int, tokens: list[int]) -> bool:
+                text = tok.decode(tokens[-window:], skip_special_tokens=True)
+                return any(s in text for s in stops)
+
+        with self._seeded(lm, first):
+            decoded = decode_batch(
+                lm.model,
+                input_ids,
+                attention,
+                max_new_tokens=int(first.max_tokens),
+                eos_ids=self._eos_ids(lm),
+                repetition_penalty=self.repetition_penalty,
+                temperature=float(first.temperature),
+                stop=stop_fn,
+            )
+        results = []
+        for r, (req, d) in enumerate(zip(reqs, decoded)):
+            text = tok.decode(d.tokens, skip_special_tokens=True)
+            stopped = False
+            if req.stop:
+                short = truncate_at_stop(text, req.stop)
+                stopped, text = short != text, short
+            finish = "length" if d.finish == "length" and not stopped else "stop"
+            results.append(
+                Completion(
+                    text=text,
+                    usage={"prompt_tokens": len(ids[r]), "completion_tokens": len(d.tokens), "finish_reason": finish},
+                )
+            )
+        return results
+
+    def _decode_generate(self, lm, reqs, ids, input_ids, attention, pad_id: int) -> list[Completion]:
+        import torch
+        from transformers import StoppingCriteriaList
+
+        tok, model = lm.tokenizer, lm.model
+        first = reqs[0]
+        eos_ids = self._eos_ids(lm)
+        width = input_ids.shape[1]
 
         kwargs = dict(
             max_new_tokens=int(first.max_tokens),
@@ -280,14 +360,8 @@ class LocalBackend:
         if first.stop:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_StopStrings(tok, width, first.stop)])
 
-        with torch.inference_mode():
-            if sampling:
-                devices = [device] if device.type == "cuda" else []
-                with torch.random.fork_rng(devices=devices):
-                    torch.manual_seed(int(first.seed))
-                    out = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
-            else:
-                out = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
+        with torch.inference_mode(), self._seeded(lm, first):
+            out = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
 
         eos_set = set(eos_ids)
         results = []

@@ -6,7 +6,6 @@ sample in one batch row, with a 4D attention mask)."""
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import torch
 
 from middo_pipeline.core.quality.prompts import DEFAULT_PREFILL, _build_sequences
 from middo_pipeline.core.quality.tokens import ScoreTokens, find_score_tokens
-from middo_pipeline.core.torch_utils import model_device
+from middo_pipeline.core.torch_utils import _CACHE_NAMES, _accepts, _returned_cache, cache_param, model_device  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -58,32 +57,6 @@ def _common_prefix(seqs: list[list[int]]) -> int:
         if n == 0:
             break
     return max(n, 0)
-
-
-def _accepts(model, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-# transformers ≤ 5.23 calls the KV-cache argument (and output field) ``past_key_values``; 5.24
-# renamed both to ``cache`` (the old name still works there, with a deprecation warning, until
-# 5.40). Probe both spellings, newest first, so neither release loses the shared-prefix path.
-_CACHE_NAMES = ("cache", "past_key_values")
-
-
-def cache_param(model) -> str | None:
-    """The name under which ``model.forward`` takes a past KV cache, or None."""
-    return next((name for name in _CACHE_NAMES if _accepts(model, name)), None)
-
-
-def _returned_cache(out):
-    for name in _CACHE_NAMES:
-        cache = getattr(out, name, None)
-        if cache is not None:
-            return cache
-    return None
 
 
 class _Reader:
