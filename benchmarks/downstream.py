@@ -202,19 +202,10 @@ def build_variants(seed, cands, sparse_order) -> dict:
 
 
 def paired(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Mean of a − b over items with a 95% bootstrap interval (items resampled)."""
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    d = d[np.isfinite(d)]
-    if d.size == 0:
-        return {"mean": None, "ci95": None, "items": 0}
-    rng = np.random.default_rng(seed)
-    boots = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
-    return {
-        "mean": float(d.mean()),
-        "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
-        "items": int(d.size),
-        "significant": bool(np.percentile(boots, 2.5) > 0 or np.percentile(boots, 97.5) < 0),
-    }
+    """Mean of a − b over items with a 95% bootstrap interval (``core.evaluation``)."""
+    from middo_pipeline.core.evaluation import paired_difference
+
+    return paired_difference(a, b, n_boot=n_boot, seed=seed)
 
 
 def run(settings, models=None) -> dict:

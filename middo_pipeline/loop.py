@@ -209,16 +209,27 @@ def step_seconds(instance: DagsterInstance, key: str) -> dict:
 
 
 def round_warnings(instance: DagsterInstance, key: str) -> list[str]:
-    """What a round that 'succeeded' should still say loudly: every optimizer call failed."""
+    """What a round that 'succeeded' should still say loudly: every optimizer call failed; its
+    data trained a significantly worse model than the previous round's."""
+    out = []
     cand = _meta(instance, "refinement_candidates", key)
     n, ok = cand.get("candidates"), cand.get("generated")
     if n and not ok:
         ref = _meta(instance, "refined_samples", key)
-        return [
+        out.append(
             f"WARNING {key}: all {n} optimizer candidates failed (prompt style {ref.get('prompt_style')}): "
             "nothing was refined; see the refined_samples check 'optimizer_calls' for the reasons"
-        ]
-    return []
+        )
+    ev = _meta(instance, "round_evaluation", key)
+    if ev.get("worse_than_previous_round"):
+        out.append(
+            f"WARNING {key}: trained a significantly worse model than the previous round "
+            f"(MC accuracy {ev.get('mc_accuracy_change_vs_previous_round'):+.3f}, 95% interval "
+            f"{ev.get('mc_accuracy_change_vs_previous_round_ci95')}; held-out loss change "
+            f"{ev.get('loss_change_vs_previous_round'):+.3f}, > 0 better): see the round_evaluation check "
+            "'no_regression' and the previous round's refined_samples"
+        )
+    return out
 
 
 def summarize_round(instance: DagsterInstance, key: str) -> dict:

@@ -6,7 +6,7 @@ import json
 
 import polars as pl
 import pytest
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetCheckKey, AssetKey, DagsterInstance
 
 from middo_pipeline.core.schema import schema_problems
 from middo_pipeline.core.storage import Storage
@@ -93,6 +93,13 @@ def test_metadata_in_instance(two_rounds):
         assert md["source"].value == "optimized_dataset" and md["source_partition"].value == "round-1"
         ev = latest_materialization(instance, "round_evaluation", "round-2").asset_materialization.metadata
         assert 0.0 <= ev["mc_accuracy"].value <= 1.0 and ev["mean_response_loss"].value > 0
+        # round 2 is compared with round 1, item by item; the check says whether it got worse
+        assert isinstance(ev["worse_than_previous_round"].value, bool)
+        assert "mc_accuracy_change_vs_previous_round_ci95" in ev
+        runs = instance.event_log_storage.get_asset_check_execution_history(
+            AssetCheckKey(AssetKey("round_evaluation"), "no_regression"), limit=10
+        )
+        assert len(runs) >= 2 and all(r.status.value in ("SUCCEEDED", "FAILED") for r in runs)  # evaluated
         ck = latest_materialization(instance, "sft_checkpoint", "round-1").asset_materialization.metadata
         assert ck["steps"].value > 0 and "data:image/png;base64" in ck["loss_curve"].value
         assert instance.get_latest_materialization_event(AssetKey("seed_quarantine")) is not None

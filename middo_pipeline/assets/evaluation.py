@@ -5,18 +5,28 @@ import json
 from pathlib import Path
 
 import polars as pl
-from dagster import AssetExecutionContext, Config, MetadataValue, asset
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    Config,
+    MetadataValue,
+    Output,
+    asset,
+)
 from pydantic import Field
 
 from middo_pipeline.assets._meta import bars_md, image_md, tidy
-from middo_pipeline.core.evaluation import evaluate, load_eval_set
+from middo_pipeline.core.evaluation import compare_rounds, evaluate, load_eval_set
 from middo_pipeline.core.plots import metric_by_round_png
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.resources import ModelResource, StorageResource
-from middo_pipeline.rounds import earlier_rounds, round_number, rounds_partitions
+from middo_pipeline.rounds import earlier_rounds, previous_table, round_number, rounds_partitions
 
 DEFAULT_EVAL = Path(__file__).resolve().parents[2] / "data" / "eval_heldout.jsonl"
 METRICS = ("mean_response_loss", "mc_accuracy")
+NO_REGRESSION = "no_regression"
 
 
 class EvalConfig(Config):
@@ -50,10 +60,18 @@ def _base_figures(store, model: ModelResource, eval_df: pl.DataFrame, eval_path:
     kinds={"pytorch", "polars"},
     deps=["sft_checkpoint"],
     description="This round's checkpoint on the held-out set (mean response loss, multiple-choice accuracy by log-likelihood), beside the base model; plotted across rounds.",
+    check_specs=[
+        AssetCheckSpec(
+            NO_REGRESSION,
+            asset="round_evaluation",
+            description="Warns when this round's data trained a significantly worse model than the previous round's "
+            "(held-out items paired: MC accuracy or response loss, 95% bootstrap interval below zero)",
+        )
+    ],
 )
 def round_evaluation(
     context: AssetExecutionContext, config: EvalConfig, model: ModelResource, storage: StorageResource
-) -> pl.DataFrame:
+):
     store = storage.get()
     r = round_number(context.partition_key)
     eval_df = load_eval_set(config.path)
@@ -87,13 +105,20 @@ def round_evaluation(
     ) as tmp:
         tmp.write_text(json.dumps(summary))
 
-    change = (
-        {"mc_accuracy_change_vs_previous_round": series["mc_accuracy"][-1] - series["mc_accuracy"][-2]}
-        if len(rounds) > 1
-        else {}
-    )
-    context.add_output_metadata(
-        tidy(
+    prev_path = previous_table(store, "round_evaluation", context.partition_key)
+    vs_prev = compare_rounds(pl.read_parquet(prev_path), items) if prev_path and prev_path.exists() else None
+    change = {}
+    if vs_prev and vs_prev["items"]:
+        mc, loss = vs_prev["mc_accuracy"], vs_prev["response_loss"]
+        change = {
+            "mc_accuracy_change_vs_previous_round": mc["mean"],
+            "mc_accuracy_change_vs_previous_round_ci95": json.dumps([round(x, 4) for x in mc["ci95"]]),
+            "loss_change_vs_previous_round": loss["mean"],  # previous − this: > 0 better
+            "worse_than_previous_round": bool(vs_prev["worse"]),
+        }
+    yield Output(
+        items,
+        metadata=tidy(
             {
                 "mean_response_loss": float(res["mean_response_loss"]),
                 "mc_accuracy": float(res["mc_accuracy"]),
@@ -123,6 +148,35 @@ def round_evaluation(
                 "delta_loss_vs_base",
                 "mc_accuracy_by_round",
             ),
-        )
+        ),
     )
-    return items
+    yield _regression_check(vs_prev)
+
+
+def _regression_check(vs_prev: dict | None) -> AssetCheckResult:
+    if vs_prev is None:
+        return AssetCheckResult(
+            check_name=NO_REGRESSION,
+            asset_key="round_evaluation",
+            passed=True,
+            metadata={"note": "no previous round to compare with"},
+        )
+    meta: dict = {"items": vs_prev["items"]}
+    for name in ("mc_accuracy", "response_loss"):
+        m = vs_prev.get(name)
+        if m and m["mean"] is not None:
+            meta[f"{name}_change"] = m["mean"]
+            meta[f"{name}_change_ci95"] = f"[{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]"
+    meta["note"] = vs_prev.get("note") or (
+        "significantly worse than the previous round: look at this round's accepted refinements "
+        "(refined_samples) before training on its data"
+        if vs_prev["worse"]
+        else "not significantly worse than the previous round (> 0: better; loss change = previous − this)"
+    )
+    return AssetCheckResult(
+        check_name=NO_REGRESSION,
+        asset_key="round_evaluation",
+        passed=not vs_prev["worse"],
+        severity=AssetCheckSeverity.WARN,
+        metadata=meta,
+    )

@@ -36,7 +36,7 @@ import polars as pl
 from middo_pipeline.core.forward import score_samples
 from middo_pipeline.core.schema import make_sample_id, prompt_text
 
-__all__ = ["N_CHOICES", "EVAL_SCHEMA", "load_eval_set", "evaluate", "choose"]
+__all__ = ["N_CHOICES", "EVAL_SCHEMA", "load_eval_set", "evaluate", "choose", "paired_difference", "compare_rounds"]
 
 N_CHOICES = 4
 EVAL_SCHEMA: dict[str, pl.DataType] = {
@@ -233,3 +233,32 @@ def evaluate(
         "seconds": float(res.seconds),
         "items": items,
     }
+
+
+def paired_difference(a, b, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean of a − b over paired items with a 95% bootstrap interval (items resampled);
+    ``significant`` when the interval leaves out 0."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        return {"mean": None, "ci95": None, "items": 0, "significant": False}
+    rng = np.random.default_rng(seed)
+    boots = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    lo, hi = float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+    return {"mean": float(d.mean()), "ci95": [lo, hi], "items": int(d.size), "significant": bool(lo > 0 or hi < 0)}
+
+
+def compare_rounds(previous: pl.DataFrame, current: pl.DataFrame) -> dict:
+    """This round's held-out items against the previous round's, paired by item ``id``:
+    ``mc_accuracy`` (this − previous, > 0 better) and ``response_loss`` (previous − this, > 0
+    better), each with its 95% interval; ``worse`` when either is significantly below 0 (the
+    round's data trained a worse model than the data before it)."""
+    both = previous.select("id", "correct", "loss").join(
+        current.select("id", "correct", "loss"), on="id", how="inner", suffix="_now"
+    )
+    if both.height == 0:
+        return {"items": 0, "worse": False, "note": "no held-out item in common with the previous round"}
+    mc = paired_difference(both["correct_now"].cast(pl.Float64), both["correct"].cast(pl.Float64))
+    loss = paired_difference(both["loss"].cast(pl.Float64), both["loss_now"].cast(pl.Float64))
+    worse = any(m["significant"] and m["mean"] < 0 for m in (mc, loss))
+    return {"items": both.height, "mc_accuracy": mc, "response_loss": loss, "worse": worse}

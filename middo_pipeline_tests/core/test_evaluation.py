@@ -241,3 +241,23 @@ def test_trained_model_picks_the_trained_choice(lm, eval_file):
     after = evaluate(model, tok, df, max_length=256)
     assert after["mc_accuracy"] == 1.0, (before["mc_accuracy"], after["items"])
     assert after["items"]["chosen"].to_list() == df["answer_index"].to_list()
+
+
+def test_compare_rounds_pairs_items_and_says_when_worse():
+    import polars as pl
+
+    from middo_pipeline.core.evaluation import compare_rounds, paired_difference
+
+    ids = [f"q{i}" for i in range(60)]
+    prev = pl.DataFrame({"id": ids, "correct": [True] * 60, "loss": [1.0] * 60})
+    # 30 of 60 items lost, loss up everywhere: significantly worse on both measures
+    now = pl.DataFrame({"id": ids[::-1], "correct": [i % 2 == 0 for i in range(60)], "loss": [1.5] * 60})
+    got = compare_rounds(prev, now)
+    assert got["items"] == 60 and got["worse"]
+    assert got["mc_accuracy"]["mean"] == -0.5 and got["mc_accuracy"]["ci95"][1] < 0
+    assert got["response_loss"]["mean"] == -0.5  # previous − this: < 0 is worse
+    same = compare_rounds(prev, prev)
+    assert not same["worse"] and same["mc_accuracy"]["mean"] == 0
+    assert compare_rounds(prev, now.with_columns(pl.lit("other").alias("id")).head(1))["items"] == 0
+    noisy = paired_difference([1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0])
+    assert noisy["mean"] == 0 and not noisy["significant"]
