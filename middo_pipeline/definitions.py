@@ -11,6 +11,7 @@ Resources come from environment variables so one code location serves a laptop a
 - MIDDO_OPTIMIZER_API_KEY_ENV      name of the variable holding the key (default OPENAI_API_KEY)
 - MIDDO_OPTIMIZER_CONCURRENCY      parallel requests to the server (default 8)
 - MIDDO_OPTIMIZER_QUANTIZE         local backend on CPU: none | int8 (dynamic int8 Linear layers)
+- MIDDO_OPTIMIZER_ENGINE           local backend: compact (default: finished rows leave the batch) | generate
 - MIDDO_HOME                       storage root (default $DAGSTER_HOME/middo or ./.middo)
 - MIDDO_RAY_ADDRESS                unset: one process; local | auto | ray://HEAD:10001: the loss and
                                    embedding passes run on Ray workers (extra [ray]; README "Scaling up")
@@ -53,6 +54,8 @@ def resources_from_env(env: dict | None = None) -> dict:
         raise ValueError(f"MIDDO_OPTIMIZER_BACKEND={backend}: unknown backend; use local or openai")
     if env.get("MIDDO_OPTIMIZER_QUANTIZE") not in (None, "", "none", "int8"):
         raise ValueError(f"MIDDO_OPTIMIZER_QUANTIZE={env['MIDDO_OPTIMIZER_QUANTIZE']}: use none or int8")
+    if env.get("MIDDO_OPTIMIZER_ENGINE") not in (None, "", "compact", "generate"):
+        raise ValueError(f"MIDDO_OPTIMIZER_ENGINE={env['MIDDO_OPTIMIZER_ENGINE']}: use compact or generate")
     return {
         "io_manager": ParquetIOManager(root=root),
         "storage": StorageResource(root=root),
@@ -65,6 +68,7 @@ def resources_from_env(env: dict | None = None) -> dict:
             max_concurrency=_positive_int(env, "MIDDO_OPTIMIZER_CONCURRENCY", 8),
             device=device,
             **({"quantize": env["MIDDO_OPTIMIZER_QUANTIZE"]} if env.get("MIDDO_OPTIMIZER_QUANTIZE") else {}),
+            **({"engine": env["MIDDO_OPTIMIZER_ENGINE"]} if env.get("MIDDO_OPTIMIZER_ENGINE") else {}),
         ),
         "ray": ray_from_env(env),
     }

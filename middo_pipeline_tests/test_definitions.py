@@ -106,3 +106,11 @@ def test_bad_choice_fails_at_config_validation_naming_the_choices(op, field, bad
 def test_bad_optimizer_backend_fails_when_the_resources_are_built():
     with pytest.raises(ValueError, match=r"MIDDO_OPTIMIZER_BACKEND=vllm: unknown backend; use local or openai"):
         resources_from_env({"MIDDO_OPTIMIZER_BACKEND": "vllm"})
+
+
+def test_optimizer_engine_and_quantize_from_the_environment():
+    res = resources_from_env({"MIDDO_OPTIMIZER_ENGINE": "generate", "MIDDO_OPTIMIZER_QUANTIZE": "int8"})
+    assert res["optimizer"].engine == "generate" and res["optimizer"].quantize == "int8"
+    assert resources_from_env({})["optimizer"].engine == "compact"
+    with pytest.raises(ValueError, match=r"MIDDO_OPTIMIZER_ENGINE=vllm: use compact or generate"):
+        resources_from_env({"MIDDO_OPTIMIZER_ENGINE": "vllm"})
