@@ -388,6 +388,12 @@ def main(argv=None) -> int:
         "with this version's gate",
     )
     p.add_argument(
+        "--no-run-cache",
+        action="store_true",
+        help="downstream: train every run again (by default a run identical in data, training config, model and "
+        "held-out set reuses its per-item results from ~/.cache/middo-pipeline/bench-downstream)",
+    )
+    p.add_argument(
         "--downstream-partial",
         default=None,
         help="downstream: JSON written after every training run (seed, gate on/off first), so a stopped run keeps its figures",
@@ -415,6 +421,8 @@ def main(argv=None) -> int:
             p.error(f"unknown --variants {sorted(set(names) - set(VARIANTS))}; known: {', '.join(VARIANTS)}")
         over["down_variants"] = names
         over["down_equal_steps"] = tuple(v for v in ("gate_on",) if v in names)
+    if args.no_run_cache:
+        over["down_run_cache"] = None
     if args.no_regate:
         over["down_regate"] = False
     if args.downstream_partial:

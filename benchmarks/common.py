@@ -73,10 +73,19 @@ class Settings:
     downstream: bool = False
     down_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     down_candidates: int = 2  # candidates per flagged sample in the round that makes the data
-    down_variants: tuple[str, ...] = ("seed", "gate_on", "gate_off", "simplify_only", "rewrite_only", "extend_only")
+    down_variants: tuple[str, ...] = (
+        "seed",
+        "gate_on",
+        "gate_off",
+        "seed_reshuffled",
+        "simplify_only",
+        "rewrite_only",
+        "extend_only",
+    )
     down_equal_steps: tuple[str, ...] = ("gate_on",)  # also trained for exactly the seed data's steps
     down_partial: str | None = None  # JSON written after every training run (what is complete so far)
     down_from: str | None = None  # MIDDO_HOME of a finished round 1 (e.g. the demo's): reuse its candidates
+    down_run_cache: str | None = "~/.cache/middo-pipeline/bench-downstream"  # per-run results, reused when identical
     down_regate: bool = True  # with down_from: judge the stored candidates again with this version's gate
     # optimizer generation: the same requests through each local path (benchmarks/generation.py)
     gen_requests: int = 64

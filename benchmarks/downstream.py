@@ -8,8 +8,10 @@ verification gate worth? Every variant is built from the SAME candidates.
 2. Datasets, each merged from the seed with ``merge.merge_round`` (size policy ``keep``):
    ``seed`` (no refinement), ``gate_on`` (the pipeline: the best passing candidate),
    ``gate_off`` (the first candidate of every operation, accepted unverified: what trusting
-   the optimizer gives), and the gate-on refinements of ONE operation each
-   (``simplify_only``, ``rewrite_only``, ``extend_only``).
+   the optimizer gives), the gate-on refinements of ONE operation each
+   (``simplify_only``, ``rewrite_only``, ``extend_only``), and a placebo, ``seed_reshuffled``
+   (the seed's rows in another order: any change of the data reshuffles the training order,
+   so its difference from the seed is the comparison's resolution).
 3. For each training seed: a LoRA fine-tune of the base model on every dataset for one epoch
    (equal epochs, as the paper), and for ``down_equal_steps`` variants also for exactly the
    seed data's number of steps (equal compute); then ``evaluation.evaluate`` on the held-out
@@ -25,6 +27,7 @@ With the 135M default on a CPU this is a small-scale check, not the paper's 8-be
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -36,7 +39,8 @@ from benchmarks.common import REPO, SEED_PATH, log
 from middo_pipeline.constants import DEFAULT_MODEL
 
 DOWN_EVAL = Path(os.environ.get("MIDDO_BENCH_DOWN_EVAL") or REPO / "data" / "eval_large.jsonl")
-VARIANTS = ("seed", "gate_on", "gate_off", "simplify_only", "rewrite_only", "extend_only")
+VARIANTS = ("seed", "gate_on", "gate_off", "seed_reshuffled", "simplify_only", "rewrite_only", "extend_only")
+PLACEBO_SEED = 12345
 # what the gate adds to a candidate row (dropped before re-gating)
 _GATE_COLUMNS = (
     "loss_before",
@@ -194,11 +198,47 @@ def build_variants(seed, cands, sparse_order) -> dict:
     refined = {"gate_on": gate_on, "gate_off": gate_off}
     for name, op in _OP_OF.items():
         refined[name] = gate_on.filter(pl.col("operation") == op)
-    out = {"seed": (seed, {})}
+    # the placebo: the same rows in another order. Any dataset change reshuffles the training
+    # order, so what this does to the measures is the resolution of the comparison
+    out = {
+        "seed": (seed, {}),
+        "seed_reshuffled": (seed.sample(fraction=1.0, shuffle=True, seed=PLACEBO_SEED), {"placebo": True}),
+    }
     for name, ref in refined.items():
         res = merge_round(seed, ref, round_number=1, size_policy="keep", max_growth=0.15, sparse_order=sparse_order)
         out[name] = (res.dataset, {"accepted": int((ref["status"] == "ok").sum()), "rows": res.dataset.height})
     return out
+
+
+# bump when training or evaluation changes what a run produces: cached runs are then not reused
+RUN_CACHE_VERSION = 1
+
+
+def _run_cache_file(settings, df, cfg, eval_path: Path) -> Path | None:
+    """Where one (dataset, training config, model, held-out set) run's per-item results are
+    kept, so that a later benchmark (e.g. after a change of the gate) does not train the
+    unchanged datasets again: training is deterministic on CPU (the seed data's runs of two
+    sessions agreed bit for bit). None when ``down_run_cache`` is off."""
+    import dataclasses
+    import hashlib
+
+    from middo_pipeline.core.schema import fingerprint
+
+    root = getattr(settings, "down_run_cache", None)
+    if not root:
+        return None
+    payload = json.dumps(
+        {
+            "v": RUN_CACHE_VERSION,
+            "data": fingerprint(df),
+            "train": dataclasses.asdict(cfg),
+            "model": settings.model,
+            "eval": hashlib.sha256(eval_path.read_bytes()).hexdigest(),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return Path(root).expanduser() / f"run-{hashlib.sha256(payload.encode()).hexdigest()[:20]}.npz"
 
 
 def paired(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -242,9 +282,18 @@ def run(settings, models=None) -> dict:
             for n in settings.down_equal_steps
             if n in names and n != "seed"
         ]
+        epoch_steps: dict[tuple[str, int], int] = {}
         for s, name, budget in plan:
             df = datasets[name][0]
             steps = seed_steps[s] if budget == "steps" else -1
+            if budget == "steps" and epoch_steps.get((name, s)) == steps:
+                # one epoch already was the seed's number of steps: that run IS the equal-steps run
+                key = f"{name}@equal_steps"
+                correct.setdefault(key, []).append(correct[name][settings.down_seeds.index(s)])
+                losses.setdefault(key, []).append(losses[name][settings.down_seeds.index(s)])
+                runs.setdefault(key, []).append({**runs[name][settings.down_seeds.index(s)], "same_as_epoch_run": True})
+                log(f"downstream: {key} seed {s}: one epoch was already {steps} steps, not trained again")
+                continue
             cfg = TrainConfig(
                 epochs=1.0,
                 max_steps=steps,
@@ -255,30 +304,44 @@ def run(settings, models=None) -> dict:
                 threads=settings.threads,
                 logging_steps=10,
             )
-            out = tmp / f"{name}-{budget}-{s}"
-            tr = train_sft(settings.model, df, out, cfg)
-            if name == "seed" and budget == "epoch":
-                seed_steps[s] = tr.steps
-            lm = load_model(str(out), device=settings.device, dtype="auto", threads=settings.threads)
-            ev = evaluate(lm.model, lm.tokenizer, eval_df, max_length=384)
-            del lm
             key = name if budget == "epoch" else f"{name}@equal_steps"
-            items = ev["items"].sort("id") if "id" in ev["items"].columns else ev["items"]
-            correct.setdefault(key, []).append(items["correct"].cast(float).to_numpy())
-            losses.setdefault(key, []).append(items["loss"].cast(float).to_numpy())
-            runs.setdefault(key, []).append(
-                {
-                    "seed": s,
+            cache_file = _run_cache_file(settings, df, cfg, DOWN_EVAL)
+            if cache_file is not None and cache_file.exists():
+                hit = np.load(cache_file, allow_pickle=False)
+                rec = json.loads(str(hit["record"]))
+                item_correct, item_loss = hit["correct"], hit["loss"]
+                log(f"downstream: {key} seed {s}: reused the identical run in {cache_file.name}")
+            else:
+                out = tmp / f"{name}-{budget}-{s}"
+                tr = train_sft(settings.model, df, out, cfg)
+                lm = load_model(str(out), device=settings.device, dtype="auto", threads=settings.threads)
+                ev = evaluate(lm.model, lm.tokenizer, eval_df, max_length=384)
+                del lm
+                items = ev["items"].sort("id") if "id" in ev["items"].columns else ev["items"]
+                item_correct = items["correct"].cast(float).to_numpy()
+                item_loss = items["loss"].cast(float).to_numpy()
+                rec = {
                     "steps": tr.steps,
                     "rows": df.height,
                     "train_tokens": tr.tokens_seen,
                     "mc_accuracy": ev["mc_accuracy"],
                     "mean_response_loss": ev["mean_response_loss"],
                 }
-            )
+                if cache_file is not None:
+                    cache_file.parent.mkdir(parents=True, exist_ok=True)
+                    tmp_file = cache_file.with_suffix(".tmp.npz")
+                    np.savez(tmp_file, correct=item_correct, loss=item_loss, record=json.dumps(rec))
+                    tmp_file.replace(cache_file)
+            if name == "seed" and budget == "epoch":
+                seed_steps[s] = rec["steps"]
+            if budget == "epoch":
+                epoch_steps[(name, s)] = rec["steps"]
+            correct.setdefault(key, []).append(item_correct)
+            losses.setdefault(key, []).append(item_loss)
+            runs.setdefault(key, []).append({"seed": s, **rec})
             log(
-                f"downstream: {key} seed {s}: {tr.steps} steps, mc_accuracy {ev['mc_accuracy']:.3f}, "
-                f"loss {ev['mean_response_loss']:.3f}"
+                f"downstream: {key} seed {s}: {rec['steps']} steps, mc_accuracy {rec['mc_accuracy']:.3f}, "
+                f"loss {rec['mean_response_loss']:.3f}"
             )
             if settings.down_partial:
                 # after every run: what is complete so far, in the final layout

@@ -49,8 +49,10 @@ def test_variants_share_the_candidates():
         ]
     )
     v = build_variants(seed, cands, sparse_order=[ids[2]])
-    assert set(v) == {"seed", "gate_on", "gate_off", "simplify_only", "rewrite_only", "extend_only"}
+    assert set(v) == {"seed", "gate_on", "gate_off", "seed_reshuffled", "simplify_only", "rewrite_only", "extend_only"}
     assert v["seed"][0].equals(seed)
+    placebo = v["seed_reshuffled"][0]  # the same rows, another order
+    assert placebo.sort("sample_id").equals(seed.sort("sample_id"))
     on, off = v["gate_on"][0], v["gate_off"][0]
     # gate on: candidate 1 replaces sample 0, the rewrite is rejected (sample 1 kept), candidate 0 extends sample 2
     assert ids[0] not in on["sample_id"].to_list() and ids[1] in on["sample_id"].to_list()
@@ -71,3 +73,23 @@ def test_paired_mean_and_interval():
     same = paired(a, a)
     assert same["mean"] == 0.0 and same["ci95"] == [0.0, 0.0] and not same["significant"]
     assert paired(np.array([np.nan]), np.array([1.0]))["mean"] is None
+
+
+def test_run_cache_key_is_the_data_and_the_training(tmp_path):
+    import polars as pl
+
+    from benchmarks.common import Settings
+    from benchmarks.downstream import _run_cache_file
+    from middo_pipeline.core.training import TrainConfig
+
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text('{"a": 1}\n')
+    df = pl.DataFrame({"sample_id": ["a", "b", "c"]})
+    st = Settings.quick(down_run_cache=str(tmp_path / "runs"))
+    one = _run_cache_file(st, df, TrainConfig(seed=0), eval_file)
+    assert one == _run_cache_file(st, df, TrainConfig(seed=0), eval_file) and one.parent == tmp_path / "runs"
+    assert one != _run_cache_file(st, df.reverse(), TrainConfig(seed=0), eval_file)  # order is part of the data
+    assert one != _run_cache_file(st, df, TrainConfig(seed=1), eval_file)
+    eval_file.write_text('{"a": 2}\n')
+    assert one != _run_cache_file(st, df, TrainConfig(seed=0), eval_file)
+    assert _run_cache_file(Settings.quick(down_run_cache=None), df, TrainConfig(seed=0), eval_file) is None
