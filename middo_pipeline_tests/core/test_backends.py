@@ -222,6 +222,20 @@ def test_compact_engine_equals_generate(local, lively_model_dir):
     assert {c.usage["finish_reason"] for c in want} == {"stop", "length"}  # both kinds were compared
 
 
+def test_compact_sampling_does_not_depend_on_the_batch(local):
+    """Each sampling row draws from its own generator: a request's text is the same alone, with
+    other requests, and with other seeds in its batch (the cache can then key it by itself)."""
+    mine = req(PROMPTS[3], max_tokens=10, temperature=1.0, seed=5)
+    alone = local.complete([mine])[0].text
+    others = [
+        req(p, max_tokens=m, temperature=t, seed=s)
+        for p, m, t, s in zip(PROMPTS, (4, 12, 7), (1.0, 0.0, 0.7), (1, 2, 3))
+    ]
+    assert local.complete([*others, mine])[-1].text == alone
+    assert local.complete([mine, *others[:1]])[0].text == alone
+    assert local.complete([req(PROMPTS[3], max_tokens=10, temperature=1.0, seed=6)])[0].text != alone
+
+
 def test_compact_engine_falls_back_to_generate(local, lively_model_dir, monkeypatch, caplog):
     import middo_pipeline.core.llm.decode as decode
 

@@ -52,15 +52,27 @@ def decode_batch(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     eos_ids: Sequence[int],
     repetition_penalty: float = 1.0,
-    temperature: float = 0.0,
+    temperature: float | Sequence[float] = 0.0,
+    seeds: Sequence[int] | None = None,
     stop: StopFn | None = None,
 ) -> list[Decoded]:
-    """Decode a LEFT-padded batch; one ``Decoded`` per row, in order."""
+    """Decode a LEFT-padded batch; one ``Decoded`` per row, in order. ``max_new_tokens``,
+    ``temperature`` and ``seeds`` are per row (or one for all). A sampling row draws from its
+    own ``torch.Generator`` seeded with its seed, so its text does not depend on which other
+    rows share the batch (beyond float rounding); without ``seeds`` it draws from the global
+    torch RNG."""
     n = input_ids.shape[0]
     device = input_ids.device
+    limits = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
+    temps = [float(temperature)] * n if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
+    gens: list = [None] * n
+    if seeds is not None:
+        for r in range(n):
+            if temps[r] > 0:
+                gens[r] = torch.Generator(device=device).manual_seed(int(seeds[r]))
     cache_name = cache_param(model)
     keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     eos = torch.tensor(sorted(set(int(e) for e in eos_ids)), dtype=torch.long, device=device)
@@ -78,13 +90,18 @@ def decode_batch(
         raise DecodeUnsupported(f"{type(model).__name__} returns no KV cache that can drop rows")
     logits = res.logits[:, -1, :].float()
     last = pos[:, -1]
-    for step in range(max_new_tokens):
+    for r in range(n):
+        if limits[r] <= 0:
+            out[r] = Decoded([], "length")
+    running = [j for j in range(n) if out[j] is None]
+    if len(running) < n and running:
+        keep = torch.tensor(running, dtype=torch.long, device=device)
+        cache.batch_select_indices(keep)
+        seqs, attn, last, rows, logits = seqs[keep], attn[keep], last[keep], rows[keep], logits[keep]
+    while running:
         if repetition_penalty != 1.0:
             logits = _penalize(logits, seqs, repetition_penalty)
-        if temperature > 0:
-            nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(1)
-        else:
-            nxt = logits.argmax(-1)
+        nxt = _next_tokens(logits, rows.tolist(), temps, gens)
         ended = torch.isin(nxt, eos).tolist() if eos.numel() else [False] * len(nxt)
         running = []
         for j, (r, t) in enumerate(zip(rows.tolist(), nxt.tolist())):
@@ -94,7 +111,7 @@ def decode_batch(
             generated[r].append(t)
             if stop is not None and stop(r, generated[r]):
                 out[r] = Decoded(generated[r], "stop")
-            elif step == max_new_tokens - 1:
+            elif len(generated[r]) >= limits[r]:
                 out[r] = Decoded(generated[r], "length")
             else:
                 running.append(j)
@@ -117,7 +134,23 @@ def decode_batch(
         )
         cache = _returned_cache(res) or cache
         logits = res.logits[:, -1, :].float()
-    for r in range(n):
-        if out[r] is None:  # max_new_tokens == 0
-            out[r] = Decoded(generated[r], "length")
     return out  # type: ignore[return-value]
+
+
+def _next_tokens(logits: torch.Tensor, rows: list[int], temps: list[float], gens: list) -> torch.Tensor:
+    """Greedy argmax for rows at temperature 0; otherwise temperature then multinomial, from
+    the row's own generator when it has one (else the global RNG, all sampling rows at once)."""
+    nxt = logits.argmax(-1)
+    sampling = [j for j, r in enumerate(rows) if temps[r] > 0]
+    if not sampling:
+        return nxt
+    if all(gens[rows[j]] is None for j in sampling):
+        t = torch.tensor([temps[rows[j]] for j in sampling], device=logits.device, dtype=logits.dtype)[:, None]
+        idx = torch.tensor(sampling, device=logits.device)
+        nxt[idx] = torch.multinomial(torch.softmax(logits[idx] / t, dim=-1), 1).squeeze(1)
+        return nxt
+    for j in sampling:
+        r = rows[j]
+        probs = torch.softmax(logits[j] / temps[r], dim=-1)
+        nxt[j] = torch.multinomial(probs, 1, generator=gens[r])[0]
+    return nxt

@@ -56,13 +56,18 @@ def _folder_fingerprint(folder: Path) -> str | None:
 class LocalBackend:
     """Batched ``generate`` with a local causal LM (loaded lazily, once).
 
-    Requests are grouped by identical sampling parameters (temperature, seed when sampling,
-    max_tokens, stop), sorted by prompt length inside a group and generated ``batch_size`` at a
-    time with LEFT padding. The prompt is the chat template (``add_generation_prompt=True``)
-    followed by the request's ``prefill``; the completion excludes both. Greedy when
-    ``temperature == 0``; otherwise sampling (top_k/top_p off) with the torch RNG seeded by
-    ``request.seed`` inside ``fork_rng`` (global RNG untouched). Sampled text is reproducible
-    for the same request set and batch size.
+    Requests are sorted by prompt length and generated ``batch_size`` at a time with LEFT
+    padding. The prompt is the chat template (``add_generation_prompt=True``) followed by the
+    request's ``prefill``; the completion excludes both. Greedy when ``temperature == 0``;
+    otherwise sampling (top_k/top_p off).
+
+    Engines: ``compact`` (default, ``core/llm/decode.py``) takes token limit, temperature, seed
+    and stop strings per row, so any requests share a batch, and a row leaves the batch when it
+    finishes; a sampling row draws from its own generator seeded with ``request.seed``, so its
+    text does not depend on the other requests of the batch. ``generate`` (transformers'
+    ``generate``) groups requests by identical sampling parameters and samples from the torch
+    RNG seeded by the group's seed inside ``fork_rng``; its sampled text is reproducible for
+    the same request set and batch size. The global RNG is never touched.
     """
 
     def __init__(
@@ -177,8 +182,12 @@ class LocalBackend:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         return text + (req.prefill or "")
 
-    @staticmethod
-    def _group_key(req: ChatRequest) -> tuple:
+    def _group_key(self, req: ChatRequest) -> tuple:
+        """Requests that may share a batch. The compact engine takes every setting per row (its
+        own token limit, temperature, seed and stop strings), so all requests may; ``generate``
+        takes one set per batch."""
+        if self.engine == "compact":
+            return ()
         sampling = req.temperature > 0
         return (float(req.temperature), req.seed if sampling else 0, int(req.max_tokens), tuple(req.stop))
 
@@ -300,27 +309,27 @@ class LocalBackend:
         from middo_pipeline.core.llm.decode import decode_batch
 
         tok = lm.tokenizer
-        first = reqs[0]
-        stops = [s for s in first.stop if s]
-        stop_fn = None
-        if stops:
-            window = 4 * max(len(s) for s in stops) + 8  # a stop string of L characters spans <= L tokens
+        stops = [[s for s in r.stop if s] for r in reqs]
+        # a stop string of L characters spans at most L tokens (plus partial byte tokens)
+        windows = [4 * max((len(s) for s in st), default=1) + 8 for st in stops]
 
-            def stop_fn(_row: int, tokens: list[int]) -> bool:
-                text = tok.decode(tokens[-window:], skip_special_tokens=True)
-                return any(s in text for s in stops)
+        def stop_fn(row: int, tokens: list[int]) -> bool:
+            if not stops[row]:
+                return False
+            text = tok.decode(tokens[-windows[row] :], skip_special_tokens=True)
+            return any(s in text for s in stops[row])
 
-        with self._seeded(lm, first):
-            decoded = decode_batch(
-                lm.model,
-                input_ids,
-                attention,
-                max_new_tokens=int(first.max_tokens),
-                eos_ids=self._eos_ids(lm),
-                repetition_penalty=self.repetition_penalty,
-                temperature=float(first.temperature),
-                stop=stop_fn,
-            )
+        decoded = decode_batch(
+            lm.model,
+            input_ids,
+            attention,
+            max_new_tokens=[int(r.max_tokens) for r in reqs],
+            eos_ids=self._eos_ids(lm),
+            repetition_penalty=self.repetition_penalty,
+            temperature=[float(r.temperature) for r in reqs],
+            seeds=[int(r.seed) for r in reqs],
+            stop=stop_fn if any(stops) else None,
+        )
         results = []
         for r, (req, d) in enumerate(zip(reqs, decoded)):
             text = tok.decode(d.tokens, skip_special_tokens=True)
