@@ -77,6 +77,17 @@ def test_two_round_loop(two_rounds):
     ckpt = store.checkpoint_dir("round-1")
     assert (ckpt / "config.json").exists()
 
+    # the gate re-scores exactly the generated candidates whose text passes its text rules
+    from middo_pipeline.assets.optimization import DEFAULT_EVAL, _heldout_grams
+    from middo_pipeline.core.verify import text_reasons
+
+    cands = pl.read_parquet(store.table_path("refinement_candidates", "round-1"))
+    grams = _heldout_grams(str(DEFAULT_EVAL), 8)
+    assert cands.height > 0
+    for row in cands.iter_rows(named=True):
+        text_ok = row["status"] == "ok" and not text_reasons(row, grams, 8)
+        assert (row["loss_after"] is not None) == text_ok, row["reasons"]
+
     refined = pl.read_parquet(store.table_path("refined_samples", "round-1"))
     assert {"origin_id", "operation", "status", "failure_reason"} <= set(refined.columns)
     # failed operations keep their originals

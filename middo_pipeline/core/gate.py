@@ -22,6 +22,7 @@ from middo_pipeline.core.verify import (
     DEFAULT_NGRAM,
     QualityScale,
     RoundThresholds,
+    text_reasons,
     verify_candidates,
 )
 
@@ -116,8 +117,17 @@ def gate_round(
     spec = EmbeddingSpec(pooling=readout["embedding_pooling"], layer=readout["embedding_layer"])
     round_emb = np.asarray(model_readouts["embedding"].to_list(), dtype=np.float32)
     comps = diversity.TopComponents(int(embedding_signals["top_components"][0])).fit(round_emb)
+    # a candidate its text already rejects (cut at the limit, control tokens, held-out overlap,
+    # talks about the task) costs no forward pass: only the others are re-scored
+    grams = heldout_grams or set()
+    text_ok = [
+        r.get("status") == "ok" and not text_reasons(r, grams, ngram, control_tokens)
+        for r in candidates.iter_rows(named=True)
+    ]
+    indexed = candidates.with_row_index("_gate_row")
+    to_score = indexed.filter(pl.Series(text_ok, dtype=pl.Boolean))
     scored = rescore_candidates(
-        candidates,
+        to_score,
         base=base,
         checkpoint=checkpoint,
         judge_model=judge_model,
@@ -129,8 +139,12 @@ def gate_round(
         log=log,
         progress=progress,
     )
-    scored = scored.join(originals(loss_signals, quality_signals, embedding_signals), on="origin_id", how="left")
-    verified = verify_candidates(
-        scored, th, heldout_grams=heldout_grams or set(), ngram=ngram, control_tokens=control_tokens
+    rest = indexed.filter(~pl.Series(text_ok, dtype=pl.Boolean))
+    scored = (
+        pl.concat([scored, rest], how="diagonal_relaxed")
+        .sort("_gate_row")
+        .drop("_gate_row")
+        .join(originals(loss_signals, quality_signals, embedding_signals), on="origin_id", how="left")
     )
+    verified = verify_candidates(scored, th, heldout_grams=grams, ngram=ngram, control_tokens=control_tokens)
     return verified, th

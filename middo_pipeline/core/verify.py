@@ -63,6 +63,7 @@ __all__ = [
     "ngram_set",
     "has_control_tokens",
     "meta_answer",
+    "text_reasons",
     "verify_candidates",
     "choose_candidates",
     "CANDIDATE_SIGNAL_COLUMNS",
@@ -253,12 +254,8 @@ def _is_low(q, th: RoundThresholds) -> bool:
     return not _finite(q) or (math.isfinite(th.quality) and q < th.quality)
 
 
-def candidate_reasons(
-    row: dict, th: RoundThresholds, heldout_grams: set, ngram: int, control_tokens: Sequence[str] = ()
-) -> list[str]:
-    """Every rule one candidate breaks, in a fixed order (empty: it passes)."""
-    if row.get("status") != "ok":
-        return [f"generation: {row.get('failure_reason') or 'failed'}"]
+def text_reasons(row: dict, heldout_grams: set, ngram: int, control_tokens: Sequence[str] = ()) -> list[str]:
+    """The rules a generated candidate breaks by its text alone (no model needed)."""
     reasons = []
     text = f"{row.get('instruction_after') or ''}\n{row.get('output_after') or ''}"
     if row.get("truncated"):
@@ -269,6 +266,20 @@ def candidate_reasons(
         reasons.append("overlaps the held-out set")
     if meta_answer(row.get("instruction_after") or "", row.get("output_after") or ""):
         reasons.append("talks about the task")
+    return reasons
+
+
+def candidate_reasons(
+    row: dict, th: RoundThresholds, heldout_grams: set, ngram: int, control_tokens: Sequence[str] = ()
+) -> list[str]:
+    """Every rule one candidate breaks, in a fixed order (empty: it passes). A candidate that
+    fails a text rule and was not re-scored (``gate.gate_round`` skips the forward passes for
+    those) is rejected for its text reasons alone."""
+    if row.get("status") != "ok":
+        return [f"generation: {row.get('failure_reason') or 'failed'}"]
+    reasons = text_reasons(row, heldout_grams, ngram, control_tokens)
+    if reasons and row.get("loss_before") is None and row.get("loss_after") is None:
+        return reasons
     if th.near_origin:
         c0, nb = row.get("cosine_original"), row.get("neighbor_similarity_original")
         if _finite(c0) and _finite(nb) and c0 < nb:

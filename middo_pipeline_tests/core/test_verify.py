@@ -100,6 +100,12 @@ def test_each_rule(row, reason):
         assert not got["passed"] and got["reasons"].startswith(reason), got["reasons"]
 
 
+def test_a_candidate_rejected_by_its_text_needs_no_scores():
+    unscored = cand(truncated=True, lb=None, la=None, q=None, q0=None, cos=None)
+    assert run([unscored])["reasons"][0] == "cut at the token limit"  # not also "still hard" / "low quality"
+    assert run([cand(lb=None, la=None)])["reasons"][0].startswith("still hard")  # unscored, text fine: not accepted
+
+
 def test_near_origin_can_be_switched_off():
     from dataclasses import replace
 

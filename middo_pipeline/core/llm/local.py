@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REPETITION_PENALTY = 1.1
 # generation batch: measured by ``python -m benchmarks --only hardware,generation`` (see its README)
-DEFAULT_BATCH_SIZE = 32  # compact engine: 2.6x generate at batch 8, identical greedy texts (benchmarks/README.md, generation)
+DEFAULT_BATCH_SIZE = (
+    32  # compact engine: 2.6x generate at batch 8, identical greedy texts (benchmarks/README.md, generation)
+)
 QUANTIZE_CHOICES = ("none", "int8")
 DEFAULT_QUANTIZE = "none"
 # compact: finished rows leave the batch (``core/llm/decode.py``); generate: transformers' generate
