@@ -15,17 +15,17 @@ def test_generation_section_compares_the_paths():
         gen_requests=6,
         gen_repeats=1,
         gen_batch_sizes=(3,),
-        gen_compact_batch_sizes=(3, 32),
+        gen_compact_batch_sizes=(3, 64),
         gen_int8=False,
         gen_continuous=False,
     )
     out = run(settings, ModelCache(settings), hardware={"fp32": {"flops": 1e9}})
     paths = out["paths"]
-    assert set(paths) == {BASELINE, "batch_3", "compact_batch_3", "compact_batch_32"}
+    assert set(paths) == {BASELINE, "batch_3", "compact_batch_3", "compact_batch_64"}
     for name, p in paths.items():
         assert p["errors"] == 0 and p["tokens"] > 0 and p["tokens_per_s"] > 0, name
         assert 0.0 <= p["agreement_with_baseline"] <= 1.0 and p["fraction_of_bound"] > 0
     assert paths[BASELINE]["speedup"] == 1.0
     # the default engine's greedy texts are generate's (tiny model, fp32: identical here)
     assert paths["compact_batch_3"]["agreement_with_baseline"] == 1.0
-    assert out["default_path"] == "compact_batch_32" and out["speedup_vs_transformers_generate"] > 0
+    assert out["default_path"] == "compact_batch_64" and out["speedup_vs_transformers_generate"] > 0

@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REPETITION_PENALTY = 1.1
 # generation batch: measured by ``python -m benchmarks --only hardware,generation`` (see its README)
-DEFAULT_BATCH_SIZE = (
-    32  # compact engine: 2.6x generate at batch 8, identical greedy texts (benchmarks/README.md, generation)
-)
+# compact engine at batch 64: 2.81x transformers generate at batch 8 with identical greedy texts
+# (32: 2.49x; benchmarks/README.md, generation); OOM halves a batch and retries
+DEFAULT_BATCH_SIZE = 64
 QUANTIZE_CHOICES = ("none", "int8")
 DEFAULT_QUANTIZE = "none"
 # compact: finished rows leave the batch (``core/llm/decode.py``); generate: transformers' generate
