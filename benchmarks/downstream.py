@@ -37,11 +37,22 @@ import numpy as np
 
 from benchmarks.common import REPO, SEED_PATH, log
 from middo_pipeline.constants import DEFAULT_MODEL
+from middo_pipeline.core.verify import CANDIDATE_SIGNAL_COLUMNS
 
 DOWN_EVAL = Path(os.environ.get("MIDDO_BENCH_DOWN_EVAL") or REPO / "data" / "eval_large.jsonl")
 VARIANTS = ("seed", "gate_on", "gate_off", "seed_reshuffled", "simplify_only", "rewrite_only", "extend_only")
 PLACEBO_SEED = 12345
-# what the gate adds to a candidate row (dropped before re-gating)
+# what the gate adds to a candidate row (dropped before re-gating): the re-scored signals, the
+# origin's values joined beside them, and the verdict
+_GATE_COLUMNS = (
+    *CANDIDATE_SIGNAL_COLUMNS,
+    "quality_value_original",
+    "loss_before_original",
+    "loss_after_original",
+    "neighbor_similarity_original",
+    "passed",
+    "reasons",
+)
 _GATE_COLUMNS = (
     "loss_before",
     "loss_after",

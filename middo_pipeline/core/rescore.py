@@ -37,7 +37,7 @@ from middo_pipeline.core.diversity import TopComponents, cosine_to_rows, max_cos
 from middo_pipeline.core.forward import EmbeddingSpec
 from middo_pipeline.core.ifd import ifd_scores
 from middo_pipeline.core.schema import prompt_text
-from middo_pipeline.core.verify import QualityScale, quality_value
+from middo_pipeline.core.verify import CANDIDATE_SIGNAL_COLUMNS, QualityScale, quality_value
 
 __all__ = ["RescoreSettings", "rescore_candidates"]
 
@@ -79,19 +79,7 @@ def rescore_candidates(
     if scale.mode in ("judge", "combined") and judge_model is None:
         raise ValueError(f"quality mode {scale.mode!r} re-scores with the self-judge: pass judge_model")
     n = candidates.height
-    cols = {
-        name: np.full(n, np.nan)
-        for name in (
-            "loss_before",
-            "loss_after",
-            "loss_unconditional",
-            "ifd",
-            "judge_score",
-            "quality_value",
-            "max_cosine",
-            "cosine_original",
-        )
-    }
+    cols = {name: np.full(n, np.nan) for name in CANDIDATE_SIGNAL_COLUMNS}
     ok = np.flatnonzero(candidates["status"].eq("ok").fill_null(False).to_numpy()) if n else np.zeros(0, dtype=int)
     if len(ok):
         instr = candidates["instruction_after"].to_list()
