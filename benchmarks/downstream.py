@@ -53,22 +53,6 @@ _GATE_COLUMNS = (
     "passed",
     "reasons",
 )
-_GATE_COLUMNS = (
-    "loss_before",
-    "loss_after",
-    "loss_unconditional",
-    "ifd",
-    "judge_score",
-    "quality_value",
-    "max_cosine",
-    "cosine_original",
-    "quality_value_original",
-    "loss_before_original",
-    "loss_after_original",
-    "neighbor_similarity_original",
-    "passed",
-    "reasons",
-)
 _OP_OF = {"simplify_only": "simplified", "rewrite_only": "rewritten", "extend_only": "extended"}
 
 
