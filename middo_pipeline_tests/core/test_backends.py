@@ -222,6 +222,53 @@ def test_compact_engine_equals_generate(local, lively_model_dir):
     assert {c.usage["finish_reason"] for c in want} == {"stop", "length"}  # both kinds were compared
 
 
+def test_decode_prompt_groups_slab_and_layout_change_no_text(local):
+    """The prompt pass in length-sorted groups laid into one slab cache that grows past its first
+    chunk, with column-major weights, gives the texts of one padded prompt pass with
+    transformers' concatenating cache (``generate``), and leaves the model's weights as they were."""
+    import torch
+
+    from middo_pipeline.core.llm import decode
+
+    lm = local.loaded
+    tok = lm.tokenizer
+    tok.padding_side = "left"
+    texts = [local._prompt_text(tok, req(p)) for p in PROMPTS]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    n_new = decode.SLAB_CHUNK + 16  # the slab grows once
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    got = {
+        rows: [
+            d.tokens
+            for d in decode.decode_batch(
+                lm.model, enc["input_ids"], enc["attention_mask"], max_new_tokens=n_new, eos_ids=[], prefill_rows=rows
+            )
+        ]
+        for rows in (1, 2, len(PROMPTS))
+    }
+    with torch.inference_mode():
+        ref = lm.model.generate(**enc, max_new_tokens=n_new, do_sample=False, pad_token_id=tok.pad_token_id)
+    want = [row[enc["input_ids"].shape[1] :].tolist() for row in ref]
+    assert all(len(t) == n_new for t in want)
+    assert got[1] == got[2] == got[len(PROMPTS)] == want
+    after = lm.model.state_dict()
+    assert all(after[k].is_contiguous() and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_column_major_restores_on_error(local):
+    import torch
+
+    from middo_pipeline.core.llm.decode import column_major
+
+    model = local.loaded.model
+    lin = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    w = lin.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="boom"), column_major(model):
+        assert not lin.weight.is_contiguous() and lin.weight.t().is_contiguous()
+        raise RuntimeError("boom")
+    assert lin.weight.is_contiguous() and torch.equal(lin.weight, w)
+
+
 def test_compact_sampling_does_not_depend_on_the_batch(local):
     """Each sampling row draws from its own generator: a request's text is the same alone, with
     other requests, and with other seeds in its batch (the cache can then key it by itself)."""
