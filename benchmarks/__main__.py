@@ -402,7 +402,8 @@ def main(argv=None) -> int:
         "--variants",
         default=None,
         help="downstream: comma-separated datasets to train on (default all): "
-        "seed,gate_on,gate_off,simplify_only,rewrite_only,extend_only (seed is always included: the baseline)",
+        "seed,gate_on,gate_off,seed_reshuffled,simplify_only,rewrite_only,extend_only "
+        "(seed is always included: the baseline; seed_reshuffled is the placebo)",
     )
     p.add_argument("--seeds", default=None, help="downstream: comma-separated training seeds (default 0,1,2,3,4)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/{quick,full}.json)")

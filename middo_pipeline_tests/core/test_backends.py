@@ -307,6 +307,16 @@ def test_local_load_failure_is_unavailable(tmp_path):
         LocalBackend(str(bad), device="cpu").complete([req("hi")])
 
 
+def test_balanced_batches():
+    from middo_pipeline.core.llm.local import _balanced
+
+    assert [len(b) for b in _balanced(list(range(142)), 128)] == [71, 71]
+    assert [len(b) for b in _balanced(list(range(142)), 64)] == [48, 47, 47]
+    assert [len(b) for b in _balanced(list(range(5)), 8)] == [5]
+    assert sum(_balanced(list(range(10)), 3), []) == list(range(10))  # order kept, nothing lost
+    assert _balanced([], 4) == []
+
+
 def test_truncate_at_stop():
     assert truncate_at_stop("abc END def STOP", ("STOP", "END")) == "abc "
     assert truncate_at_stop("abc", ()) == "abc"
