@@ -255,6 +255,24 @@ def test_decode_prompt_groups_slab_and_layout_change_no_text(local):
     assert all(after[k].is_contiguous() and torch.equal(after[k], v) for k, v in before.items())
 
 
+def test_decode_other_cache_layers_get_one_prompt_pass(local, monkeypatch):
+    """A model whose cache layers are not plain ``DynamicLayer`` s (sliding windows, linear
+    attention) is read as one padded batch with its own cache: same texts, no slab."""
+    from middo_pipeline.core.llm import decode
+
+    lm = local.loaded
+    tok = lm.tokenizer
+    tok.padding_side = "left"
+    enc = tok([local._prompt_text(tok, req(p)) for p in PROMPTS], return_tensors="pt", padding=True)
+    kw = dict(max_new_tokens=12, eos_ids=[], prefill_rows=2)
+    want = [d.tokens for d in decode.decode_batch(lm.model, enc["input_ids"], enc["attention_mask"], **kw)]
+    slabs = []
+    monkeypatch.setattr(decode, "_assemble", lambda *a: slabs.append(1) or (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(decode, "DynamicLayer", type("OtherLayer", (), {}))
+    got = [d.tokens for d in decode.decode_batch(lm.model, enc["input_ids"], enc["attention_mask"], **kw)]
+    assert got == want and not slabs
+
+
 def test_column_major_restores_on_error(local):
     import torch
 

@@ -86,6 +86,8 @@ def decode_batch(
     torch RNG. The prompts are read ``prefill_rows`` at a time, sorted by length (see
     ``_prefill``)."""
     n = input_ids.shape[0]
+    if n == 0:
+        return []
     device = input_ids.device
     limits = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
     temps = [float(temperature)] * n if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
@@ -201,7 +203,7 @@ def _prefill(model, input_ids, attention_mask, prefill_rows: int, keep_last: dic
     groups = [order[i : i + max(1, prefill_rows)] for i in range(0, n, max(1, prefill_rows))]
     parts = []
     for g in groups:
-        w = max(lengths[r] for r in g)
+        w = max(1, max(lengths[r] for r in g))
         res = model(
             input_ids=input_ids[g, width - w :],
             attention_mask=attention_mask[g, width - w :],
