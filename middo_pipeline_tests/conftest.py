@@ -81,6 +81,19 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def tiny_profile_env(folder: Path, model_cache: Path, **extra: str) -> dict:
+    """The environment of a tiny-profile pipeline with its own storage and Dagster home under
+    ``folder`` (``extra``: more variables, e.g. an optimizer backend)."""
+    return {
+        "MIDDO_PROFILE": "tiny",
+        "MIDDO_HOME": str(folder / "middo"),
+        "MIDDO_DEVICE": "cpu",
+        "MIDDO_MODEL_CACHE": str(model_cache),
+        "DAGSTER_HOME": str(folder / "dagster_home"),
+        **extra,
+    }
+
+
 @pytest.fixture
 def tiny_env(tmp_path, model_cache, monkeypatch) -> dict:
     """Environment for a tiny-profile pipeline with its own storage and Dagster home."""

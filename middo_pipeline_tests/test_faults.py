@@ -35,7 +35,7 @@ from middo_pipeline.core.storage import Storage, StorageError
 from middo_pipeline.loop import DAGSTER_YAML, RoundBusy, ensure_dagster_home, run_rounds
 from middo_pipeline.resources import OptimizerResource
 from middo_pipeline.rounds import latest_materialization
-from middo_pipeline_tests.conftest import REPO, SEED_FILE, small_tiny_run
+from middo_pipeline_tests.conftest import REPO, SEED_FILE, small_tiny_run, tiny_profile_env
 from middo_pipeline_tests.core.fake_openai_server import FakeOpenAI, Reply, chat_ok, closed_port, error, last_user
 
 ROUND = "round-1"
@@ -86,16 +86,13 @@ def pipeline(tmp_path_factory, model_cache):
     # transport faults with the gate off and one candidate per operation: every request the
     # server sees maps to one row (the gate's decisions are tested in test_verify / test_loop_tiny)
     cfg["ops"]["refined_samples"]["config"].update(candidates=1, temperature=0.0, verify=False)
-    env = {
-        "MIDDO_PROFILE": "tiny",
-        "MIDDO_HOME": str(tmp / "middo"),
-        "MIDDO_DEVICE": "cpu",
-        "MIDDO_MODEL_CACHE": str(model_cache),
-        "DAGSTER_HOME": str(tmp / "dagster_home"),
-        "MIDDO_OPTIMIZER_BACKEND": "openai",
-        "MIDDO_OPTIMIZER_MODEL": "test-model",
-        "MIDDO_OPTIMIZER_API_KEY_ENV": "MIDDO_FAULTS_TEST_KEY",
-    }
+    env = tiny_profile_env(
+        tmp,
+        model_cache,
+        MIDDO_OPTIMIZER_BACKEND="openai",
+        MIDDO_OPTIMIZER_MODEL="test-model",
+        MIDDO_OPTIMIZER_API_KEY_ENV="MIDDO_FAULTS_TEST_KEY",
+    )
     original = definitions.resources_from_env
 
     def fast_resources(env=None):  # the env has no knobs for timeout / retries: set them here

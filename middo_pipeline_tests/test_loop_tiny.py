@@ -12,20 +12,14 @@ from middo_pipeline.core.schema import schema_problems
 from middo_pipeline.core.storage import Storage
 from middo_pipeline.loop import run_rounds
 from middo_pipeline.rounds import latest_materialization
-from middo_pipeline_tests.conftest import small_tiny_run
+from middo_pipeline_tests.conftest import small_tiny_run, tiny_profile_env
 
 
 @pytest.fixture(scope="module")
 def loop_env(tmp_path_factory, model_cache):
     """One tiny-profile environment for the whole module (the loop runs once)."""
     tmp = tmp_path_factory.mktemp("loop")
-    env = {
-        "MIDDO_PROFILE": "tiny",
-        "MIDDO_HOME": str(tmp / "middo"),
-        "MIDDO_DEVICE": "cpu",
-        "MIDDO_MODEL_CACHE": str(model_cache),
-        "DAGSTER_HOME": str(tmp / "dagster_home"),
-    }
+    env = tiny_profile_env(tmp, model_cache)
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)

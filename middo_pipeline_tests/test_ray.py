@@ -15,7 +15,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 
 from middo_pipeline.core.distributed import RayForward, RaySettings, plan_shards
-from middo_pipeline_tests.conftest import SEED_FILE, small_tiny_run
+from middo_pipeline_tests.conftest import SEED_FILE, small_tiny_run, tiny_profile_env
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
 
@@ -107,13 +107,7 @@ def one_round(tmp_path_factory, model_cache):
     from middo_pipeline.loop import run_rounds
 
     tmp = tmp_path_factory.mktemp("ray-loop")
-    env = {
-        "MIDDO_PROFILE": "tiny",
-        "MIDDO_HOME": str(tmp / "middo"),
-        "MIDDO_DEVICE": "cpu",
-        "MIDDO_MODEL_CACHE": str(model_cache),
-        "DAGSTER_HOME": str(tmp / "dagster_home"),
-    }
+    env = tiny_profile_env(tmp, model_cache)
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)

@@ -20,7 +20,7 @@ from middo_pipeline.core.optimizer.style import PROBE_TASK
 from middo_pipeline.core.schema import EXTENDED, REWRITTEN, SIMPLIFIED, prompt_text
 from middo_pipeline.core.storage import Storage
 from middo_pipeline.rounds import round_key, round_number
-from middo_pipeline_tests.conftest import REPO, small_tiny_run
+from middo_pipeline_tests.conftest import REPO, small_tiny_run, tiny_profile_env
 from middo_pipeline_tests.core.fake_openai_server import FakeOpenAI, chat_ok, error, last_user
 
 
@@ -80,17 +80,14 @@ def test_api_key_never_leaks(tmp_path, model_cache, monkeypatch, capfd, caplog):
     fake.start()
 
     home, dagster_home = tmp_path / "middo", tmp_path / "dagster_home"
-    env = {
-        "MIDDO_PROFILE": "tiny",
-        "MIDDO_HOME": str(home),
-        "MIDDO_DEVICE": "cpu",
-        "MIDDO_MODEL_CACHE": str(model_cache),
-        "DAGSTER_HOME": str(dagster_home),
-        "MIDDO_OPTIMIZER_BACKEND": "openai",
-        "MIDDO_OPTIMIZER_BASE_URL": fake.url,
-        "MIDDO_OPTIMIZER_MODEL": "test-model",
-        "MIDDO_OPTIMIZER_API_KEY_ENV": KEY_ENV,
-    }
+    env = tiny_profile_env(
+        tmp_path,
+        model_cache,
+        MIDDO_OPTIMIZER_BACKEND="openai",
+        MIDDO_OPTIMIZER_BASE_URL=fake.url,
+        MIDDO_OPTIMIZER_MODEL="test-model",
+        MIDDO_OPTIMIZER_API_KEY_ENV=KEY_ENV,
+    )
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     seed, cfg = small_tiny_run(tmp_path)
@@ -335,7 +332,11 @@ def test_ui_listens_on_localhost_only():
     ui = (REPO / "scripts" / "ui.sh").read_text()
     dev = [line for line in ui.splitlines() if "dagster dev" in line and not line.lstrip().startswith("#")]
     assert dev and all(re.search(r"(-h|--host)[ =]127\.0\.0\.1\b", line) for line in dev), dev
-    check = (REPO / "scripts" / "ui_check.py").read_text()
+    # the UI scripts (ui_check.py, ui_browser.py) start dagster dev through one module
+    check = (REPO / "scripts" / "dagster_dev.py").read_text()
     assert re.search(r'"dev",.*"-h", "127\.0\.0\.1"', check)
+    for script in ("ui_check.py", "ui_browser.py"):
+        text = (REPO / "scripts" / script).read_text()
+        assert "dagster_dev.start(" in text and "Popen" not in text, script
     for text in (ui, check):
         assert "0.0.0.0" not in text and "--host 0" not in text

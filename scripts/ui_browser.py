@@ -31,17 +31,15 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dagster_dev  # noqa: E402
+from dagster_dev import REPO  # noqa: E402
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 LOCATION = "middo_pipeline.definitions"
@@ -429,29 +427,6 @@ STEPS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_server(port: int, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    query = json.dumps({"query": "query { assetNodes { id } }"}).encode()
-    while time.time() < deadline:
-        try:
-            req = urllib.request.Request(
-                f"http://127.0.0.1:{port}/graphql", data=query, headers={"Content-Type": "application/json"}
-            )
-            with urllib.request.urlopen(req, timeout=5) as resp:
-                if json.loads(resp.read()).get("data", {}).get("assetNodes"):
-                    return
-        except Exception:
-            pass
-        time.sleep(1)
-    raise UIError(f"dagster dev did not answer on port {port} within {timeout:.0f} s")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(REPO / "ui-check" / "browser"), help="screenshots and report")
@@ -497,16 +472,9 @@ def main(argv=None) -> int:
                 MIDDO_SEED_PATH=str(seed),
                 PYTHONUNBUFFERED="1",
             )
-            port = free_port()
-            server = subprocess.Popen(
-                [str(BIN / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
-                env=env,
-                cwd=REPO,
-                stdout=open(out / "dagster-dev.log", "w"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: one SIGTERM stops the whole tree
-            )
-        wait_server(port)
+            server, port = dagster_dev.start(env, out / "dagster-dev.log")
+        if not dagster_dev.wait_ready(port, timeout=180):
+            raise UIError(f"dagster dev did not answer on port {port} within 180 s")
         log(f"dagster dev ready on 127.0.0.1:{port}")
         ui = UI(f"http://127.0.0.1:{port}", out, log)
         ctx = {
@@ -535,11 +503,7 @@ def main(argv=None) -> int:
         log(f"FAIL {failure}")
     finally:
         if server is not None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+            dagster_dev.stop(server)
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     report = {"failure": failure, "step_seconds": timings, "total_seconds": round(time.time() - t0, 1)}

@@ -20,17 +20,16 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dagster_dev  # noqa: E402
+from dagster_dev import BIN, REPO, gql  # noqa: E402
+
 LINEAGE = [
     "seed_dataset",
     "round_dataset",
@@ -43,25 +42,6 @@ LINEAGE = [
     "optimized_dataset",
     "round_evaluation",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def gql(port: int, query: str, variables: dict | None = None) -> dict:
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql",
-        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        out = json.loads(resp.read())
-    if out.get("errors"):
-        raise RuntimeError(f"GraphQL errors: {out['errors']}")
-    return out["data"]
 
 
 ASSETS_Q = """
@@ -160,34 +140,12 @@ def main(argv=None) -> int:
         print(run.stdout[-3000:], run.stderr[-3000:])
         return 1
 
-    port = free_port()
-    server = subprocess.Popen(
-        [str(BIN / "dagster"), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
-        env=env,
-        cwd=REPO,
-        stdout=open(out / "dagster-dev.log", "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: one SIGTERM stops the whole tree
-    )
+    server, port = dagster_dev.start(env, out / "dagster-dev.log")
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
-                gql(port, "query { version }")
-                break
-            except Exception:
-                time.sleep(1)
-        else:
-            check(False, "dagster dev answered within 120 s", failures)
+        if not dagster_dev.wait_ready(port, timeout=180):
+            check(False, "dagster dev answered with the asset graph within 180 s", failures)
             return 1
-        # the code location loads in the background: wait for its asset nodes
-        nodes = []
-        for _ in range(60):
-            nodes = gql(port, ASSETS_Q)["assetNodes"]
-            if nodes:
-                break
-            time.sleep(1)
+        nodes = gql(port, ASSETS_Q)["assetNodes"]
         by_key = {"/".join(n["assetKey"]["path"]): n for n in nodes}
         check(all(k in by_key for k in LINEAGE), "asset graph has every asset of the round's lineage", failures)
         deps = {k: {"/".join(d["path"]) for d in n["dependencyKeys"]} for k, n in by_key.items()}
@@ -236,13 +194,9 @@ def main(argv=None) -> int:
         for name, url in shots:
             screenshot(url, out / name)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-            print(f"dagster dev stopped (exit {server.returncode})")
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            check(False, "dagster dev stopped on SIGTERM within 30 s", failures)
+        stopped = dagster_dev.stop(server)
+        print(f"dagster dev stopped (exit {server.returncode})")
+        check(stopped, "dagster dev stopped on SIGTERM within 30 s", failures)
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     (out / "report.json").write_text(json.dumps({"failures": failures}, indent=1))
