@@ -81,7 +81,8 @@ class OptimizerResource(ConfigurableResource):
         default=4, description="openai backend: retries on 429/5xx/connection errors (exponential backoff)"
     )
     batch_size: int = Field(
-        default=DEFAULT_BATCH_SIZE, description="local backend: most generations per batch (requests sorted by prompt length, cut into equal batches)"
+        default=DEFAULT_BATCH_SIZE,
+        description="local backend: most generations per batch (requests sorted by prompt length, cut into equal batches)",
     )
     quantize: Literal["none", "int8"] = Field(
         default=DEFAULT_QUANTIZE,
