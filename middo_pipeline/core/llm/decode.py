@@ -240,7 +240,7 @@ def _positions(attn: torch.Tensor) -> torch.Tensor:
 
 def _assemble(parts, n: int, width: int, attention_mask: torch.Tensor, max_new: int):
     """One left-padded batch cache of width ``w`` (the longest prompt) from the groups' caches."""
-    g0, _, cache0, logit0 = parts[0]
+    _, _, cache0, logit0 = parts[0]
     w = max(p[1] for p in parts)
     logits = logit0.new_empty((n, logit0.shape[-1]))
     attn = attention_mask[:, width - w :]
