@@ -112,6 +112,8 @@ def headline(sections: dict) -> dict:
     for key in (
         "downstream_mc_accuracy_diff",
         "downstream_mc_accuracy_diff_ci",
+        "downstream_mc_accuracy_diff_ci_runs_items",
+        "downstream_placebo_diff_ci_runs_items",
         "downstream_gate_off_diff",
         "downstream_gate_off_diff_ci",
         "downstream_by_operation",
@@ -325,12 +327,16 @@ def table(sections: dict, head: dict, gl: dict) -> str:
             for key, v in dn["variants"].items():
                 d = v.get("mc_accuracy_diff_vs_seed") or {}
                 c = d.get("ci95") or [None, None]
+                cr = (v.get("mc_accuracy_diff_vs_seed_runs_items") or {}).get("ci95") or [None, None]
                 rows.append(
                     (
                         f"downstream {key}: MC acc",
                         _fmt(v["mc_accuracy_mean"], 3),
                         f"{v['rows']} rows",
-                        f"diff {_fmt(d.get('mean'), 3)} [{_fmt(c[0], 3)}, {_fmt(c[1], 3)}]" if d else "",
+                        f"diff {_fmt(d.get('mean'), 3)} items [{_fmt(c[0], 3)}, {_fmt(c[1], 3)}] "
+                        f"runs+items [{_fmt(cr[0], 3)}, {_fmt(cr[1], 3)}]"
+                        if d
+                        else "",
                         _goal(gl, "downstream_mc_accuracy_diff") if key == "gate_on" else "",
                     )
                 )

@@ -93,3 +93,28 @@ def test_run_cache_key_is_the_data_and_the_training(tmp_path):
     eval_file.write_text('{"a": 2}\n')
     assert one != _run_cache_file(st, df, TrainConfig(seed=0), eval_file)
     assert _run_cache_file(Settings.quick(down_run_cache=None), df, TrainConfig(seed=0), eval_file) is None
+
+
+def test_summary_carries_item_and_run_intervals():
+    from benchmarks.downstream import _summarize
+
+    rng = np.random.default_rng(0)
+    names = ("seed", "gate_on", "seed_reshuffled")
+    correct = {n: [(rng.random(50) < 0.5).astype(float) for _ in range(3)] for n in names}
+    losses = {n: [rng.random(50) + 1 for _ in range(3)] for n in names}
+    runs = {
+        n: [{"mc_accuracy": float(c.mean()), "mean_response_loss": 1.0, "rows": 9, "steps": 3} for c in correct[n]]
+        for n in names
+    }
+    got = _summarize(runs, correct, losses)
+    on = got["variants"]["gate_on"]
+    items, both = on["mc_accuracy_diff_vs_seed"], on["mc_accuracy_diff_vs_seed_runs_items"]
+    assert abs(items["mean"] - both["mean"]) < 1e-12 and both["runs"] == [3, 3]
+    assert both["ci95"][1] - both["ci95"][0] > items["ci95"][1] - items["ci95"][0]  # runs add spread
+    assert got["downstream_mc_accuracy_diff_ci_runs_items"] == both["ci95"]
+    assert (
+        got["downstream_placebo_diff_ci_runs_items"]
+        == got["variants"]["seed_reshuffled"]["mc_accuracy_diff_vs_seed_runs_items"]["ci95"]
+    )
+    loss = on["response_loss_improvement_vs_seed_runs_items"]  # seed − variant: > 0 better
+    assert abs(loss["mean"] - (np.mean(losses["seed"]) - np.mean(losses["gate_on"]))) < 1e-12

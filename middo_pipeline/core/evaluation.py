@@ -248,6 +248,41 @@ def paired_difference(a, b, n_boot: int = 2000, seed: int = 0) -> dict:
     return {"mean": float(d.mean()), "ci95": [lo, hi], "items": int(d.size), "significant": bool(lo > 0 or hi < 0)}
 
 
+def runs_items_difference(a_runs, b_runs, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean of a − b where each side is several training runs (rows) over the same items
+    (columns), with a 95% interval from a two-level bootstrap: the items are resampled (the same
+    items for both sides) and, independently per side, the runs. The interval then holds the
+    run-to-run spread (training order, sampling) that every item of a run shares and that an
+    item bootstrap leaves out; the runs are not paired across sides, because a change of the
+    data reshuffles a seed's training order. Items missing (not finite) in any run are left out."""
+    a = np.atleast_2d(np.asarray(a_runs, dtype=np.float64))
+    b = np.atleast_2d(np.asarray(b_runs, dtype=np.float64))
+    keep = np.isfinite(a).all(axis=0) & np.isfinite(b).all(axis=0)
+    a, b = a[:, keep], b[:, keep]
+    n_items = a.shape[1]
+    if n_items == 0 or a.shape[0] == 0 or b.shape[0] == 0:
+        return {"mean": None, "ci95": None, "items": 0, "runs": [a.shape[0], b.shape[0]], "significant": False}
+    rng = np.random.default_rng(seed)
+    # item resamples as counts, so that a run's mean over them is one matrix product
+    counts = np.zeros((n_boot, n_items))
+    np.add.at(counts, (np.repeat(np.arange(n_boot), n_items), rng.integers(0, n_items, n_boot * n_items)), 1.0)
+
+    def side(x: np.ndarray) -> np.ndarray:
+        run_means = x @ counts.T / n_items  # (runs, n_boot)
+        pick = rng.integers(0, x.shape[0], size=(n_boot, x.shape[0]))
+        return np.take_along_axis(run_means.T, pick, axis=1).mean(axis=1)
+
+    boots = side(a) - side(b)
+    lo, hi = float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+    return {
+        "mean": float(a.mean() - b.mean()),
+        "ci95": [lo, hi],
+        "items": int(n_items),
+        "runs": [int(a.shape[0]), int(b.shape[0])],
+        "significant": bool(lo > 0 or hi < 0),
+    }
+
+
 def compare_rounds(previous: pl.DataFrame, current: pl.DataFrame) -> dict:
     """This round's held-out items against the previous round's, paired by item ``id``:
     ``mc_accuracy`` (this − previous, > 0 better) and ``response_loss`` (previous − this, > 0

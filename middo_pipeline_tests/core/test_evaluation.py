@@ -261,3 +261,37 @@ def test_compare_rounds_pairs_items_and_says_when_worse():
     assert compare_rounds(prev, now.with_columns(pl.lit("other").alias("id")).head(1))["items"] == 0
     noisy = paired_difference([1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0])
     assert noisy["mean"] == 0 and not noisy["significant"]
+
+
+def _runs(rng, p_item, shift_sd, n_runs=5):
+    """Correct/incorrect per run and item; every item of a run shares the run's shift (its
+    training order), as the placebo measured."""
+    shift = rng.normal(0.0, shift_sd, size=(n_runs, 1))
+    return (rng.random((n_runs, p_item.size)) < np.clip(p_item + shift, 0, 1)).astype(float)
+
+
+def test_runs_items_interval_holds_the_run_spread_that_an_item_interval_misses():
+    from middo_pipeline.core.evaluation import paired_difference, runs_items_difference
+
+    rng = np.random.default_rng(0)
+    false_items = false_runs = 0
+    sims = 60
+    for k in range(sims):  # the null: two sets of runs of the same data, each run shifted by its order
+        p = rng.random(240) * 0.6 + 0.2
+        a, b = _runs(rng, p, 0.05), _runs(rng, p, 0.05)
+        false_items += paired_difference(a.mean(0), b.mean(0), n_boot=400, seed=k)["significant"]
+        got = runs_items_difference(a, b, n_boot=400, seed=k)
+        false_runs += got["significant"]
+        assert got["runs"] == [5, 5] and got["items"] == 240
+        assert abs(got["mean"] - (a.mean() - b.mean())) < 1e-12
+    assert false_runs <= 0.1 * sims  # about 5% by construction
+    assert false_items >= 2 * max(false_runs, 1)  # the item interval calls order noise a difference
+    # a real difference (every item 15 points likelier) is still found through that spread
+    p = rng.random(240) * 0.5 + 0.2
+    real = runs_items_difference(_runs(rng, p + 0.15, 0.02, 8), _runs(rng, p, 0.02, 8), n_boot=400)
+    assert real["significant"] and real["ci95"][0] > 0
+    # an item missing from one run is left out of both sides
+    a, b = _runs(rng, p, 0.0), _runs(rng, p, 0.0)
+    a[2, 7] = np.nan
+    assert runs_items_difference(a, b)["items"] == 239
+    assert runs_items_difference(a[:, :0], b[:, :0])["mean"] is None
