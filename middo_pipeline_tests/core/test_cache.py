@@ -132,6 +132,28 @@ def test_cached_backend_hits_misses_dedup_and_order(tmp_path):
     assert inner.sent == ["a"]
 
 
+def test_cached_backend_reports_progress_per_batch_not_per_result(tmp_path):
+    """A batch's results arrive together; a progress line at its first result ("1/6") would
+    give an ETA of the whole run at one request per batch time."""
+
+    class Batches(CountingBackend):
+        def complete(self, requests, progress=None, on_result=None):
+            out = [self._answer(r) for r in requests]
+            for start in range(0, len(out), 3):
+                for i in range(start, min(start + 3, len(out))):
+                    on_result(i, out[i])
+                if progress:
+                    progress(min(start + 3, len(out)), len(out))
+            return out
+
+    cb = CachedBackend(Batches(), tmp_path / "c.sqlite")
+    cb.complete([req("h")])
+    seen = []
+    out = cb.complete([req(t) for t in "abhcde"], progress=lambda d, t: seen.append((d, t)))
+    assert [c.text for c in out] == [f"answer to {t}" for t in "abhcde"]
+    assert seen == [(1, 6), (4, 6), (6, 6)]  # the hit first, then after each batch of 3 misses
+
+
 def test_cached_backend_when_the_inner_backend_delivers_only_at_the_end(tmp_path):
     inner = CountingBackend(stream=False)
     cb = CachedBackend(inner, tmp_path / "c.sqlite")

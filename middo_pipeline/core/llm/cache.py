@@ -274,12 +274,21 @@ class CachedBackend:
                 if on_result:
                     on_result(i, results[i])
             done += len(idxs)
-            if progress:
+
+        reported = n_hits
+
+        def report(*_) -> None:
+            # when the backend says so (after a batch, not after each result of it: a progress
+            # line written at the first result of a batch reads "1/284, ETA 4 hours")
+            nonlocal reported
+            if progress and done != reported:
+                reported = done
                 progress(done, n)
 
-        out = self.backend.complete(miss_reqs, on_result=deliver)
+        out = self.backend.complete(miss_reqs, progress=report, on_result=deliver)
         if len(out) != len(miss_reqs):
             raise RuntimeError(f"backend {bid} returned {len(out)} completions for {len(miss_reqs)} requests")
         for j, comp in enumerate(out):  # what the backend did not deliver through on_result
             deliver(j, comp)
+        report()
         return results  # type: ignore[return-value]
