@@ -4,9 +4,11 @@ write ``benchmarks/results/{quick,full}.json`` (atomically)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import traceback
+from pathlib import Path
 
 from benchmarks.common import (
     RESULTS_DIR,
@@ -361,6 +363,38 @@ def _goal(gl: dict, key: str) -> str:
     return f"{g['target']}: {mark}"
 
 
+def merge_results(path: Path, sections: dict, runs: dict, imports: list[str], error) -> tuple[dict, dict]:
+    """The sections already in ``path`` (with when and how each was measured), then the
+    imported ones, then those run now: each section keeps the run it came from, so ratios
+    stay within one run while the file holds the latest figure of every section."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    merged = dict(old.get("sections") or {})
+    merged_runs = dict(old.get("section_runs") or {})
+    for name in merged:
+        merged_runs.setdefault(name, {"date": "unknown (before section_runs)", "environment": old.get("environment")})
+    for spec in imports:
+        name, sep, file = spec.partition("=")
+        if not sep or name not in SECTIONS:
+            error(f"--import wants SECTION=FILE with SECTION one of {', '.join(SECTIONS)}: {spec!r}")
+        src = json.loads(Path(file).read_text())
+        if "sections" in src:
+            if name not in src["sections"]:
+                error(f"--import {spec}: {file} has no section {name!r} (it has {sorted(src['sections'])})")
+            block = src["sections"][name]
+            run = (src.get("section_runs") or {}).get(name) or {
+                "seconds": (src.get("section_seconds") or {}).get(name),
+                "environment": src.get("environment"),
+            }
+        else:
+            block, run = src, {k: src[k] for k in ("date", "command") if k in src}
+        merged[name] = block
+        merged_runs[name] = {"imported_from": file, **run}
+    merged.update(sections)
+    merged_runs.update(runs)
+    order = [n for n in SECTIONS if n in merged]
+    return {n: merged[n] for n in order}, {n: merged_runs[n] for n in order if n in merged_runs}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     mode = p.add_mutually_exclusive_group(required=True)
@@ -414,6 +448,21 @@ def main(argv=None) -> int:
     )
     p.add_argument("--seeds", default=None, help="downstream: comma-separated training seeds (default 0,1,2,3,4)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/{quick,full}.json)")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other sections already in --out and replace only those run (or imported) now; headline "
+        "and goals are recomputed from all of them, and section_runs says when and how each was measured",
+    )
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="SECTION=FILE",
+        help="with --merge: take SECTION from FILE, a results file of an earlier run (its sections.SECTION) or one "
+        "section's own JSON; repeatable. Without --only, no section runs",
+    )
     args = p.parse_args(argv)
 
     over = {"device": args.device, "threads": args.threads}
@@ -442,7 +491,9 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    only = [s.strip() for s in args.only.split(",")] if args.only else list(SECTIONS)
+    if args.imports and not args.merge:
+        p.error("--import needs --merge")
+    only = [s.strip() for s in args.only.split(",")] if args.only else ([] if args.imports else list(SECTIONS))
     unknown = set(only) - set(SECTIONS)
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; known: {', '.join(SECTIONS)}")
@@ -500,21 +551,33 @@ def main(argv=None) -> int:
 
     section("ray", lambda: ray_bench.run(settings, models))
 
+    wall = time.perf_counter() - t_all
+    runs = {
+        name: {
+            "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            "command": " ".join(sys.argv),
+            "seconds": seconds.get(name),
+        }
+        | {"environment": env}
+        for name in sections
+    }
+    if args.merge:
+        sections, runs = merge_results(Path(out_path), sections, runs, args.imports, p.error)
     head = headline(sections)
     gl = goals(head)
-    wall = time.perf_counter() - t_all
     result = {
         "mode": settings.mode,
         **head,
         "goals": gl,
         "wall_seconds": wall,
         "section_seconds": seconds,
+        "section_runs": runs,
         "model_load_seconds": models.load_seconds,
         "environment": env,
         "settings": settings_dict(settings),
         "sections": sections,
     }
-    write_json_atomic(__import__("pathlib").Path(out_path), result)
+    write_json_atomic(Path(out_path), result)
     print()
     print(
         f"middo-pipeline benchmarks ({settings.mode}) on {env['platform']}, {env['torch_threads']} torch threads"

@@ -1,0 +1,71 @@
+"""``python -m benchmarks --merge``: a results file keeps the latest run of every section, says
+when and how each was measured, and recomputes the headline and goals from all of them."""
+
+import json
+
+import pytest
+
+from benchmarks.__main__ import main
+
+
+def test_merge_keeps_other_sections_and_imports_with_their_runs(tmp_path, capsys):
+    out = tmp_path / "quick.json"
+    out.write_text(
+        json.dumps(
+            {
+                "environment": {"torch": "old"},
+                "sections": {"ray": {"ray_overhead_at_equal_cores": 0.5}, "knn": {"sizes": {}}},
+            }
+        )
+    )
+    gen = tmp_path / "generation.json"  # a results file of another run
+    gen.write_text(
+        json.dumps(
+            {
+                "sections": {"generation": {"speedup_vs_transformers_generate": 4.27, "default_path": "compact"}},
+                "section_runs": {"generation": {"date": "2026-12-01 05:00", "command": "x"}},
+            }
+        )
+    )
+    det = tmp_path / "detection.json"  # one section's own JSON
+    det.write_text(json.dumps({"date": "2026-11-30", "command": "y", "detection_auroc": {"complexity": 0.95}}))
+    ray = tmp_path / "ray.json"
+    ray.write_text(
+        json.dumps({"sections": {"ray": {"ray_overhead_at_equal_cores": 0.1}}, "section_seconds": {"ray": 9}})
+    )
+
+    assert (
+        main(
+            [
+                "--quick",
+                "--merge",
+                "--import",
+                f"generation={gen}",
+                "--import",
+                f"detection={det}",
+                "--import",
+                f"ray={ray}",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    res = json.loads(out.read_text())
+    assert list(res["sections"]) == ["knn", "detection", "generation", "ray"]  # the sections' own order
+    assert res["generation_speedup_vs_transformers_generate"] == 4.27
+    assert res["goals"]["generation_speedup_vs_transformers_generate"]["met"] is False
+    assert res["detection_auroc"]["complexity"] == 0.95 and res["goals"]["detection_auroc.complexity"]["met"]
+    assert res["ray_overhead_at_equal_cores"] == 0.1  # the import replaced the old figure
+    runs = res["section_runs"]
+    assert runs["knn"]["date"].startswith("unknown") and runs["knn"]["environment"] == {"torch": "old"}
+    assert runs["generation"]["date"] == "2026-12-01 05:00" and runs["generation"]["imported_from"] == str(gen)
+    assert runs["detection"]["command"] == "y" and runs["ray"]["seconds"] == 9
+    assert f"results in {out}" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit):  # an unknown section or a file without it is an error, not a silent skip
+        main(["--quick", "--merge", "--import", f"nosuch={gen}", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        main(["--quick", "--merge", "--import", f"speed={gen}", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        main(["--quick", "--import", f"generation={gen}", "--out", str(out)])
