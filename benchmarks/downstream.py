@@ -372,6 +372,10 @@ def run(settings, models=None) -> dict:
         **part,
         "seconds": time.perf_counter() - t_start,
         "runs": runs,
+        # per held-out item (in id order), averaged over the runs: which items a data change moved
+        "item_ids": sorted(eval_df["id"].to_list()) if "id" in eval_df.columns else None,
+        "item_mean_correct": {k: np.mean(np.stack(v), axis=0).round(4).tolist() for k, v in correct.items()},
+        "item_mean_loss": {k: np.mean(np.stack(v), axis=0).round(4).tolist() for k, v in losses.items()},
         "note": "small scale: 135M model, LoRA, one epoch on ~200 samples, 240 held-out items",
     }
 
