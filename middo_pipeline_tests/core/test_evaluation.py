@@ -295,3 +295,18 @@ def test_runs_items_interval_holds_the_run_spread_that_an_item_interval_misses()
     a[2, 7] = np.nan
     assert runs_items_difference(a, b)["items"] == 239
     assert runs_items_difference(a[:, :0], b[:, :0])["mean"] is None
+
+
+def test_regression_check_says_what_it_cannot_see():
+    from middo_pipeline.assets.evaluation import RESOLUTION, _regression_check
+    from middo_pipeline.core.evaluation import compare_rounds
+
+    ids = [f"q{i}" for i in range(60)]
+    prev = pl.DataFrame({"id": ids, "correct": [True] * 60, "loss": [1.0] * 60})
+    now = pl.DataFrame({"id": ids, "correct": [i % 2 == 0 for i in range(60)], "loss": [1.5] * 60})
+    worse = _regression_check(compare_rounds(prev, now))
+    assert not worse.passed and worse.severity.value == "WARN"
+    assert worse.metadata["resolution"].value == RESOLUTION and "order" in RESOLUTION
+    assert "significantly worse" in worse.metadata["note"].value
+    assert _regression_check(compare_rounds(prev, prev)).passed
+    assert _regression_check(None).passed  # round 1: nothing to compare with
