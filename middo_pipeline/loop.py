@@ -226,8 +226,9 @@ def round_warnings(instance: DagsterInstance, key: str) -> list[str]:
             f"WARNING {key}: trained a significantly worse model than the previous round "
             f"(MC accuracy {ev.get('mc_accuracy_change_vs_previous_round'):+.3f}, 95% interval "
             f"{ev.get('mc_accuracy_change_vs_previous_round_ci95')}; held-out loss change "
-            f"{ev.get('loss_change_vs_previous_round'):+.3f}, > 0 better): see the round_evaluation check "
-            "'no_regression' and the previous round's refined_samples"
+            f"{ev.get('loss_change_vs_previous_round'):+.3f}, > 0 better; over items of one training run, so a "
+            "small change may be training order alone: retrain with another seed to confirm): see the "
+            "round_evaluation check 'no_regression' and the previous round's refined_samples"
         )
     return out
 
