@@ -557,8 +557,8 @@ def main(argv=None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "command": " ".join(sys.argv),
             "seconds": seconds.get(name),
+            "environment": env,
         }
-        | {"environment": env}
         for name in sections
     }
     if args.merge:
