@@ -395,6 +395,16 @@ def merge_results(path: Path, sections: dict, runs: dict, imports: list[str], er
     return {n: merged[n] for n in order}, {n: merged_runs[n] for n in order if n in merged_runs}
 
 
+def with_dependencies(only: list[str]) -> list[str]:
+    """The sections to run, with ``hardware`` added when a section that reports a fraction of the
+    machine's bound (speed: MFU; generation: % of bound) runs: that bound must come from the same
+    machine and run, never from an earlier one kept in a merged file."""
+    if {"speed", "generation"} & set(only) and "hardware" not in only:
+        log("=== hardware added: speed and generation report fractions of this run's measured matmul peak")
+        return ["hardware", *only]
+    return only
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     mode = p.add_mutually_exclusive_group(required=True)
@@ -497,6 +507,7 @@ def main(argv=None) -> int:
     unknown = set(only) - set(SECTIONS)
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; known: {', '.join(SECTIONS)}")
+    only = with_dependencies(only)
     out_path = args.out or str(RESULTS_DIR / f"{settings.mode}.json")
 
     t_all = time.perf_counter()

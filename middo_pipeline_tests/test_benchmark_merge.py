@@ -69,3 +69,14 @@ def test_merge_keeps_other_sections_and_imports_with_their_runs(tmp_path, capsys
         main(["--quick", "--merge", "--import", f"speed={gen}", "--out", str(out)])
     with pytest.raises(SystemExit):
         main(["--quick", "--import", f"generation={gen}", "--out", str(out)])
+
+
+def test_speed_and_generation_bring_their_hardware_bound():
+    """MFU and "% of bound" divide by the matmul peak measured in the same run: ``--only speed``
+    (or generation) must measure the hardware too, not reuse a merged file's older peak."""
+    from benchmarks.__main__ import with_dependencies
+
+    assert with_dependencies(["speed", "knn"]) == ["hardware", "speed", "knn"]
+    assert with_dependencies(["generation"]) == ["hardware", "generation"]
+    assert with_dependencies(["hardware", "speed"]) == ["hardware", "speed"]
+    assert with_dependencies(["knn", "judge"]) == ["knn", "judge"]
