@@ -174,6 +174,7 @@ def _regate(store, cands, tables: dict, settings):
         judge_model=judge,
         duplicate_cosine=cfg.duplicate_cosine,
         near_origin=cfg.near_origin,
+        bar=cfg.acceptance_bar,
         heldout_grams=_heldout_grams(cfg.heldout_path, cfg.heldout_ngram),
         ngram=cfg.heldout_ngram,
     )

@@ -28,7 +28,7 @@ from middo_pipeline.core.optimizer.prompts import PromptConfig, PromptStyle
 from middo_pipeline.core.optimizer.style import choose_style
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.schema import fingerprint
-from middo_pipeline.core.verify import choose_candidates, ngram_set
+from middo_pipeline.core.verify import DEFAULT_DUPLICATE_COSINE, choose_candidates, ngram_set
 from middo_pipeline.resources import ModelResource, OptimizerResource, RayComputeResource, StorageResource
 from middo_pipeline.rounds import round_number, rounds_partitions
 
@@ -61,7 +61,7 @@ class RefineConfig(Config):
         description="Verified refinement: re-score every candidate with the round's models and thresholds; accept only fixes (off: the first candidate is taken unchecked)",
     )
     duplicate_cosine: float = Field(
-        default=0.9,
+        default=DEFAULT_DUPLICATE_COSINE,
         gt=0.0,
         le=1.0,
         description="An extension this similar (cosine, in the round's embedding space) to any round sample is a near-duplicate",
@@ -70,6 +70,13 @@ class RefineConfig(Config):
         default=True,
         description="A candidate must be at least as similar to the sample it was made from as that sample's k nearest "
         "neighbours are on average (a rewrite that changed the task, an extension outside the sparse region, is rejected)",
+    )
+    acceptance_bar: Literal["flag", "typical"] = Field(
+        default="flag",
+        description="flag: an accepted candidate no longer carries the flag it was made to fix and gets no new one "
+        "(the method's rule) | typical: it must also be no harder after training than the round's median sample "
+        "and of at least its median quality (conservative: for a weak optimizer, whose 'unflagged' outputs are "
+        "mostly worse than typical rows)",
     )
     heldout_path: str = Field(default=str(DEFAULT_EVAL), description="Held-out set whose text candidates must not copy")
     heldout_ngram: int = Field(
@@ -191,6 +198,7 @@ def refined_samples(
             judge_model=judge_lm,
             duplicate_cosine=config.duplicate_cosine,
             near_origin=config.near_origin,
+            bar=config.acceptance_bar,
             heldout_grams=_heldout_grams(config.heldout_path, config.heldout_ngram),
             ngram=config.heldout_ngram,
             log=context.log.warning,

@@ -34,8 +34,11 @@ def round_thresholds(
     quality_signals: pl.DataFrame,
     duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE,
     near_origin: bool = True,
+    bar: str = "flag",
 ) -> RoundThresholds:
-    """The thresholds the round's signals stored with their tables."""
+    """The thresholds the round's signals stored with their tables; for ``bar="typical"`` also
+    the round's median loss after training and median quality value (of the round's samples,
+    never of the candidates)."""
 
     def one(df: pl.DataFrame, col: str) -> float:
         if col not in df.columns or df.height == 0:
@@ -49,7 +52,17 @@ def round_thresholds(
         quality=one(quality_signals, "quality_threshold"),
         duplicate_cosine=duplicate_cosine,
         near_origin=near_origin,
+        bar=bar,
+        typical_loss_after=_median(loss_signals, "loss_after"),
+        typical_quality=_median(quality_signals, "quality_value"),
     )
+
+
+def _median(df: pl.DataFrame, col: str) -> float:
+    if col not in df.columns:
+        return float("nan")
+    x = df[col].cast(pl.Float64).fill_nan(None).drop_nulls()
+    return float(x.median()) if x.len() else float("nan")
 
 
 def quality_scale(quality_signals: pl.DataFrame) -> QualityScale:
@@ -103,6 +116,7 @@ def gate_round(
     judge_model=None,
     duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE,
     near_origin: bool = True,
+    bar: str = "flag",
     heldout_grams: set | None = None,
     ngram: int = DEFAULT_NGRAM,
     control_tokens: Sequence[str] = (),
@@ -111,7 +125,7 @@ def gate_round(
 ) -> tuple[pl.DataFrame, RoundThresholds]:
     """Every candidate re-scored and verified (``passed``, ``reasons``), and the thresholds
     used. ``base`` / ``checkpoint`` / ``judge_model``: as in ``rescore_candidates``."""
-    th = round_thresholds(loss_signals, quality_signals, duplicate_cosine, near_origin)
+    th = round_thresholds(loss_signals, quality_signals, duplicate_cosine, near_origin, bar)
     scale = quality_scale(quality_signals)
     readout = model_readouts.row(0, named=True)
     spec = EmbeddingSpec(pooling=readout["embedding_pooling"], layer=readout["embedding_layer"])

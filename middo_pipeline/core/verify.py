@@ -69,7 +69,7 @@ __all__ = [
     "CANDIDATE_SIGNAL_COLUMNS",
 ]
 
-DEFAULT_DUPLICATE_COSINE = 0.95
+DEFAULT_DUPLICATE_COSINE = 0.9  # measured: see RefineConfig.duplicate_cosine and the README
 DEFAULT_NGRAM = 8
 
 # what the re-scoring adds to each candidate row
@@ -136,6 +136,14 @@ def quality_value(scale: QualityScale, judge: np.ndarray | None, ifd: np.ndarray
     raise ValueError(f"quality mode must be judge, ifd or combined, got {scale.mode!r}")
 
 
+# How good an accepted candidate must be. "flag" (the method's rule): it no longer carries the
+# flag it was made to fix and gets no new one. "typical" (conservative, for a weak optimizer):
+# also no harder after training than the round's median sample and of at least its median
+# quality, so that nothing below the round's typical row gets in (a small optimizer's
+# refinements that pass "flag" are mostly worse than typical seed rows: see the README).
+ACCEPTANCE_BARS = ("flag", "typical")
+
+
 @dataclass(frozen=True)
 class RoundThresholds:
     """The thresholds the round's signals used (read back from the signal tables)."""
@@ -146,6 +154,15 @@ class RoundThresholds:
     duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE  # extension too close to a round sample
     # a candidate must be at least as close to its origin as the origin's neighbours are
     near_origin: bool = True
+    # "flag": a candidate must not be flagged (not hard, not low quality); "typical": it must
+    # also be at least as good as the round's median sample on both (see ACCEPTANCE_BARS)
+    bar: str = "flag"
+    typical_loss_after: float = float("nan")  # the round's median loss after training
+    typical_quality: float = float("nan")  # the round's median quality value
+
+    def __post_init__(self):
+        if self.bar not in ACCEPTANCE_BARS:
+            raise ValueError(f"acceptance bar must be one of {', '.join(ACCEPTANCE_BARS)}, got {self.bar!r}")
 
     def as_dict(self) -> dict:
         return {
@@ -154,6 +171,9 @@ class RoundThresholds:
             "quality": self.quality,
             "duplicate_cosine": self.duplicate_cosine,
             "near_origin": self.near_origin,
+            "bar": self.bar,
+            "typical_loss_after": self.typical_loss_after,
+            "typical_quality": self.typical_quality,
         }
 
 
@@ -297,6 +317,12 @@ def candidate_reasons(
             reasons.append("not better than the original")
     elif _is_low(q, th):
         reasons.append("low quality")
+    if th.bar == "typical":
+        la = row.get("loss_after")
+        if math.isfinite(th.typical_loss_after) and not (_finite(la) and la <= th.typical_loss_after):
+            reasons.append("harder than the round's typical sample")
+        if math.isfinite(th.typical_quality) and not (_finite(q) and q >= th.typical_quality):
+            reasons.append("below the round's typical quality")
     if op == EXTENDED:
         c = row.get("max_cosine")
         if not _finite(c):

@@ -114,6 +114,43 @@ def test_near_origin_can_be_switched_off():
     assert verify_candidates(pl.DataFrame([row]), replace(TH, near_origin=False))["passed"][0]
 
 
+def test_typical_bar_needs_the_round_median_not_only_no_flag():
+    """``bar="typical"``: a candidate that is no longer flagged but harder after training, or of
+    lower quality, than the round's median sample is rejected; at or better than both, it passes."""
+    from dataclasses import replace
+
+    typical = replace(TH, bar="typical", typical_loss_after=1.2, typical_quality=5.5)
+    unflagged = cand(la=1.4, q=5.2)  # not hard (1.4 < 1.5), not low (5.2 > 5.0): passes the flag bar
+    assert verify_candidates(pl.DataFrame([unflagged]), TH)["passed"][0]
+    got = verify_candidates(pl.DataFrame([unflagged]), typical).row(0, named=True)
+    assert got["reasons"] == "harder than the round's typical sample; below the round's typical quality"
+    assert verify_candidates(pl.DataFrame([cand(la=1.2, q=5.5)]), typical)["passed"][0]  # ties pass
+    unscored_q = cand(la=1.0, q=float("nan"))
+    assert "below the round's typical quality" in verify_candidates(pl.DataFrame([unscored_q]), typical)["reasons"][0]
+    with pytest.raises(ValueError, match="acceptance bar"):
+        replace(TH, bar="median")
+
+
+def test_round_thresholds_typical_are_the_round_medians():
+    from middo_pipeline.core.gate import round_thresholds
+
+    loss = pl.DataFrame(
+        {
+            "sample_id": ["a", "b", "c", "d"],
+            "loss_after": [1.0, 3.0, 2.0, float("nan")],
+            "threshold_loss_before": [2.5] * 4,
+            "threshold_loss_after": [2.8] * 4,
+        }
+    )
+    quality = pl.DataFrame(
+        {"sample_id": ["a", "b", "c", "d"], "quality_value": [-0.5, -0.7, None, -0.6], "quality_threshold": [-0.8] * 4}
+    )
+    th = round_thresholds(loss, quality, bar="typical")
+    assert (th.typical_loss_after, th.typical_quality, th.bar) == (2.0, -0.6, "typical")
+    assert (th.hard_before, th.hard_after, th.quality) == (2.5, 2.8, -0.8)
+    assert round_thresholds(loss, quality).bar == "flag"
+
+
 def _shipped_rows():
     import json
     from pathlib import Path
