@@ -342,6 +342,17 @@ def table(sections: dict, head: dict, gl: dict) -> str:
                         _goal(gl, "downstream_mc_accuracy_diff") if key == "gate_on" else "",
                     )
                 )
+            db = (dn.get("loop") or {}).get("default_bar")
+            if db:
+                rows.append(
+                    (
+                        f"downstream: default bar ({db['bar']}) accepts",
+                        f"{db['accepted']} refinements",
+                        f"{db['candidates_passed']} candidates pass it",
+                        "data = the seed's" if db["accepted"] == 0 else "",
+                        "",
+                    )
+                )
     for name, blk in sections.items():
         if isinstance(blk, dict) and blk.get("error"):
             rows.append((f"{name}: FAILED", blk["error"][:60], "", "", ""))

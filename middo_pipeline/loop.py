@@ -209,16 +209,23 @@ def step_seconds(instance: DagsterInstance, key: str) -> dict:
 
 
 def round_warnings(instance: DagsterInstance, key: str) -> list[str]:
-    """What a round that 'succeeded' should still say loudly: every optimizer call failed; its
-    data trained a significantly worse model than the previous round's."""
+    """What a round that 'succeeded' should still say loudly: every optimizer call failed; the
+    gate accepted nothing (a note: the data did not change); its data trained a significantly
+    worse model than the previous round's."""
     out = []
     cand = _meta(instance, "refinement_candidates", key)
     n, ok = cand.get("candidates"), cand.get("generated")
+    ref = _meta(instance, "refined_samples", key)
     if n and not ok:
-        ref = _meta(instance, "refined_samples", key)
         out.append(
             f"WARNING {key}: all {n} optimizer candidates failed (prompt style {ref.get('prompt_style')}): "
             "nothing was refined; see the refined_samples check 'optimizer_calls' for the reasons"
+        )
+    if ok and ref.get("attempted") and not ref.get("accepted"):
+        out.append(
+            f"NOTE {key}: the gate accepted none of {ref['attempted']} refinements (acceptance bar "
+            f"{ref.get('acceptance_bar')}: {ref.get('acceptance_bar_reason')}): the round's data is unchanged. "
+            "See refined_samples' 'rejected_examples'; a stronger optimizer (a served model) gets the method's bar"
         )
     ev = _meta(instance, "round_evaluation", key)
     if ev.get("worse_than_previous_round"):
@@ -247,6 +254,7 @@ def summarize_round(instance: DagsterInstance, key: str) -> dict:
     return sig | {
         "train_final_loss": ck.get("final_loss"),
         "refined_ok": ref.get("succeeded"),
+        "refined_rejected": ref.get("rejected"),
         "refined_failed": ref.get("failed"),
         "rows_out": opt.get("rows_after"),
         "eval_loss": ev.get("mean_response_loss"),

@@ -66,6 +66,32 @@ def test_variants_share_the_candidates():
     assert v["extend_only"][0].height == seed.height + 1
 
 
+def test_default_bar_outcome_rejudges_the_stored_candidates_with_the_round_medians():
+    """What the default bar (auto: typical for the benchmark's 135M optimizer) would accept is
+    judged from the stored signals: a candidate that passed the flag rule but is harder after
+    training than the round's median sample is not accepted; one at least as good is."""
+    from benchmarks.downstream import default_bar_outcome
+
+    seed = make_samples(ROWS)
+    ids = seed["sample_id"].to_list()
+    rows = [
+        _cand(ids[0], "simplified", 0, "ok", True, 2.0) | {"loss_after": 3.0},  # unflagged, harder than typical
+        _cand(ids[1], "simplified", 0, "ok", True, 2.0) | {"loss_after": 1.0},  # at least typical on both
+        _cand(ids[2], "simplified", 0, "ok", False, 2.0) | {"loss_after": 1.0},  # rejected by the flag rule
+    ]
+    cands = pl.DataFrame([r | {"loss_before": 1.0, "quality_value_original": 0.0, "max_cosine": 0.5} for r in rows])
+    loss = pl.DataFrame({"sample_id": ids, "loss_after": [1.0 + 0.1 * i for i in range(20)]}).with_columns(
+        pl.lit(9.0).alias("threshold_loss_before"), pl.lit(9.0).alias("threshold_loss_after")
+    )
+    quality = pl.DataFrame({"sample_id": ids, "quality_value": [float(i % 3) for i in range(20)]}).with_columns(
+        pl.lit(-1.0).alias("quality_threshold")
+    )
+    got = default_bar_outcome(cands, loss, quality)
+    assert got["bar"] == "typical" and got["typical_loss_after"] == 1.95 and got["typical_quality"] == 1.0
+    assert got["candidates_passed"] == 1 and got["accepted"] == 1
+    assert got["accepted_by_operation"] == {"simplified": 1}
+
+
 def test_paired_mean_and_interval():
     a, b = np.array([1.0, 1.0, 0.0, 1.0]), np.array([0.0, 1.0, 0.0, 0.0])
     res = paired(a, b, n_boot=500)

@@ -28,7 +28,12 @@ from middo_pipeline.core.optimizer.prompts import PromptConfig, PromptStyle
 from middo_pipeline.core.optimizer.style import choose_style
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.schema import fingerprint
-from middo_pipeline.core.verify import DEFAULT_DUPLICATE_COSINE, choose_candidates, ngram_set
+from middo_pipeline.core.verify import (
+    DEFAULT_DUPLICATE_COSINE,
+    choose_candidates,
+    ngram_set,
+    resolve_acceptance_bar,
+)
 from middo_pipeline.resources import ModelResource, OptimizerResource, RayComputeResource, StorageResource
 from middo_pipeline.rounds import round_number, rounds_partitions
 
@@ -71,12 +76,13 @@ class RefineConfig(Config):
         description="A candidate must be at least as similar to the sample it was made from as that sample's k nearest "
         "neighbours are on average (a rewrite that changed the task, an extension outside the sparse region, is rejected)",
     )
-    acceptance_bar: Literal["flag", "typical"] = Field(
-        default="flag",
+    acceptance_bar: Literal["auto", "flag", "typical"] = Field(
+        default="auto",
         description="flag: an accepted candidate no longer carries the flag it was made to fix and gets no new one "
         "(the method's rule) | typical: it must also be no harder after training than the round's median sample "
         "and of at least its median quality (conservative: for a weak optimizer, whose 'unflagged' outputs are "
-        "mostly worse than typical rows)",
+        "mostly worse than typical rows) | auto: typical for an optimizer that cannot follow the stepwise prompt "
+        "(below 3B parameters when its size is known, else by the prompt-style probe), flag for one that can",
     )
     heldout_path: str = Field(default=str(DEFAULT_EVAL), description="Held-out set whose text candidates must not copy")
     heldout_ngram: int = Field(
@@ -156,6 +162,9 @@ def refined_samples(
         style = optimizer.default_style() if config.prompt_style == "auto" else config.prompt_style
         style_reason = "configured" if config.prompt_style != "auto" else "nothing to refine"
     max_prompt = config.max_prompt_tokens or (160 if style == "direct" else 768)
+    bar, bar_reason = _acceptance_bar(config, backend, style, style_reason, planned=plan.height > 0)
+    if config.verify and plan.height:
+        context.log.info(f"acceptance bar {bar} ({bar_reason})")
     k = config.candidates
     temperature = config.temperature if k > 1 or config.temperature > 0 else 0.0
     prompt_cfg = PromptConfig(
@@ -198,7 +207,7 @@ def refined_samples(
             judge_model=judge_lm,
             duplicate_cosine=config.duplicate_cosine,
             near_origin=config.near_origin,
-            bar=config.acceptance_bar,
+            bar=bar,
             heldout_grams=_heldout_grams(config.heldout_path, config.heldout_ngram),
             ngram=config.heldout_ngram,
             log=context.log.warning,
@@ -315,6 +324,8 @@ def refined_samples(
                 "prompt_style": prompt_cfg.style,
                 "prompt_style_reason": style_reason,
                 "optimizer": f"{optimizer.backend}:{optimizer.model}",
+                "acceptance_bar": bar if config.verify else "none (verify off)",
+                "acceptance_bar_reason": bar_reason if config.verify else "verify off: the first candidate is taken",
                 "generation_seconds": round(gen_seconds, 1),
                 "verification_seconds": round(gate_seconds, 1),
                 "accepted_before_after": preview_md(ok, signals_cols, n=10),
@@ -337,6 +348,20 @@ def refined_samples(
     if not check.passed:
         context.log.warning(f"{context.partition_key}: {check.description}")
     yield check
+
+
+def _acceptance_bar(config: RefineConfig, backend, style: str, style_reason: str, planned: bool) -> tuple[str, str]:
+    """The bar the gate applies, and why. ``auto`` asks what the optimizer can do, as
+    ``prompt_style: auto`` does (reusing its answer when the style was chosen that way)."""
+    if config.acceptance_bar != "auto":
+        return config.acceptance_bar, "configured"
+    if not planned or not config.verify:
+        return resolve_acceptance_bar("auto", "direct"), "auto; nothing to verify"
+    if config.prompt_style != "auto":
+        style, style_reason = choose_style(backend)
+    bar = resolve_acceptance_bar("auto", style)
+    strength = "follows" if style == "stepwise" else "does not follow"
+    return bar, f"auto: the optimizer {strength} the stepwise prompt ({style_reason})"
 
 
 def optimizer_calls_check(candidates: pl.DataFrame, style: str) -> AssetCheckResult:

@@ -144,6 +144,17 @@ def quality_value(scale: QualityScale, judge: np.ndarray | None, ifd: np.ndarray
 ACCEPTANCE_BARS = ("flag", "typical")
 
 
+def resolve_acceptance_bar(bar: str, optimizer_style: str) -> str:
+    """The bar ``auto`` stands for: ``typical`` for an optimizer that cannot follow the stepwise
+    prompt (a small model: ``optimizer.style.choose_style`` says ``direct``), ``flag`` for one
+    that can. Any other bar is returned as it is (and checked)."""
+    if bar == "auto":
+        return "flag" if optimizer_style == "stepwise" else "typical"
+    if bar not in ACCEPTANCE_BARS:
+        raise ValueError(f"acceptance bar must be auto or one of {', '.join(ACCEPTANCE_BARS)}, got {bar!r}")
+    return bar
+
+
 @dataclass(frozen=True)
 class RoundThresholds:
     """The thresholds the round's signals used (read back from the signal tables)."""

@@ -131,6 +131,39 @@ def test_typical_bar_needs_the_round_median_not_only_no_flag():
         replace(TH, bar="median")
 
 
+def test_auto_bar_is_typical_for_an_optimizer_that_cannot_follow_the_stepwise_prompt():
+    from middo_pipeline.core.verify import resolve_acceptance_bar
+
+    assert resolve_acceptance_bar("auto", "direct") == "typical"
+    assert resolve_acceptance_bar("auto", "stepwise") == "flag"
+    assert resolve_acceptance_bar("flag", "direct") == "flag"  # a configured bar is kept
+    assert resolve_acceptance_bar("typical", "stepwise") == "typical"
+    with pytest.raises(ValueError, match="auto or one of flag, typical"):
+        resolve_acceptance_bar("strict", "direct")
+
+
+def test_auto_bar_asks_the_optimizer_as_prompt_style_auto_does():
+    """The asset's ``acceptance_bar: auto``: a local model's size decides (< 3B: typical), also
+    when the prompt style was configured; a configured bar is used as it is."""
+    from types import SimpleNamespace
+
+    from middo_pipeline.assets.optimization import RefineConfig, _acceptance_bar
+
+    small, large = SimpleNamespace(n_params=135_000_000), SimpleNamespace(n_params=7_000_000_000)
+    auto = RefineConfig()
+    assert auto.acceptance_bar == "auto"
+    bar, why = _acceptance_bar(auto, small, "direct", "model size: 135M parameters", planned=True)
+    assert bar == "typical" and "does not follow" in why and "135M" in why
+    direct = RefineConfig(prompt_style="direct")  # the style was configured: the size still decides
+    assert _acceptance_bar(direct, large, "direct", "configured", planned=True)[0] == "flag"
+    assert _acceptance_bar(direct, small, "direct", "configured", planned=True)[0] == "typical"
+    assert _acceptance_bar(RefineConfig(acceptance_bar="flag"), small, "direct", "", planned=True) == (
+        "flag",
+        "configured",
+    )
+    assert _acceptance_bar(auto, small, "direct", "", planned=False)[1] == "auto; nothing to verify"
+
+
 def test_round_thresholds_typical_are_the_round_medians():
     from middo_pipeline.core.gate import round_thresholds
 
