@@ -193,7 +193,7 @@ def default_bar_outcome(cands, loss_signals, quality_signals) -> dict:
     }
     return {
         "bar": bar,
-        "why": "auto: the 135M optimizer does not follow the stepwise prompt",
+        "why": "auto: a small optimizer (135M parameters)",
         "typical_loss_after": th.typical_loss_after,
         "typical_quality": th.typical_quality,
         "candidates_passed": int(verdict["passed"].sum()),

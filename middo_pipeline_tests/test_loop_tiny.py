@@ -111,7 +111,7 @@ def test_metadata_in_instance(two_rounds):
         ref = latest_materialization(instance, "refined_samples", "round-1").asset_materialization.metadata
         assert ref["optimizer"].value == "local:tiny-llama"  # the profile's model, not the default
         # acceptance_bar auto: a small local optimizer gets the conservative bar, and the gate used it
-        assert ref["acceptance_bar"].value == "typical" and "does not follow" in ref["acceptance_bar_reason"].value
+        assert ref["acceptance_bar"].value == "typical" and "a small optimizer" in ref["acceptance_bar_reason"].value
         # a round whose gate accepted nothing says so in the summary (its data did not change)
         notes = [w for w in summaries[0].metadata["warnings"] if w.startswith("NOTE round-1: the gate accepted none")]
         assert bool(notes) == (ref["accepted"].value == 0), summaries[0].metadata["warnings"]

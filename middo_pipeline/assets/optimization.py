@@ -360,8 +360,8 @@ def _acceptance_bar(config: RefineConfig, backend, style: str, style_reason: str
     if config.prompt_style != "auto":
         style, style_reason = choose_style(backend)
     bar = resolve_acceptance_bar("auto", style)
-    strength = "follows" if style == "stepwise" else "does not follow"
-    return bar, f"auto: the optimizer {strength} the stepwise prompt ({style_reason})"
+    strength = "a strong optimizer" if style == "stepwise" else "a small optimizer"
+    return bar, f"auto: {strength} ({style_reason})"
 
 
 def optimizer_calls_check(candidates: pl.DataFrame, style: str) -> AssetCheckResult:

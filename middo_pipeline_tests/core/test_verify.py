@@ -153,7 +153,7 @@ def test_auto_bar_asks_the_optimizer_as_prompt_style_auto_does():
     auto = RefineConfig()
     assert auto.acceptance_bar == "auto"
     bar, why = _acceptance_bar(auto, small, "direct", "model size: 135M parameters", planned=True)
-    assert bar == "typical" and "does not follow" in why and "135M" in why
+    assert bar == "typical" and "a small optimizer" in why and "135M" in why
     direct = RefineConfig(prompt_style="direct")  # the style was configured: the size still decides
     assert _acceptance_bar(direct, large, "direct", "configured", planned=True)[0] == "flag"
     assert _acceptance_bar(direct, small, "direct", "configured", planned=True)[0] == "typical"
