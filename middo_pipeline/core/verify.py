@@ -237,7 +237,8 @@ _META_ANYWHERE = tuple(
 _META_INSTRUCTION = tuple(
     re.compile(p, re.IGNORECASE)
     for p in (
-        r"\b(?:the|this) original (?:task|instruction|prompt|question)\b",
+        r"\b(?:the|this) original (?:task|instruction|prompt|question|sentence|text|statement)\b",
+        r"\b(?:a|the|this) (?:revised|rewritten|simplified) version (?:could|would|might|is)\b",
         r"\b(?:in )?this task,? you\b",
         r"\bthis task requires\b",
         r"\brewrite (?:the|this) (?:task|instruction|prompt)\b",
@@ -259,6 +260,17 @@ def meta_answer(instruction: str, output: str) -> str | None:
             if hit:
                 return hit.group(0).strip()
     return None
+
+
+def answer_in_prompt(instruction: str, output: str, min_words: int = 4) -> bool:
+    """The whole response (at least ``min_words`` words) stands in the instruction: a task that
+    gives its own answer away teaches nothing, and its response loss is low for that reason
+    alone, so the loss checks would take it for an easy, clean sample. (Only the instruction:
+    an answer found in the input can be a legitimate extraction.)"""
+    words = _WORD.findall((output or "").lower())
+    if len(words) < min_words:
+        return False
+    return " ".join(words) in " ".join(_WORD.findall((instruction or "").lower()))
 
 
 def has_control_tokens(text: str, extra: Sequence[str] = ()) -> bool:
@@ -297,6 +309,8 @@ def text_reasons(row: dict, heldout_grams: set, ngram: int, control_tokens: Sequ
         reasons.append("overlaps the held-out set")
     if meta_answer(row.get("instruction_after") or "", row.get("output_after") or ""):
         reasons.append("talks about the task")
+    if answer_in_prompt(row.get("instruction_after") or "", row.get("output_after") or ""):
+        reasons.append("answer given in the prompt")
     return reasons
 
 

@@ -214,6 +214,28 @@ def test_meta_answer_phrases():
     assert meta_answer("In this task, you will rate a sentence.", "4") == "In this task, you"
     assert meta_answer("Is the tone formal?", "The original sentence is formal.") == "The original sentence"
     assert meta_answer("Name a fruit.", "An apple.") is None
+    # seen accepted on a default round-2 (2026-12-04): the optimizer's note left in the new task
+    noted = "The original sentence was simplified to get started. A rewritten version could be:\nIs it true?"
+    assert meta_answer(noted, "No.") == "The original sentence"
+    assert meta_answer("Give a shorter version of the poem.", "Roses are red.") is None
+
+
+def test_an_answer_given_in_the_prompt_is_rejected():
+    """Seen accepted on a default round-2 (2026-12-04): a 'simplified' task that states its own
+    answer, whose response loss is low for that reason alone."""
+    from middo_pipeline.core.verify import answer_in_prompt
+
+    ins = (
+        "Choose one fruit from two boxes that don't have apples (one orange). The answer is the other blue box's fruit."
+    )
+    out = "The answer is the other blue box's fruit."
+    assert answer_in_prompt(ins, out)
+    assert not answer_in_prompt("Name the colour of the sky.", "Blue.")  # too short to tell
+    assert not answer_in_prompt("Summarize: the cat sat on the mat all day.", "A cat sat on a mat.")
+    got = run([cand(text=ins, out=out)])
+    assert got["reasons"][0] == "answer given in the prompt" and not got["passed"][0]
+    rows = _shipped_rows()  # no written row gives its answer in its instruction
+    assert [r["instruction"][:60] for r in rows if answer_in_prompt(r["instruction"], str(r.get("output", "")))] == []
 
 
 def test_heldout_overlap_is_rejected():
