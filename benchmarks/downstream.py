@@ -143,23 +143,22 @@ def _finished_round(middo_home: Path, settings=None):
             f"--downstream-from {middo_home}: no finished round-1 there (missing {', '.join(missing)})"
         )
     log(f"downstream: reusing round-1 of {middo_home}")
-    emb = pl.read_parquet(paths["embedding_signals"])
+    tables = {n: pl.read_parquet(p) for n, p in paths.items()}  # each read once
+    emb = tables["embedding_signals"]
     sparse_order = emb.filter(pl.col("is_sparse")).sort("knn_mean_similarity")["sample_id"].to_list()
-    cands = pl.read_parquet(paths["refinement_candidates"])
+    cands = tables["refinement_candidates"]
     info: dict = {"reused_from": str(middo_home), "regated": False}
     if settings is None or settings.down_regate:
         cands, info = (
-            _regate(store, cands, {n: pl.read_parquet(p) for n, p in paths.items()}, settings),
+            _regate(store, cands, tables, settings),
             {
                 **info,
                 "regated": True,
                 "stored_passed": int(cands["passed"].sum()),
             },
         )
-    info["default_bar"] = default_bar_outcome(
-        cands, pl.read_parquet(paths["loss_signals"]), pl.read_parquet(paths["quality_signals"])
-    )
-    return pl.read_parquet(paths["round_dataset"]), cands, sparse_order, info
+    info["default_bar"] = default_bar_outcome(cands, tables["loss_signals"], tables["quality_signals"])
+    return tables["round_dataset"], cands, sparse_order, info
 
 
 def default_bar_outcome(cands, loss_signals, quality_signals) -> dict:
