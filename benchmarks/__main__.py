@@ -473,7 +473,8 @@ def main(argv=None) -> int:
         "--merge",
         action="store_true",
         help="keep the other sections already in --out and replace only those run (or imported) now; headline "
-        "and goals are recomputed from all of them, and section_runs says when and how each was measured",
+        "and goals are recomputed from all of them, and section_runs says when and how each was measured. "
+        "Implied by --only when --out is the default results file: a partial run never replaces it",
     )
     p.add_argument(
         "--import",
@@ -520,6 +521,10 @@ def main(argv=None) -> int:
         p.error(f"unknown sections {sorted(unknown)}; known: {', '.join(SECTIONS)}")
     only = with_dependencies(only)
     out_path = args.out or str(RESULTS_DIR / f"{settings.mode}.json")
+    if args.only and not args.out and not args.merge and Path(out_path).exists():
+        # the default results file keeps every section's latest run: some sections alone must not wipe the rest
+        log(f"--only into the default results file: merging into {out_path} (the other sections are kept)")
+        args.merge = True
 
     t_all = time.perf_counter()
     env = environment_info()

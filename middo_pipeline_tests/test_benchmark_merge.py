@@ -80,3 +80,22 @@ def test_speed_and_generation_bring_their_hardware_bound():
     assert with_dependencies(["generation"]) == ["hardware", "generation"]
     assert with_dependencies(["hardware", "speed"]) == ["hardware", "speed"]
     assert with_dependencies(["knn", "judge"]) == ["knn", "judge"]
+
+
+def test_only_into_the_default_file_merges(tmp_path, monkeypatch):
+    """``--only X`` without ``--out`` writes the default results file: it must keep the other
+    sections (a user running one section once replaced the whole file with it)."""
+    import benchmarks.__main__ as bench_main
+    from benchmarks import hardware
+
+    (tmp_path / "quick.json").write_text(json.dumps({"sections": {"ray": {"ray_overhead_at_equal_cores": 0.5}}}))
+    monkeypatch.setattr(bench_main, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(hardware, "run", lambda settings, models: {"fp32": {"gflops": 1.0}})
+    assert main(["--quick", "--only", "hardware"]) == 0
+    res = json.loads((tmp_path / "quick.json").read_text())
+    assert set(res["sections"]) == {"ray", "hardware"}
+    assert res["ray_overhead_at_equal_cores"] == 0.5
+
+    elsewhere = tmp_path / "one.json"  # an explicit --out still gets only what ran
+    assert main(["--quick", "--only", "hardware", "--out", str(elsewhere)]) == 0
+    assert set(json.loads(elsewhere.read_text())["sections"]) == {"hardware"}
