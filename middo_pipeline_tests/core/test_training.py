@@ -3,6 +3,7 @@ continuing from a checkpoint, and a real learning check. A few seconds on 2 core
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -375,3 +376,46 @@ def test_control_token_strings_in_data_train_as_text(tiny_dir, tmp_path):
     assert enc.input_ids == list(rows[2]["input_ids"])
     assert [-100] * start + enc.input_ids[start:] == list(rows[2]["labels"])
     assert literal_control_strings(trainer.train_dataset, tok, 384)[0]["input_ids"] == rows[0]["input_ids"]
+
+
+def test_lm_head_scores_only_response_positions_with_the_same_loss(tiny_dir, samples, tmp_path, monkeypatch):
+    """On the CPU trl's chunked LM head scores every position unless told otherwise; training
+    scores only the labelled (response) positions, with the same loss history as scoring all."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    from middo_pipeline.core.training import score_completion_only
+    from middo_pipeline.models.loading import load_model
+
+    rows_scored: list[int] = []
+    apply = ChunkedLogProbFunction.apply
+
+    def spy(hidden, *args):
+        rows_scored.append(int(hidden.shape[0]))
+        return apply(hidden, *args)
+
+    monkeypatch.setattr(ChunkedLogProbFunction, "apply", spy)
+    cfg = TrainConfig(max_steps=3, batch_size=4, max_length=128, lora_dropout=0.0)
+
+    def run(narrow: bool):
+        rows_scored.clear()
+        loaded = load_model(str(tiny_dir), device="cpu", dtype="float32", eval_mode=False)
+        trainer = build_trainer(loaded.model, loaded.tokenizer, samples, cfg, tmp_path / f"s{narrow}")
+        batches = list(trainer.get_train_dataloader())[:3]
+        labelled = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
+        positions = [int(b["input_ids"][:, 1:].numel()) for b in batches]
+        with score_completion_only() if narrow else contextlib.nullcontext():
+            trainer.train()
+        history = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        return list(rows_scored), labelled, positions, history
+
+    narrow_rows, labelled, positions, narrow_loss = run(True)
+    wide_rows, _, _, wide_loss = run(False)
+    assert narrow_rows == labelled and wide_rows == positions  # only the response, vs everything
+    assert sum(labelled) < sum(positions)
+    assert narrow_loss == pytest.approx(wide_loss, rel=1e-5)
+    rows_scored.clear()
+    train_sft(str(tiny_dir), samples, tmp_path / "ckpt", cfg)  # the pipeline's entry point narrows too
+    assert rows_scored == labelled
+    import trl.trainer.utils as trl_utils
+
+    assert trl_utils._use_triton(torch.device("cpu")) is False  # restored after training
