@@ -20,7 +20,7 @@ from benchmarks.common import (
     write_json_atomic,
 )
 
-SECTIONS = ("hardware", "speed", "knn", "judge", "detection", "downstream", "ingest", "generation", "ray")
+SECTIONS = ("hardware", "speed", "training", "knn", "judge", "detection", "downstream", "ingest", "generation", "ray")
 
 GOALS = {
     "signal_speedup_vs_reference": (">=", 5.0, "signal pass >= 5x the reference's way"),
@@ -109,6 +109,7 @@ def headline(sections: dict) -> dict:
         ),
         "generation_default_path": (sections.get("generation") or {}).get("default_path"),
         "ray_overhead_at_equal_cores": (sections.get("ray") or {}).get("ray_overhead_at_equal_cores"),
+        "training_lm_head_speedup": (sections.get("training") or {}).get("speedup"),
     }
     down = sections.get("downstream") or {}
     for key in (
@@ -291,6 +292,29 @@ def table(sections: dict, head: dict, gl: dict) -> str:
                 + ("" if agree is None else f"agree {100 * agree:.0f}%"),
                 _fmt(g.get("speedup")) + "x",
                 _goal(gl, "generation_speedup_vs_transformers_generate") if name == shown_default else "",
+            )
+        )
+    tr = sections.get("training") or {}
+    if tr.get("speedup") is not None:
+        rows.append(
+            (
+                "training step, LM head at response positions",
+                f"{_fmt(tr['response_positions']['seconds_per_step'])} s/step",
+                f"{_fmt(tr['every_position']['seconds_per_step'])} s/step (every position)",
+                _fmt(tr["speedup"]) + "x",
+                "weights identical"
+                if tr.get("lora_weights_identical")
+                else f"|loss diff| {tr['max_abs_loss_diff']:.0e}",
+            )
+        )
+    elif tr:
+        rows.append(
+            (
+                "training",
+                "skipped" if tr.get("skipped") else "error",
+                (tr.get("reason") or tr.get("error") or "")[:40],
+                "",
+                "",
             )
         )
     ry = sections.get("ray") or {}
@@ -545,7 +569,18 @@ def main(argv=None) -> int:
         seconds[name] = time.perf_counter() - t0
         log(f"=== {name} done in {seconds[name]:.1f}s")
 
-    from benchmarks import detection, downstream, generation, hardware, ingest, judge, knn, ray_bench, speed
+    from benchmarks import (
+        detection,
+        downstream,
+        generation,
+        hardware,
+        ingest,
+        judge,
+        knn,
+        ray_bench,
+        speed,
+        training_bench,
+    )
 
     section("hardware", lambda: hardware.run(settings, models))
     section(
@@ -554,6 +589,7 @@ def main(argv=None) -> int:
             settings, models, sections.get("hardware") if "fp32" in (sections.get("hardware") or {}) else None
         ),
     )
+    section("training", lambda: training_bench.run(settings, models))
     section("knn", lambda: knn.run(settings))
     section("detection", lambda: detection.run(settings, models, with_judge="judge" in only))
     if isinstance(sections.get("detection"), dict) and "judge" in sections["detection"]:

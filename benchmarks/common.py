@@ -88,6 +88,8 @@ class Settings:
     down_run_cache: str | None = "~/.cache/middo-pipeline/bench-downstream"  # per-run results, reused when identical
     down_regate: bool = True  # with down_from: judge the stored candidates again with this version's gate
     # optimizer generation: the same requests through each local path (benchmarks/generation.py)
+    train_steps: int = 8  # training section: LoRA steps per way (response positions only vs every position)
+    train_repeats: int = 2
     gen_requests: int = 64
     gen_repeats: int = 2
     gen_batch_sizes: tuple[int, ...] = (32,)  # transformers' generate at a larger batch (16 measured: 1.30x)
