@@ -240,3 +240,40 @@ def test_sft_checkpoint_data_parallel(two_rounds, loop_env):
     assert meta["processes"].value == 2 and meta["steps"].value == 2
     assert any("data parallel: 2 training processes" in m for m in logs)
     assert any(m.startswith("training: 2/2 steps") for m in logs), logs
+
+
+def test_round_two_reuses_the_base_readouts_of_kept_samples(two_rounds, loop_env):
+    """The base model's readouts depend on the text only: round 2 scores only the samples
+    round 1 did not have, and the kept ones carry round 1's values, which a fresh pass agrees with."""
+    from middo_pipeline.core.forward import score_samples
+    from middo_pipeline.core.ifd import unconditional_loss
+    from middo_pipeline.core.schema import prompt_text
+    from middo_pipeline.models.loading import load_model
+
+    _, _, store = two_rounds
+    r1_in = pl.read_parquet(store.table_path("round_dataset", "round-1"))
+    r2_in = pl.read_parquet(store.table_path("round_dataset", "round-2"))
+    r1 = pl.read_parquet(store.table_path("model_readouts", "round-1")).join(
+        r1_in.select("sample_id", "instruction", "input", "output"), on="sample_id"
+    )
+    r2 = pl.read_parquet(store.table_path("model_readouts", "round-2")).join(
+        r2_in.select("sample_id", "instruction", "input", "output"), on="sample_id"
+    )
+    text = ["instruction", "input", "output"]
+    kept = r2.join(r1.select(*text, "loss_before", "loss_unconditional"), on=text, suffix="_r1")
+    assert kept.height > 0
+    assert (kept["loss_before"] == kept["loss_before_r1"]).all()
+    assert (kept["loss_unconditional"] == kept["loss_unconditional_r1"]).all()
+    with DagsterInstance.get() as instance:
+        md1 = latest_materialization(instance, "model_readouts", "round-1").asset_materialization.metadata
+        md2 = latest_materialization(instance, "model_readouts", "round-2").asset_materialization.metadata
+    assert md1["base_readouts_reused"].value == 0
+    assert md2["base_readouts_reused"].value == kept.height  # rows new in round 2 (if any) were scored
+
+    # the cached values are what the base model gives now
+    lm = load_model("tiny-llama", device="cpu", cache_dir=loop_env[0]["MIDDO_MODEL_CACHE"])
+    prompts = [prompt_text(i, x) for i, x in zip(r2["instruction"].to_list(), r2["input"].to_list())]
+    fresh = score_samples(lm.model, lm.tokenizer, prompts, r2["output"].to_list(), max_length=128)
+    fresh_u = unconditional_loss(lm.model, lm.tokenizer, r2["output"].to_list(), max_length=128)
+    assert r2["loss_before"].to_numpy() == pytest.approx(fresh.loss, rel=1e-4, abs=1e-5, nan_ok=True)
+    assert r2["loss_unconditional"].to_numpy() == pytest.approx(fresh_u.loss, rel=1e-4, abs=1e-5, nan_ok=True)

@@ -141,8 +141,16 @@ def test_model_readouts_on_ray_equal_one_process(one_round):
             .execute_in_process(
                 instance=instance,
                 partition_key="round-1",
-                # as the round ran; the optimizer's completions come from the round's cache
-                run_config={"ops": {k: cfg["ops"][k] for k in ("model_readouts", "refined_samples")}},
+                # as the round ran; the optimizer's completions come from the round's cache, and the
+                # base model's readouts are computed again (on Ray), not taken from the round's
+                run_config={
+                    "ops": {
+                        "model_readouts": {
+                            "config": {**cfg["ops"]["model_readouts"]["config"], "reuse_base_readouts": False}
+                        },
+                        "refined_samples": cfg["ops"]["refined_samples"],
+                    }
+                },
             )
         )
         assert res.success
@@ -154,6 +162,7 @@ def test_model_readouts_on_ray_equal_one_process(one_round):
         ]
     assert not ray.is_initialized()  # the resource disconnected after the step
     assert meta["compute"].value == "ray: 2 workers at local"
+    assert meta["base_readouts_reused"].value == 0
     assert not crash.exists()  # a worker crashed mid-pass; the step still succeeded
     on_ray = pl.read_parquet(path)
     assert on_ray["sample_id"].to_list() == single["sample_id"].to_list()

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 
 from middo_pipeline.assets._checks import band_check, band_spec
 from middo_pipeline.assets._meta import image_md, json_md, preview_md, tidy
-from middo_pipeline.core import diversity, quality
+from middo_pipeline.core import diversity, quality, readout_cache
 from middo_pipeline.core.checkpoints import require_checkpoint
 from middo_pipeline.core.forward import EmbeddingSpec
 from middo_pipeline.core.ifd import ifd_scores
@@ -49,6 +49,11 @@ def _prompts_responses(df: pl.DataFrame) -> tuple[list[str], list[str]]:
 class ReadoutConfig(Config):
     max_length: int = Field(default=384, description="Tokens per sample; longer samples are truncated (response first)")
     max_batch_tokens: int = Field(default=8192, description="Token budget of one length-bucketed batch")
+    reuse_base_readouts: bool = Field(
+        default=True,
+        description="Keep the base model's per-sample readouts (loss before training, prompt-free loss) across rounds "
+        "and score only the samples not seen before (they depend on the base model, the text and max_length only)",
+    )
     embedding_pooling: Literal["mean", "last"] = Field(
         default="mean",
         description="Prompt embedding: mean over the prompt tokens (default, chosen on the controlled benchmark), or the "
@@ -96,17 +101,41 @@ def model_readouts(
     # "before training" is always the base model, whatever the training init: a previous
     # round's checkpoint has already seen the kept samples, so new samples would look hard
     t0 = time.perf_counter()
-    with ray.forward(model, log=context.log.info) as base:
-        before = base.score_samples(
-            prompts,
-            responses,
-            with_embeddings=False,
-            progress=ProgressLogger(context.log.info, "loss before training (base model)"),
-            **kw,
-        )
-        uncond = base.unconditional_loss(
-            responses, progress=ProgressLogger(context.log.info, "prompt-free loss (base model)"), **kw
-        )
+    keys = readout_cache.row_keys(prompts, responses, config.max_length)
+    cache = None
+    hits: dict = {}
+    if config.reuse_base_readouts:
+        identity = readout_cache.model_identity(model.base_model, model.base_path(), model.load_kwargs())
+        cache = readout_cache.BaseReadoutCache(store.cache_dir / "base_readouts", identity)
+        hits = cache.lookup(keys)
+    _, missing = readout_cache.split_hits(keys, hits)
+    base_tokens = 0
+    computed = {col: np.zeros(0, dtype=np.float32) for col in readout_cache.VALUES}
+    if missing:
+        if hits:
+            context.log.info(
+                f"base model readouts: {len(keys) - len(missing)} of {len(keys)} samples kept from earlier rounds, "
+                f"scoring {len(missing)}"
+            )
+        mp, mr = [prompts[i] for i in missing], [responses[i] for i in missing]
+        with ray.forward(model, log=context.log.info) as base:
+            before = base.score_samples(
+                mp,
+                mr,
+                with_embeddings=False,
+                progress=ProgressLogger(context.log.info, "loss before training (base model)"),
+                **kw,
+            )
+            uncond = base.unconditional_loss(
+                mr, progress=ProgressLogger(context.log.info, "prompt-free loss (base model)"), **kw
+            )
+        base_tokens = before.n_tokens + uncond.n_tokens
+        computed = {"loss_before": before.loss, "loss_unconditional": uncond.loss}
+    else:
+        context.log.info(f"base model readouts: all {len(keys)} samples kept from earlier rounds")
+    base_values, new_rows = readout_cache.assemble(keys, hits, missing, computed)
+    if cache is not None:
+        cache.add(new_rows)
     spec = config.embedding_spec()
     with ray.forward(model, str(ckpt), log=context.log.info) as trained:
         after = trained.score_samples(
@@ -119,13 +148,13 @@ def model_readouts(
         )
         workers = trained.workers
     seconds = time.perf_counter() - t0
-    total_tokens = before.n_tokens + uncond.n_tokens + after.n_tokens
+    total_tokens = base_tokens + after.n_tokens
     df = pl.DataFrame(
         {
             "sample_id": round_dataset["sample_id"],
-            "loss_before": before.loss.astype(np.float32),
+            "loss_before": base_values["loss_before"],
             "loss_after": after.loss.astype(np.float32),
-            "loss_unconditional": uncond.loss.astype(np.float32),
+            "loss_unconditional": base_values["loss_unconditional"],
             "n_response_tokens": np.asarray(after.n_response_tokens, dtype=np.int64),
             "embedding": after.embedding.astype(np.float32),
         }
@@ -139,6 +168,7 @@ def model_readouts(
                 "embedding": f"{spec.pooling} pooling, layer {spec.layer}",
                 "embedding_dim": int(after.embedding.shape[1]),
                 "compute": f"ray: {workers} workers at {ray.address}" if ray.enabled else "this process",
+                "base_readouts_reused": len(keys) - len(missing),
                 "tokens": int(total_tokens),
                 "seconds": round(seconds, 1),
                 "tokens_per_second": round(total_tokens / max(seconds, 1e-9), 1),
