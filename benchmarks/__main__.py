@@ -119,6 +119,7 @@ def headline(sections: dict) -> dict:
         "downstream_placebo_diff_ci_runs_items",
         "downstream_gate_off_diff",
         "downstream_gate_off_diff_ci",
+        "downstream_gate_off_diff_ci_runs_items",
         "downstream_by_operation",
     ):
         out[key] = down.get(key) if down and not down.get("skipped") else None
