@@ -28,6 +28,13 @@ class TrainingConfig(Config):
     lora: bool = Field(default=True, description="LoRA (merged after training) or full fine-tuning")
     lora_rank: int = Field(default=16)
     lora_alpha: int = Field(default=32)
+    lora_dropout: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the LoRA inputs (peft's default 0). 0.05 measured no different downstream (5 seeds) and "
+        "made a CPU training step 1.35x slower",
+    )
     seed: int = Field(default=0)
     max_steps: int = Field(default=-1, description="Stop after this many steps (-1: the epochs decide)")
     processes: int = Field(
