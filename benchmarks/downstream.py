@@ -296,6 +296,58 @@ def _run_cache_file(settings, df, cfg, eval_path: Path) -> Path | None:
     return Path(root).expanduser() / f"run-{hashlib.sha256(payload.encode()).hexdigest()[:20]}.npz"
 
 
+def train_config(settings, seed: int, max_steps: int = -1, **over):
+    """The downstream runs' training: LoRA, one epoch (or ``max_steps``), batch 8, max_length 384."""
+    from middo_pipeline.core.training import TrainConfig
+
+    return TrainConfig(
+        epochs=1.0,
+        max_steps=max_steps,
+        batch_size=8,
+        max_length=384,
+        seed=seed,
+        device=settings.device,
+        threads=settings.threads,
+        logging_steps=10,
+        **over,
+    )
+
+
+def train_and_evaluate(settings, df, cfg, eval_df, out: Path) -> tuple[np.ndarray, np.ndarray, dict, str | None]:
+    """One training run on ``df`` with ``cfg`` (into ``out``), evaluated on the held-out set:
+    per-item correctness and loss (in item-id order), the run's record, and the run-cache file's
+    name when the identical run was reused instead of trained."""
+    from middo_pipeline.core.evaluation import evaluate
+    from middo_pipeline.core.training import train_sft
+    from middo_pipeline.models.loading import load_model
+
+    cache_file = _run_cache_file(settings, df, cfg, DOWN_EVAL)
+    if cache_file is not None and cache_file.exists():
+        hit = np.load(cache_file, allow_pickle=False)
+        return hit["correct"], hit["loss"], json.loads(str(hit["record"])), cache_file.name
+    tr = train_sft(settings.model, df, out, cfg)
+    lm = load_model(str(out), device=settings.device, dtype="auto", threads=settings.threads)
+    ev = evaluate(lm.model, lm.tokenizer, eval_df, max_length=384)
+    del lm
+    items = ev["items"].sort("id") if "id" in ev["items"].columns else ev["items"]
+    item_correct = items["correct"].cast(float).to_numpy()
+    item_loss = items["loss"].cast(float).to_numpy()
+    rec = {
+        "steps": tr.steps,
+        "rows": df.height,
+        "train_tokens": tr.tokens_seen,
+        "train_seconds": tr.seconds,
+        "mc_accuracy": ev["mc_accuracy"],
+        "mean_response_loss": ev["mean_response_loss"],
+    }
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp_file = cache_file.with_suffix(".tmp.npz")
+        np.savez(tmp_file, correct=item_correct, loss=item_loss, record=json.dumps(rec))
+        tmp_file.replace(cache_file)
+    return item_correct, item_loss, rec, None
+
+
 def paired(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
     """Mean of a − b over items with a 95% bootstrap interval (``core.evaluation``)."""
     from middo_pipeline.core.evaluation import paired_difference
@@ -312,9 +364,7 @@ def runs_items(a_runs: list, b_runs: list, n_boot: int = 2000, seed: int = 0) ->
 
 
 def run(settings, models=None) -> dict:
-    from middo_pipeline.core.evaluation import evaluate, load_eval_set
-    from middo_pipeline.core.training import TrainConfig, train_sft
-    from middo_pipeline.models.loading import load_model
+    from middo_pipeline.core.evaluation import load_eval_set
 
     if not DOWN_EVAL.exists():
         return {"skipped": True, "reason": f"{DOWN_EVAL} not found"}
@@ -357,44 +407,13 @@ def run(settings, models=None) -> dict:
                 runs.setdefault(key, []).append({**runs[name][settings.down_seeds.index(s)], "same_as_epoch_run": True})
                 log(f"downstream: {key} seed {s}: one epoch was already {steps} steps, not trained again")
                 continue
-            cfg = TrainConfig(
-                epochs=1.0,
-                max_steps=steps,
-                batch_size=8,
-                max_length=384,
-                seed=s,
-                device=settings.device,
-                threads=settings.threads,
-                logging_steps=10,
-            )
+            cfg = train_config(settings, s, steps)
             key = name if budget == "epoch" else f"{name}@equal_steps"
-            cache_file = _run_cache_file(settings, df, cfg, DOWN_EVAL)
-            if cache_file is not None and cache_file.exists():
-                hit = np.load(cache_file, allow_pickle=False)
-                rec = json.loads(str(hit["record"]))
-                item_correct, item_loss = hit["correct"], hit["loss"]
-                log(f"downstream: {key} seed {s}: reused the identical run in {cache_file.name}")
-            else:
-                out = tmp / f"{name}-{budget}-{s}"
-                tr = train_sft(settings.model, df, out, cfg)
-                lm = load_model(str(out), device=settings.device, dtype="auto", threads=settings.threads)
-                ev = evaluate(lm.model, lm.tokenizer, eval_df, max_length=384)
-                del lm
-                items = ev["items"].sort("id") if "id" in ev["items"].columns else ev["items"]
-                item_correct = items["correct"].cast(float).to_numpy()
-                item_loss = items["loss"].cast(float).to_numpy()
-                rec = {
-                    "steps": tr.steps,
-                    "rows": df.height,
-                    "train_tokens": tr.tokens_seen,
-                    "mc_accuracy": ev["mc_accuracy"],
-                    "mean_response_loss": ev["mean_response_loss"],
-                }
-                if cache_file is not None:
-                    cache_file.parent.mkdir(parents=True, exist_ok=True)
-                    tmp_file = cache_file.with_suffix(".tmp.npz")
-                    np.savez(tmp_file, correct=item_correct, loss=item_loss, record=json.dumps(rec))
-                    tmp_file.replace(cache_file)
+            item_correct, item_loss, rec, cache_name = train_and_evaluate(
+                settings, df, cfg, eval_df, tmp / f"{name}-{budget}-{s}"
+            )
+            if cache_name:
+                log(f"downstream: {key} seed {s}: reused the identical run in {cache_name}")
             if name == "seed" and budget == "epoch":
                 seed_steps[s] = rec["steps"]
             if budget == "epoch":

@@ -11,55 +11,18 @@ seconds of each run. Runs are kept in the downstream run cache, so both benchmar
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
-
-
-def _run(settings, df, cfg, eval_df) -> tuple[np.ndarray, np.ndarray, dict]:
-    from benchmarks.downstream import DOWN_EVAL, _run_cache_file
-    from middo_pipeline.core.evaluation import evaluate
-    from middo_pipeline.core.training import train_sft
-    from middo_pipeline.models.loading import load_model
-
-    cache_file = _run_cache_file(settings, df, cfg, DOWN_EVAL)
-    if cache_file is not None and cache_file.exists():
-        hit = np.load(cache_file, allow_pickle=False)
-        return hit["correct"], hit["loss"], {**json.loads(str(hit["record"])), "cached": True}
-    with tempfile.TemporaryDirectory(prefix="middo-bench-dropout-") as tmp:
-        tr = train_sft(settings.model, df, Path(tmp) / "m", cfg)
-        lm = load_model(str(Path(tmp) / "m"), device=settings.device, dtype="auto", threads=settings.threads)
-        ev = evaluate(lm.model, lm.tokenizer, eval_df, max_length=384)
-    items = ev["items"].sort("id") if "id" in ev["items"].columns else ev["items"]
-    correct, loss = items["correct"].cast(float).to_numpy(), items["loss"].cast(float).to_numpy()
-    rec = {
-        "steps": tr.steps,
-        "rows": df.height,
-        "train_tokens": tr.tokens_seen,
-        "train_seconds": tr.seconds,
-        "mc_accuracy": ev["mc_accuracy"],
-        "mean_response_loss": ev["mean_response_loss"],
-    }
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp_file = cache_file.with_suffix(".tmp.npz")
-        np.savez(tmp_file, correct=correct, loss=loss, record=json.dumps(rec))
-        tmp_file.replace(cache_file)
-    return correct, loss, {**rec, "cached": False}
 
 
 def main(argv=None) -> int:
     import polars as pl
 
     from benchmarks.common import Settings, log, write_json_atomic
-    from benchmarks.downstream import DOWN_EVAL, runs_items
+    from benchmarks.downstream import DOWN_EVAL, runs_items, train_and_evaluate, train_config
     from middo_pipeline.core.evaluation import load_eval_set
     from middo_pipeline.core.storage import Storage
-    from middo_pipeline.core.training import TrainConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from", dest="home", required=True, help="MIDDO_HOME of a finished round 1 (its seed data)")
@@ -75,26 +38,15 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for s in seeds:
         for way, p_drop in ways.items():
-            cfg = dataclasses.replace(
-                TrainConfig(
-                    epochs=1.0,
-                    max_steps=-1,
-                    batch_size=8,
-                    max_length=384,
-                    seed=s,
-                    device=settings.device,
-                    threads=settings.threads,
-                    logging_steps=10,
-                ),
-                lora_dropout=p_drop,
-            )
-            correct, loss, rec = _run(settings, df, cfg, eval_df)
+            cfg = train_config(settings, s, lora_dropout=p_drop)
+            with tempfile.TemporaryDirectory(prefix="middo-bench-dropout-") as tmp:
+                correct, loss, rec, cached = train_and_evaluate(settings, df, cfg, eval_df, Path(tmp) / "m")
             runs[way]["correct"].append(correct)
             runs[way]["loss"].append(loss)
-            runs[way]["records"].append({"seed": s, **rec})
+            runs[way]["records"].append({"seed": s, "reused": bool(cached), **rec})
             log(
                 f"lora dropout {p_drop}: seed {s}: MC {rec['mc_accuracy']:.3f}, loss {rec['mean_response_loss']:.4f}"
-                + (" (cached run)" if rec["cached"] else f", trained in {rec['train_seconds']:.0f} s")
+                + (f" (reused {cached})" if cached else f", trained in {rec['train_seconds']:.0f} s")
             )
     a, b = runs["dropout_0"], runs["dropout_0.05"]
     out = {
