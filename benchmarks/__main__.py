@@ -309,15 +309,7 @@ def table(sections: dict, head: dict, gl: dict) -> str:
             )
         )
     elif tr:
-        rows.append(
-            (
-                "training",
-                "skipped" if tr.get("skipped") else "error",
-                (tr.get("reason") or tr.get("error") or "")[:40],
-                "",
-                "",
-            )
-        )
+        rows.append(_not_measured_row("training", tr))
     ry = sections.get("ray") or {}
     if ry.get("one_process"):
         one = ry["one_process"]
@@ -337,15 +329,7 @@ def table(sections: dict, head: dict, gl: dict) -> str:
                 )
             )
     elif ry:
-        rows.append(
-            (
-                "ray",
-                "skipped" if ry.get("skipped") else "error",
-                (ry.get("reason") or ry.get("error") or "")[:40],
-                "",
-                "",
-            )
-        )
+        rows.append(_not_measured_row("ray", ry))
     dn = sections.get("downstream") or {}
     if dn:
         if dn.get("skipped"):
@@ -389,6 +373,17 @@ def table(sections: dict, head: dict, gl: dict) -> str:
 
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(head_row), sep, *(line(r) for r in rows)])
+
+
+def _not_measured_row(name: str, block: dict) -> tuple[str, str, str, str, str]:
+    """The table row of a section that was skipped or failed: why, in 40 characters."""
+    return (
+        name,
+        "skipped" if block.get("skipped") else "error",
+        (block.get("reason") or block.get("error") or "")[:40],
+        "",
+        "",
+    )
 
 
 def _goal(gl: dict, key: str) -> str:

@@ -20,11 +20,18 @@ from pathlib import Path
 from benchmarks.common import load_seed_rows, log
 
 
+def _config(settings, steps: int):
+    """The pipeline's default training config, for ``steps`` steps on the CPU."""
+    from middo_pipeline.core.training import TrainConfig
+
+    return TrainConfig(max_steps=steps, max_length=settings.max_length, threads=settings.threads, device="cpu")
+
+
 def _train_once(settings, samples, narrow: bool, steps: int) -> dict:
-    from middo_pipeline.core.training import TrainConfig, build_trainer, score_completion_only
+    from middo_pipeline.core.training import build_trainer, score_completion_only
     from middo_pipeline.models.loading import load_model, resolve_model_path
 
-    cfg = TrainConfig(max_steps=steps, max_length=settings.max_length, threads=settings.threads, device="cpu")
+    cfg = _config(settings, steps)
     loaded = load_model(resolve_model_path(settings.model), device="cpu", dtype="float32", eval_mode=False)
     loaded.model.config.use_cache = False
     with tempfile.TemporaryDirectory(prefix="middo-bench-train-") as tmp:
@@ -64,7 +71,8 @@ def run(settings, models=None) -> dict:
             log(f"training: {name} (repeat {rep + 1}): {r['seconds'] / max(r['steps'], 1):.2f} s/step")
             if name not in best or r["seconds"] < best[name]["seconds"]:
                 best[name] = r
-    out: dict = {"steps": steps, "batch_size": 4, "max_length": settings.max_length, "rows": samples.height}
+    cfg = _config(settings, steps)
+    out: dict = {"steps": steps, "batch_size": cfg.batch_size, "max_length": cfg.max_length, "rows": samples.height}
     for name, r in best.items():
         out[name] = {
             "seconds": r["seconds"],

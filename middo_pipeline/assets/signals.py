@@ -110,7 +110,7 @@ def model_readouts(
         hits = cache.lookup(keys)
     _, missing = readout_cache.split_hits(keys, hits)
     base_tokens = 0
-    computed = {col: np.zeros(0, dtype=np.float32) for col in readout_cache.VALUES}
+    computed: dict = {}  # the missing rows' values (none when every row was cached)
     if missing:
         if hits:
             context.log.info(
