@@ -287,6 +287,30 @@ def test_column_major_restores_on_error(local):
     assert lin.weight.is_contiguous() and torch.equal(lin.weight, w)
 
 
+def test_blocked_head_gives_bit_identical_logits_and_restores(local):
+    """The output head multiplied in blocks of its rows gives the same logits bit for bit (so
+    greedy texts cannot change), is left row-major by ``column_major``, and gets its own
+    ``forward`` back afterwards, also on error."""
+    import torch
+
+    from middo_pipeline.core.llm.decode import _output_head, blocked_head, column_major
+
+    model = local.loaded.model
+    head = _output_head(model)
+    assert head is not None and head.weight.shape[0] > 128
+    hidden = torch.randn(5, 3, head.weight.shape[1])
+    want = head(hidden)
+    with blocked_head(model, block=128), column_major(model):
+        assert "forward" in head.__dict__  # the blocked forward is installed
+        assert head.weight.is_contiguous()  # the head stays row-major
+        got = head(hidden)
+    assert torch.equal(got, want)
+    assert "forward" not in head.__dict__
+    with pytest.raises(RuntimeError, match="boom"), blocked_head(model, block=128):
+        raise RuntimeError("boom")
+    assert "forward" not in head.__dict__ and torch.equal(head(hidden), want)
+
+
 def test_compact_sampling_does_not_depend_on_the_batch(local):
     """Each sampling row draws from its own generator: a request's text is the same alone, with
     other requests, and with other seeds in its batch (the cache can then key it by itself)."""
