@@ -21,7 +21,9 @@ Paths (all in one process, on one loaded model, in one run, alternated per repea
   takes neither per request), so its texts differ from the others by construction.
 
 Per path: generated tokens/s, seconds per request, the fraction of the machine's bound
-(fp32 matmul FLOP/s from the hardware section / (2 x parameters) tokens/s), and agreement
+(fp32 matmul FLOP/s from the hardware section / (2 x parameters) tokens/s; large matrices),
+and beside it, for the default path, the bound of its own decoding steps
+(``decode_matmul_bound``: the model's linear layers alone at the mean number of live rows), and agreement
 with the baseline's texts (identical strings). Static batches pad on the left: a row's
 logits depend (by float rounding) on its batch's padding width, so even two fp32 batch
 sizes may disagree on a few greedy texts; the fraction says how many.
@@ -121,6 +123,7 @@ def run(settings, models, hardware: dict | None = None) -> dict:
 
     runs: dict[str, list[dict]] = {k: [] for k in paths}
     texts: dict[str, list] = {}
+    usage: dict[str, list[int]] = {}  # completion tokens per request (first run of each path)
     for rep in range(settings.gen_repeats):
         for name, fn in paths.items():
             log(f"generation: {name}, repeat {rep + 1}/{settings.gen_repeats}, {n} requests")
@@ -135,6 +138,7 @@ def run(settings, models, hardware: dict | None = None) -> dict:
             toks = sum(int(c.usage.get("completion_tokens") or 0) for c in out if c.ok)
             runs[name].append({"seconds": dt, "tokens": toks, "errors": sum(not c.ok for c in out), "tok_s": toks / dt})
             texts.setdefault(name, [c.text for c in out])
+            usage.setdefault(name, [int(c.usage.get("completion_tokens") or 0) for c in out])
             log(f"generation: {name}: {dt:.1f}s, {toks} tokens, {toks / dt:.1f} tok/s")
 
     out: dict = {
@@ -185,4 +189,45 @@ def run(settings, models, hardware: dict | None = None) -> dict:
         (k for k, p in out["paths"].items() if "speedup" in p), key=lambda k: out["paths"][k]["speedup"], default=None
     )
     out["fastest_path"] = best
+    steps = usage.get(name)
+    if steps and default.engine == "compact" and n <= default.batch_size:
+        # one batch: a decoding step per token of its longest answer; rows leave as they finish
+        rows = sum(steps) / max(max(steps), 1)
+        out["decode_matmul_bound"] = decode_matmul_bound(lm.model, rows)
+        bound = out["decode_matmul_bound"]["tokens_per_s"]
+        out["default_fraction_of_decode_matmul_bound"] = chosen.get("tokens_per_s", 0.0) / bound if bound else None
     return out
+
+
+def decode_matmul_bound(model, mean_rows: float, repeats: int = 5) -> dict:
+    """What the linear layers alone allow while decoding: every ``nn.Linear`` of the model
+    applied once to ``round(mean_rows)`` rows (one decoding step at the compact engine's mean
+    number of live rows), with the weights laid out as the engine has them (``column_major``,
+    ``blocked_head``), best of ``repeats``. Attention, norms, sampling and the prompt pass
+    come on top, so a path can reach only part of it; the fp32 peak bound assumes large
+    matrices, which a decoding step of a few rows does not have."""
+    import torch
+
+    from middo_pipeline.core.llm.decode import blocked_head, column_major
+
+    rows = max(1, round(mean_rows))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    with torch.inference_mode(), blocked_head(model, enabled=on_cpu), column_major(model, enabled=on_cpu):
+        xs = {
+            m.in_features: torch.randn(rows, 1, m.in_features, dtype=m.weight.dtype, device=m.weight.device)
+            for m in linears
+        }
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first is a warm-up
+            t0 = time.perf_counter()
+            for m in linears:
+                m(xs[m.in_features])
+            best = min(best, time.perf_counter() - t0)
+    return {
+        "rows": rows,
+        "mean_live_rows": mean_rows,
+        "linear_layers": len(linears),
+        "step_seconds": best,
+        "tokens_per_s": rows / best,
+    }

@@ -31,3 +31,34 @@ def test_generation_section_compares_the_paths():
     # the default batch (128) holds all 6 requests: measured as the smallest compact batch that does
     assert out["default_path"] == "compact_batch_128" and out["default_path_measured_as"] == "compact_batch_64"
     assert out["speedup_vs_transformers_generate"] == paths["compact_batch_64"]["speedup"] > 0
+    # the bound of the default path's own decoding steps: every linear layer at its mean live rows
+    bound = out["decode_matmul_bound"]
+    tokens = paths["compact_batch_64"]["tokens"]
+    assert 1.0 <= bound["mean_live_rows"] <= 6 and bound["rows"] == max(1, round(bound["mean_live_rows"]))
+    assert bound["mean_live_rows"] <= tokens
+    assert bound["linear_layers"] > 0 and bound["tokens_per_s"] > 0
+    assert out["default_fraction_of_decode_matmul_bound"] > 0
+
+
+def test_decode_matmul_bound_applies_every_linear_layer_once():
+    import torch
+
+    from benchmarks.generation import decode_matmul_bound
+    from middo_pipeline.core.llm.local import LocalBackend
+    from middo_pipeline.models.loading import TINY_MODEL
+
+    model = LocalBackend(model=TINY_MODEL, device="cpu").loaded.model
+    calls: list[tuple] = []
+    hooks = [
+        m.register_forward_hook(lambda m, a, o: calls.append(tuple(a[0].shape)))
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    try:
+        res = decode_matmul_bound(model, 2.6, repeats=2)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert res["rows"] == 3 and res["linear_layers"] == len(hooks)
+    assert len(calls) == 3 * len(hooks) and all(c[0] == 3 for c in calls)  # warm-up + 2 repeats, 3 rows each
+    assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, torch.nn.Linear))  # restored
