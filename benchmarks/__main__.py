@@ -295,6 +295,18 @@ def table(sections: dict, head: dict, gl: dict) -> str:
                 _goal(gl, "generation_speedup_vs_transformers_generate") if name == shown_default else "",
             )
         )
+    mb = gn.get("decode_matmul_bound") or {}
+    if mb.get("tokens_per_s"):
+        frac = gn.get("default_fraction_of_decode_matmul_bound")
+        rows.append(
+            (
+                f"  linear layers alone at {mb['rows']} live rows",
+                f"{_fmt(mb['tokens_per_s'], 1)} tok/s",
+                f"{_fmt(mb['step_seconds'])} s/step",
+                "" if frac is None else f"default at {100 * frac:.0f}%",
+                "",
+            )
+        )
     tr = sections.get("training") or {}
     if tr.get("speedup") is not None:
         rows.append(

@@ -38,6 +38,11 @@ def test_generation_section_compares_the_paths():
     assert bound["mean_live_rows"] <= tokens
     assert bound["linear_layers"] > 0 and bound["tokens_per_s"] > 0
     assert out["default_fraction_of_decode_matmul_bound"] > 0
+    from benchmarks.__main__ import goals, headline, table
+
+    head = headline({"generation": out})
+    text = table({"generation": out}, head, goals(head))
+    assert f"linear layers alone at {bound['rows']} live rows" in text and "default at" in text
 
 
 def test_decode_matmul_bound_applies_every_linear_layer_once():
