@@ -4,7 +4,7 @@
 longest one is done, so a batch whose answers are 20 and 190 tokens long pays for 190 steps
 of all its rows. Here a finished row (end of turn, a stop string, its token limit) is removed
 from the batch and from the KV cache (``Cache.batch_select_indices``) before the next step, and
-the prompt pass computes the logits of the last position only. Three more things a CPU needs
+the prompt pass computes the logits of the last position only. Four more things a CPU needs
 (measured on the generation benchmark's 64 requests, 2 cores, SmolLM2-135M):
 
 - the prompts are read in groups of ``PREFILL_ROWS`` sorted by length, each padded to its own
