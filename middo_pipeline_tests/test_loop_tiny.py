@@ -121,6 +121,14 @@ def test_metadata_in_instance(two_rounds):
         cand = latest_materialization(instance, "refinement_candidates", "round-1").asset_materialization.metadata
         assert cand["per_sample"].value == 2 and cand["candidates"].value >= cand["generated"].value
         assert ref["accepted"].value + ref["rejected"].value + ref["failed"].value == ref["attempted"].value
+        # the round's own generation rate: tokens the optimizer generated (cache hits excluded)
+        stored = ref["cache"].value["stored"]
+        assert ref["generated_tokens"].value == ref["cache"].value["generated_tokens"]
+        assert (ref["generated_tokens"].value > 0) == (stored > 0)
+        if stored:
+            rate, secs = ref["generation_tokens_per_s"].value, ref["generation_seconds"].value
+            # the seconds are shown to 0.1 s
+            assert rate == pytest.approx(ref["generated_tokens"].value / secs, rel=0.01 + 0.06 / secs)
     assert summaries[1].metadata["rows_in"] == summaries[0].metadata["rows_out"]
 
 

@@ -327,6 +327,7 @@ def refined_samples(
                 "acceptance_bar": bar if config.verify else "none (verify off)",
                 "acceptance_bar_reason": bar_reason if config.verify else "verify off: the first candidate is taken",
                 "generation_seconds": round(gen_seconds, 1),
+                **_generation_rate(stats, gen_seconds),
                 "verification_seconds": round(gate_seconds, 1),
                 "accepted_before_after": preview_md(ok, signals_cols, n=10),
                 "rejected_examples": preview_md(
@@ -348,6 +349,20 @@ def refined_samples(
     if not check.passed:
         context.log.warning(f"{context.partition_key}: {check.description}")
     yield check
+
+
+def _generation_rate(stats: dict, seconds: float) -> dict:
+    """Completion tokens the optimizer generated in this step (cache hits excluded) and their rate
+    over the step's generation seconds (prompt passes, parsing and cache reads included): the
+    round's own figure beside the generation benchmark's tokens/s. Empty when the backend does
+    not count tokens."""
+    tokens = stats.get("generated_tokens")
+    if tokens is None:
+        return {}
+    out = {"generated_tokens": int(tokens)}
+    if tokens and seconds > 0:
+        out["generation_tokens_per_s"] = round(tokens / seconds, 1)
+    return out
 
 
 def _acceptance_bar(config: RefineConfig, backend, style: str, style_reason: str, planned: bool) -> tuple[str, str]:

@@ -115,7 +115,8 @@ def test_cached_backend_hits_misses_dedup_and_order(tmp_path):
     assert out[3].error and not any(c.cached for c in out)
     assert inner.sent == ["a", "b", "bad"]  # the duplicate went once
     assert progress[-1] == (4, 4)
-    assert cb.stats() == {"hits": 0, "misses": 4, "errors": 1, "stored": 2, "hit_rate": 0.0}
+    # 3 completion tokens per answer (CountingBackend), counted once per call that generated
+    assert cb.stats() == {"hits": 0, "misses": 4, "errors": 1, "stored": 2, "hit_rate": 0.0, "generated_tokens": 6}
 
     inner.sent.clear()
     inner.fail.clear()
@@ -125,6 +126,7 @@ def test_cached_backend_hits_misses_dedup_and_order(tmp_path):
     assert [c.text for c in out] == ["answer to b", "answer to bad", "answer to a", "answer to c"]
     s = cb.stats()
     assert (s["hits"], s["misses"], s["errors"], s["stored"]) == (2, 6, 1, 4)
+    assert s["generated_tokens"] == 12  # the cache hits generated nothing
     assert cb.hits == 2 and cb.misses == 6
     # a different sampling parameter is a different key
     inner.sent.clear()

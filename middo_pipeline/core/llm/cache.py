@@ -200,6 +200,7 @@ class CachedBackend:
         self.misses = 0
         self.errors = 0
         self.stored = 0
+        self.generated_tokens = 0  # completion tokens the backend generated (not served from the cache)
         self._lock = threading.Lock()
 
     @property
@@ -218,6 +219,7 @@ class CachedBackend:
                 "errors": self.errors,
                 "stored": self.stored,
                 "hit_rate": (self.hits / total) if total else 0.0,
+                "generated_tokens": self.generated_tokens,
             }
 
     def complete(self, requests: Sequence[ChatRequest], progress=None, on_result=None) -> list[Completion]:
@@ -267,6 +269,7 @@ class CachedBackend:
             with self._lock:
                 if comp.ok:
                     self.stored += 1
+                    self.generated_tokens += int((comp.usage or {}).get("completion_tokens") or 0)
                 else:
                     self.errors += len(idxs)
             for i in idxs:
