@@ -135,10 +135,11 @@ def run(settings, models, hardware: dict | None = None) -> dict:
                 log(f"generation: {name} failed: {exc}")
                 continue
             dt = time.perf_counter() - t0
-            toks = sum(int(c.usage.get("completion_tokens") or 0) for c in out if c.ok)
+            per_request = [int(c.usage.get("completion_tokens") or 0) if c.ok else 0 for c in out]
+            toks = sum(per_request)
             runs[name].append({"seconds": dt, "tokens": toks, "errors": sum(not c.ok for c in out), "tok_s": toks / dt})
             texts.setdefault(name, [c.text for c in out])
-            usage.setdefault(name, [int(c.usage.get("completion_tokens") or 0) for c in out])
+            usage.setdefault(name, per_request)
             log(f"generation: {name}: {dt:.1f}s, {toks} tokens, {toks / dt:.1f} tok/s")
 
     out: dict = {
@@ -189,10 +190,10 @@ def run(settings, models, hardware: dict | None = None) -> dict:
         (k for k, p in out["paths"].items() if "speedup" in p), key=lambda k: out["paths"][k]["speedup"], default=None
     )
     out["fastest_path"] = best
-    steps = usage.get(name)
-    if steps and default.engine == "compact" and n <= default.batch_size:
+    tokens = usage.get(name)
+    if tokens and default.engine == "compact" and n <= default.batch_size:
         # one batch: a decoding step per token of its longest answer; rows leave as they finish
-        rows = sum(steps) / max(max(steps), 1)
+        rows = sum(tokens) / max(max(tokens), 1)
         out["decode_matmul_bound"] = decode_matmul_bound(lm.model, rows)
         bound = out["decode_matmul_bound"]["tokens_per_s"]
         out["default_fraction_of_decode_matmul_bound"] = chosen.get("tokens_per_s", 0.0) / bound if bound else None
