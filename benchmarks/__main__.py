@@ -20,7 +20,19 @@ from benchmarks.common import (
     write_json_atomic,
 )
 
-SECTIONS = ("hardware", "speed", "training", "knn", "judge", "detection", "downstream", "ingest", "generation", "ray")
+SECTIONS = (
+    "hardware",
+    "speed",
+    "training",
+    "knn",
+    "judge",
+    "detection",
+    "downstream",
+    "gate",
+    "ingest",
+    "generation",
+    "ray",
+)
 
 GOALS = {
     "signal_speedup_vs_reference": (">=", 5.0, "signal pass >= 5x the reference's way"),
@@ -123,6 +135,14 @@ def headline(sections: dict) -> dict:
         "downstream_by_operation",
     ):
         out[key] = down.get(key) if down and not down.get("skipped") else None
+    gate = sections.get("gate") or {}
+    measured = gate and not gate.get("skipped") and not gate.get("error")
+    # the gate on candidates of known kind: share of good refinements accepted, of bad ones let in
+    for key, path in (("gate_accepts_good", "by_kind.good"), ("gate_accepts_bad", "bad_all")):
+        out[key] = {bar: _get(gate.get(bar) or {}, f"{path}.rate") for bar in ("flag", "typical")} if measured else None
+        out[f"{key}_ci"] = (
+            {bar: _get(gate.get(bar) or {}, f"{path}.ci") for bar in ("flag", "typical")} if measured else None
+        )
     return out
 
 
@@ -374,6 +394,22 @@ def table(sections: dict, head: dict, gl: dict) -> str:
                         "",
                     )
                 )
+    gt = sections.get("gate") or {}
+    if gt.get("skipped"):
+        rows.append(("gate (known candidates)", "skipped", gt.get("reason", "")[:40], "", ""))
+    elif "flag" in gt:
+        for bar in ("flag", "typical"):
+            for kind, v in gt[bar]["by_kind"].items():
+                ci = v.get("ci") or [None, None]
+                rows.append(
+                    (
+                        f"gate [{bar}] accepts {kind}",
+                        f"{v['accepted']}/{v['judged']}",
+                        f"[{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}]",
+                        "",
+                        "",
+                    )
+                )
     for name, blk in sections.items():
         if isinstance(blk, dict) and blk.get("error"):
             rows.append((f"{name}: FAILED", blk["error"][:60], "", "", ""))
@@ -470,6 +506,18 @@ def main(argv=None) -> int:
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
+        "--gate-from",
+        default=None,
+        metavar="MIDDO_HOME",
+        help="gate: reuse the round-1 of the controlled set kept from an earlier run (--gate-keep) instead of running it",
+    )
+    p.add_argument(
+        "--gate-keep",
+        default=None,
+        metavar="DIR",
+        help="gate: run the controlled round in DIR and keep it (DIR/middo is then a --gate-from)",
+    )
+    p.add_argument(
         "--downstream-from",
         default=None,
         metavar="MIDDO_HOME",
@@ -524,6 +572,10 @@ def main(argv=None) -> int:
         over["model"] = args.model
     if args.downstream_from:
         over["down_from"] = args.downstream_from
+    if args.gate_from:
+        over["gate_from"] = args.gate_from
+    if args.gate_keep:
+        over["gate_keep"] = args.gate_keep
     if args.variants:
         from benchmarks.downstream import VARIANTS
 
@@ -580,6 +632,7 @@ def main(argv=None) -> int:
     from benchmarks import (
         detection,
         downstream,
+        gate_oracle,
         generation,
         hardware,
         ingest,
@@ -610,6 +663,14 @@ def main(argv=None) -> int:
         sections["downstream"] = {
             "skipped": True,
             "reason": "--quick: dozens of training runs do not fit in minutes; --only downstream or --full",
+        }
+
+    if settings.downstream or (args.only and "gate" in only):
+        section("gate", lambda: gate_oracle.run(settings, models))
+    elif "gate" in only:
+        sections["gate"] = {
+            "skipped": True,
+            "reason": "--quick: a whole round on the controlled set (about 20 minutes); --only gate or --full",
         }
 
     section("ingest", lambda: ingest.run(settings))  # 1M rows in a child process (about 30 s, 1.5 GB today)

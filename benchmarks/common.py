@@ -87,6 +87,10 @@ class Settings:
     down_from: str | None = None  # MIDDO_HOME of a finished round 1 (e.g. the demo's): reuse its candidates
     down_run_cache: str | None = "~/.cache/middo-pipeline/bench-downstream"  # per-run results, reused when identical
     down_regate: bool = True  # with down_from: judge the stored candidates again with this version's gate
+    # gate: the verification gate against candidates of known kind, on a round of the controlled set
+    gate_candidates: int = 1  # the optimizer's own candidates per flagged sample in that round
+    gate_from: str | None = None  # MIDDO_HOME of a finished controlled round: reuse it
+    gate_keep: str | None = None  # run the controlled round in this folder and keep it
     # optimizer generation: the same requests through each local path (benchmarks/generation.py)
     train_steps: int = 8  # training section: LoRA steps per way (response positions only vs every position)
     train_repeats: int = 2

@@ -62,8 +62,10 @@ _OP_OF = {"simplify_only": "simplified", "rewrite_only": "rewritten", "extend_on
 VARIANT_BAR = "flag"
 
 
-def _one_round(settings, workdir: Path):
-    """Run round 1 through the loop; the seed table, the round's candidates and sparse order."""
+def _one_round(settings, workdir: Path, seed_path: Path = SEED_PATH, refine: dict | None = None, name="downstream"):
+    """Run round 1 through the loop (from ``seed_path``; ``refine`` overrides the
+    ``refined_samples`` config); the seed table, the round's candidates and sparse order. The
+    round's tables stay under ``workdir / "middo"``."""
     import polars as pl
 
     from middo_pipeline.core.storage import Storage
@@ -93,22 +95,21 @@ def _one_round(settings, workdir: Path):
                     "verify": True,
                     "heldout_path": str(DOWN_EVAL),
                     "acceptance_bar": VARIANT_BAR,
+                    **(refine or {}),
                 }
             },
         }
     }
     t0 = time.perf_counter()
     try:
-        summaries = run_rounds(
-            1, seed_path=str(SEED_PATH), config=config, env=env, log=lambda m: log(f"downstream: {m}")
-        )
+        summaries = run_rounds(1, seed_path=str(seed_path), config=config, env=env, log=lambda m: log(f"{name}: {m}"))
     finally:
         if old is None:
             os.environ.pop("DAGSTER_HOME", None)
         else:
             os.environ["DAGSTER_HOME"] = old
     if not all(s.success for s in summaries):
-        raise RuntimeError("downstream: the Middo round failed (see the log above)")
+        raise RuntimeError(f"{name}: the Middo round failed (see the log above)")
     store = Storage(middo_home)
     seed = pl.read_parquet(store.table_path("round_dataset", "round-1"))
     cands = pl.read_parquet(store.table_path("refinement_candidates", "round-1"))
