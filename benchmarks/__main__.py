@@ -468,8 +468,14 @@ def merge_results(path: Path, sections: dict, runs: dict, imports: list[str], er
             block, run = src, {k: src[k] for k in ("date", "command") if k in src}
         merged[name] = block
         merged_runs[name] = {"imported_from": file, **run}
-    merged.update(sections)
-    merged_runs.update(runs)
+    for name, block in sections.items():
+        # a section this run only skipped (downstream, gate without --only) keeps its last measurement
+        if isinstance(block, dict) and block.get("skipped") and isinstance(merged.get(name), dict):
+            if not merged[name].get("skipped"):
+                continue
+        merged[name] = block
+        if name in runs:
+            merged_runs[name] = runs[name]
     order = [n for n in SECTIONS if n in merged]
     return {n: merged[n] for n in order}, {n: merged_runs[n] for n in order if n in merged_runs}
 

@@ -99,3 +99,34 @@ def test_only_into_the_default_file_merges(tmp_path, monkeypatch):
     elsewhere = tmp_path / "one.json"  # an explicit --out still gets only what ran
     assert main(["--quick", "--only", "hardware", "--out", str(elsewhere)]) == 0
     assert set(json.loads(elsewhere.read_text())["sections"]) == {"hardware"}
+
+
+def test_a_skipped_section_keeps_its_last_measurement(tmp_path):
+    """A plain ``--quick --merge`` skips downstream and gate (whole rounds): that must not wipe
+    the figures an earlier ``--only downstream`` / ``--only gate`` run measured."""
+    from benchmarks.__main__ import merge_results
+
+    path = tmp_path / "quick.json"
+    measured = {"flag": {"by_kind": {}}}
+    path.write_text(
+        json.dumps(
+            {
+                "sections": {"gate": measured, "downstream": {"skipped": True, "reason": "old"}},
+                "section_runs": {"gate": {"date": "2026-12-04 11:38"}},
+            }
+        )
+    )
+    skipped = {"skipped": True, "reason": "--quick"}
+    sections, runs = merge_results(
+        path,
+        {"gate": skipped, "downstream": skipped, "knn": {"sizes": {}}},
+        {"gate": {"date": "now"}, "downstream": {"date": "now"}, "knn": {"date": "now"}},
+        [],
+        pytest.fail,
+    )
+    assert sections["gate"] == measured and runs["gate"]["date"] == "2026-12-04 11:38"
+    assert sections["downstream"] == skipped and runs["downstream"]["date"] == "now"  # nothing measured to keep
+    assert sections["knn"] == {"sizes": {}}
+    fresh = {"flag": {"by_kind": {"good": {}}}}
+    sections, runs = merge_results(path, {"gate": fresh}, {"gate": {"date": "now"}}, [], pytest.fail)
+    assert sections["gate"] == fresh and runs["gate"]["date"] == "now"  # a new measurement replaces it
