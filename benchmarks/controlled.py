@@ -188,6 +188,132 @@ ISOLATED = [
     ("In pharmacology, what does 'b.i.d.' mean on a prescription?", "b.i.d. (bis in die) means twice a day."),
 ]
 
+# For each isolated item, a new sample on the same topic, written for the gate benchmark: what a
+# good extension of that sparse sample looks like (another task in the same rare domain, with a
+# correct answer), keyed by the isolated item's prompt.
+EXTENSIONS = {
+    ISOLATED[0][0]: (
+        "Fasse den folgenden Satz in einfachen Worten zusammen: Die Stadt hat angekündigt, die Öffnungszeiten der öffentlichen Bibliotheken ab dem nächsten Monat zu verlängern.",
+        "Die Bibliotheken der Stadt sind ab nächstem Monat länger geöffnet.",
+    ),
+    ISOLATED[1][0]: (
+        "Transcribe this DNA template strand into messenger RNA: TTAGCCGATACG",
+        "The mRNA is AAUCGGCUAUGC: each A becomes U, each T becomes A, each C becomes G and each G becomes C.",
+    ),
+    ISOLATED[2][0]: ("Decode this Morse code message: ... --- ...", "The message reads: SOS."),
+    ISOLATED[3][0]: (
+        "In chess, what is the name of the opening 1. d4 d5 2. c4?",
+        "It is the Queen's Gambit: White offers the c-pawn to draw Black's d-pawn away from the centre.",
+    ),
+    ISOLATED[4][0]: (
+        "Explain what this LaTeX renders to: \\sum_{n=1}^{\\infty} \\frac{1}{n^2} = \\frac{\\pi^2}{6}",
+        "It renders the Basel problem: the sum of one over n squared, for n from one to infinity, equals pi squared divided by six.",
+    ),
+    ISOLATED[5][0]: (
+        "What does this cron expression mean: 0 0 1 * *",
+        "It runs at midnight (00:00) on the first day of every month.",
+    ),
+    ISOLATED[6][0]: (
+        "Which common molecule has the SMILES string CCO?",
+        "CCO is ethanol (ethyl alcohol): two carbons in a chain with a hydroxyl group on the second.",
+    ),
+    ISOLATED[7][0]: (
+        "When knitting, how does a purl stitch differ from a knit stitch?",
+        "A purl stitch is the reverse of a knit stitch: a knit stitch shows a V on the side facing you, a purl stitch a small horizontal bump. Knitting one row and purling the next gives stockinette.",
+    ),
+    ISOLATED[8][0]: (
+        "In figured bass, what does the figure 6 under a bass note indicate?",
+        "It indicates a first-inversion triad: the notes a sixth and a third above the bass, so the third of the chord is in the bass.",
+    ),
+    ISOLATED[9][0]: (
+        "In sailing, what do port and starboard mean?",
+        "Facing the bow, port is the left side of the boat and starboard is the right side.",
+    ),
+    ISOLATED[10][0]: (
+        "Traduis en anglais : « Les enfants jouent dans le jardin après l'école. »",
+        "The children play in the garden after school.",
+    ),
+    ISOLATED[11][0]: (
+        "What does the regular expression ^\\d{3}-\\d{4}$ match?",
+        "Strings of exactly three digits, a hyphen and exactly four digits, such as 555-1234, and nothing else.",
+    ),
+    ISOLATED[12][0]: (
+        "In music theory, how many flats does the key of F major have and what are they?",
+        "F major has one flat: B flat.",
+    ),
+    ISOLATED[13][0]: (
+        "Convert the hexadecimal colour code #0000FF to its RGB components.",
+        "#0000FF is red 0, green 0, blue 255: pure blue.",
+    ),
+    ISOLATED[14][0]: (
+        "In bridge, how many cards is each of the four players dealt?",
+        "Each player is dealt thirteen cards, the whole 52-card deck.",
+    ),
+    ISOLATED[15][0]: (
+        "What is the Köppen climate classification code for a tropical rainforest climate?",
+        "A tropical rainforest climate is Af: A for tropical, f for wet in every month.",
+    ),
+    ISOLATED[16][0]: (
+        "In SQL, what is the difference between INNER JOIN and LEFT JOIN?",
+        "INNER JOIN keeps only rows that match in both tables; LEFT JOIN keeps every row of the left table and fills the right side with NULL where nothing matches.",
+    ),
+    ISOLATED[17][0]: (
+        "Which bone of the human body is the longest?",
+        "The femur, the thigh bone, is the longest bone of the human body.",
+    ),
+    ISOLATED[18][0]: (
+        "In cricket, how many balls are there in an over?",
+        "An over has six legal deliveries, bowled by the same bowler.",
+    ),
+    ISOLATED[19][0]: ("Read this Roman numeral: MMXXIV", "MMXXIV is 2024: MM = 2000, XX = 20, IV = 4."),
+    ISOLATED[20][0]: (
+        "Welche Farbe entsteht, wenn man Rot und Gelb mischt?",
+        "Wenn man Rot und Gelb mischt, entsteht Orange.",
+    ),
+    ISOLATED[21][0]: (
+        "In a bash script, what does the expression $# hold?",
+        "$# holds the number of positional arguments passed to the script or function.",
+    ),
+    ISOLATED[22][0]: (
+        "In heraldry, what is the tincture called 'azure'?",
+        "Azure is the heraldic name for the colour blue.",
+    ),
+    ISOLATED[23][0]: (
+        "What does the Unix permission string rw-r--r-- mean for the owner, group and others?",
+        "The owner can read and write; the group and others can only read.",
+    ),
+    ISOLATED[24][0]: (
+        "In origami, what is a mountain fold?",
+        "A mountain fold folds the paper away from you so that the crease rises like a ridge; its opposite is the valley fold.",
+    ),
+    ISOLATED[25][0]: ("What is the plural of the Latin word 'datum'?", "The plural of datum is data."),
+    ISOLATED[26][0]: (
+        "In beekeeping, what is a 'brood box'?",
+        "The brood box is the lowest box of the hive, where the queen lays eggs and the young bees are raised.",
+    ),
+    ISOLATED[27][0]: (
+        "In the NATO phonetic alphabet, how is the word DOG spelled out?",
+        "Delta, Oscar, Golf.",
+    ),
+    ISOLATED[28][0]: (
+        "In typography, what is leading?",
+        "Leading is the vertical space between lines of text, measured from one baseline to the next.",
+    ),
+    ISOLATED[29][0]: (
+        "In astronomy, what is an astronomical unit?",
+        "An astronomical unit is the mean distance from the Earth to the Sun, about 150 million kilometres.",
+    ),
+    ISOLATED[30][0]: ("¿Cuántos meses tiene un año?", "Un año tiene doce meses."),
+    ISOLATED[31][0]: (
+        "In Git, what does 'git rebase' do?",
+        "It moves or replays your commits on top of another base commit, rewriting them so the history reads as a straight line.",
+    ),
+    ISOLATED[32][0]: (
+        "In pharmacology, what does 'q.d.' mean on a prescription?",
+        "q.d. (quaque die) means once a day.",
+    ),
+}
+
 _DUP_EDITS = [
     lambda s: "Please " + s[0].lower() + s[1:],
     lambda s: s.rstrip(".?!") + ", please.",

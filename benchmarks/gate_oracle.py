@@ -13,8 +13,10 @@ knows, for every defective row it made, the clean seed sample it was made from. 
 2. For every planned operation on a defective row with a known origin, candidates of known
    kind, built here, not generated:
 
-   - ``good``: the clean seed sample the row was made from (a perfect rewrite or
-     simplification: it is not in the round's data, so the checkpoint has not seen it);
+   - ``good``: for a rewrite or simplification, the clean seed sample the row was made from
+     (it is not in the round's data, so the checkpoint has not seen it); for an extension of
+     an isolated row, another task in its rare domain with a correct answer, written for this
+     benchmark (``controlled.EXTENSIONS``);
    - ``unchanged``: the flagged row itself, returned as it was (a do-nothing optimizer; made
      for every planned operation, extensions included);
    - ``garbled``: the good sample with its prompt's words shuffled and letters scrambled;
@@ -31,8 +33,8 @@ knows, for every defective row it made, the clean seed sample it was made from. 
 Reported per bar and candidate kind (and per operation): accepted / judged with a 95% Wilson
 interval, and the reasons good candidates were turned away. Each candidate is judged alone
 (the pipeline accepts the best passing one of k; here k = 1 per kind). Wrong-fact rows have no
-origin sample (their good rewrite would need the right answer written), and an isolated row's
-good extension is not known, so neither gets a ``good`` candidate.
+origin sample (their good rewrite would need the right answer written), and an extension of a
+row that is not an isolated item has no written one, so neither gets a ``good`` candidate.
 """
 
 from __future__ import annotations
@@ -116,9 +118,15 @@ def known_candidates(planned, rows: list[dict], seed_rows: list[dict], seed: int
             continue
         out.append(_candidate(p, r, "unchanged", r["instruction"], r["input"], r["output"]))
         src = int(r.get("source_index", -1))
-        if p["operation"] == EXTENDED or src < 0 or r["defect"] not in ("quality", "hard"):
+        if p["operation"] == EXTENDED:  # a good extension: another task in the row's rare domain
+            if r["instruction"] not in controlled.EXTENSIONS:
+                continue
+            q, a = controlled.EXTENSIONS[r["instruction"]]
+            g = {"instruction": q, "input": "", "output": a, "category": r.get("category", "")}
+        elif src >= 0 and r["defect"] in ("quality", "hard"):
+            g = seed_rows[src]
+        else:
             continue
-        g = seed_rows[src]
         out.append(_candidate(p, r, "good", g["instruction"], g.get("input", ""), g["output"]))
         garbled_input = controlled.garble(g["input"], rng) if g.get("input") else ""
         out.append(_candidate(p, r, "garbled", controlled.garble(g["instruction"], rng), garbled_input, g["output"]))

@@ -58,11 +58,14 @@ def test_known_candidates_come_from_each_rows_origin():
     cands, unmatched = known_candidates(planned, rows, seed, seed=0)
     assert unmatched == 1
     kinds = {oid: sorted(g["known_kind"].to_list()) for (oid,), g in cands.group_by("origin_id")}
-    # a defective row with an origin: all four kinds; no origin (wrong fact), an extension or a
-    # clean row: only the row itself returned unchanged
-    assert kinds["id0"] == ["garbled", "good", "unchanged", "unrelated"]
-    assert kinds["id1"] == ["garbled", "good", "unchanged", "unrelated"]
-    assert kinds["id2"] == kinds["id3"] == kinds["id4"] == ["unchanged"]
+    # a defective row with an origin, or an isolated row extended: all four kinds; no origin
+    # (wrong fact) or a clean row: only the row itself returned unchanged
+    assert kinds["id0"] == kinds["id1"] == kinds["id3"] == ["garbled", "good", "unchanged", "unrelated"]
+    assert kinds["id2"] == kinds["id4"] == ["unchanged"]
+    ext = {row["known_kind"]: row for row in cands.filter(pl.col("origin_id") == "id3").iter_rows(named=True)}
+    q, a = controlled.EXTENSIONS[by["isolated_topic"]["instruction"]]
+    assert (ext["good"]["instruction_after"], ext["good"]["output_after"]) == (q, a)
+    assert ext["unrelated"]["instruction_after"] == q and ext["unrelated"]["output_after"] != a
     for oid, (r, _op) in zip(("id0", "id1"), picks[:2]):
         origin = seed[r["source_index"]]
         c = {row["known_kind"]: row for row in cands.filter(pl.col("origin_id") == oid).iter_rows(named=True)}
@@ -76,7 +79,7 @@ def test_known_candidates_come_from_each_rows_origin():
         assert all(row["defect"] == r["defect"] and row["defect_kind"] == r["kind"] for row in c.values())
     assert set(cands["status"]) == {"ok"} and not cands["truncated"].any()
     # every candidate keeps its planned operation and origin
-    assert cands.filter(pl.col("origin_id") == "id3")["operation"].to_list() == ["extended"]
+    assert set(cands.filter(pl.col("origin_id") == "id3")["operation"]) == {"extended"}
 
 
 def test_row_key_ignores_whitespace_only():
@@ -168,3 +171,13 @@ def test_headline_and_table_carry_the_gate_rates():
     assert "gate [flag] accepts good" in text and "6/10" in text and "2/10" in text
     skipped = headline({"gate": {"skipped": True, "reason": "--quick"}})
     assert skipped["gate_accepts_good"] is None and skipped["gate_accepts_bad_ci"] is None
+
+
+def test_every_isolated_item_has_a_written_extension_in_its_own_domain():
+    """A good extension is another task with another answer: not the item again, and not one of
+    the light edits the controlled set uses to make duplicates."""
+    assert set(controlled.EXTENSIONS) == {q for q, _ in controlled.ISOLATED}
+    for q, a in controlled.ISOLATED:
+        eq, ea = controlled.EXTENSIONS[q]
+        assert eq != q and ea != a and ea.strip(), q
+        assert eq not in {edit(q) for edit in controlled._DUP_EDITS}, q
