@@ -202,8 +202,10 @@ def default_bar_outcome(cands, loss_signals, quality_signals) -> dict:
     }
 
 
-def _regate(store, cands, tables: dict, settings):
-    """The stored candidates re-scored and re-verified with this version's gate."""
+def gate_stored_round(store, cands, tables: dict, settings, heldout: Path, bar: str):
+    """``cands`` re-scored and verified by this version's gate (``core.gate.gate_round``) with
+    the stored round-1's own models, signal tables and thresholds and the refine config's
+    defaults; ``passed`` is never null."""
     import polars as pl
 
     from middo_pipeline.assets.optimization import RefineConfig, _heldout_grams
@@ -211,17 +213,13 @@ def _regate(store, cands, tables: dict, settings):
     from middo_pipeline.models.loading import load_model
 
     cfg = RefineConfig()
-    keep = [c for c in cands.columns if c not in _GATE_COLUMNS]
-    ckpt = store.checkpoint_dir("round-1")
     device = getattr(settings, "device", "auto")
     threads = getattr(settings, "threads", None)
-    model = getattr(settings, "model", None) or DEFAULT_MODEL
-    base = load_model(model, device=device, threads=threads)
-    trained = load_model(str(ckpt), device=device, threads=threads)
+    base = load_model(getattr(settings, "model", None) or DEFAULT_MODEL, device=device, threads=threads)
+    trained = load_model(str(store.checkpoint_dir("round-1")), device=device, threads=threads)
     judge = trained if tables["quality_signals"]["quality_mode"][0] in ("judge", "combined") else None
-    t0 = time.perf_counter()
     verified, _ = gate_round(
-        cands.select(keep),
+        cands.select([c for c in cands.columns if c not in _GATE_COLUMNS]),
         model_readouts=tables["model_readouts"],
         loss_signals=tables["loss_signals"],
         quality_signals=tables["quality_signals"],
@@ -231,15 +229,22 @@ def _regate(store, cands, tables: dict, settings):
         judge_model=judge,
         duplicate_cosine=cfg.duplicate_cosine,
         near_origin=cfg.near_origin,
-        bar=VARIANT_BAR,
-        heldout_grams=_heldout_grams(str(DOWN_EVAL), cfg.heldout_ngram),
+        bar=bar,
+        heldout_grams=_heldout_grams(str(heldout), cfg.heldout_ngram),
         ngram=cfg.heldout_ngram,
     )
+    return verified.with_columns(pl.col("passed").fill_null(False))
+
+
+def _regate(store, cands, tables: dict, settings):
+    """The stored candidates re-scored and re-verified with this version's gate."""
+    t0 = time.perf_counter()
+    verified = gate_stored_round(store, cands, tables, settings, DOWN_EVAL, VARIANT_BAR)
     log(
         f"downstream: re-gated {verified.height} stored candidates in {time.perf_counter() - t0:.0f}s: "
         f"{int(cands['passed'].sum())} passed the stored gate, {int(verified['passed'].sum())} pass this one"
     )
-    return verified.with_columns(pl.col("passed").fill_null(False))
+    return verified
 
 
 def build_variants(seed, cands, sparse_order) -> dict:

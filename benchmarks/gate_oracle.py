@@ -157,36 +157,14 @@ def _reasons(verdicts, kind: str) -> dict:
 
 def judge(cands, tables: dict, store, settings, heldout: Path) -> dict:
     """``cands`` through the round's gate under each bar: {bar: verified table}."""
-    import polars as pl
-
-    from benchmarks.downstream import _GATE_COLUMNS
+    from benchmarks.downstream import gate_stored_round
     from middo_pipeline.assets.optimization import RefineConfig, _heldout_grams
-    from middo_pipeline.constants import DEFAULT_MODEL
-    from middo_pipeline.core.gate import gate_round, round_thresholds
+    from middo_pipeline.core.gate import round_thresholds
     from middo_pipeline.core.verify import verify_candidates
-    from middo_pipeline.models.loading import load_model
 
     cfg = RefineConfig()
     grams = _heldout_grams(str(heldout), cfg.heldout_ngram)
-    base = load_model(settings.model or DEFAULT_MODEL, device=settings.device, threads=settings.threads)
-    trained = load_model(str(store.checkpoint_dir("round-1")), device=settings.device, threads=settings.threads)
-    judge_lm = trained if tables["quality_signals"]["quality_mode"][0] in ("judge", "combined") else None
-    verified, _ = gate_round(
-        cands.select([c for c in cands.columns if c not in _GATE_COLUMNS]),
-        model_readouts=tables["model_readouts"],
-        loss_signals=tables["loss_signals"],
-        quality_signals=tables["quality_signals"],
-        embedding_signals=tables["embedding_signals"],
-        base=base,
-        checkpoint=trained,
-        judge_model=judge_lm,
-        duplicate_cosine=cfg.duplicate_cosine,
-        near_origin=cfg.near_origin,
-        bar="flag",
-        heldout_grams=grams,
-        ngram=cfg.heldout_ngram,
-    )
-    first = verified.with_columns(pl.col("passed").fill_null(False))
+    first = gate_stored_round(store, cands, tables, settings, heldout, "flag")
     out = {}
     for bar in BARS:
         for near in (True, False):
@@ -198,9 +176,7 @@ def judge(cands, tables: dict, store, settings, heldout: Path) -> dict:
                 bar=bar,
             )
             # from the re-scored signals: the same rules as the gate's own pass (no forward pass)
-            v = verify_candidates(
-                verified.drop(["passed", "reasons"]), th, heldout_grams=grams, ngram=cfg.heldout_ngram
-            )
+            v = verify_candidates(first.drop(["passed", "reasons"]), th, heldout_grams=grams, ngram=cfg.heldout_ngram)
             out[bar if near else f"{bar}, near_origin off"] = v
     if not out["flag"]["passed"].equals(first["passed"]):
         raise RuntimeError("gate: re-verifying the re-scored candidates under flag disagrees with gate_round")
