@@ -155,8 +155,13 @@ def _reasons(verdicts, kind: str) -> dict:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def judge(cands, tables: dict, store, settings, heldout: Path) -> dict:
-    """``cands`` through the round's gate under each bar: {bar: verified table}."""
+def judge(cands, tables: dict, store, settings, heldout: Path, clean_ids: list[str] | None = None) -> dict:
+    """``cands`` through the round's gate under each bar: {bar: verified table}. With
+    ``clean_ids`` (the round's samples that are clean rows of the controlled set) also
+    ``typical`` with the medians of those rows only: the bar as a clean data set would set it
+    (the controlled set is half defective, which makes its own medians lax)."""
+    import polars as pl
+
     from benchmarks.downstream import gate_stored_round
     from middo_pipeline.assets.optimization import RefineConfig, _heldout_grams
     from middo_pipeline.core.gate import round_thresholds
@@ -178,6 +183,18 @@ def judge(cands, tables: dict, store, settings, heldout: Path) -> dict:
             # from the re-scored signals: the same rules as the gate's own pass (no forward pass)
             v = verify_candidates(first.drop(["passed", "reasons"]), th, heldout_grams=grams, ngram=cfg.heldout_ngram)
             out[bar if near else f"{bar}, near_origin off"] = v
+    if clean_ids:
+        keep = pl.col("sample_id").is_in(clean_ids)
+        for near in (True, False):
+            th = round_thresholds(
+                tables["loss_signals"].filter(keep),
+                tables["quality_signals"].filter(keep),
+                duplicate_cosine=cfg.duplicate_cosine,
+                near_origin=near,
+                bar="typical",
+            )
+            v = verify_candidates(first.drop(["passed", "reasons"]), th, heldout_grams=grams, ngram=cfg.heldout_ngram)
+            out["typical, clean medians" + ("" if near else ", near_origin off")] = v
     if not out["flag"]["passed"].equals(first["passed"]):
         raise RuntimeError("gate: re-verifying the re-scored candidates under flag disagrees with gate_round")
     return out
@@ -227,7 +244,14 @@ def run(settings, models=None) -> dict:
             home = Path(tmp) / "middo"
         round_s = time.perf_counter() - t0
         store = Storage(home)
-        names = ("refinement_candidates", "model_readouts", "loss_signals", "quality_signals", "embedding_signals")
+        names = (
+            "round_dataset",
+            "refinement_candidates",
+            "model_readouts",
+            "loss_signals",
+            "quality_signals",
+            "embedding_signals",
+        )
         tables = {n: pl.read_parquet(store.table_path(n, "round-1")) for n in names}
         opt = tables["refinement_candidates"]
         planned = opt.filter(pl.col("candidate") == 0).select(
@@ -249,11 +273,19 @@ def run(settings, models=None) -> dict:
         cands = pl.concat([known, opt_rows.select(known.columns)], how="diagonal_relaxed")
         log(f"gate: {cands.height} candidates to judge ({known.height} of known kind, {opt.height} the optimizer's)")
         t1 = time.perf_counter()
-        verdicts = judge(cands, tables, store, s, heldout)
+        clean_ids = [
+            sid
+            for sid, a, b, c in tables["round_dataset"]
+            .select("sample_id", "instruction", "input", "output")
+            .iter_rows()
+            if by_key.get(row_key(a, b, c), {}).get("defect") == "none"
+        ]
+        verdicts = judge(cands, tables, store, s, heldout, clean_ids=clean_ids)
         gate_s = time.perf_counter() - t1
     flagged = planned.group_by("operation").len().sort("operation")
     out = {
         "rows": len(rows),
+        "clean_rows_in_round": len(clean_ids),
         "planned_operations": dict(flagged.iter_rows()),
         "unmatched_operations": unmatched,
         "optimizer_candidates_per_sample": s.gate_candidates,

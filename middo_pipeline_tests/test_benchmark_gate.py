@@ -145,9 +145,11 @@ def test_gate_section_judges_every_kind_on_a_real_round(tmp_path, model_cache, m
             assert by_kind[k]["judged"] == by_kind["good"]["judged"]
         for v in by_kind.values():
             assert 0 <= v["accepted"] <= v["judged"]
-    # typical adds rules to flag, and dropping near_origin removes one
+    assert out["clean_rows_in_round"] == 3 * 2  # the clean topics and their paraphrases
+    # typical adds rules to flag (with either medians), and dropping near_origin removes one
     for kind, v in out["typical"]["by_kind"].items():
         assert v["accepted"] <= out["flag"]["by_kind"][kind]["accepted"], kind
+        assert out["typical, clean medians"]["by_kind"][kind]["accepted"] <= out["flag"]["by_kind"][kind]["accepted"]
         assert out["flag"]["by_kind"][kind]["accepted"] <= out["flag, near_origin off"]["by_kind"][kind]["accepted"]
     again = run(dataclasses.replace(settings, gate_from=str(tmp_path / "round" / "middo")))
     assert again["reused_round"] and again["flag"]["by_kind"] == out["flag"]["by_kind"]
