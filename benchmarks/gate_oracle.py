@@ -10,8 +10,7 @@ knows, for every defective row it made, the clean seed sample it was made from. 
    benchmark's) with the controlled set as its seed: training, readouts, signals, the plan
    of operations, the optimizer's own candidates (``gate_candidates`` per flagged sample)
    and the gate.
-2. For every planned operation on a defective row with a known origin, candidates of known
-   kind, built here, not generated:
+2. For every planned operation, candidates of known kind, built here, not generated:
 
    - ``good``: for a rewrite or simplification, the clean seed sample the row was made from
      (it is not in the round's data, so the checkpoint has not seen it); for an extension of
@@ -26,8 +25,10 @@ knows, for every defective row it made, the clean seed sample it was made from. 
 3. All of them go through ``core.gate.gate_round`` with the round's own models and stored
    thresholds (what ``refined_samples`` runs), under the method's bar (``flag``); then the
    verdicts are taken again from the re-scored signals (no forward pass) under ``typical``
-   (the default for a small optimizer), and under both bars with the ``near_origin`` rule
-   off, to show what that rule costs and catches. The round's own optimizer candidates are
+   (the default for a small optimizer), under both bars with the ``near_origin`` rule off
+   (what that rule costs and catches), and under ``typical`` with the medians of the round's
+   clean rows only (the controlled set is half defective, which makes its own medians lax; a
+   clean data set sets the bar these rows do). The round's own optimizer candidates are
    judged again beside them.
 
 Reported per bar and candidate kind (and per operation): accepted / judged with a 95% Wilson
