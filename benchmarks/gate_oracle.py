@@ -225,6 +225,13 @@ def run(settings, models=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="middo-bench-gate-") as tmp:
         if s.gate_keep and not s.gate_from:
             tmp = str(Path(s.gate_keep).expanduser().resolve())
+            if Path(tmp).exists() and any(Path(tmp).iterdir()):
+                # a loop there would run round 2 on top of the kept round 1, and this section
+                # would read the old round's tables
+                raise FileExistsError(
+                    f"--gate-keep {tmp} is not empty: reuse its round with --gate-from {Path(tmp) / 'middo'}, "
+                    "or keep the new one in another folder"
+                )
             Path(tmp).mkdir(parents=True, exist_ok=True)
         if s.gate_from:
             home = Path(s.gate_from)

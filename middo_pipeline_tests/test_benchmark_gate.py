@@ -183,3 +183,14 @@ def test_every_isolated_item_has_a_written_extension_in_its_own_domain():
         eq, ea = controlled.EXTENSIONS[q]
         assert eq != q and ea != a and ea.strip(), q
         assert eq not in {edit(q) for edit in controlled._DUP_EDITS}, q
+
+
+def test_keeping_a_round_in_a_used_folder_is_refused(tmp_path):
+    """A loop in a folder that holds a kept round would run round 2 on top of it, and the
+    section would read round 1's old tables: refused before anything runs."""
+    from benchmarks.common import Settings
+    from benchmarks.gate_oracle import run
+
+    (tmp_path / "middo").mkdir()
+    with pytest.raises(FileExistsError, match="--gate-from"):
+        run(Settings.quick(gate_keep=str(tmp_path)))
