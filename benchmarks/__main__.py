@@ -19,6 +19,7 @@ from benchmarks.common import (
     settings_dict,
     write_json_atomic,
 )
+from benchmarks.gate_oracle import BARS as GATE_BARS
 
 SECTIONS = (
     "hardware",
@@ -139,10 +140,8 @@ def headline(sections: dict) -> dict:
     measured = gate and not gate.get("skipped") and not gate.get("error")
     # the gate on candidates of known kind: share of good refinements accepted, of bad ones let in
     for key, path in (("gate_accepts_good", "by_kind.good"), ("gate_accepts_bad", "bad_all")):
-        out[key] = {bar: _get(gate.get(bar) or {}, f"{path}.rate") for bar in ("flag", "typical")} if measured else None
-        out[f"{key}_ci"] = (
-            {bar: _get(gate.get(bar) or {}, f"{path}.ci") for bar in ("flag", "typical")} if measured else None
-        )
+        out[key] = {bar: _get(gate.get(bar) or {}, f"{path}.rate") for bar in GATE_BARS} if measured else None
+        out[f"{key}_ci"] = {bar: _get(gate.get(bar) or {}, f"{path}.ci") for bar in GATE_BARS} if measured else None
     return out
 
 
@@ -398,7 +397,7 @@ def table(sections: dict, head: dict, gl: dict) -> str:
     if gt.get("skipped"):
         rows.append(("gate (known candidates)", "skipped", gt.get("reason", "")[:40], "", ""))
     elif "flag" in gt:
-        for bar in ("flag", "typical"):
+        for bar in GATE_BARS:
             for kind, v in gt[bar]["by_kind"].items():
                 ci = v.get("ci") or [None, None]
                 rows.append(
@@ -663,21 +662,24 @@ def main(argv=None) -> int:
         sections["judge"] = sections["detection"].pop("judge")  # measured inside detection
     elif "judge" in only:
         section("judge", lambda: judge.run(settings, models))
-    if settings.downstream or (args.only and "downstream" in only):
-        section("downstream", lambda: downstream.run(settings, models))
-    elif "downstream" in only:
-        sections["downstream"] = {
-            "skipped": True,
-            "reason": "--quick: dozens of training runs do not fit in minutes; --only downstream or --full",
-        }
 
-    if settings.downstream or (args.only and "gate" in only):
-        section("gate", lambda: gate_oracle.run(settings, models))
-    elif "gate" in only:
-        sections["gate"] = {
-            "skipped": True,
-            "reason": "--quick: a whole round on the controlled set (about 20 minutes); --only gate or --full",
-        }
+    def whole_round(name: str, fn, why: str):
+        """A section that runs a whole Middo round: only with --full or when named in --only."""
+        if settings.downstream or (args.only and name in only):
+            section(name, fn)
+        elif name in only:
+            sections[name] = {"skipped": True, "reason": f"--quick: {why}; --only {name} or --full"}
+
+    whole_round(
+        "downstream",
+        lambda: downstream.run(settings, models),
+        "dozens of training runs do not fit in minutes",
+    )
+    whole_round(
+        "gate",
+        lambda: gate_oracle.run(settings, models),
+        "a whole round on the controlled set (about 20 minutes)",
+    )
 
     section("ingest", lambda: ingest.run(settings))  # 1M rows in a child process (about 30 s, 1.5 GB today)
     section(

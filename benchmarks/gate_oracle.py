@@ -171,31 +171,23 @@ def judge(cands, tables: dict, store, settings, heldout: Path, clean_ids: list[s
     cfg = RefineConfig()
     grams = _heldout_grams(str(heldout), cfg.heldout_ngram)
     first = gate_stored_round(store, cands, tables, settings, heldout, "flag")
-    out = {}
-    for bar in BARS:
-        for near in (True, False):
-            th = round_thresholds(
-                tables["loss_signals"],
-                tables["quality_signals"],
-                duplicate_cosine=cfg.duplicate_cosine,
-                near_origin=near,
-                bar=bar,
-            )
-            # from the re-scored signals: the same rules as the gate's own pass (no forward pass)
-            v = verify_candidates(first.drop(["passed", "reasons"]), th, heldout_grams=grams, ngram=cfg.heldout_ngram)
-            out[bar if near else f"{bar}, near_origin off"] = v
+    scored = first.drop(["passed", "reasons"])
+    # (name, bar, near_origin, the rows whose medians set typical's bar: None = all of the round's)
+    variants = [(bar if near else f"{bar}, near_origin off", bar, near, None) for bar in BARS for near in (True, False)]
     if clean_ids:
         keep = pl.col("sample_id").is_in(clean_ids)
-        for near in (True, False):
-            th = round_thresholds(
-                tables["loss_signals"].filter(keep),
-                tables["quality_signals"].filter(keep),
-                duplicate_cosine=cfg.duplicate_cosine,
-                near_origin=near,
-                bar="typical",
-            )
-            v = verify_candidates(first.drop(["passed", "reasons"]), th, heldout_grams=grams, ngram=cfg.heldout_ngram)
-            out["typical, clean medians" + ("" if near else ", near_origin off")] = v
+        variants += [
+            ("typical, clean medians" + ("" if near else ", near_origin off"), "typical", near, keep)
+            for near in (True, False)
+        ]
+    out = {}
+    for name, bar, near, rows in variants:
+        loss, quality = tables["loss_signals"], tables["quality_signals"]
+        if rows is not None:
+            loss, quality = loss.filter(rows), quality.filter(rows)
+        th = round_thresholds(loss, quality, duplicate_cosine=cfg.duplicate_cosine, near_origin=near, bar=bar)
+        # from the re-scored signals: the same rules as the gate's own pass (no forward pass)
+        out[name] = verify_candidates(scored, th, heldout_grams=grams, ngram=cfg.heldout_ngram)
     if not out["flag"]["passed"].equals(first["passed"]):
         raise RuntimeError("gate: re-verifying the re-scored candidates under flag disagrees with gate_round")
     return out
