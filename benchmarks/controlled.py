@@ -191,6 +191,136 @@ ISOLATED = [
 # For each isolated item, a new sample on the same topic, written for the gate benchmark: what a
 # good extension of that sparse sample looks like (another task in the same rare domain, with a
 # correct answer), keyed by the isolated item's prompt.
+# The same task as each isolated item in other words, with its answer reworded: what an
+# optimizer asked to extend a sparse sample writes when it only paraphrases it (a bad extension:
+# it adds no new task). Written for the gate benchmark, reworded as a person would (synonyms,
+# another order), not by a rule.
+PARAPHRASES = {
+    ISOLATED[0][0]: (
+        "Gib diesen Satz in einfacher Sprache wieder: Die Bundesregierung hat beschlossen, den Ausbau der erneuerbaren Energien im kommenden Jahrzehnt deutlich zu beschleunigen.",
+        "Die Regierung möchte in den kommenden zehn Jahren den Strom aus Wind, Sonne und anderen erneuerbaren Quellen viel schneller ausbauen.",
+    ),
+    ISOLATED[1][0]: (
+        "What messenger RNA is transcribed from the DNA strand TACGGATTCAGCTTAAGC?",
+        "Pairing A with U, T with A, C with G and G with C gives the mRNA AUGCCUAAGUCGAAUUCG.",
+    ),
+    ISOLATED[2][0]: (
+        "Translate the following Morse code into text: .... . .-.. .-.. --- / .-- --- .-. .-.. -..",
+        "It says HELLO WORLD.",
+    ),
+    ISOLATED[3][0]: (
+        "Which opening arises after 1. e4 e5 2. Nf3 Nc6 3. Bb5 a6, and what is White's usual next move?",
+        "That is the Morphy Defence of the Ruy Lopez. White normally plays 4. Ba4 to keep the pin idea, or exchanges on c6 with 4. Bxc6.",
+    ),
+    ISOLATED[4][0]: (
+        "What does the LaTeX code \\int_0^{\\infty} e^{-x^2} \\, dx = \\frac{\\sqrt{\\pi}}{2} display?",
+        "It displays the Gaussian integral: integrating e to the minus x squared from zero to infinity gives the square root of pi over two.",
+    ),
+    ISOLATED[5][0]: (
+        "Explain when the cron schedule 15 3 * * 1-5 fires.",
+        "Every weekday, Monday through Friday, at 03:15: minute 15, hour 3, any day of the month and any month.",
+    ),
+    ISOLATED[6][0]: (
+        "What is the systematic IUPAC name for CC(=O)OC1=CC=CC=C1C(=O)O, written in SMILES?",
+        "The molecule is aspirin, whose IUPAC name is 2-acetoxybenzoic acid, also written 2-(acetyloxy)benzoic acid.",
+    ),
+    ISOLATED[7][0]: (
+        "What do k2tog, yo and ssk stand for in knitting instructions?",
+        "k2tog means knit two together, a decrease leaning right; yo is a yarn over, an increase that leaves a small hole; ssk is slip, slip, knit, a decrease leaning left.",
+    ),
+    ISOLATED[8][0]: (
+        "What does a 6/4 figure written below a bass note mean in figured bass?",
+        "It marks a triad in second inversion: a sixth and a fourth above the bass, which puts the chord's fifth in the bass.",
+    ),
+    ISOLATED[9][0]: (
+        "How does tacking differ from gybing when you sail a boat?",
+        "Each moves the wind to the other side of the boat. In a tack the bow passes through the wind; in a gybe the stern does, and the boom swings across more violently.",
+    ),
+    ISOLATED[10][0]: (
+        "Comment dit-on en anglais : « Le boulanger ouvre sa boutique à six heures du matin. » ?",
+        "The baker opens his shop at 6 a.m.",
+    ),
+    ISOLATED[11][0]: (
+        "Which strings does the regex ^[A-Z]{2}\\d{4}$ accept?",
+        "Only strings made of two uppercase letters followed by four digits, for example AB1234.",
+    ),
+    ISOLATED[12][0]: (
+        "Which sharps are in the E major key signature, and how many are there?",
+        "There are four sharps in E major: F sharp, C sharp, G sharp and D sharp.",
+    ),
+    ISOLATED[13][0]: (
+        "What are the red, green and blue values of the hex colour #FF8000?",
+        "Red 255, green 128 and blue 0, which is a bright orange.",
+    ),
+    ISOLATED[14][0]: (
+        "Using the Milton Work point count in bridge, what is an ace worth?",
+        "Four high-card points; a king counts three, a queen two and a jack one.",
+    ),
+    ISOLATED[15][0]: (
+        "Which Köppen code is used for hot desert climates?",
+        "BWh: B means arid, W desert and h hot.",
+    ),
+    ISOLATED[16][0]: (
+        "How do the WHERE and HAVING clauses differ in SQL?",
+        "WHERE filters individual rows before they are grouped, while HAVING filters the groups after GROUP BY and can therefore use aggregates like COUNT(*).",
+    ),
+    ISOLATED[17][0]: (
+        "Which three small bones are found in the middle ear?",
+        "The hammer (malleus), the anvil (incus) and the stirrup (stapes).",
+    ),
+    ISOLATED[18][0]: (
+        "What is the meaning of LBW in cricket?",
+        "It means leg before wicket: a batter is given out when the ball hits their body first but would otherwise have hit the stumps.",
+    ),
+    ISOLATED[19][0]: (
+        "Which number does the Roman numeral MCMXCIV stand for?",
+        "It stands for 1994, since M is 1000, CM 900, XC 90 and IV 4.",
+    ),
+    ISOLATED[20][0]: (
+        "Was für eine Farbe bekommt man, wenn man Gelb und Blau zusammenmischt?",
+        "Aus Gelb und Blau gemischt entsteht Grün.",
+    ),
+    ISOLATED[21][0]: (
+        "What does ${VAR:-default} evaluate to in bash?",
+        "The value of VAR, or the word default if VAR is empty or not set.",
+    ),
+    ISOLATED[22][0]: (
+        "Which colour does the heraldic tincture gules stand for?",
+        "In heraldry, gules means red.",
+    ),
+    ISOLATED[23][0]: (
+        "Explain the Unix permissions rwxr-x--- for the owner, the group and everyone else.",
+        "The owner may read, write and execute, the group may read and execute, and others get no access at all.",
+    ),
+    ISOLATED[24][0]: (
+        "What does a valley fold mean in origami?",
+        "In a valley fold the paper is folded towards you, so the crease sinks like a valley; the mountain fold is its opposite.",
+    ),
+    ISOLATED[25][0]: ("What is the Latin plural of 'corpus'?", "Its plural is corpora."),
+    ISOLATED[26][0]: (
+        "What do beekeepers mean by a 'super'?",
+        "A super is a box set on top of the hive's brood chamber, where the bees store the surplus honey that is harvested.",
+    ),
+    ISOLATED[27][0]: ("How do you spell CAB using the NATO phonetic alphabet?", "Charlie Alpha Bravo."),
+    ISOLATED[28][0]: (
+        "What does kerning mean in typography?",
+        "Kerning is the adjustment of the spacing between particular pairs of letters, like A and V, so that the text looks evenly spaced.",
+    ),
+    ISOLATED[29][0]: (
+        "How is a parsec defined in astronomy?",
+        "It is the distance at which one astronomical unit subtends one arcsecond, roughly 3.26 light-years.",
+    ),
+    ISOLATED[30][0]: ("¿Cuántos días hay en una semana?", "Hay siete días en una semana."),
+    ISOLATED[31][0]: (
+        "What does the command 'git stash' do in Git?",
+        "It puts your uncommitted changes on a stack and leaves a clean working tree; 'git stash pop' restores them.",
+    ),
+    ISOLATED[32][0]: (
+        "On a prescription, what does the abbreviation 'b.i.d.' mean?",
+        "It stands for bis in die: take it twice a day.",
+    ),
+}
+
 EXTENSIONS = {
     ISOLATED[0][0]: (
         "Fasse den folgenden Satz in einfachen Worten zusammen: Die Stadt hat angekündigt, die Öffnungszeiten der öffentlichen Bibliotheken ab dem nächsten Monat zu verlängern.",

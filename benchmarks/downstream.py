@@ -230,6 +230,9 @@ def gate_stored_round(store, cands, tables: dict, settings, heldout: Path, bar: 
         duplicate_cosine=cfg.duplicate_cosine,
         near_origin=cfg.near_origin,
         bar=bar,
+        round_dataset=tables.get("round_dataset"),
+        duplicate_same_task=cfg.duplicate_same_task,
+        same_task_cosine=cfg.same_task_cosine,
         heldout_grams=_heldout_grams(str(heldout), cfg.heldout_ngram),
         ngram=cfg.heldout_ngram,
     )

@@ -20,7 +20,10 @@ knows, for every defective row it made, the clean seed sample it was made from. 
      for every planned operation, extensions included);
    - ``garbled``: the good sample with its prompt's words shuffled and letters scrambled;
    - ``unrelated``: the good sample's prompt with the response of a seed sample of another
-     category.
+     category;
+   - ``paraphrase`` (extensions of isolated items only): the isolated task itself in other
+     words, its answer reworded (``controlled.PARAPHRASES``): an extension that adds no new
+     task, which the near-duplicate rule is there to turn away.
 
 3. All of them go through ``core.gate.gate_round`` with the round's own models and stored
    thresholds (what ``refined_samples`` runs), under the method's bar (``flag``); then the
@@ -28,8 +31,9 @@ knows, for every defective row it made, the clean seed sample it was made from. 
    (the default for a small optimizer), under both bars with the ``near_origin`` rule off
    (what that rule costs and catches), and under ``typical`` with the medians of the round's
    clean rows only (the controlled set is half defective, which makes its own medians lax; a
-   clean data set sets the bar these rows do). The round's own optimizer candidates are
-   judged again beside them.
+   clean data set sets the bar these rows do), and under both bars with near-duplicates
+   decided by the cosine alone (``duplicate_same_task`` off: what reading the words adds).
+   The round's own optimizer candidates are judged again beside them.
 
 Reported per bar and candidate kind (and per operation): accepted / judged with a 95% Wilson
 interval, and the reasons good candidates were turned away. Each candidate is judged alone
@@ -50,7 +54,8 @@ from pathlib import Path
 from benchmarks import controlled
 from benchmarks.common import load_seed_rows, log
 
-KINDS = ("good", "unchanged", "garbled", "unrelated", "optimizer")
+KINDS = ("good", "unchanged", "garbled", "unrelated", "paraphrase", "optimizer")
+BAD_KINDS = ("unchanged", "garbled", "unrelated", "paraphrase")
 BARS = ("flag", "typical")
 
 
@@ -133,6 +138,9 @@ def known_candidates(planned, rows: list[dict], seed_rows: list[dict], seed: int
         out.append(_candidate(p, r, "garbled", controlled.garble(g["instruction"], rng), garbled_input, g["output"]))
         others = [s for s in seed_rows if s.get("category", "") != g.get("category", "")] or seed_rows
         out.append(_candidate(p, r, "unrelated", g["instruction"], g.get("input", ""), rng.choice(others)["output"]))
+        if p["operation"] == EXTENDED:  # the isolated task again, reworded: no new task
+            q, a = controlled.PARAPHRASES[r["instruction"]]
+            out.append(_candidate(p, r, "paraphrase", q, "", a))
     return pl.DataFrame(out, infer_schema_length=None), unmatched
 
 
@@ -172,20 +180,32 @@ def judge(cands, tables: dict, store, settings, heldout: Path, clean_ids: list[s
     grams = _heldout_grams(str(heldout), cfg.heldout_ngram)
     first = gate_stored_round(store, cands, tables, settings, heldout, "flag")
     scored = first.drop(["passed", "reasons"])
-    # (name, bar, near_origin, the rows whose medians set typical's bar: None = all of the round's)
-    variants = [(bar if near else f"{bar}, near_origin off", bar, near, None) for bar in BARS for near in (True, False)]
+    # (name, bar, near_origin, the rows whose medians set typical's bar: None = all of the
+    # round's, near-duplicates of the same task only)
+    variants = [
+        (bar if near else f"{bar}, near_origin off", bar, near, None, True) for bar in BARS for near in (True, False)
+    ]
     if clean_ids:
         keep = pl.col("sample_id").is_in(clean_ids)
         variants += [
-            ("typical, clean medians" + ("" if near else ", near_origin off"), "typical", near, keep)
+            ("typical, clean medians" + ("" if near else ", near_origin off"), "typical", near, keep, True)
             for near in (True, False)
         ]
+    variants += [(f"{bar}, duplicates by cosine alone", bar, True, None, False) for bar in BARS]
     out = {}
-    for name, bar, near, rows in variants:
+    for name, bar, near, rows, same in variants:
         loss, quality = tables["loss_signals"], tables["quality_signals"]
         if rows is not None:
             loss, quality = loss.filter(rows), quality.filter(rows)
-        th = round_thresholds(loss, quality, duplicate_cosine=cfg.duplicate_cosine, near_origin=near, bar=bar)
+        th = round_thresholds(
+            loss,
+            quality,
+            duplicate_cosine=cfg.duplicate_cosine,
+            near_origin=near,
+            bar=bar,
+            duplicate_same_task=same,
+            same_task_cosine=cfg.same_task_cosine,
+        )
         # from the re-scored signals: the same rules as the gate's own pass (no forward pass)
         out[name] = verify_candidates(scored, th, heldout_grams=grams, ngram=cfg.heldout_ngram)
     if not out["flag"]["passed"].equals(first["passed"]):
@@ -301,7 +321,7 @@ def run(settings, models=None) -> dict:
         }
     for bar in verdicts:
         bk = out[bar]["by_kind"]
-        bad = [bk[k] for k in ("unchanged", "garbled", "unrelated") if k in bk]
+        bad = [bk[k] for k in BAD_KINDS if k in bk]
         k, n = sum(b["accepted"] for b in bad), sum(b["judged"] for b in bad)
         out[bar]["bad_all"] = {"accepted": k, "judged": n, "rate": k / n if n else None, "ci": wilson(k, n)}
         g = bk.get("good", {})

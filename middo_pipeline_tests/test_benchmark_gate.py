@@ -58,14 +58,17 @@ def test_known_candidates_come_from_each_rows_origin():
     cands, unmatched = known_candidates(planned, rows, seed, seed=0)
     assert unmatched == 1
     kinds = {oid: sorted(g["known_kind"].to_list()) for (oid,), g in cands.group_by("origin_id")}
-    # a defective row with an origin, or an isolated row extended: all four kinds; no origin
-    # (wrong fact) or a clean row: only the row itself returned unchanged
-    assert kinds["id0"] == kinds["id1"] == kinds["id3"] == ["garbled", "good", "unchanged", "unrelated"]
+    # a defective row with an origin: four kinds; an isolated row extended: also its paraphrase;
+    # no origin (wrong fact) or a clean row: only the row itself returned unchanged
+    assert kinds["id0"] == kinds["id1"] == ["garbled", "good", "unchanged", "unrelated"]
+    assert kinds["id3"] == ["garbled", "good", "paraphrase", "unchanged", "unrelated"]
     assert kinds["id2"] == kinds["id4"] == ["unchanged"]
     ext = {row["known_kind"]: row for row in cands.filter(pl.col("origin_id") == "id3").iter_rows(named=True)}
     q, a = controlled.EXTENSIONS[by["isolated_topic"]["instruction"]]
     assert (ext["good"]["instruction_after"], ext["good"]["output_after"]) == (q, a)
     assert ext["unrelated"]["instruction_after"] == q and ext["unrelated"]["output_after"] != a
+    pq, pa = controlled.PARAPHRASES[by["isolated_topic"]["instruction"]]
+    assert (ext["paraphrase"]["instruction_after"], ext["paraphrase"]["output_after"]) == (pq, pa)
     for oid, (r, _op) in zip(("id0", "id1"), picks[:2]):
         origin = seed[r["source_index"]]
         c = {row["known_kind"]: row for row in cands.filter(pl.col("origin_id") == oid).iter_rows(named=True)}
@@ -151,6 +154,12 @@ def test_gate_section_judges_every_kind_on_a_real_round(tmp_path, model_cache, m
         assert v["accepted"] <= out["flag"]["by_kind"][kind]["accepted"], kind
         assert out["typical, clean medians"]["by_kind"][kind]["accepted"] <= out["flag"]["by_kind"][kind]["accepted"]
         assert out["flag"]["by_kind"][kind]["accepted"] <= out["flag, near_origin off"]["by_kind"][kind]["accepted"]
+        # near-duplicates by the cosine alone: the same-task reading only ever lets more through
+        for bar in ("flag", "typical"):
+            alone = out[f"{bar}, duplicates by cosine alone"]["by_kind"][kind]["accepted"]
+            assert alone <= out[bar]["by_kind"][kind]["accepted"], (bar, kind)
+    extensions = out["planned_operations"].get("extended", 0)
+    assert out["flag"]["by_kind"].get("paraphrase", {}).get("judged", 0) <= extensions
     again = run(dataclasses.replace(settings, gate_from=str(tmp_path / "round" / "middo")))
     assert again["reused_round"] and again["flag"]["by_kind"] == out["flag"]["by_kind"]
 
@@ -183,6 +192,24 @@ def test_every_isolated_item_has_a_written_extension_in_its_own_domain():
         eq, ea = controlled.EXTENSIONS[q]
         assert eq != q and ea != a and ea.strip(), q
         assert eq not in {edit(q) for edit in controlled._DUP_EDITS}, q
+
+
+def test_every_isolated_item_has_a_written_paraphrase_of_the_same_task():
+    """A paraphrase is the item's own task reworded (not the item, not a light edit), and the
+    near-duplicate rule's text reading takes most of them for the same task and most written
+    extensions for another one (the gate also needs the embedding to be that close)."""
+    from middo_pipeline.core.verify import same_task
+
+    assert set(controlled.PARAPHRASES) == {q for q, _ in controlled.ISOLATED}
+    same_para = same_ext = 0
+    for q, a in controlled.ISOLATED:
+        pq, pa = controlled.PARAPHRASES[q]
+        assert pq != q and pa != a and pa.strip(), q
+        assert pq not in {edit(q) for edit in controlled._DUP_EDITS}, q
+        eq, ea = controlled.EXTENSIONS[q]
+        same_para += same_task(q, a, pq, pa)
+        same_ext += same_task(q, a, eq, ea)
+    assert same_para >= 0.75 * len(controlled.ISOLATED) and same_ext <= 0.25 * len(controlled.ISOLATED)
 
 
 def test_keeping_a_round_in_a_used_folder_is_refused(tmp_path):

@@ -30,6 +30,7 @@ from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.schema import fingerprint
 from middo_pipeline.core.verify import (
     DEFAULT_DUPLICATE_COSINE,
+    DEFAULT_SAME_TASK_COSINE,
     choose_candidates,
     ngram_set,
     resolve_acceptance_bar,
@@ -69,7 +70,22 @@ class RefineConfig(Config):
         default=DEFAULT_DUPLICATE_COSINE,
         gt=0.0,
         le=1.0,
-        description="An extension this similar (cosine, in the round's embedding space) to any round sample is a near-duplicate",
+        description="With duplicate_same_task off: an extension this similar (cosine, in the round's embedding space) "
+        "to any round sample is a near-duplicate",
+    )
+    duplicate_same_task: bool = Field(
+        default=True,
+        description="An extension is a near-duplicate of a round sample that reads as the same task (every content "
+        "word of one prompt in the other, or answers sharing half their content words) among its 16 nearest, at "
+        "same_task_cosine or more: the prompt embedding follows wording more than task (a new question on the same "
+        "template is 0.99 alike, a reworded paraphrase 0.55-0.99). Off: any sample at duplicate_cosine or more",
+    )
+    same_task_cosine: float = Field(
+        default=DEFAULT_SAME_TASK_COSINE,
+        ge=0.0,
+        le=1.0,
+        description="With duplicate_same_task: how similar (cosine) a same-task sample must be to count "
+        "(distinct prompts' 99th percentile is 0.49)",
     )
     near_origin: bool = Field(
         default=True,
@@ -208,6 +224,9 @@ def refined_samples(
             duplicate_cosine=config.duplicate_cosine,
             near_origin=config.near_origin,
             bar=bar,
+            round_dataset=round_dataset,
+            duplicate_same_task=config.duplicate_same_task,
+            same_task_cosine=config.same_task_cosine,
             heldout_grams=_heldout_grams(config.heldout_path, config.heldout_ngram),
             ngram=config.heldout_ngram,
             log=context.log.warning,
@@ -251,6 +270,7 @@ def refined_samples(
         "quality_value_original",
         "quality_value",
         "max_cosine",
+        "max_cosine_same_task",
         "cosine_original",
         "neighbor_similarity_original",
         "instruction_before",

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "TopComponents",
     "max_cosine_to",
+    "top_cosine_to",
     "topk_cosine",
     "topk_cosine_rows",
     "KNN_METHODS",
@@ -97,6 +98,28 @@ def max_cosine_to(queries: np.ndarray, keys: np.ndarray, block_size: int = 4096)
     for a in range(0, kx.shape[0], block_size):
         out = np.maximum(out, (q @ kx[a : a + block_size].T).max(axis=1))
     return out.astype(np.float64)
+
+
+def top_cosine_to(
+    queries: np.ndarray, keys: np.ndarray, m: int, block_size: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each query row, its ``m`` most similar key rows: (cosines (Q, m') float64, highest
+    first; key indices (Q, m') int64), m' = min(m, number of keys)."""
+    q, kx = _normalize(queries), _normalize(keys)
+    m = min(int(m), kx.shape[0])
+    vals = np.zeros((q.shape[0], 0), dtype=np.float64)
+    idx = np.zeros((q.shape[0], 0), dtype=np.int64)
+    if m <= 0 or q.shape[0] == 0:
+        return vals.reshape(q.shape[0], 0), idx.reshape(q.shape[0], 0)
+    for a in range(0, kx.shape[0], block_size):
+        sims = (q @ kx[a : a + block_size].T).astype(np.float64)
+        vals = np.concatenate([vals, sims], axis=1)
+        idx = np.concatenate([idx, np.broadcast_to(np.arange(a, a + sims.shape[1]), sims.shape)], axis=1)
+        if vals.shape[1] > m:
+            keep = np.argpartition(-vals, m - 1, axis=1)[:, :m]
+            vals, idx = np.take_along_axis(vals, keep, axis=1), np.take_along_axis(idx, keep, axis=1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    return np.take_along_axis(vals, order, axis=1), np.take_along_axis(idx, order, axis=1)
 
 
 def cosine_to_rows(queries: np.ndarray, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -17,9 +17,11 @@ import polars as pl
 from middo_pipeline.core import diversity
 from middo_pipeline.core.forward import EmbeddingSpec
 from middo_pipeline.core.rescore import RescoreSettings, rescore_candidates
+from middo_pipeline.core.schema import prompt_text
 from middo_pipeline.core.verify import (
     DEFAULT_DUPLICATE_COSINE,
     DEFAULT_NGRAM,
+    DEFAULT_SAME_TASK_COSINE,
     QualityScale,
     RoundThresholds,
     text_reasons,
@@ -35,6 +37,8 @@ def round_thresholds(
     duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE,
     near_origin: bool = True,
     bar: str = "flag",
+    duplicate_same_task: bool = True,
+    same_task_cosine: float = DEFAULT_SAME_TASK_COSINE,
 ) -> RoundThresholds:
     """The thresholds the round's signals stored with their tables; for ``bar="typical"`` also
     the round's median loss after training and median quality value (of the round's samples,
@@ -51,6 +55,8 @@ def round_thresholds(
         hard_after=one(loss_signals, "threshold_loss_after"),
         quality=one(quality_signals, "quality_threshold"),
         duplicate_cosine=duplicate_cosine,
+        duplicate_same_task=duplicate_same_task,
+        same_task_cosine=same_task_cosine,
         near_origin=near_origin,
         bar=bar,
         typical_loss_after=_median(loss_signals, "loss_after"),
@@ -104,6 +110,20 @@ def originals(loss_signals: pl.DataFrame, quality_signals: pl.DataFrame, embeddi
     )
 
 
+def _round_texts(model_readouts: pl.DataFrame, round_dataset: pl.DataFrame | None) -> list[tuple[str, str]] | None:
+    """(prompt, response) of every round sample, in the order of its embeddings."""
+    if round_dataset is None:
+        return None
+    texts = {
+        sid: (prompt_text(i, x), o or "")
+        for sid, i, x, o in round_dataset.select("sample_id", "instruction", "input", "output").iter_rows()
+    }
+    missing = [sid for sid in model_readouts["sample_id"].to_list() if sid not in texts]
+    if missing:
+        raise ValueError(f"{len(missing)} samples of the round's readouts are not in its dataset (e.g. {missing[0]!r})")
+    return [texts[sid] for sid in model_readouts["sample_id"].to_list()]
+
+
 def gate_round(
     candidates: pl.DataFrame,
     *,
@@ -117,6 +137,9 @@ def gate_round(
     duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE,
     near_origin: bool = True,
     bar: str = "flag",
+    round_dataset: pl.DataFrame | None = None,
+    duplicate_same_task: bool = True,
+    same_task_cosine: float = DEFAULT_SAME_TASK_COSINE,
     heldout_grams: set | None = None,
     ngram: int = DEFAULT_NGRAM,
     control_tokens: Sequence[str] = (),
@@ -124,8 +147,13 @@ def gate_round(
     progress=None,
 ) -> tuple[pl.DataFrame, RoundThresholds]:
     """Every candidate re-scored and verified (``passed``, ``reasons``), and the thresholds
-    used. ``base`` / ``checkpoint`` / ``judge_model``: as in ``rescore_candidates``."""
-    th = round_thresholds(loss_signals, quality_signals, duplicate_cosine, near_origin, bar)
+    used. ``base`` / ``checkpoint`` / ``judge_model``: as in ``rescore_candidates``;
+    ``round_dataset`` (the round's samples: ``sample_id``, ``instruction``, ``input``,
+    ``output``) lets the near-duplicate rule read which near samples are the same task
+    (without it, or with ``duplicate_same_task=False``, any sample that close counts)."""
+    th = round_thresholds(
+        loss_signals, quality_signals, duplicate_cosine, near_origin, bar, duplicate_same_task, same_task_cosine
+    )
     scale = quality_scale(quality_signals)
     readout = model_readouts.row(0, named=True)
     spec = EmbeddingSpec(pooling=readout["embedding_pooling"], layer=readout["embedding_layer"])
@@ -148,6 +176,7 @@ def gate_round(
         scale=scale,
         round_embeddings=comps.transform(round_emb),
         round_ids=model_readouts["sample_id"].to_list(),
+        round_texts=_round_texts(model_readouts, round_dataset) if duplicate_same_task else None,
         components=comps,
         settings=RescoreSettings(embedding=spec),
         log=log,

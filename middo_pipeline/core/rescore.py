@@ -11,7 +11,10 @@ For every generated candidate (``status == "ok"``), with the new prompt and resp
   round's ``EmbeddingSpec``; the embedding is mapped with the round's ``TopComponents`` and
   ``max_cosine`` is its highest cosine similarity to any of the round's samples and
   ``cosine_original`` its cosine similarity to the sample it was made from (when the round's
-  sample ids are given);
+  sample ids are given); ``max_cosine_same_task`` its highest cosine similarity to a round
+  sample that reads as the same task (``verify.same_task``) among its ``SAME_TASK_NEAREST``
+  nearest (null when none of them is: a same-task sample farther off is less like it than
+  sixteen other tasks are) when the round's texts are given, else ``max_cosine``;
 - ``judge_score``: the round's checkpoint judges the candidate (expected score), only when the
   round's quality reading uses the judge;
 - ``quality_value``: those readings on the round's ``QualityScale``.
@@ -33,15 +36,16 @@ import polars as pl
 
 from middo_pipeline.core import quality
 from middo_pipeline.core.distributed import LocalForward
-from middo_pipeline.core.diversity import TopComponents, cosine_to_rows, max_cosine_to
+from middo_pipeline.core.diversity import TopComponents, cosine_to_rows, max_cosine_to, top_cosine_to
 from middo_pipeline.core.forward import EmbeddingSpec
 from middo_pipeline.core.ifd import ifd_scores
 from middo_pipeline.core.schema import prompt_text
-from middo_pipeline.core.verify import CANDIDATE_SIGNAL_COLUMNS, QualityScale, quality_value
+from middo_pipeline.core.verify import CANDIDATE_SIGNAL_COLUMNS, QualityScale, quality_value, same_task
 
 __all__ = ["RescoreSettings", "rescore_candidates"]
 
 Progress = Callable[[int, int], None]
+SAME_TASK_NEAREST = 16  # round samples read for ``max_cosine_same_task``, nearest first
 
 
 @dataclass
@@ -66,13 +70,15 @@ def rescore_candidates(
     progress: Callable[[str], Progress | None] | None = None,
     judge_model=None,
     round_ids: Sequence[str] | None = None,
+    round_texts: Sequence[tuple[str, str]] | None = None,
 ) -> pl.DataFrame:
     """``candidates`` with the signal columns added (see the module docstring). ``base`` and
     ``checkpoint``: loaded models (``.model``, ``.tokenizer``) or openers of their forward
     passes; ``judge_model``: the loaded checkpoint for the self-judge (default: ``checkpoint``
     when it is a loaded model; needed only when ``scale`` reads the judge).
     ``round_embeddings`` are the round's samples' embeddings *already mapped* by ``components``;
-    ``round_ids`` their sample ids, in the same order (for ``cosine_original``)."""
+    ``round_ids`` their sample ids, in the same order (for ``cosine_original``);
+    ``round_texts`` their (prompt, response), in the same order (for ``max_cosine_same_task``)."""
     st = settings or RescoreSettings()
     if judge_model is None and hasattr(checkpoint, "model"):
         judge_model = checkpoint
@@ -129,6 +135,11 @@ def rescore_candidates(
             cols["judge_score"][ok] = judge
         cols["quality_value"][ok] = quality_value(scale, judge, ifd)
         cols["max_cosine"][ok] = max_cosine_to(emb, round_embeddings)
+        cols["max_cosine_same_task"][ok] = (
+            _max_cosine_same_task(emb, round_embeddings, prompts, responses, round_texts)
+            if round_texts is not None
+            else cols["max_cosine"][ok]
+        )
         if round_ids is not None:
             cols["cosine_original"][ok] = cosine_to_rows(
                 emb, round_embeddings, _row_of(round_ids, candidates["origin_id"].to_list(), ok)
@@ -139,6 +150,19 @@ def rescore_candidates(
             for name, v in cols.items()
         ]
     )
+
+
+def _max_cosine_same_task(emb, round_embeddings, prompts, responses, round_texts) -> np.ndarray:
+    if len(round_texts) != len(round_embeddings):
+        raise ValueError(f"{len(round_texts)} round texts for {len(round_embeddings)} round embeddings")
+    sims, rows = top_cosine_to(emb, round_embeddings, SAME_TASK_NEAREST)
+    out = np.full(len(prompts), np.nan)
+    for i in range(len(prompts)):
+        for s, j in zip(sims[i], rows[i]):
+            if same_task(prompts[i], responses[i], *round_texts[j]):
+                out[i] = s
+                break
+    return out
 
 
 def _row_of(round_ids: Sequence[str], origin_ids: list, ok: np.ndarray) -> np.ndarray:

@@ -30,7 +30,15 @@ Rules (``verify_candidates``), for a candidate of an operation:
 - ``simplified``: no longer hard, and not low quality;
 - ``rewritten``: quality above the round's threshold and above the original's; not hard;
 - ``extended``: not hard, not low quality, and not a near-duplicate of any sample of the
-  round (cosine similarity of the round's embedding below ``duplicate_cosine``).
+  round: none of its nearest samples in the round's embedding reads as the same task
+  (``same_task``: every content word of one prompt stands in the other, or the answers share
+  at least half their content words) at a cosine similarity of ``same_task_cosine`` or more.
+  The embedding is of the prompt, and it follows the wording more than the task: a new
+  question on the same template ("In origami, what is a mountain fold?" beside "... a valley
+  fold?") is 0.99 alike, a reworded paraphrase of a question 0.55-0.99. So the words decide
+  which near sample is the same task, and the embedding only which samples are near
+  (``duplicate_same_task``; off: any sample at ``duplicate_cosine`` or more is a duplicate,
+  the rule before 2026-12-04; measured in ``benchmarks/gate_oracle.py``).
 
 Among a sample's passing candidates the one of highest quality wins (ties: lower loss after
 training, then the lower candidate index). A sample with no passing candidate keeps its
@@ -66,10 +74,15 @@ __all__ = [
     "text_reasons",
     "verify_candidates",
     "choose_candidates",
+    "content_words",
+    "same_task",
     "CANDIDATE_SIGNAL_COLUMNS",
 ]
 
 DEFAULT_DUPLICATE_COSINE = 0.9  # measured: see RefineConfig.duplicate_cosine and the README
+# the cosine at which a same-task sample is near: distinct prompts' 99th percentile is 0.49
+# (README, verified refinement); the gate benchmark measured 0.5 against 0-0.9
+DEFAULT_SAME_TASK_COSINE = 0.5
 DEFAULT_NGRAM = 8
 
 # what the re-scoring adds to each candidate row
@@ -81,6 +94,7 @@ CANDIDATE_SIGNAL_COLUMNS = (
     "judge_score",
     "quality_value",
     "max_cosine",
+    "max_cosine_same_task",
     "cosine_original",
 )
 
@@ -163,6 +177,10 @@ class RoundThresholds:
     hard_after: float
     quality: float  # low quality: quality_value < quality
     duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE  # extension too close to a round sample
+    # True: a near-duplicate is a sample that reads as the same task (``same_task``) at
+    # ``same_task_cosine`` or more; False: any sample at ``duplicate_cosine`` or more
+    duplicate_same_task: bool = True
+    same_task_cosine: float = DEFAULT_SAME_TASK_COSINE
     # a candidate must be at least as close to its origin as the origin's neighbours are
     near_origin: bool = True
     # "flag": a candidate must not be flagged (not hard, not low quality); "typical": it must
@@ -181,6 +199,8 @@ class RoundThresholds:
             "hard_after": self.hard_after,
             "quality": self.quality,
             "duplicate_cosine": self.duplicate_cosine,
+            "duplicate_same_task": self.duplicate_same_task,
+            "same_task_cosine": self.same_task_cosine,
             "near_origin": self.near_origin,
             "bar": self.bar,
             "typical_loss_after": self.typical_loss_after,
@@ -273,6 +293,46 @@ def answer_in_prompt(instruction: str, output: str, min_words: int = 4) -> bool:
     return " ".join(words) in " ".join(_WORD.findall((instruction or "").lower()))
 
 
+# Words that say nothing about which task a prompt is: function words and request politeness.
+_STOPWORDS = frozenset(
+    """a an the this that these those is are was were be been being am do does did done of in on at
+    to for from by with without and or but nor so as if it its it's into onto about than then
+    what which who whom whose how why when where there here i you your yours we our us he she they
+    them his her their me my mine please could would can will should shall may might must kindly
+    just also very some any s t""".split()
+)
+
+
+def content_words(text: str) -> frozenset[str]:
+    """The lower-cased words of ``text`` that are not function words."""
+    return frozenset(w for w in _WORD.findall((text or "").lower()) if w not in _STOPWORDS)
+
+
+def same_task(
+    prompt_a: str,
+    response_a: str,
+    prompt_b: str,
+    response_b: str,
+    answer_overlap: float = 0.5,
+    answer_min_words: int = 3,
+) -> bool:
+    """Whether two samples read as the same task: every content word of one prompt stands in
+    the other (a paraphrase that adds "please" or "in one sentence"; a prompt with no content
+    word counts as the same), or their answers, each of at least ``answer_min_words`` content
+    words, share at least ``answer_overlap`` of them (Jaccard: a reworded question with the
+    same answer; "Yes." or "4" says nothing about which task it answers). A question on the
+    same template about another thing (another fold, another colour code) changes a content
+    word and its answer."""
+    pa, pb = content_words(prompt_a), content_words(prompt_b)
+    small, big = (pa, pb) if len(pa) <= len(pb) else (pb, pa)
+    if small <= big:
+        return True
+    ra, rb = content_words(response_a), content_words(response_b)
+    if min(len(ra), len(rb)) < answer_min_words:
+        return False
+    return len(ra & rb) / len(ra | rb) >= answer_overlap
+
+
 def has_control_tokens(text: str, extra: Sequence[str] = ()) -> bool:
     text = text or ""
     return bool(GENERIC_CONTROL.search(text)) or any(tok and tok in text for tok in extra)
@@ -350,9 +410,15 @@ def candidate_reasons(
             reasons.append("below the round's typical quality")
     if op == EXTENDED:
         c = row.get("max_cosine")
+        # a null ``max_cosine_same_task``: none of the candidate's nearest samples is the same
+        # task; a stored table from before it has only the cosine, read the way it was then
+        if th.duplicate_same_task and "max_cosine_same_task" in row:
+            dup, cut = row["max_cosine_same_task"], th.same_task_cosine
+        else:
+            dup, cut = c, th.duplicate_cosine
         if not _finite(c):
             reasons.append("no embedding")
-        elif c >= th.duplicate_cosine:
+        elif _finite(dup) and dup >= cut:
             reasons.append("near-duplicate of a round sample")
     elif op not in (SIMPLIFIED, REWRITTEN):
         raise ValueError(f"unknown operation {op!r}")
@@ -372,7 +438,8 @@ def verify_candidates(
     Expects the candidate columns of ``operations.run_operations`` (``origin_id``,
     ``operation``, ``candidate``, ``status``, ``instruction_after``, ``output_after``,
     ``truncated``) and the re-scored signals (``loss_before``, ``loss_after``,
-    ``quality_value``, ``quality_value_original``, ``max_cosine``; ``cosine_original`` and
+    ``quality_value``, ``quality_value_original``, ``max_cosine`` and ``max_cosine_same_task``
+    (when present); ``cosine_original`` and
     ``neighbor_similarity_original`` for ``near_origin``, which is skipped where they are
     missing)."""
     grams = heldout_grams or set()

@@ -72,6 +72,8 @@ def test_rescore_candidates_matches_direct_scoring(tiny_model_dir):
             components=comps,
             settings=RescoreSettings(embedding=spec, judge_max_length=448),
             round_ids=["x", "c", "y", "a", "z", "w"],  # origin "a" is row 3, "c" row 1
+            # no round sample is either candidate's task
+            round_texts=[("Subtract 3 from 9.", "6")] * 6 if mode == "judge" else None,
         )
         assert got.height == 3 and got["origin_id"].to_list() == ["a", "b", "c"]
         assert got.row(1, named=True)["loss_before"] is None  # not generated: nothing scored
@@ -88,6 +90,10 @@ def test_rescore_candidates_matches_direct_scoring(tiny_model_dir):
         )
         mapped, rows = comps.transform(direct.embedding), comps.transform(round_emb)
         unit = lambda x: x / np.linalg.norm(x)  # noqa: E731
+        if mode == "ifd":  # no round texts: every near sample counts, as before
+            np.testing.assert_allclose(ok["max_cosine_same_task"].to_numpy(), ok["max_cosine"].to_numpy())
+        else:  # none of the round samples is the same task: null
+            assert ok["max_cosine_same_task"].null_count() == 2
         np.testing.assert_allclose(
             ok["cosine_original"].to_numpy(),
             [unit(mapped[0]) @ unit(rows[3]), unit(mapped[1]) @ unit(rows[1])],
@@ -99,3 +105,36 @@ def test_rescore_candidates_matches_direct_scoring(tiny_model_dir):
         else:
             assert ok["judge_score"].null_count() == 0
             np.testing.assert_allclose(ok["quality_value"].to_numpy(), ok["judge_score"].to_numpy())
+
+
+def test_max_cosine_same_task_reads_the_nearest_samples_words():
+    from middo_pipeline.core import rescore
+
+    round_emb = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    texts = [
+        ("In origami, what is a valley fold?", "It folds the paper towards you."),
+        ("Please tell me: in origami, what is a mountain fold?", "It folds the paper away from you."),
+        ("Name a blue fruit.", "A blueberry."),
+    ]
+    emb = np.array([[0.99, 0.1], [0.1, 0.99]])
+    prompts = ["In origami, what is a mountain fold?", "Name one fruit that is blue."]
+    responses = ["A fold away from you, like a peak.", "A blueberry."]
+    got = rescore._max_cosine_same_task(emb, round_emb, prompts, responses, texts)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    # the first: nearest is the valley fold (another task), next the mountain fold (same words)
+    assert got[0] == pytest.approx(unit[0] @ round_emb[1])
+    # the second: the blue fruit reworded, same answer
+    assert got[1] == pytest.approx(unit[1] @ round_emb[2])
+    # none of the nearest is the same task: null
+    other = [("Sing a song.", "La la.")] * 3
+    assert np.isnan(rescore._max_cosine_same_task(emb, round_emb, prompts, responses, other)).all()
+    # only the SAME_TASK_NEAREST nearest are read: a same-task sample beyond them is not
+    far = np.vstack([np.repeat(emb[1:], 16, axis=0), [[-1.0, 0.0]]])
+    far_texts = [("Sing a song.", "La la.")] * 16 + [texts[2]]
+    assert rescore.SAME_TASK_NEAREST == 16
+    assert np.isnan(rescore._max_cosine_same_task(emb[1:], far, prompts[1:], responses[1:], far_texts)).all()
+    near = np.vstack([np.repeat(emb[1:], 15, axis=0), [[0.0, 1.0]]])  # the 16th nearest: read
+    found = rescore._max_cosine_same_task(emb[1:], near, prompts[1:], responses[1:], far_texts[1:])
+    assert found[0] == pytest.approx(unit[1] @ np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="round texts"):
+        rescore._max_cosine_same_task(emb, round_emb, prompts, responses, texts[:2])

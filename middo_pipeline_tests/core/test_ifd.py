@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from middo_pipeline.core.diversity import TopComponents, max_cosine_to
+from middo_pipeline.core.diversity import TopComponents, max_cosine_to, top_cosine_to
 from middo_pipeline.core.forward import score_samples
 from middo_pipeline.core.ifd import ifd_scores, unconditional_loss
 
@@ -52,3 +52,18 @@ def test_max_cosine_to():
     got = max_cosine_to(q, keys, block_size=1)
     np.testing.assert_allclose(got, [1 / np.sqrt(1.01), 0.0], atol=1e-6)
     assert np.isnan(max_cosine_to(q, keys[:0])).all()
+
+
+def test_top_cosine_to_matches_a_full_sort():
+    rng = np.random.default_rng(1)
+    keys, q = rng.normal(size=(37, 5)), rng.normal(size=(4, 5))
+    vals, idx = top_cosine_to(q, keys, m=6, block_size=8)
+    kn = keys / np.linalg.norm(keys, axis=1, keepdims=True)
+    full = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ kn.T
+    np.testing.assert_array_equal(idx, np.argsort(-full, axis=1)[:, :6])
+    np.testing.assert_allclose(vals, np.take_along_axis(full, idx, axis=1), atol=1e-6)
+    np.testing.assert_allclose(vals[:, 0], max_cosine_to(q, keys), atol=1e-6)
+    v, i = top_cosine_to(q, keys[:3], m=6)  # fewer keys than asked: all of them
+    assert v.shape == i.shape == (4, 3)
+    v, i = top_cosine_to(q, keys[:0], m=6)
+    assert v.shape == (4, 0)

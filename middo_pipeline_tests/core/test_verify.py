@@ -16,6 +16,7 @@ from middo_pipeline.core.verify import (
     meta_answer,
     ngram_set,
     quality_value,
+    same_task,
     verify_candidates,
 )
 
@@ -305,3 +306,45 @@ def test_quality_value_modes():
     assert math.isclose(float(one[0]), float(v[1]))
     with pytest.raises(ValueError):
         quality_value(QualityScale("nope"), judge, ifd)
+
+
+def test_same_task_reads_content_words_and_answers():
+    # a paraphrase that only adds words, or drops function words: the same task
+    assert same_task(
+        "In origami, what is a valley fold?", "x", "Please explain: in origami, what is a valley fold?", "y"
+    )
+    # the same template about another thing: another task
+    assert not same_task(
+        "In heraldry, what is the tincture called 'gules'?",
+        "Gules is the heraldic name for red.",
+        "In heraldry, what is the tincture called 'azure'?",
+        "Azure is the heraldic name for blue.",
+    )
+    # reworded with other words but the same answer: the same task
+    assert same_task("What does LBW stand for in cricket?", "Leg before wicket.", "Explain LBW.", "Leg before wicket.")
+    # a prompt of function words only says nothing: counted as the same (the cosine decides)
+    assert same_task("What is it?", "a", "Tell me about Rome.", "b")
+    # short answers say nothing about which task they answer
+    assert not same_task("Is 7 a prime number?", "Yes.", "Is 11 a prime number?", "Yes.")
+
+
+def test_near_duplicate_rule_uses_the_same_task_cosine():
+    row = cand(op="extended", cos=0.97) | {"max_cosine_same_task": None}
+    assert run([row])["passed"][0]  # near only to other tasks
+    row = cand(op="extended", cos=0.97) | {"max_cosine_same_task": 0.95}
+    assert run([row])["reasons"][0] == "near-duplicate of a round sample"
+    # a same-task sample counts from same_task_cosine (0.5), far below the cosine-alone 0.9:
+    # a reworded paraphrase sits at 0.55-0.99 from its original
+    row = cand(op="extended", cos=0.7) | {"max_cosine_same_task": 0.6}
+    assert run([row])["reasons"][0] == "near-duplicate of a round sample"
+    row = cand(op="extended", cos=0.7) | {"max_cosine_same_task": 0.45}
+    assert run([row])["passed"][0]
+    # duplicate_same_task off: the cosine alone, as before
+    th = RoundThresholds(hard_before=2.0, hard_after=1.5, quality=5.0, duplicate_same_task=False)
+    row = cand(op="extended", cos=0.97) | {"max_cosine_same_task": None}
+    assert verify_candidates(pl.DataFrame([row]), th)["reasons"][0] == "near-duplicate of a round sample"
+    # a stored table without the column: the cosine alone
+    assert run([cand(op="extended", cos=0.97)])["reasons"][0] == "near-duplicate of a round sample"
+    # no embedding stays its own reason
+    row = cand(op="extended", cos=None) | {"max_cosine_same_task": None}
+    assert run([row])["reasons"][0] == "no embedding"
