@@ -175,7 +175,14 @@ def default_bar_outcome(cands, loss_signals, quality_signals) -> dict:
 
     bar = resolve_acceptance_bar("auto", "direct")
     cfg = RefineConfig()
-    th = round_thresholds(loss_signals, quality_signals, duplicate_cosine=cfg.duplicate_cosine, bar=bar)
+    th = round_thresholds(
+        loss_signals,
+        quality_signals,
+        duplicate_cosine=cfg.duplicate_cosine,
+        bar=bar,
+        duplicate_same_task=cfg.duplicate_same_task,
+        same_task_cosine=cfg.same_task_cosine,
+    )
     verdict = verify_candidates(
         cands.drop([c for c in ("passed", "reasons") if c in cands.columns]),
         th,
