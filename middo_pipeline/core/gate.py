@@ -110,18 +110,17 @@ def originals(loss_signals: pl.DataFrame, quality_signals: pl.DataFrame, embeddi
     )
 
 
-def _round_texts(model_readouts: pl.DataFrame, round_dataset: pl.DataFrame | None) -> list[tuple[str, str]] | None:
+def _round_texts(model_readouts: pl.DataFrame, round_dataset: pl.DataFrame) -> list[tuple[str, str]]:
     """(prompt, response) of every round sample, in the order of its embeddings."""
-    if round_dataset is None:
-        return None
     texts = {
         sid: (prompt_text(i, x), o or "")
         for sid, i, x, o in round_dataset.select("sample_id", "instruction", "input", "output").iter_rows()
     }
-    missing = [sid for sid in model_readouts["sample_id"].to_list() if sid not in texts]
+    ids = model_readouts["sample_id"].to_list()
+    missing = [sid for sid in ids if sid not in texts]
     if missing:
         raise ValueError(f"{len(missing)} samples of the round's readouts are not in its dataset (e.g. {missing[0]!r})")
-    return [texts[sid] for sid in model_readouts["sample_id"].to_list()]
+    return [texts[sid] for sid in ids]
 
 
 def gate_round(
@@ -150,10 +149,10 @@ def gate_round(
     used. ``base`` / ``checkpoint`` / ``judge_model``: as in ``rescore_candidates``;
     ``round_dataset`` (the round's samples: ``sample_id``, ``instruction``, ``input``,
     ``output``) lets the near-duplicate rule read which near samples are the same task
-    (without it, or with ``duplicate_same_task=False``, any sample that close counts)."""
-    th = round_thresholds(
-        loss_signals, quality_signals, duplicate_cosine, near_origin, bar, duplicate_same_task, same_task_cosine
-    )
+    (without it, or with ``duplicate_same_task=False``, the cosine alone decides: any sample at
+    ``duplicate_cosine`` or more)."""
+    same = duplicate_same_task and round_dataset is not None
+    th = round_thresholds(loss_signals, quality_signals, duplicate_cosine, near_origin, bar, same, same_task_cosine)
     scale = quality_scale(quality_signals)
     readout = model_readouts.row(0, named=True)
     spec = EmbeddingSpec(pooling=readout["embedding_pooling"], layer=readout["embedding_layer"])
@@ -176,7 +175,7 @@ def gate_round(
         scale=scale,
         round_embeddings=comps.transform(round_emb),
         round_ids=model_readouts["sample_id"].to_list(),
-        round_texts=_round_texts(model_readouts, round_dataset) if duplicate_same_task else None,
+        round_texts=_round_texts(model_readouts, round_dataset) if same else None,
         components=comps,
         settings=RescoreSettings(embedding=spec),
         log=log,

@@ -348,3 +348,77 @@ def test_near_duplicate_rule_uses_the_same_task_cosine():
     # no embedding stays its own reason
     row = cand(op="extended", cos=None) | {"max_cosine_same_task": None}
     assert run([row])["reasons"][0] == "no embedding"
+
+
+def test_gate_round_reads_the_words_only_with_the_rounds_texts(monkeypatch):
+    """Without the round's dataset there is nothing to read the task from: the near-duplicate
+    rule falls back to the cosine alone (duplicate_cosine), never the same-task cut on it."""
+    from middo_pipeline.core import gate
+
+    ids = ["s0", "s1", "s2"]
+    emb = np.eye(3, 4, dtype=np.float32).tolist()
+    readouts = pl.DataFrame(
+        {"sample_id": ids, "embedding": emb, "embedding_pooling": ["mean"] * 3, "embedding_layer": ["last"] * 3}
+    )
+    loss = pl.DataFrame(
+        {
+            "sample_id": ids,
+            "loss_before": [1.0] * 3,
+            "loss_after": [1.0] * 3,
+            "threshold_loss_before": [2.0] * 3,
+            "threshold_loss_after": [1.5] * 3,
+        }
+    )
+    quality = pl.DataFrame(
+        {
+            "sample_id": ids,
+            "quality_value": [-0.5] * 3,
+            "quality_threshold": [-1.0] * 3,
+            "quality_mode": ["ifd"] * 3,
+            "judge_mean": [None] * 3,
+            "judge_std": [None] * 3,
+            "ifd_mean": [0.5] * 3,
+            "ifd_std": [0.1] * 3,
+        }
+    )
+    emb_sig = pl.DataFrame({"sample_id": ids, "knn_mean_similarity": [0.1] * 3, "top_components": [0] * 3})
+    dataset = pl.DataFrame(
+        {"sample_id": ids, "instruction": ["a", "b", "c"], "input": [""] * 3, "output": ["x", "y", "z"]}
+    )
+    seen = {}
+
+    def fake_rescore(cands, **kw):
+        seen["round_texts"] = kw["round_texts"]
+        # near (0.7) to a sample by the cosine; that sample is not the same task
+        return cands.with_columns(
+            *(pl.lit(v).alias(k) for k, v in {"loss_before": 1.0, "loss_after": 1.0, "quality_value": 0.0}.items()),
+            pl.lit(0.7).alias("max_cosine"),
+            pl.lit(None, dtype=pl.Float64).alias("max_cosine_same_task"),
+            pl.lit(0.9).alias("cosine_original"),
+        )
+
+    monkeypatch.setattr(gate, "rescore_candidates", fake_rescore)
+    cands = pl.DataFrame([cand(op="extended", origin="s0")]).select(
+        "origin_id",
+        "operation",
+        "candidate",
+        "status",
+        "failure_reason",
+        "instruction_after",
+        "output_after",
+        "truncated",
+    )
+    kw = dict(
+        model_readouts=readouts,
+        loss_signals=loss,
+        quality_signals=quality,
+        embedding_signals=emb_sig,
+        base=None,
+        checkpoint=None,
+    )
+    verified, th = gate.gate_round(cands, round_dataset=dataset, **kw)
+    assert th.duplicate_same_task and len(seen["round_texts"]) == 3
+    assert verified["passed"][0]  # 0.7 to another task: not a duplicate
+    verified, th = gate.gate_round(cands, **kw)  # no dataset: the cosine alone, at 0.9
+    assert not th.duplicate_same_task and seen["round_texts"] is None
+    assert verified["passed"][0]  # 0.7 < 0.9 (the same-task cut, 0.5, would have rejected it)
