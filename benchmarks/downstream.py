@@ -175,14 +175,7 @@ def default_bar_outcome(cands, loss_signals, quality_signals) -> dict:
 
     bar = resolve_acceptance_bar("auto", "direct")
     cfg = RefineConfig()
-    th = round_thresholds(
-        loss_signals,
-        quality_signals,
-        duplicate_cosine=cfg.duplicate_cosine,
-        bar=bar,
-        duplicate_same_task=cfg.duplicate_same_task,
-        same_task_cosine=cfg.same_task_cosine,
-    )
+    th = round_thresholds(loss_signals, quality_signals, bar=bar, **cfg.gate_rules())
     verdict = verify_candidates(
         cands.drop([c for c in ("passed", "reasons") if c in cands.columns]),
         th,
@@ -234,12 +227,9 @@ def gate_stored_round(store, cands, tables: dict, settings, heldout: Path, bar: 
         base=base,
         checkpoint=trained,
         judge_model=judge,
-        duplicate_cosine=cfg.duplicate_cosine,
-        near_origin=cfg.near_origin,
         bar=bar,
         round_dataset=tables.get("round_dataset"),
-        duplicate_same_task=cfg.duplicate_same_task,
-        same_task_cosine=cfg.same_task_cosine,
+        **cfg.gate_rules(),
         heldout_grams=_heldout_grams(str(heldout), cfg.heldout_ngram),
         ngram=cfg.heldout_ngram,
     )

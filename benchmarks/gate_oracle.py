@@ -197,15 +197,8 @@ def judge(cands, tables: dict, store, settings, heldout: Path, clean_ids: list[s
         loss, quality = tables["loss_signals"], tables["quality_signals"]
         if rows is not None:
             loss, quality = loss.filter(rows), quality.filter(rows)
-        th = round_thresholds(
-            loss,
-            quality,
-            duplicate_cosine=cfg.duplicate_cosine,
-            near_origin=near,
-            bar=bar,
-            duplicate_same_task=same,
-            same_task_cosine=cfg.same_task_cosine,
-        )
+        rules = cfg.gate_rules() | {"near_origin": near, "duplicate_same_task": same}
+        th = round_thresholds(loss, quality, bar=bar, **rules)
         # from the re-scored signals: the same rules as the gate's own pass (no forward pass)
         out[name] = verify_candidates(scored, th, heldout_grams=grams, ngram=cfg.heldout_ngram)
     if not out["flag"]["passed"].equals(first["passed"]):

@@ -105,6 +105,16 @@ class RefineConfig(Config):
         default=8, ge=3, description="A candidate sharing a run of this many words with the held-out set is rejected"
     )
 
+    def gate_rules(self) -> dict:
+        """The gate's rule settings, as ``core.gate.round_thresholds`` and ``gate_round`` take
+        them (the acceptance bar apart: it is resolved per round)."""
+        return {
+            "duplicate_cosine": self.duplicate_cosine,
+            "near_origin": self.near_origin,
+            "duplicate_same_task": self.duplicate_same_task,
+            "same_task_cosine": self.same_task_cosine,
+        }
+
 
 def _heldout_grams(path: str, n: int) -> set:
     p = Path(path)
@@ -221,12 +231,9 @@ def refined_samples(
             base=lambda: ray.forward(model, log=context.log.info),
             checkpoint=lambda: ray.forward(model, str(ckpt), log=context.log.info),
             judge_model=judge_lm,
-            duplicate_cosine=config.duplicate_cosine,
-            near_origin=config.near_origin,
             bar=bar,
             round_dataset=round_dataset,
-            duplicate_same_task=config.duplicate_same_task,
-            same_task_cosine=config.same_task_cosine,
+            **config.gate_rules(),
             heldout_grams=_heldout_grams(config.heldout_path, config.heldout_ngram),
             ngram=config.heldout_ngram,
             log=context.log.warning,
