@@ -255,6 +255,25 @@ def test_decode_prompt_groups_slab_and_layout_change_no_text(local):
     assert all(after[k].is_contiguous() and torch.equal(after[k], v) for k, v in before.items())
 
 
+def test_slab_drops_rows_and_keeps_writing_in_place():
+    """Dropping finished rows keeps the other rows' keys and values (in their new order), and the
+    next step still writes into the slab without copying it."""
+    import torch
+
+    from middo_pipeline.core.llm.decode import _SlabLayer
+
+    k, v = torch.randn(5, 2, 10, 4), torch.randn(5, 2, 10, 4)
+    layer = _SlabLayer(k.clone(), v.clone(), 6)
+    keep = torch.tensor([4, 0, 2])
+    layer.batch_select_indices(keep)
+    assert torch.equal(layer.keys, k[keep][:, :, :6]) and torch.equal(layer.values, v[keep][:, :, :6])
+    slab = layer.kbuf.data_ptr()
+    nk, nv = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
+    keys, values = layer.update(nk, nv)
+    assert layer.kbuf.data_ptr() == slab and keys.shape == (3, 2, 7, 4)
+    assert torch.equal(keys[:, :, 6:], nk) and torch.equal(values[:, :, :6], v[keep][:, :, :6])
+
+
 def test_decode_other_cache_layers_get_one_prompt_pass(local, monkeypatch):
     """A model whose cache layers are not plain ``DynamicLayer`` s (sliding windows, linear
     attention) is read as one padded batch with its own cache: same texts, no slab."""
