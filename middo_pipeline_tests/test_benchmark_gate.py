@@ -158,6 +158,8 @@ def test_gate_section_judges_every_kind_on_a_real_round(tmp_path, model_cache, m
         for bar in ("flag", "typical"):
             alone = out[f"{bar}, duplicates by cosine alone"]["by_kind"][kind]["accepted"]
             assert alone <= out[bar]["by_kind"][kind]["accepted"], (bar, kind)
+            # the new-task rule only ever takes candidates away
+            assert out[bar]["by_kind"][kind]["accepted"] <= out[f"{bar}, new_task off"]["by_kind"][kind]["accepted"]
     extensions = out["planned_operations"].get("extended", 0)
     assert out["flag"]["by_kind"].get("paraphrase", {}).get("judged", 0) <= extensions
     again = run(dataclasses.replace(settings, gate_from=str(tmp_path / "round" / "middo")))

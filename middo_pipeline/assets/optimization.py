@@ -30,6 +30,7 @@ from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.schema import fingerprint
 from middo_pipeline.core.verify import (
     DEFAULT_DUPLICATE_COSINE,
+    DEFAULT_NEW_TASK_GAIN,
     DEFAULT_SAME_TASK_COSINE,
     choose_candidates,
     ngram_set,
@@ -87,6 +88,16 @@ class RefineConfig(Config):
         description="With duplicate_same_task: how similar (cosine) a same-task sample must be to count "
         "(distinct prompts' 99th percentile is 0.49)",
     )
+    new_task: bool = Field(
+        default=True,
+        description="An extension must be a new task: its prompt and its origin's each explain their own answer better "
+        "(base model, nats per response token) than the other's answer, by more than new_task_gain. A paraphrase of "
+        "the origin fails (its prompts are interchangeable), and so does an unrelated or garbled answer",
+    )
+    new_task_gain: float = Field(
+        default=DEFAULT_NEW_TASK_GAIN,
+        description="With new_task: the margin (nats per token) each prompt must explain its own answer by",
+    )
     near_origin: bool = Field(
         default=True,
         description="A candidate must be at least as similar to the sample it was made from as that sample's k nearest "
@@ -113,6 +124,8 @@ class RefineConfig(Config):
             "near_origin": self.near_origin,
             "duplicate_same_task": self.duplicate_same_task,
             "same_task_cosine": self.same_task_cosine,
+            "new_task": self.new_task,
+            "new_task_gain": self.new_task_gain,
         }
 
 
@@ -278,6 +291,7 @@ def refined_samples(
         "quality_value",
         "max_cosine",
         "max_cosine_same_task",
+        "new_task_gain",
         "cosine_original",
         "neighbor_similarity_original",
         "instruction_before",

@@ -20,6 +20,7 @@ from middo_pipeline.core.rescore import RescoreSettings, rescore_candidates
 from middo_pipeline.core.schema import prompt_text
 from middo_pipeline.core.verify import (
     DEFAULT_DUPLICATE_COSINE,
+    DEFAULT_NEW_TASK_GAIN,
     DEFAULT_NGRAM,
     DEFAULT_SAME_TASK_COSINE,
     QualityScale,
@@ -39,6 +40,8 @@ def round_thresholds(
     bar: str = "flag",
     duplicate_same_task: bool = True,
     same_task_cosine: float = DEFAULT_SAME_TASK_COSINE,
+    new_task: bool = True,
+    new_task_gain: float = DEFAULT_NEW_TASK_GAIN,
 ) -> RoundThresholds:
     """The thresholds the round's signals stored with their tables; for ``bar="typical"`` also
     the round's median loss after training and median quality value (of the round's samples,
@@ -57,6 +60,8 @@ def round_thresholds(
         duplicate_cosine=duplicate_cosine,
         duplicate_same_task=duplicate_same_task,
         same_task_cosine=same_task_cosine,
+        new_task=new_task,
+        new_task_gain=new_task_gain,
         near_origin=near_origin,
         bar=bar,
         typical_loss_after=_median(loss_signals, "loss_after"),
@@ -139,6 +144,8 @@ def gate_round(
     round_dataset: pl.DataFrame | None = None,
     duplicate_same_task: bool = True,
     same_task_cosine: float = DEFAULT_SAME_TASK_COSINE,
+    new_task: bool = True,
+    new_task_gain: float = DEFAULT_NEW_TASK_GAIN,
     heldout_grams: set | None = None,
     ngram: int = DEFAULT_NGRAM,
     control_tokens: Sequence[str] = (),
@@ -150,9 +157,20 @@ def gate_round(
     ``round_dataset`` (the round's samples: ``sample_id``, ``instruction``, ``input``,
     ``output``) lets the near-duplicate rule read which near samples are the same task
     (without it, or with ``duplicate_same_task=False``, the cosine alone decides: any sample at
-    ``duplicate_cosine`` or more)."""
+    ``duplicate_cosine`` or more). ``new_task``: an extension must be a new task, not its
+    origin's again (``new_task_gain`` above ``new_task_gain``, see ``rescore``)."""
     same = duplicate_same_task and round_dataset is not None
-    th = round_thresholds(loss_signals, quality_signals, duplicate_cosine, near_origin, bar, same, same_task_cosine)
+    th = round_thresholds(
+        loss_signals,
+        quality_signals,
+        duplicate_cosine,
+        near_origin,
+        bar,
+        same,
+        same_task_cosine,
+        new_task=new_task,
+        new_task_gain=new_task_gain,
+    )
     scale = quality_scale(quality_signals)
     readout = model_readouts.row(0, named=True)
     spec = EmbeddingSpec(pooling=readout["embedding_pooling"], layer=readout["embedding_layer"])

@@ -15,6 +15,15 @@ For every generated candidate (``status == "ok"``), with the new prompt and resp
   sample that reads as the same task (``verify.same_task``) among its ``SAME_TASK_NEAREST``
   nearest (null when none of them is: a same-task sample farther off is less like it than
   sixteen other tasks are) when the round's texts are given, else ``max_cosine``;
+- ``new_task_gain`` (extensions whose origin's texts are in the table: ``instruction_before``,
+  ``input_before``, ``output_before``): how much better each prompt explains its own answer
+  than the other's, under the base model, the smaller of the two (nats per response token):
+  ``min(loss(answer | origin's prompt) - loss(answer | its prompt), loss(origin's answer |
+  its prompt) - loss(origin's answer | origin's prompt))``. A new task answers its own
+  question and not the origin's: both terms are positive. A paraphrase of the origin has
+  interchangeable prompts (about 0 or below); an unrelated or garbled sample has a prompt that
+  explains no answer better than the other (about 0 or below). Three more base-model passes
+  over the extensions only;
 - ``judge_score``: the round's checkpoint judges the candidate (expected score), only when the
   round's quality reading uses the judge;
 - ``quality_value``: those readings on the round's ``QualityScale``.
@@ -39,7 +48,7 @@ from middo_pipeline.core.distributed import LocalForward
 from middo_pipeline.core.diversity import TopComponents, cosine_to_rows, max_cosine_to, top_cosine_to
 from middo_pipeline.core.forward import EmbeddingSpec
 from middo_pipeline.core.ifd import ifd_scores
-from middo_pipeline.core.schema import prompt_text
+from middo_pipeline.core.schema import EXTENDED, prompt_text
 from middo_pipeline.core.verify import CANDIDATE_SIGNAL_COLUMNS, QualityScale, quality_value, same_task
 
 __all__ = ["RescoreSettings", "rescore_candidates"]
@@ -100,6 +109,7 @@ def rescore_candidates(
                 prompts, responses, with_embeddings=False, progress=step("candidates: loss before training"), **kw
             )
             uncond = fwd.unconditional_loss(responses, progress=step("candidates: prompt-free loss"), **kw)
+            gain_rows, gain = _new_task_gain(fwd, candidates, ok, prompts, responses, before.loss, kw, step)
         with _opener(checkpoint)() as fwd:
             after = fwd.score_samples(
                 prompts,
@@ -131,6 +141,7 @@ def rescore_candidates(
         cols["loss_after"][ok] = after.loss
         cols["loss_unconditional"][ok] = uncond.loss
         cols["ifd"][ok] = ifd
+        cols["new_task_gain"][ok[gain_rows]] = gain
         if judge is not None:
             cols["judge_score"][ok] = judge
         cols["quality_value"][ok] = quality_value(scale, judge, ifd)
@@ -150,6 +161,39 @@ def rescore_candidates(
             for name, v in cols.items()
         ]
     )
+
+
+def _new_task_gain(fwd, candidates, ok, prompts, responses, loss_before, kw, step):
+    """(positions in ``ok``, ``new_task_gain``) of the generated extensions whose origin's
+    prompt and answer are in the table (see the module docstring)."""
+    cols = candidates.columns
+    if not {"operation", "instruction_before", "output_before"} <= set(cols):
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    ops = candidates["operation"].to_list()
+    instr = candidates["instruction_before"].to_list()
+    inp = candidates["input_before"].to_list() if "input_before" in cols else [""] * candidates.height
+    out = candidates["output_before"].to_list()
+    rows = [j for j, i in enumerate(ok) if ops[i] == EXTENDED and (instr[i] or "").strip() and (out[i] or "").strip()]
+    if not rows:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    p_o = [prompt_text(instr[ok[j]], inp[ok[j]] or "") for j in rows]
+    a_o = [out[ok[j]] for j in rows]
+    p_c = [prompts[j] for j in rows]
+    a_c = [responses[j] for j in rows]
+    m = len(rows)
+    # one pass over the three pairings: the answer under the origin's prompt, the origin's
+    # answer under the candidate's prompt, and under its own
+    swapped = fwd.score_samples(
+        p_o + p_c + p_o,
+        a_c + a_o + a_o,
+        with_embeddings=False,
+        progress=step("extensions: answers under each other's prompts"),
+        **kw,
+    ).loss
+    rows = np.asarray(rows, dtype=np.int64)
+    own = np.asarray(loss_before, dtype=np.float64)[rows]
+    gain = np.minimum(swapped[:m] - own, swapped[m : 2 * m] - swapped[2 * m :])
+    return rows, gain
 
 
 def _max_cosine_same_task(emb, round_embeddings, prompts, responses, round_texts) -> np.ndarray:

@@ -29,8 +29,11 @@ Rules (``verify_candidates``), for a candidate of an operation:
   extension that does has not filled the sparse region it was made for;
 - ``simplified``: no longer hard, and not low quality;
 - ``rewritten``: quality above the round's threshold and above the original's; not hard;
-- ``extended``: not hard, not low quality, and not a near-duplicate of any sample of the
-  round: none of its nearest samples in the round's embedding reads as the same task
+- ``extended``: not hard, not low quality, a new task (``new_task``: each of its prompt and
+  its origin's prompt explains its own answer better than the other's under the base model —
+  ``new_task_gain`` > 0 nats per token; a paraphrase of the origin, whose prompts are
+  interchangeable, fails, and so does an answer that neither prompt explains, i.e. an unrelated
+  or garbled one), and not a near-duplicate of any sample of the round: none of its nearest samples in the round's embedding reads as the same task
   (``same_task``: every content word of one prompt stands in the other, or the answers share
   at least half their content words) at a cosine similarity of ``same_task_cosine`` or more.
   The embedding is of the prompt, and it follows the wording more than the task: a new
@@ -83,6 +86,11 @@ DEFAULT_DUPLICATE_COSINE = 0.9  # measured: see RefineConfig.duplicate_cosine an
 # the cosine at which a same-task sample is near: distinct prompts' 99th percentile is 0.49
 # (README, verified refinement); the gate benchmark measured 0.5 against 0-0.9
 DEFAULT_SAME_TASK_COSINE = 0.5
+# an extension must be a new task: each of its prompt and its origin's prompt explains its own
+# answer better than the other's, by more than this (nats per response token, base model; see
+# ``new_task_gain`` in ``rescore``). 0: "better" with no margin, chosen before measuring; the
+# gate benchmark swept 0-0.3 (benchmarks/README, run 3)
+DEFAULT_NEW_TASK_GAIN = 0.0
 DEFAULT_NGRAM = 8
 
 # what the re-scoring adds to each candidate row
@@ -96,6 +104,7 @@ CANDIDATE_SIGNAL_COLUMNS = (
     "max_cosine",
     "max_cosine_same_task",
     "cosine_original",
+    "new_task_gain",
 )
 
 
@@ -181,6 +190,10 @@ class RoundThresholds:
     # ``same_task_cosine`` or more; False: any sample at ``duplicate_cosine`` or more
     duplicate_same_task: bool = True
     same_task_cosine: float = DEFAULT_SAME_TASK_COSINE
+    # an extension must be a new task, not its origin's task again (``new_task_gain`` above
+    # ``new_task_gain``, where the candidates table has it)
+    new_task: bool = True
+    new_task_gain: float = DEFAULT_NEW_TASK_GAIN
     # a candidate must be at least as close to its origin as the origin's neighbours are
     near_origin: bool = True
     # "flag": a candidate must not be flagged (not hard, not low quality); "typical": it must
@@ -201,6 +214,8 @@ class RoundThresholds:
             "duplicate_cosine": self.duplicate_cosine,
             "duplicate_same_task": self.duplicate_same_task,
             "same_task_cosine": self.same_task_cosine,
+            "new_task": self.new_task,
+            "new_task_gain": self.new_task_gain,
             "near_origin": self.near_origin,
             "bar": self.bar,
             "typical_loss_after": self.typical_loss_after,
@@ -420,6 +435,10 @@ def candidate_reasons(
             reasons.append("no embedding")
         elif _finite(dup) and dup >= cut:
             reasons.append("near-duplicate of a round sample")
+        # null: not measured (no origin text, a stored table from before the column)
+        gain = row.get("new_task_gain")
+        if th.new_task and _finite(gain) and not gain > th.new_task_gain:
+            reasons.append("its origin's task again")
     elif op not in (SIMPLIFIED, REWRITTEN):
         raise ValueError(f"unknown operation {op!r}")
     return reasons

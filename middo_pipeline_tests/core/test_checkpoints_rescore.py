@@ -107,6 +107,51 @@ def test_rescore_candidates_matches_direct_scoring(tiny_model_dir):
             np.testing.assert_allclose(ok["quality_value"].to_numpy(), ok["judge_score"].to_numpy())
 
 
+def test_rescore_measures_new_task_gain_of_extensions(tiny_model_dir):
+    """For an extension with its origin's texts: the smaller of (its answer under the origin's
+    prompt - under its own) and (the origin's answer under its prompt - under the origin's),
+    base model; null for other operations and for a candidate without its origin's texts."""
+    from middo_pipeline.core.diversity import TopComponents
+    from middo_pipeline.core.forward import score_samples
+    from middo_pipeline.core.rescore import rescore_candidates
+    from middo_pipeline.core.verify import QualityScale
+    from middo_pipeline.models.loading import load_model
+
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    cands = pl.DataFrame(
+        {
+            "origin_id": ["a", "b", "c"],
+            "operation": ["extended", "simplified", "extended"],
+            "candidate": [0, 0, 0],
+            "status": ["ok", "ok", "ok"],
+            "instruction_after": ["Name a blue fruit.", "Add 2 and 3.", "Name a red fruit."],
+            "input_after": ["", "", ""],
+            "output_after": ["A blueberry.", "5", "A cherry."],
+            "instruction_before": ["Name a green vegetable.", "Add two and three, then say why.", None],
+            "input_before": ["", "", None],
+            "output_before": ["Spinach.", "5, because 2 + 3 = 5.", None],
+        }
+    )
+    rng = np.random.default_rng(0)
+    round_emb = rng.normal(size=(4, lm.model.config.hidden_size)).astype(np.float32)
+    comps = TopComponents(1).fit(round_emb)
+    got = rescore_candidates(
+        cands,
+        base=lm,
+        checkpoint=lm,
+        scale=QualityScale.fit("ifd", np.array([4.0, 6.0]), np.array([0.5, 0.9])),
+        round_embeddings=comps.transform(round_emb),
+        components=comps,
+    )
+    gain = got["new_task_gain"].to_list()
+    assert gain[1] is None and gain[2] is None  # not an extension; no origin texts
+    p_c, a_c, p_o, a_o = "Name a blue fruit.", "A blueberry.", "Name a green vegetable.", "Spinach."
+    loss = score_samples(lm.model, lm.tokenizer, [p_c, p_o, p_c, p_o], [a_c, a_c, a_o, a_o], with_embeddings=False).loss
+    want = min(loss[1] - loss[0], loss[2] - loss[3])
+    assert gain[0] == pytest.approx(want, abs=1e-5)
+    assert got["loss_before"][0] == pytest.approx(loss[0], abs=1e-5)
+
+
 def test_max_cosine_same_task_reads_the_nearest_samples_words():
     from middo_pipeline.core import rescore
 

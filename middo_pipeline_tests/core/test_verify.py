@@ -350,6 +350,31 @@ def test_near_duplicate_rule_uses_the_same_task_cosine():
     assert run([row])["reasons"][0] == "no embedding"
 
 
+def test_an_extension_must_be_a_new_task():
+    """``new_task_gain`` above the margin (0 by default): each prompt explains its own answer
+    better than the other's. At or below it the extension is its origin's task again (a
+    paraphrase, or an answer neither prompt explains); not measured (null, or a table from
+    before the column) the rule does not apply; it reads extensions only."""
+    for gain, reason in [
+        (0.3, None),
+        (0.01, None),
+        (0.0, "its origin's task again"),
+        (-0.4, "its origin's task again"),
+    ]:
+        got = run([cand(op="extended", cos=0.7) | {"new_task_gain": gain}]).row(0, named=True)
+        assert got["reasons"] == reason
+    assert run([cand(op="extended", cos=0.7) | {"new_task_gain": None}])["passed"][0]
+    assert run([cand(op="simplified") | {"new_task_gain": -1.0}])["passed"][0]  # a rewrite keeps the task
+    th = RoundThresholds(hard_before=2.0, hard_after=1.5, quality=5.0, new_task=False)
+    assert verify_candidates(pl.DataFrame([cand(op="extended", cos=0.7) | {"new_task_gain": -1.0}]), th)["passed"][0]
+    th = RoundThresholds(hard_before=2.0, hard_after=1.5, quality=5.0, new_task_gain=0.5)
+    got = verify_candidates(pl.DataFrame([cand(op="extended", cos=0.7) | {"new_task_gain": 0.3}]), th)
+    assert got["reasons"][0] == "its origin's task again"
+    # a near-duplicate of another round sample is its own reason, listed first
+    row = cand(op="extended", cos=0.97) | {"max_cosine_same_task": 0.95, "new_task_gain": -0.2}
+    assert run([row])["reasons"][0] == "near-duplicate of a round sample; its origin's task again"
+
+
 def test_gate_round_reads_the_words_only_with_the_rounds_texts(monkeypatch):
     """Without the round's dataset there is nothing to read the task from: the near-duplicate
     rule falls back to the cosine alone (duplicate_cosine), never the same-task cut on it."""
