@@ -180,28 +180,22 @@ def judge(cands, tables: dict, store, settings, heldout: Path, clean_ids: list[s
     grams = _heldout_grams(str(heldout), cfg.heldout_ngram)
     first = gate_stored_round(store, cands, tables, settings, heldout, "flag")
     scored = first.drop(["passed", "reasons"])
-    # (name, bar, near_origin, the rows whose medians set typical's bar: None = all of the
-    # round's, near-duplicates of the same task only, extensions checked for a new task)
-    variants = [
-        (bar if near else f"{bar}, near_origin off", bar, near, None, True, True)
-        for bar in BARS
-        for near in (True, False)
-    ]
+    # (name, bar, the rows whose medians set typical's bar: None = all of the round's, the
+    # rules changed from the defaults)
+    off = {"near_origin": False}
+    variants = [(f"{bar}, near_origin off" if o else bar, bar, None, o) for bar in BARS for o in ({}, off)]
     if clean_ids:
         keep = pl.col("sample_id").is_in(clean_ids)
-        variants += [
-            ("typical, clean medians" + ("" if near else ", near_origin off"), "typical", near, keep, True, True)
-            for near in (True, False)
-        ]
-    variants += [(f"{bar}, duplicates by cosine alone", bar, True, None, False, True) for bar in BARS]
-    variants += [(f"{bar}, new_task off", bar, True, None, True, False) for bar in BARS]
+        variants += [("typical, clean medians", "typical", keep, {})]
+        variants += [("typical, clean medians, near_origin off", "typical", keep, off)]
+    variants += [(f"{bar}, duplicates by cosine alone", bar, None, {"duplicate_same_task": False}) for bar in BARS]
+    variants += [(f"{bar}, new_task off", bar, None, {"new_task": False}) for bar in BARS]
     out = {}
-    for name, bar, near, rows, same, new in variants:
+    for name, bar, rows, changed in variants:
         loss, quality = tables["loss_signals"], tables["quality_signals"]
         if rows is not None:
             loss, quality = loss.filter(rows), quality.filter(rows)
-        rules = cfg.gate_rules() | {"near_origin": near, "duplicate_same_task": same, "new_task": new}
-        th = round_thresholds(loss, quality, bar=bar, **rules)
+        th = round_thresholds(loss, quality, bar=bar, **(cfg.gate_rules() | changed))
         # from the re-scored signals: the same rules as the gate's own pass (no forward pass)
         out[name] = verify_candidates(scored, th, heldout_grams=grams, ngram=cfg.heldout_ngram)
     if not out["flag"]["passed"].equals(first["passed"]):

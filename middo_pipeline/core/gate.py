@@ -194,6 +194,7 @@ def gate_round(
         round_embeddings=comps.transform(round_emb),
         round_ids=model_readouts["sample_id"].to_list(),
         round_texts=_round_texts(model_readouts, round_dataset) if same else None,
+        new_task=new_task,
         components=comps,
         settings=RescoreSettings(embedding=spec),
         log=log,

@@ -80,6 +80,7 @@ def rescore_candidates(
     judge_model=None,
     round_ids: Sequence[str] | None = None,
     round_texts: Sequence[tuple[str, str]] | None = None,
+    new_task: bool = True,
 ) -> pl.DataFrame:
     """``candidates`` with the signal columns added (see the module docstring). ``base`` and
     ``checkpoint``: loaded models (``.model``, ``.tokenizer``) or openers of their forward
@@ -87,7 +88,8 @@ def rescore_candidates(
     when it is a loaded model; needed only when ``scale`` reads the judge).
     ``round_embeddings`` are the round's samples' embeddings *already mapped* by ``components``;
     ``round_ids`` their sample ids, in the same order (for ``cosine_original``);
-    ``round_texts`` their (prompt, response), in the same order (for ``max_cosine_same_task``)."""
+    ``round_texts`` their (prompt, response), in the same order (for ``max_cosine_same_task``);
+    ``new_task``: measure ``new_task_gain`` (off: the column stays null, no extra passes)."""
     st = settings or RescoreSettings()
     if judge_model is None and hasattr(checkpoint, "model"):
         judge_model = checkpoint
@@ -109,7 +111,11 @@ def rescore_candidates(
                 prompts, responses, with_embeddings=False, progress=step("candidates: loss before training"), **kw
             )
             uncond = fwd.unconditional_loss(responses, progress=step("candidates: prompt-free loss"), **kw)
-            gain_rows, gain = _new_task_gain(fwd, candidates, ok, prompts, responses, before.loss, kw, step)
+            gain_rows, gain = (
+                _new_task_gain(fwd, candidates, ok, prompts, responses, before.loss, kw, step)
+                if new_task
+                else (np.zeros(0, dtype=np.int64), np.zeros(0))
+            )
         with _opener(checkpoint)() as fwd:
             after = fwd.score_samples(
                 prompts,
@@ -181,18 +187,22 @@ def _new_task_gain(fwd, candidates, ok, prompts, responses, loss_before, kw, ste
     p_c = [prompts[j] for j in rows]
     a_c = [responses[j] for j in rows]
     m = len(rows)
+    # the origin's answer under its own prompt once per origin (its k candidates share it)
+    origins = list(dict.fromkeys(zip(p_o, a_o)))
+    at = {pair: i for i, pair in enumerate(origins)}
     # one pass over the three pairings: the answer under the origin's prompt, the origin's
     # answer under the candidate's prompt, and under its own
     swapped = fwd.score_samples(
-        p_o + p_c + p_o,
-        a_c + a_o + a_o,
+        p_o + p_c + [p for p, _ in origins],
+        a_c + a_o + [a for _, a in origins],
         with_embeddings=False,
         progress=step("extensions: answers under each other's prompts"),
         **kw,
     ).loss
     rows = np.asarray(rows, dtype=np.int64)
     own = np.asarray(loss_before, dtype=np.float64)[rows]
-    gain = np.minimum(swapped[:m] - own, swapped[m : 2 * m] - swapped[2 * m :])
+    origin_own = swapped[2 * m :][[at[pair] for pair in zip(p_o, a_o)]]
+    gain = np.minimum(swapped[:m] - own, swapped[m : 2 * m] - origin_own)
     return rows, gain
 
 

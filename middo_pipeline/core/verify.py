@@ -33,7 +33,8 @@ Rules (``verify_candidates``), for a candidate of an operation:
   its origin's prompt explains its own answer better than the other's under the base model —
   ``new_task_gain`` > 0 nats per token; a paraphrase of the origin, whose prompts are
   interchangeable, fails, and so does an answer that neither prompt explains, i.e. an unrelated
-  or garbled one), and not a near-duplicate of any sample of the round: none of its nearest samples in the round's embedding reads as the same task
+  or garbled one), and not a near-duplicate of any sample of the round: none of its nearest
+  samples in the round's embedding reads as the same task
   (``same_task``: every content word of one prompt stands in the other, or the answers share
   at least half their content words) at a cosine similarity of ``same_task_cosine`` or more.
   The embedding is of the prompt, and it follows the wording more than the task: a new

@@ -120,29 +120,35 @@ def test_rescore_measures_new_task_gain_of_extensions(tiny_model_dir):
     lm = load_model(str(tiny_model_dir), device="cpu")
     cands = pl.DataFrame(
         {
-            "origin_id": ["a", "b", "c"],
-            "operation": ["extended", "simplified", "extended"],
-            "candidate": [0, 0, 0],
-            "status": ["ok", "ok", "ok"],
-            "instruction_after": ["Name a blue fruit.", "Add 2 and 3.", "Name a red fruit."],
-            "input_after": ["", "", ""],
-            "output_after": ["A blueberry.", "5", "A cherry."],
-            "instruction_before": ["Name a green vegetable.", "Add two and three, then say why.", None],
-            "input_before": ["", "", None],
-            "output_before": ["Spinach.", "5, because 2 + 3 = 5.", None],
+            "origin_id": ["a", "b", "c", "a"],
+            "operation": ["extended", "simplified", "extended", "extended"],
+            "candidate": [0, 0, 0, 1],
+            "status": ["ok", "ok", "ok", "ok"],
+            "instruction_after": ["Name a blue fruit.", "Add 2 and 3.", "Name a red fruit.", "Name a yellow fruit."],
+            "input_after": ["", "", "", ""],
+            "output_after": ["A blueberry.", "5", "A cherry.", "A banana."],
+            "instruction_before": [
+                "Name a green vegetable.",
+                "Add two and three, then say why.",
+                None,
+                "Name a green vegetable.",
+            ],
+            "input_before": ["", "", None, ""],
+            "output_before": ["Spinach.", "5, because 2 + 3 = 5.", None, "Spinach."],
         }
     )
     rng = np.random.default_rng(0)
     round_emb = rng.normal(size=(4, lm.model.config.hidden_size)).astype(np.float32)
     comps = TopComponents(1).fit(round_emb)
-    got = rescore_candidates(
-        cands,
+    kw = dict(
         base=lm,
         checkpoint=lm,
         scale=QualityScale.fit("ifd", np.array([4.0, 6.0]), np.array([0.5, 0.9])),
         round_embeddings=comps.transform(round_emb),
         components=comps,
     )
+    got = rescore_candidates(cands, **kw)
+    assert rescore_candidates(cands, new_task=False, **kw)["new_task_gain"].null_count() == 4  # rule off: not read
     gain = got["new_task_gain"].to_list()
     assert gain[1] is None and gain[2] is None  # not an extension; no origin texts
     p_c, a_c, p_o, a_o = "Name a blue fruit.", "A blueberry.", "Name a green vegetable.", "Spinach."
@@ -150,6 +156,10 @@ def test_rescore_measures_new_task_gain_of_extensions(tiny_model_dir):
     want = min(loss[1] - loss[0], loss[2] - loss[3])
     assert gain[0] == pytest.approx(want, abs=1e-5)
     assert got["loss_before"][0] == pytest.approx(loss[0], abs=1e-5)
+    # a second candidate of the same origin: the origin's own loss is read once, and shared
+    p_y, a_y = "Name a yellow fruit.", "A banana."
+    loss = score_samples(lm.model, lm.tokenizer, [p_y, p_o, p_y, p_o], [a_y, a_y, a_o, a_o], with_embeddings=False).loss
+    assert gain[3] == pytest.approx(min(loss[1] - loss[0], loss[2] - loss[3]), abs=1e-5)
 
 
 def test_max_cosine_same_task_reads_the_nearest_samples_words():
