@@ -190,6 +190,7 @@ def judge(cands, tables: dict, store, settings, heldout: Path, clean_ids: list[s
         variants += [("typical, clean medians, near_origin off", "typical", keep, off)]
     variants += [(f"{bar}, duplicates by cosine alone", bar, None, {"duplicate_same_task": False}) for bar in BARS]
     variants += [(f"{bar}, new_task off", bar, None, {"new_task": False}) for bar in BARS]
+    variants += [(f"{bar}, repair off", bar, None, {"repair": False}) for bar in BARS]
     out = {}
     for name, bar, rows, changed in variants:
         loss, quality = tables["loss_signals"], tables["quality_signals"]

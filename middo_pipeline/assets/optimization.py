@@ -31,6 +31,7 @@ from middo_pipeline.core.schema import fingerprint
 from middo_pipeline.core.verify import (
     DEFAULT_DUPLICATE_COSINE,
     DEFAULT_NEW_TASK_GAIN,
+    DEFAULT_REPAIR_GAIN,
     DEFAULT_SAME_TASK_COSINE,
     choose_candidates,
     ngram_set,
@@ -103,6 +104,18 @@ class RefineConfig(Config):
         description="A candidate must be at least as similar to the sample it was made from as that sample's k nearest "
         "neighbours are on average (a rewrite that changed the task, an extension outside the sparse region, is rejected)",
     )
+    repair: bool = Field(
+        default=True,
+        description="With near_origin: a simplification or rewrite farther from its origin is still accepted when its "
+        "prompt explains the origin's answer better than the origin's own prompt did, by more than repair_gain (base "
+        "model, nats per response token): the repair of a garbled or truncated prompt, which the embedding puts far "
+        "from the garbled original",
+    )
+    repair_gain: float = Field(
+        default=DEFAULT_REPAIR_GAIN,
+        description="With repair: the margin (nats per token) by which the candidate's prompt must explain the origin's "
+        "answer better (0.2: measured on the gate benchmark's one stored round, benchmarks/README)",
+    )
     acceptance_bar: Literal["auto", "flag", "typical"] = Field(
         default="auto",
         description="flag: an accepted candidate no longer carries the flag it was made to fix and gets no new one "
@@ -126,6 +139,8 @@ class RefineConfig(Config):
             "same_task_cosine": self.same_task_cosine,
             "new_task": self.new_task,
             "new_task_gain": self.new_task_gain,
+            "repair": self.repair,
+            "repair_gain": self.repair_gain,
         }
 
 
@@ -292,6 +307,7 @@ def refined_samples(
         "max_cosine",
         "max_cosine_same_task",
         "new_task_gain",
+        "repair_gain",
         "cosine_original",
         "neighbor_similarity_original",
         "instruction_before",

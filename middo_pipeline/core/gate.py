@@ -22,6 +22,7 @@ from middo_pipeline.core.verify import (
     DEFAULT_DUPLICATE_COSINE,
     DEFAULT_NEW_TASK_GAIN,
     DEFAULT_NGRAM,
+    DEFAULT_REPAIR_GAIN,
     DEFAULT_SAME_TASK_COSINE,
     QualityScale,
     RoundThresholds,
@@ -42,6 +43,8 @@ def round_thresholds(
     same_task_cosine: float = DEFAULT_SAME_TASK_COSINE,
     new_task: bool = True,
     new_task_gain: float = DEFAULT_NEW_TASK_GAIN,
+    repair: bool = True,
+    repair_gain: float = DEFAULT_REPAIR_GAIN,
 ) -> RoundThresholds:
     """The thresholds the round's signals stored with their tables; for ``bar="typical"`` also
     the round's median loss after training and median quality value (of the round's samples,
@@ -63,6 +66,8 @@ def round_thresholds(
         new_task=new_task,
         new_task_gain=new_task_gain,
         near_origin=near_origin,
+        repair=repair,
+        repair_gain=repair_gain,
         bar=bar,
         typical_loss_after=_median(loss_signals, "loss_after"),
         typical_quality=_median(quality_signals, "quality_value"),
@@ -146,6 +151,8 @@ def gate_round(
     same_task_cosine: float = DEFAULT_SAME_TASK_COSINE,
     new_task: bool = True,
     new_task_gain: float = DEFAULT_NEW_TASK_GAIN,
+    repair: bool = True,
+    repair_gain: float = DEFAULT_REPAIR_GAIN,
     heldout_grams: set | None = None,
     ngram: int = DEFAULT_NGRAM,
     control_tokens: Sequence[str] = (),
@@ -158,7 +165,9 @@ def gate_round(
     ``output``) lets the near-duplicate rule read which near samples are the same task
     (without it, or with ``duplicate_same_task=False``, the cosine alone decides: any sample at
     ``duplicate_cosine`` or more). ``new_task``: an extension must be a new task, not its
-    origin's again (``new_task_gain`` above ``new_task_gain``, see ``rescore``)."""
+    origin's again (``new_task_gain`` above ``new_task_gain``, see ``rescore``). ``repair``: a
+    simplification or rewrite far from its origin passes ``near_origin`` when its prompt
+    explains the origin's answer better (``repair_gain`` above ``repair_gain``)."""
     same = duplicate_same_task and round_dataset is not None
     th = round_thresholds(
         loss_signals,
@@ -170,6 +179,8 @@ def gate_round(
         same_task_cosine,
         new_task=new_task,
         new_task_gain=new_task_gain,
+        repair=repair,
+        repair_gain=repair_gain,
     )
     scale = quality_scale(quality_signals)
     readout = model_readouts.row(0, named=True)
@@ -195,6 +206,7 @@ def gate_round(
         round_ids=model_readouts["sample_id"].to_list(),
         round_texts=_round_texts(model_readouts, round_dataset) if same else None,
         new_task=new_task,
+        repair=repair and near_origin,
         components=comps,
         settings=RescoreSettings(embedding=spec),
         log=log,

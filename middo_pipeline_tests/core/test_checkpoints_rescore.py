@@ -107,10 +107,12 @@ def test_rescore_candidates_matches_direct_scoring(tiny_model_dir):
             np.testing.assert_allclose(ok["quality_value"].to_numpy(), ok["judge_score"].to_numpy())
 
 
-def test_rescore_measures_new_task_gain_of_extensions(tiny_model_dir):
-    """For an extension with its origin's texts: the smaller of (its answer under the origin's
-    prompt - under its own) and (the origin's answer under its prompt - under the origin's),
-    base model; null for other operations and for a candidate without its origin's texts."""
+def test_rescore_measures_new_task_and_repair_gains(tiny_model_dir):
+    """For an extension with its origin's texts, ``new_task_gain``: the smaller of (its answer
+    under the origin's prompt - under its own) and (the origin's answer under its prompt - under
+    the origin's), base model. For a simplification or rewrite, ``repair_gain``: the origin's
+    answer under the origin's prompt - under the candidate's (0 when the prompt is unchanged).
+    Each null for the other operations and for a candidate without its origin's texts."""
     from middo_pipeline.core.diversity import TopComponents
     from middo_pipeline.core.forward import score_samples
     from middo_pipeline.core.rescore import rescore_candidates
@@ -120,21 +122,30 @@ def test_rescore_measures_new_task_gain_of_extensions(tiny_model_dir):
     lm = load_model(str(tiny_model_dir), device="cpu")
     cands = pl.DataFrame(
         {
-            "origin_id": ["a", "b", "c", "a"],
-            "operation": ["extended", "simplified", "extended", "extended"],
-            "candidate": [0, 0, 0, 1],
-            "status": ["ok", "ok", "ok", "ok"],
-            "instruction_after": ["Name a blue fruit.", "Add 2 and 3.", "Name a red fruit.", "Name a yellow fruit."],
-            "input_after": ["", "", "", ""],
-            "output_after": ["A blueberry.", "5", "A cherry.", "A banana."],
+            "origin_id": ["a", "b", "c", "a", "d", "e"],
+            "operation": ["extended", "simplified", "extended", "extended", "rewritten", "rewritten"],
+            "candidate": [0, 0, 0, 1, 0, 0],
+            "status": ["ok"] * 6,
+            "instruction_after": [
+                "Name a blue fruit.",
+                "Add 2 and 3.",
+                "Name a red fruit.",
+                "Name a yellow fruit.",
+                "Name a green vegetable.",
+                "Name a fruit.",
+            ],
+            "input_after": [""] * 6,
+            "output_after": ["A blueberry.", "5", "A cherry.", "A banana.", "Kale.", "An apple."],
             "instruction_before": [
                 "Name a green vegetable.",
                 "Add two and three, then say why.",
                 None,
                 "Name a green vegetable.",
+                "Name a green vegetable.",
+                None,
             ],
-            "input_before": ["", "", None, ""],
-            "output_before": ["Spinach.", "5, because 2 + 3 = 5.", None, "Spinach."],
+            "input_before": ["", "", None, "", "", None],
+            "output_before": ["Spinach.", "5, because 2 + 3 = 5.", None, "Spinach.", "Spinach.", None],
         }
     )
     rng = np.random.default_rng(0)
@@ -148,9 +159,10 @@ def test_rescore_measures_new_task_gain_of_extensions(tiny_model_dir):
         components=comps,
     )
     got = rescore_candidates(cands, **kw)
-    assert rescore_candidates(cands, new_task=False, **kw)["new_task_gain"].null_count() == 4  # rule off: not read
+    off = rescore_candidates(cands, new_task=False, repair=False, **kw)
+    assert off["new_task_gain"].null_count() == off["repair_gain"].null_count() == 6  # rules off: not read
     gain = got["new_task_gain"].to_list()
-    assert gain[1] is None and gain[2] is None  # not an extension; no origin texts
+    assert gain[1] is None and gain[2] is None and gain[4] is None  # not an extension; no origin texts
     p_c, a_c, p_o, a_o = "Name a blue fruit.", "A blueberry.", "Name a green vegetable.", "Spinach."
     loss = score_samples(lm.model, lm.tokenizer, [p_c, p_o, p_c, p_o], [a_c, a_c, a_o, a_o], with_embeddings=False).loss
     want = min(loss[1] - loss[0], loss[2] - loss[3])
@@ -160,6 +172,12 @@ def test_rescore_measures_new_task_gain_of_extensions(tiny_model_dir):
     p_y, a_y = "Name a yellow fruit.", "A banana."
     loss = score_samples(lm.model, lm.tokenizer, [p_y, p_o, p_y, p_o], [a_y, a_y, a_o, a_o], with_embeddings=False).loss
     assert gain[3] == pytest.approx(min(loss[1] - loss[0], loss[2] - loss[3]), abs=1e-5)
+    fix = got["repair_gain"].to_list()
+    assert fix[0] is None and fix[2] is None and fix[3] is None and fix[5] is None  # extensions; no origin texts
+    assert fix[4] == 0.0  # the prompt is unchanged: it explains the answer no better
+    p_c, p_o, a_o = "Add 2 and 3.", "Add two and three, then say why.", "5, because 2 + 3 = 5."
+    loss = score_samples(lm.model, lm.tokenizer, [p_o, p_c], [a_o, a_o], with_embeddings=False).loss
+    assert fix[1] == pytest.approx(loss[0] - loss[1], abs=1e-5)
 
 
 def test_max_cosine_same_task_reads_the_nearest_samples_words():
