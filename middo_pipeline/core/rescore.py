@@ -198,11 +198,7 @@ def _cross_gains(fwd, candidates, ok, prompts, responses, loss_before, kw, step,
     at = {pair: i for i, pair in enumerate(origins)}
     # one pass over: each extension's answer under its origin's prompt, the origin's answer
     # under each extension's and each moved repair's prompt, and under its own
-    pairs = (
-        [(p_o[j], responses[j]) for j in ext]
-        + [(prompts[j], a_o[j]) for j in ext + moved]
-        + origins
-    )
+    pairs = [(p_o[j], responses[j]) for j in ext] + [(prompts[j], a_o[j]) for j in ext + moved] + origins
     loss = (
         fwd.score_samples(
             [p for p, _ in pairs],
