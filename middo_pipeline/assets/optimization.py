@@ -108,8 +108,8 @@ class RefineConfig(Config):
         default=True,
         description="With near_origin: a simplification or rewrite farther from its origin is still accepted when its "
         "prompt explains the origin's answer better than the origin's own prompt did, by more than repair_gain (base "
-        "model, nats per response token): the repair of a garbled or truncated prompt, which the embedding puts far "
-        "from the garbled original",
+        "model, nats per response token), and reads at least as fluently (prompt-free loss; a scramble does not): the "
+        "repair of a garbled or truncated prompt, which the embedding puts far from the garbled original",
     )
     repair_gain: float = Field(
         default=DEFAULT_REPAIR_GAIN,
@@ -308,6 +308,7 @@ def refined_samples(
         "max_cosine_same_task",
         "new_task_gain",
         "repair_gain",
+        "prompt_fluency_gain",
         "cosine_original",
         "neighbor_similarity_original",
         "instruction_before",

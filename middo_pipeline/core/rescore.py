@@ -32,6 +32,13 @@ For every generated candidate (``status == "ok"``), with the new prompt and resp
   benchmark's written repairs); nonsense, a re-scrambled prompt or an unchanged one: about 0
   or below. 0 without a pass when the prompt is unchanged; one more base-model pass over the
   others (shared with the extensions' passes above);
+- ``prompt_fluency_gain`` (the same rows): how much more fluently the candidate's prompt reads
+  than the origin's, as the base model's prompt-free loss of the origin's prompt minus that of
+  the candidate's (nats per token; 0 when the prompt is unchanged). A scrambled prompt reads
+  worse than the clean one it came from (−2.6 to −8 on the gate benchmark) and can still
+  "explain" an answer its clean prompt contradicts (an unrelated answer, a reversed string)
+  better: ``verify`` asks a repair for both. One prompt-free pass over the moved prompts and
+  their origins' prompts;
 - ``judge_score``: the round's checkpoint judges the candidate (expected score), only when the
   round's quality reading uses the judge;
 - ``quality_value``: those readings on the round's ``QualityScale``.
@@ -177,9 +184,10 @@ def rescore_candidates(
 
 
 def _cross_gains(fwd, candidates, ok, prompts, responses, loss_before, kw, step, new_task, repair) -> dict:
-    """{column: (positions in ``ok``, values)} for ``new_task_gain`` of the generated extensions
-    and ``repair_gain`` of the generated simplifications and rewrites whose origin's prompt and
-    answer are in the table (see the module docstring), in one base-model pass."""
+    """{column: (positions in ``ok``, values)} for ``new_task_gain`` of the generated extensions,
+    and ``repair_gain`` and ``prompt_fluency_gain`` of the generated simplifications and
+    rewrites, whose origin's prompt and answer are in the table (see the module docstring): one
+    base-model pass, and one prompt-free pass over the moved prompts."""
     cols = candidates.columns
     if not (new_task or repair) or not {"operation", "instruction_before", "output_before"} <= set(cols):
         return {}
@@ -217,6 +225,17 @@ def _cross_gains(fwd, candidates, ok, prompts, responses, loss_before, kw, step,
         return np.asarray([origin_own[at[(p_o[j], a_o[j])]] for j in js], dtype=np.float64)
 
     gains = {}
+    if repair and moved:
+        # how fluently each moved prompt reads against its origin's (prompt-free loss)
+        origin_prompts = list(dict.fromkeys(p_o[j] for j in moved))
+        flu = fwd.unconditional_loss(
+            [prompts[j] for j in moved] + origin_prompts, progress=step("candidates: prompt fluency"), **kw
+        ).loss
+        flu_o = dict(zip(origin_prompts, flu[r:]))
+        fluency = dict.fromkeys(rep, 0.0)
+        fluency.update((j, flu_o[p_o[j]] - flu[i]) for i, j in enumerate(moved))
+    else:
+        fluency = dict.fromkeys(rep, 0.0)
     if new_task:
         rows = np.asarray(ext, dtype=np.int64)
         own_answer = np.asarray(loss_before, dtype=np.float64)[rows]
@@ -224,7 +243,9 @@ def _cross_gains(fwd, candidates, ok, prompts, responses, loss_before, kw, step,
     if repair:
         gain = dict.fromkeys(rep, 0.0)
         gain.update(zip(moved, own(moved) - loss[2 * m : 2 * m + r]))
-        gains["repair_gain"] = (np.asarray(rep, dtype=np.int64), np.asarray([gain[j] for j in rep], dtype=np.float64))
+        rows = np.asarray(rep, dtype=np.int64)
+        gains["repair_gain"] = (rows, np.asarray([gain[j] for j in rep], dtype=np.float64))
+        gains["prompt_fluency_gain"] = (rows, np.asarray([fluency[j] for j in rep], dtype=np.float64))
     return gains
 
 

@@ -29,8 +29,10 @@ Rules (``verify_candidates``), for a candidate of an operation:
   extension that does has not filled the sparse region it was made for. Except a repair
   (``repair``, on by default): a simplification or rewrite whose prompt explains its
   origin's answer better than the origin's own prompt did (``repair_gain`` > ``repair_gain``
-  nats per token, base model) has kept the task and posed it better — the repair of a garbled
-  or truncated prompt, which the prompt embedding puts far from the garbled origin;
+  nats per token, base model) and reads at least as fluently (``prompt_fluency_gain`` >= 0:
+  not a scramble, which can "explain" an answer its clean prompt contradicts better) has kept
+  the task and posed it better — the repair of a garbled or truncated prompt, which the
+  prompt embedding puts far from the garbled origin;
 - ``simplified``: no longer hard, and not low quality;
 - ``rewritten``: quality above the round's threshold and above the original's; not hard;
 - ``extended``: not hard, not low quality, a new task (``new_task``: each of its prompt and
@@ -100,7 +102,8 @@ DEFAULT_NEW_TASK_GAIN = 0.0
 # explains the origin's answer better by more than this (nats per response token, base model;
 # ``repair_gain`` in ``rescore``). 0.2: measured offline on the gate benchmark's stored round
 # before the rule was built (written repairs 15/17 above it, the 135M optimizer's 2/16, a
-# re-scrambled prompt 1/17) — chosen on that one round (benchmarks/README, run 4)
+# re-scrambled prompt 1/17) — chosen on that one round (benchmarks/README, runs 4 and 5); with
+# the fluency condition (``prompt_fluency_gain`` >= 0), added after run 4 let scrambles in
 DEFAULT_REPAIR_GAIN = 0.2
 DEFAULT_NGRAM = 8
 
@@ -117,6 +120,7 @@ CANDIDATE_SIGNAL_COLUMNS = (
     "cosine_original",
     "new_task_gain",
     "repair_gain",
+    "prompt_fluency_gain",
 )
 
 
@@ -420,9 +424,16 @@ def candidate_reasons(
         return reasons
     if th.near_origin:
         c0, nb = row.get("cosine_original"), row.get("neighbor_similarity_original")
-        # null ``repair_gain``: not measured (an extension, no origin text, a stored table)
-        fix = row.get("repair_gain")
-        repaired = th.repair and row["operation"] != EXTENDED and _finite(fix) and fix > th.repair_gain
+        # null gains: not measured (an extension, no origin text, a stored table): no waiver
+        fix, fluent = row.get("repair_gain"), row.get("prompt_fluency_gain")
+        repaired = (
+            th.repair
+            and row["operation"] != EXTENDED
+            and _finite(fix)
+            and fix > th.repair_gain
+            and _finite(fluent)
+            and fluent >= 0
+        )
         if _finite(c0) and _finite(nb) and c0 < nb and not repaired:
             reasons.append("far from its origin")
     op = row["operation"]

@@ -115,6 +115,7 @@ def test_rescore_measures_new_task_and_repair_gains(tiny_model_dir):
     Each null for the other operations and for a candidate without its origin's texts."""
     from middo_pipeline.core.diversity import TopComponents
     from middo_pipeline.core.forward import score_samples
+    from middo_pipeline.core.ifd import unconditional_loss
     from middo_pipeline.core.rescore import rescore_candidates
     from middo_pipeline.core.verify import QualityScale
     from middo_pipeline.models.loading import load_model
@@ -161,6 +162,7 @@ def test_rescore_measures_new_task_and_repair_gains(tiny_model_dir):
     got = rescore_candidates(cands, **kw)
     off = rescore_candidates(cands, new_task=False, repair=False, **kw)
     assert off["new_task_gain"].null_count() == off["repair_gain"].null_count() == 6  # rules off: not read
+    assert off["prompt_fluency_gain"].null_count() == 6
     gain = got["new_task_gain"].to_list()
     assert gain[1] is None and gain[2] is None and gain[4] is None  # not an extension; no origin texts
     p_c, a_c, p_o, a_o = "Name a blue fruit.", "A blueberry.", "Name a green vegetable.", "Spinach."
@@ -178,6 +180,11 @@ def test_rescore_measures_new_task_and_repair_gains(tiny_model_dir):
     p_c, p_o, a_o = "Add 2 and 3.", "Add two and three, then say why.", "5, because 2 + 3 = 5."
     loss = score_samples(lm.model, lm.tokenizer, [p_o, p_c], [a_o, a_o], with_embeddings=False).loss
     assert fix[1] == pytest.approx(loss[0] - loss[1], abs=1e-5)
+    # how much more fluently the candidate's prompt reads: the prompt-free loss of each prompt
+    fluent = got["prompt_fluency_gain"].to_list()
+    assert fluent[4] == 0.0 and fluent[0] is None and fluent[5] is None
+    flu = unconditional_loss(lm.model, lm.tokenizer, [p_o, p_c]).loss
+    assert fluent[1] == pytest.approx(flu[0] - flu[1], abs=1e-5)
 
 
 def test_max_cosine_same_task_reads_the_nearest_samples_words():

@@ -117,21 +117,26 @@ def test_near_origin_can_be_switched_off():
 
 def test_a_repair_far_from_its_origin_passes_near_origin():
     """A simplification or rewrite whose prompt explains its origin's answer better than the
-    origin's prompt did, by more than ``repair_gain`` (0.2 by default), has kept the task: far
-    from its origin, it passes. At or below the margin, not measured (null), with the rule off,
-    or for an extension (which must leave its origin's task), ``near_origin`` applies as before.
+    origin's prompt did, by more than ``repair_gain`` (0.2 by default), and reads at least as
+    fluently (``prompt_fluency_gain`` >= 0), has kept the task: far from its origin, it passes.
+    At or below the margin, less fluent (a scramble), not measured (null), with the rule off, or
+    for an extension (which must leave its origin's task), ``near_origin`` applies as before.
     The waiver lifts ``near_origin`` alone: the other rules still reject."""
     from dataclasses import replace
 
-    far = cand(cos0=0.1, nb0=0.6)
+    far = cand(cos0=0.1, nb0=0.6) | {"prompt_fluency_gain": 2.0}
     for gain, passed in [(1.5, True), (0.21, True), (0.2, False), (0.0, False), (-0.5, False), (None, False)]:
         got = run([far | {"repair_gain": gain}]).row(0, named=True)
         assert got["passed"] is passed, (gain, got["reasons"])
         assert passed or got["reasons"] == "far from its origin"
-    assert run([cand(op="rewritten", q0=3.0, cos0=0.1, nb0=0.6) | {"repair_gain": 0.8}])["passed"][0]
-    got = run([cand(op="extended", cos=0.7, cos0=0.1, nb0=0.6) | {"repair_gain": 0.8}])
+    for fluency, passed in [(0.0, True), (-0.1, False), (-5.0, False), (None, False)]:
+        got = run([far | {"repair_gain": 0.8, "prompt_fluency_gain": fluency}]).row(0, named=True)
+        assert got["passed"] is passed, (fluency, got["reasons"])
+    fix = {"repair_gain": 0.8, "prompt_fluency_gain": 1.0}
+    assert run([cand(op="rewritten", q0=3.0, cos0=0.1, nb0=0.6) | fix])["passed"][0]
+    got = run([cand(op="extended", cos=0.7, cos0=0.1, nb0=0.6) | fix])
     assert got["reasons"][0] == "far from its origin"
-    assert run([cand(lb=2.5, la=1.6, cos0=0.1, nb0=0.6) | {"repair_gain": 0.8}])["reasons"][0] == "still hard"
+    assert run([cand(lb=2.5, la=1.6, cos0=0.1, nb0=0.6) | fix])["reasons"][0] == "still hard"
     off = verify_candidates(pl.DataFrame([far | {"repair_gain": 1.5}]), replace(TH, repair=False))
     assert off["reasons"][0] == "far from its origin"
     strict = verify_candidates(pl.DataFrame([far | {"repair_gain": 0.4}]), replace(TH, repair_gain=0.5))
