@@ -107,7 +107,7 @@ class RefineConfig(Config):
     repair: bool = Field(
         default=True,
         description="With near_origin: a simplification or rewrite farther from its origin is still accepted when its "
-        "prompt explains the origin's answer better than the origin's own prompt did, by more than repair_gain (base "
+        "prompt explains the origin's answer better than the origin's own prompt and than no prompt, by more than repair_gain (base "
         "model, nats per response token), and reads at least as fluently (prompt-free loss; a scramble does not): the "
         "repair of a garbled or truncated prompt, which the embedding puts far from the garbled original",
     )

@@ -25,20 +25,22 @@ For every generated candidate (``status == "ok"``), with the new prompt and resp
   explains no answer better than the other (about 0 or below). Three more base-model passes
   over the extensions only;
 - ``repair_gain`` (simplifications and rewrites whose origin's texts are in the table): how
-  much better the candidate's prompt explains the *origin's* answer than the origin's own
-  prompt did, under the base model (nats per response token): ``loss(origin's answer |
-  origin's prompt) - loss(origin's answer | its prompt)``. A repair of a garbled or truncated
-  prompt keeps the task and poses it better: positive (medians 0.80 and 1.46 on the gate
-  benchmark's written repairs); nonsense, a re-scrambled prompt or an unchanged one: about 0
-  or below. 0 without a pass when the prompt is unchanged; one more base-model pass over the
+  much better the candidate's prompt explains the *origin's* answer than both the origin's own
+  prompt and no prompt at all, under the base model (nats per response token):
+  ``min(loss(origin's answer | origin's prompt), loss(origin's answer)) - loss(origin's answer
+  | its prompt)``. A repair of a garbled or truncated prompt keeps the task and poses it
+  better: positive (medians 0.73 and 1.32 on the gate benchmark's written repairs); nonsense,
+  a re-scrambled prompt or an unchanged one: about 0 or below. The floor at "no prompt" keeps
+  out a vague prompt that merely contradicts an unrelated answer less than the clean prompt
+  did. 0 without a pass when the prompt is unchanged; one more base-model pass over the
   others (shared with the extensions' passes above);
 - ``prompt_fluency_gain`` (the same rows): how much more fluently the candidate's prompt reads
   than the origin's, as the base model's prompt-free loss of the origin's prompt minus that of
   the candidate's (nats per token; 0 when the prompt is unchanged). A scrambled prompt reads
   worse than the clean one it came from (−2.6 to −8 on the gate benchmark) and can still
   "explain" an answer its clean prompt contradicts (an unrelated answer, a reversed string)
-  better: ``verify`` asks a repair for both. One prompt-free pass over the moved prompts and
-  their origins' prompts;
+  better: ``verify`` asks a repair for both. One prompt-free pass over the moved prompts,
+  their origins' prompts and their origins' answers;
 - ``judge_score``: the round's checkpoint judges the candidate (expected score), only when the
   round's quality reading uses the judge;
 - ``quality_value``: those readings on the round's ``QualityScale``.
@@ -225,24 +227,30 @@ def _cross_gains(fwd, candidates, ok, prompts, responses, loss_before, kw, step,
         return np.asarray([origin_own[at[(p_o[j], a_o[j])]] for j in js], dtype=np.float64)
 
     gains = {}
-    if repair and moved:
-        # how fluently each moved prompt reads against its origin's (prompt-free loss)
-        origin_prompts = list(dict.fromkeys(p_o[j] for j in moved))
-        flu = fwd.unconditional_loss(
-            [prompts[j] for j in moved] + origin_prompts, progress=step("candidates: prompt fluency"), **kw
-        ).loss
-        flu_o = dict(zip(origin_prompts, flu[r:]))
-        fluency = dict.fromkeys(rep, 0.0)
-        fluency.update((j, flu_o[p_o[j]] - flu[i]) for i, j in enumerate(moved))
-    else:
-        fluency = dict.fromkeys(rep, 0.0)
     if new_task:
         rows = np.asarray(ext, dtype=np.int64)
         own_answer = np.asarray(loss_before, dtype=np.float64)[rows]
         gains["new_task_gain"] = (rows, np.minimum(loss[:m] - own_answer, loss[m : 2 * m] - own(ext)))
     if repair:
-        gain = dict.fromkeys(rep, 0.0)
-        gain.update(zip(moved, own(moved) - loss[2 * m : 2 * m + r]))
+        # an unchanged prompt explains the answer no better and reads no better: 0, no pass
+        gain, fluency = dict.fromkeys(rep, 0.0), dict.fromkeys(rep, 0.0)
+        if moved:
+            # prompt-free: each moved prompt and its origin's (fluency), the origin's answer (the
+            # floor: a prompt that explains the answer no better than no prompt repairs nothing)
+            origin_prompts = list(dict.fromkeys(p_o[j] for j in moved))
+            origin_answers = list(dict.fromkeys(a_o[j] for j in moved))
+            free = fwd.unconditional_loss(
+                [prompts[j] for j in moved] + origin_prompts + origin_answers,
+                progress=step("candidates: prompt-free passes"),
+                **kw,
+            ).loss
+            q = len(origin_prompts)
+            free_prompt = dict(zip(origin_prompts, free[r : r + q]))
+            free_answer = dict(zip(origin_answers, free[r + q :]))
+            under_new = loss[2 * m : 2 * m + r]
+            floor = np.minimum(own(moved), [free_answer[a_o[j]] for j in moved])
+            gain.update(zip(moved, floor - under_new))
+            fluency.update((j, free_prompt[p_o[j]] - free[i]) for i, j in enumerate(moved))
         rows = np.asarray(rep, dtype=np.int64)
         gains["repair_gain"] = (rows, np.asarray([gain[j] for j in rep], dtype=np.float64))
         gains["prompt_fluency_gain"] = (rows, np.asarray([fluency[j] for j in rep], dtype=np.float64))

@@ -111,7 +111,8 @@ def test_rescore_measures_new_task_and_repair_gains(tiny_model_dir):
     """For an extension with its origin's texts, ``new_task_gain``: the smaller of (its answer
     under the origin's prompt - under its own) and (the origin's answer under its prompt - under
     the origin's), base model. For a simplification or rewrite, ``repair_gain``: the origin's
-    answer under the origin's prompt - under the candidate's (0 when the prompt is unchanged).
+    answer under the better of the origin's prompt and no prompt - under the candidate's (0
+    when the prompt is unchanged); ``prompt_fluency_gain``: the prompts' prompt-free losses.
     Each null for the other operations and for a candidate without its origin's texts."""
     from middo_pipeline.core.diversity import TopComponents
     from middo_pipeline.core.forward import score_samples
@@ -179,12 +180,13 @@ def test_rescore_measures_new_task_and_repair_gains(tiny_model_dir):
     assert fix[4] == 0.0  # the prompt is unchanged: it explains the answer no better
     p_c, p_o, a_o = "Add 2 and 3.", "Add two and three, then say why.", "5, because 2 + 3 = 5."
     loss = score_samples(lm.model, lm.tokenizer, [p_o, p_c], [a_o, a_o], with_embeddings=False).loss
-    assert fix[1] == pytest.approx(loss[0] - loss[1], abs=1e-5)
+    free = unconditional_loss(lm.model, lm.tokenizer, [p_o, p_c, a_o]).loss
+    # better than the origin's prompt and than no prompt: the smaller of the two, minus its own
+    assert fix[1] == pytest.approx(min(loss[0], free[2]) - loss[1], abs=1e-5)
     # how much more fluently the candidate's prompt reads: the prompt-free loss of each prompt
     fluent = got["prompt_fluency_gain"].to_list()
     assert fluent[4] == 0.0 and fluent[0] is None and fluent[5] is None
-    flu = unconditional_loss(lm.model, lm.tokenizer, [p_o, p_c]).loss
-    assert fluent[1] == pytest.approx(flu[0] - flu[1], abs=1e-5)
+    assert fluent[1] == pytest.approx(free[0] - free[1], abs=1e-5)
 
 
 def test_max_cosine_same_task_reads_the_nearest_samples_words():
