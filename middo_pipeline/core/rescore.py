@@ -107,8 +107,8 @@ def rescore_candidates(
     ``round_embeddings`` are the round's samples' embeddings *already mapped* by ``components``;
     ``round_ids`` their sample ids, in the same order (for ``cosine_original``);
     ``round_texts`` their (prompt, response), in the same order (for ``max_cosine_same_task``);
-    ``new_task``: measure ``new_task_gain``; ``repair``: measure ``repair_gain`` (off: the column
-    stays null, no extra passes)."""
+    ``new_task``: measure ``new_task_gain``; ``repair``: measure ``repair_gain`` and
+    ``prompt_fluency_gain`` (off: the columns stay null, no extra passes)."""
     st = settings or RescoreSettings()
     if judge_model is None and hasattr(checkpoint, "model"):
         judge_model = checkpoint
