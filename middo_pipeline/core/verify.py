@@ -395,6 +395,21 @@ def _is_low(q, th: RoundThresholds) -> bool:
     return not _finite(q) or (math.isfinite(th.quality) and q < th.quality)
 
 
+def _is_repair(row: dict, th: RoundThresholds) -> bool:
+    """A simplification or rewrite whose prompt explains its origin's answer better by more than
+    the margin and reads at least as fluently. Null gains (an extension, no origin text, a
+    stored table from before the columns): not measured, not a repair."""
+    fix, fluent = row.get("repair_gain"), row.get("prompt_fluency_gain")
+    return (
+        th.repair
+        and row["operation"] != EXTENDED
+        and _finite(fix)
+        and fix > th.repair_gain
+        and _finite(fluent)
+        and fluent >= 0
+    )
+
+
 def text_reasons(row: dict, heldout_grams: set, ngram: int, control_tokens: Sequence[str] = ()) -> list[str]:
     """The rules a generated candidate breaks by its text alone (no model needed)."""
     reasons = []
@@ -425,17 +440,7 @@ def candidate_reasons(
         return reasons
     if th.near_origin:
         c0, nb = row.get("cosine_original"), row.get("neighbor_similarity_original")
-        # null gains: not measured (an extension, no origin text, a stored table): no waiver
-        fix, fluent = row.get("repair_gain"), row.get("prompt_fluency_gain")
-        repaired = (
-            th.repair
-            and row["operation"] != EXTENDED
-            and _finite(fix)
-            and fix > th.repair_gain
-            and _finite(fluent)
-            and fluent >= 0
-        )
-        if _finite(c0) and _finite(nb) and c0 < nb and not repaired:
+        if _finite(c0) and _finite(nb) and c0 < nb and not _is_repair(row, th):
             reasons.append("far from its origin")
     op = row["operation"]
     hard = _is_hard(row.get("loss_before"), row.get("loss_after"), th)
@@ -493,7 +498,8 @@ def verify_candidates(
     ``quality_value``, ``quality_value_original``, ``max_cosine`` and ``max_cosine_same_task``
     (when present); ``cosine_original`` and
     ``neighbor_similarity_original`` for ``near_origin``, which is skipped where they are
-    missing; ``new_task_gain`` and ``repair_gain``, whose rules are skipped where null)."""
+    missing; ``new_task_gain``, ``repair_gain`` and ``prompt_fluency_gain``, whose rules are
+    skipped where null)."""
     grams = heldout_grams or set()
     reasons = [candidate_reasons(r, th, grams, ngram, control_tokens) for r in candidates.iter_rows(named=True)]
     return candidates.with_columns(
