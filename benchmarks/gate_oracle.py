@@ -191,6 +191,7 @@ def judge(cands, tables: dict, store, settings, heldout: Path, clean_ids: list[s
     variants += [(f"{bar}, duplicates by cosine alone", bar, None, {"duplicate_same_task": False}) for bar in BARS]
     variants += [(f"{bar}, new_task off", bar, None, {"new_task": False}) for bar in BARS]
     variants += [(f"{bar}, repair off", bar, None, {"repair": False}) for bar in BARS]
+    variants += [(f"{bar}, no IFD ceiling", bar, None, {"max_ifd": None}) for bar in BARS]
     out = {}
     for name, bar, rows, changed in variants:
         loss, quality = tables["loss_signals"], tables["quality_signals"]

@@ -164,6 +164,8 @@ def test_gate_section_judges_every_kind_on_a_real_round(tmp_path, model_cache, m
             with_repair = out[bar]["by_kind"][kind]["accepted"]
             assert out[f"{bar}, repair off"]["by_kind"][kind]["accepted"] <= with_repair
             assert bar != "flag" or with_repair <= out["flag, near_origin off"]["by_kind"][kind]["accepted"]
+            # the IFD ceiling only ever takes candidates away
+            assert with_repair <= out[f"{bar}, no IFD ceiling"]["by_kind"][kind]["accepted"]
     extensions = out["planned_operations"].get("extended", 0)
     assert out["flag"]["by_kind"].get("paraphrase", {}).get("judged", 0) <= extensions
     again = run(dataclasses.replace(settings, gate_from=str(tmp_path / "round" / "middo")))

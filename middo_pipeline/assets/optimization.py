@@ -30,6 +30,7 @@ from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.schema import fingerprint
 from middo_pipeline.core.verify import (
     DEFAULT_DUPLICATE_COSINE,
+    DEFAULT_MAX_IFD,
     DEFAULT_NEW_TASK_GAIN,
     DEFAULT_REPAIR_GAIN,
     DEFAULT_SAME_TASK_COSINE,
@@ -116,6 +117,14 @@ class RefineConfig(Config):
         description="With repair: the margin (nats per token) by which the candidate's prompt must explain the origin's "
         "answer better (0.2: measured on the gate benchmark's one stored round, benchmarks/README)",
     )
+    max_ifd: float | None = Field(
+        default=DEFAULT_MAX_IFD,
+        gt=0.0,
+        description="A candidate whose prompt does not help explain its answer is rejected: its IFD (response loss given "
+        "the prompt / response loss alone, base model) is this or more, whatever the round's quality threshold (a "
+        "round with many defective rows sets a lax one, under which a fluent answer to another question passes). "
+        "0.95: measured on the gate benchmark's two stored rounds (benchmarks/README); null: no ceiling",
+    )
     acceptance_bar: Literal["auto", "flag", "typical"] = Field(
         default="auto",
         description="flag: an accepted candidate no longer carries the flag it was made to fix and gets no new one "
@@ -141,6 +150,7 @@ class RefineConfig(Config):
             "new_task_gain": self.new_task_gain,
             "repair": self.repair,
             "repair_gain": self.repair_gain,
+            "max_ifd": self.max_ifd,
         }
 
 
@@ -304,6 +314,7 @@ def refined_samples(
         "loss_after",
         "quality_value_original",
         "quality_value",
+        "ifd",
         "max_cosine",
         "max_cosine_same_task",
         "new_task_gain",

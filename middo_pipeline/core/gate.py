@@ -20,6 +20,7 @@ from middo_pipeline.core.rescore import RescoreSettings, rescore_candidates
 from middo_pipeline.core.schema import prompt_text
 from middo_pipeline.core.verify import (
     DEFAULT_DUPLICATE_COSINE,
+    DEFAULT_MAX_IFD,
     DEFAULT_NEW_TASK_GAIN,
     DEFAULT_NGRAM,
     DEFAULT_REPAIR_GAIN,
@@ -45,6 +46,7 @@ def round_thresholds(
     new_task_gain: float = DEFAULT_NEW_TASK_GAIN,
     repair: bool = True,
     repair_gain: float = DEFAULT_REPAIR_GAIN,
+    max_ifd: float | None = DEFAULT_MAX_IFD,
 ) -> RoundThresholds:
     """The thresholds the round's signals stored with their tables; for ``bar="typical"`` also
     the round's median loss after training and median quality value (of the round's samples,
@@ -68,6 +70,7 @@ def round_thresholds(
         near_origin=near_origin,
         repair=repair,
         repair_gain=repair_gain,
+        max_ifd=max_ifd,
         bar=bar,
         typical_loss_after=_median(loss_signals, "loss_after"),
         typical_quality=_median(quality_signals, "quality_value"),
@@ -153,6 +156,7 @@ def gate_round(
     new_task_gain: float = DEFAULT_NEW_TASK_GAIN,
     repair: bool = True,
     repair_gain: float = DEFAULT_REPAIR_GAIN,
+    max_ifd: float | None = DEFAULT_MAX_IFD,
     heldout_grams: set | None = None,
     ngram: int = DEFAULT_NGRAM,
     control_tokens: Sequence[str] = (),
@@ -167,7 +171,8 @@ def gate_round(
     ``duplicate_cosine`` or more). ``new_task``: an extension must be a new task, not its
     origin's again (``new_task_gain`` above ``new_task_gain``, see ``rescore``). ``repair``: a
     simplification or rewrite far from its origin passes ``near_origin`` when its prompt
-    explains the origin's answer better (``repair_gain`` above ``repair_gain``)."""
+    explains the origin's answer better (``repair_gain`` above ``repair_gain``). ``max_ifd``: a
+    candidate whose prompt does not help explain its answer (IFD at or above it) is rejected."""
     same = duplicate_same_task and round_dataset is not None
     th = round_thresholds(
         loss_signals,
@@ -181,6 +186,7 @@ def gate_round(
         new_task_gain=new_task_gain,
         repair=repair,
         repair_gain=repair_gain,
+        max_ifd=max_ifd,
     )
     scale = quality_scale(quality_signals)
     readout = model_readouts.row(0, named=True)

@@ -143,6 +143,27 @@ def test_a_repair_far_from_its_origin_passes_near_origin():
     assert strict["reasons"][0] == "far from its origin"
 
 
+def test_a_prompt_that_does_not_explain_its_answer_is_rejected():
+    """``max_ifd`` (0.95 by default): a candidate whose IFD (loss of its answer given its prompt
+    over the loss without it) is at or above the ceiling is rejected whatever the round's quality
+    threshold — here the threshold lets it through (quality 6 > 5), as a round whose data is
+    partly defective lets a fluent answer to another question through. Every operation; null
+    (not measured), or the ceiling off: the rule does not apply; other rules still report first."""
+    from dataclasses import replace
+
+    for ifd, passed in [(0.5, True), (0.949, True), (0.95, False), (1.2, False), (None, True), (float("nan"), True)]:
+        for op, extra in (("simplified", {}), ("rewritten", {}), ("extended", {"cos": 0.7})):
+            got = run([cand(op=op, q0=3.0, **extra) | {"ifd": ifd}]).row(0, named=True)
+            assert got["passed"] is passed, (ifd, op, got["reasons"])
+            assert passed or got["reasons"] == "prompt does not explain the answer"
+    off = verify_candidates(pl.DataFrame([cand() | {"ifd": 1.3}]), replace(TH, max_ifd=None))
+    assert off["passed"][0]
+    strict = verify_candidates(pl.DataFrame([cand() | {"ifd": 0.85}]), replace(TH, max_ifd=0.8))
+    assert strict["reasons"][0] == "prompt does not explain the answer"
+    both = run([cand(q=4.0) | {"ifd": 1.3}])["reasons"][0]
+    assert both == "low quality; prompt does not explain the answer"
+
+
 def test_typical_bar_needs_the_round_median_not_only_no_flag():
     """``bar="typical"``: a candidate that is no longer flagged but harder after training, or of
     lower quality, than the round's median sample is rejected; at or better than both, it passes."""
