@@ -123,7 +123,8 @@ class RefineConfig(Config):
         description="A candidate whose prompt does not help explain its answer is rejected: its IFD (response loss given "
         "the prompt / response loss alone, base model) is this or more, whatever the round's quality threshold (a "
         "round with many defective rows sets a lax one, under which a fluent answer to another question passes). "
-        "0.95: measured on the gate benchmark's two stored rounds (benchmarks/README); null: no ceiling",
+        "0.95: chosen on two of the gate benchmark's stored rounds, checked on a third (benchmarks/README, run 7); "
+        "null: no ceiling",
     )
     acceptance_bar: Literal["auto", "flag", "typical"] = Field(
         default="auto",
