@@ -49,6 +49,7 @@ PLACEBO_SEED = 12345
 # origin's values joined beside them, and the verdict
 _GATE_COLUMNS = (
     *CANDIDATE_SIGNAL_COLUMNS,
+    "gate_stage",
     "quality_value_original",
     "loss_before_original",
     "loss_after_original",
@@ -175,7 +176,7 @@ def default_bar_outcome(cands, loss_signals, quality_signals) -> dict:
 
     bar = resolve_acceptance_bar("auto", "direct")
     cfg = RefineConfig()
-    th = round_thresholds(loss_signals, quality_signals, bar=bar, **cfg.gate_rules())
+    th = round_thresholds(loss_signals, quality_signals, cfg.gate_rules(bar))
     verdict = verify_candidates(
         cands.drop([c for c in ("passed", "reasons") if c in cands.columns]),
         th,
@@ -202,10 +203,11 @@ def default_bar_outcome(cands, loss_signals, quality_signals) -> dict:
     }
 
 
-def gate_stored_round(store, cands, tables: dict, settings, heldout: Path, bar: str):
+def gate_stored_round(store, cands, tables: dict, settings, heldout: Path, bar: str, cascade: bool = False):
     """``cands`` re-scored and verified by this version's gate (``core.gate.gate_round``) with
     the stored round-1's own models, signal tables and thresholds and the refine config's
-    defaults; ``passed`` is never null."""
+    defaults; ``passed`` is never null. ``cascade`` off (the default here): every candidate is
+    read in full, so that its signals can be re-judged under other rules."""
     import polars as pl
 
     from middo_pipeline.assets.optimization import RefineConfig, _heldout_grams
@@ -227,11 +229,11 @@ def gate_stored_round(store, cands, tables: dict, settings, heldout: Path, bar: 
         base=base,
         checkpoint=trained,
         judge_model=judge,
-        bar=bar,
+        rules=cfg.gate_rules(bar),
         round_dataset=tables.get("round_dataset"),
-        **cfg.gate_rules(),
         heldout_grams=_heldout_grams(str(heldout), cfg.heldout_ngram),
         ngram=cfg.heldout_ngram,
+        cascade=cascade,
     )
     return verified.with_columns(pl.col("passed").fill_null(False))
 

@@ -49,6 +49,7 @@ import math
 import random
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from benchmarks import controlled
@@ -164,11 +165,20 @@ def _reasons(verdicts, kind: str) -> dict:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def judge(cands, tables: dict, store, settings, heldout: Path, clean_ids: list[str] | None = None) -> dict:
+def judge(
+    cands,
+    tables: dict,
+    store,
+    settings,
+    heldout: Path,
+    clean_ids: list[str] | None = None,
+    seconds: dict | None = None,
+) -> dict:
     """``cands`` through the round's gate under each bar: {bar: verified table}. With
     ``clean_ids`` (the round's samples that are clean rows of the controlled set) also
     ``typical`` with the medians of those rows only: the bar as a clean data set would set it
-    (the controlled set is half defective, which makes its own medians lax)."""
+    (the controlled set is half defective, which makes its own medians lax). ``seconds``: where
+    to write how long the re-scoring in full took (``full``)."""
     import polars as pl
 
     from benchmarks.downstream import gate_stored_round
@@ -178,7 +188,10 @@ def judge(cands, tables: dict, store, settings, heldout: Path, clean_ids: list[s
 
     cfg = RefineConfig()
     grams = _heldout_grams(str(heldout), cfg.heldout_ngram)
+    t0 = time.perf_counter()
     first = gate_stored_round(store, cands, tables, settings, heldout, "flag")
+    if seconds is not None:
+        seconds["full"] = time.perf_counter() - t0
     scored = first.drop(["passed", "reasons"])
     # (name, bar, the rows whose medians set typical's bar: None = all of the round's, the
     # rules changed from the defaults)
@@ -197,11 +210,36 @@ def judge(cands, tables: dict, store, settings, heldout: Path, clean_ids: list[s
         loss, quality = tables["loss_signals"], tables["quality_signals"]
         if rows is not None:
             loss, quality = loss.filter(rows), quality.filter(rows)
-        th = round_thresholds(loss, quality, bar=bar, **(cfg.gate_rules() | changed))
+        th = round_thresholds(loss, quality, replace(cfg.gate_rules(bar), **changed))
         # from the re-scored signals: the same rules as the gate's own pass (no forward pass)
         out[name] = verify_candidates(scored, th, heldout_grams=grams, ngram=cfg.heldout_ngram)
     if not out["flag"]["passed"].equals(first["passed"]):
         raise RuntimeError("gate: re-verifying the re-scored candidates under flag disagrees with gate_round")
+    return out
+
+
+def cascade(cands, tables: dict, store, settings, heldout: Path, verdicts: dict, full_seconds: float) -> dict:
+    """The pipeline's gate (``cascade`` on: a candidate its base-model readings reject is read
+    no further) under each bar, against the same gate reading every candidate in full: the
+    verdicts must be the same (else RuntimeError), and how many candidates each stage settled
+    and how long each took are reported."""
+    from benchmarks.downstream import gate_stored_round
+
+    out = {"seconds_full": round(full_seconds, 1)}
+    for bar in BARS:
+        t0 = time.perf_counter()
+        v = gate_stored_round(store, cands, tables, settings, heldout, bar, cascade=True)
+        took = time.perf_counter() - t0
+        if not v["passed"].equals(verdicts[bar]["passed"]):
+            raise RuntimeError(f"gate: the cascade's verdicts under {bar} differ from the full reading's")
+        stages = {str(k): int(n) for k, n in v["gate_stage"].value_counts().iter_rows() if k is not None}
+        out[bar] = {
+            "seconds": round(took, 1),
+            "saved_fraction": round(1 - took / full_seconds, 3) if full_seconds else None,
+            "settled_by_stage": stages,
+            "same_verdicts": True,
+        }
+        log(f"gate cascade [{bar}]: {took:.0f} s against {full_seconds:.0f} s in full; stages {stages}")
     return out
 
 
@@ -292,8 +330,10 @@ def run(settings, models=None) -> dict:
             .iter_rows()
             if by_key.get(row_key(a, b, c), {}).get("defect") == "none"
         ]
-        verdicts = judge(cands, tables, store, s, heldout, clean_ids=clean_ids)
+        took: dict = {}
+        verdicts = judge(cands, tables, store, s, heldout, clean_ids=clean_ids, seconds=took)
         gate_s = time.perf_counter() - t1
+        cascaded = cascade(cands, tables, store, s, heldout, verdicts, took["full"])
     flagged = planned.group_by("operation").len().sort("operation")
     out = {
         "rows": len(rows),
@@ -303,6 +343,7 @@ def run(settings, models=None) -> dict:
         "optimizer_candidates_per_sample": s.gate_candidates,
         "seconds": {"round": round_s, "gate": gate_s},
         "reused_round": str(s.gate_from) if s.gate_from else None,
+        "cascade": cascaded,
     }
     for bar, v in verdicts.items():
         out[bar] = {

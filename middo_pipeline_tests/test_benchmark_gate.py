@@ -168,6 +168,13 @@ def test_gate_section_judges_every_kind_on_a_real_round(tmp_path, model_cache, m
             assert with_repair <= out[f"{bar}, no IFD ceiling"]["by_kind"][kind]["accepted"]
     extensions = out["planned_operations"].get("extended", 0)
     assert out["flag"]["by_kind"].get("paraphrase", {}).get("judged", 0) <= extensions
+    # the pipeline's cascade gave the same verdicts as reading every candidate in full
+    # (else run raised), and the stages it settled candidates at add up to what was generated
+    for bar in ("flag", "typical"):
+        c = out["cascade"][bar]
+        assert c["same_verdicts"] and c["seconds"] > 0
+        assert set(c["settled_by_stage"]) <= {"text", "base", "full"} and sum(c["settled_by_stage"].values()) > 0
+    assert out["cascade"]["seconds_full"] > 0
     again = run(dataclasses.replace(settings, gate_from=str(tmp_path / "round" / "middo")))
     assert again["reused_round"] and again["flag"]["by_kind"] == out["flag"]["by_kind"]
 

@@ -71,7 +71,8 @@ def test_two_round_loop(two_rounds):
     ckpt = store.checkpoint_dir("round-1")
     assert (ckpt / "config.json").exists()
 
-    # the gate re-scores exactly the generated candidates whose text passes its text rules
+    # the gate re-scores exactly the generated candidates whose text passes its text rules, and
+    # reads after training only those that their base-model readings do not already reject
     from middo_pipeline.assets.optimization import DEFAULT_EVAL, _heldout_grams
     from middo_pipeline.core.verify import text_reasons
 
@@ -80,7 +81,19 @@ def test_two_round_loop(two_rounds):
     assert cands.height > 0
     for row in cands.iter_rows(named=True):
         text_ok = row["status"] == "ok" and not text_reasons(row, grams, 8)
-        assert (row["loss_after"] is not None) == text_ok, row["reasons"]
+        assert (row["loss_before"] is not None) == text_ok, row["reasons"]
+        want = None if row["status"] != "ok" else ("text" if not text_ok else row["gate_stage"])
+        assert row["gate_stage"] == want and (want != "text" or text_ok is False)
+        assert (row["loss_after"] is not None) == (row["gate_stage"] == "full"), row["reasons"]
+        if row["gate_stage"] == "base":  # settled by its IFD or quality: those are its reasons
+            assert not row["passed"] and set(row["reasons"].split("; ")) <= {
+                "low quality",
+                "still low quality",
+                "not better than the original",
+                "prompt does not explain the answer",
+                "below the round's typical quality",
+            }
+    print("gate stages:", dict(cands["gate_stage"].value_counts().iter_rows()))
 
     refined = pl.read_parquet(store.table_path("refined_samples", "round-1"))
     assert {"origin_id", "operation", "status", "failure_reason"} <= set(refined.columns)

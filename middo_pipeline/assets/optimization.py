@@ -1,6 +1,7 @@
 """Steps 3 and 4 of the loop: the optimizer LLM rewrites flagged samples; the merge builds D_{r+1}."""
 
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +35,7 @@ from middo_pipeline.core.verify import (
     DEFAULT_NEW_TASK_GAIN,
     DEFAULT_REPAIR_GAIN,
     DEFAULT_SAME_TASK_COSINE,
+    GateRules,
     choose_candidates,
     ngram_set,
     resolve_acceptance_bar,
@@ -139,20 +141,21 @@ class RefineConfig(Config):
         default=8, ge=3, description="A candidate sharing a run of this many words with the held-out set is rejected"
     )
 
-    def gate_rules(self) -> dict:
+    def gate_rules(self, bar: str = "flag") -> GateRules:
         """The gate's rule settings, as ``core.gate.round_thresholds`` and ``gate_round`` take
-        them (the acceptance bar apart: it is resolved per round)."""
-        return {
-            "duplicate_cosine": self.duplicate_cosine,
-            "near_origin": self.near_origin,
-            "duplicate_same_task": self.duplicate_same_task,
-            "same_task_cosine": self.same_task_cosine,
-            "new_task": self.new_task,
-            "new_task_gain": self.new_task_gain,
-            "repair": self.repair,
-            "repair_gain": self.repair_gain,
-            "max_ifd": self.max_ifd,
-        }
+        them, under the acceptance ``bar`` (resolved per round: never ``auto`` here)."""
+        return GateRules(**{f.name: getattr(self, f.name) for f in fields(GateRules) if f.name != "bar"}, bar=bar)
+
+
+def _stages(verified: pl.DataFrame) -> dict:
+    """How many generated candidates the gate settled at each stage: by their text alone (no
+    forward pass), by their base-model readings (IFD, quality: no checkpoint pass), or read in
+    full."""
+    if "gate_stage" not in verified.columns:
+        return {}
+    names = {"text": "text rules (no forward pass)", "base": "base-model readings (no checkpoint pass)"}
+    counts = dict(verified["gate_stage"].drop_nulls().value_counts().iter_rows())
+    return {names.get(k, "read in full"): int(counts[k]) for k in ("text", "base", "full") if k in counts}
 
 
 def _heldout_grams(path: str, n: int) -> set:
@@ -270,9 +273,8 @@ def refined_samples(
             base=lambda: ray.forward(model, log=context.log.info),
             checkpoint=lambda: ray.forward(model, str(ckpt), log=context.log.info),
             judge_model=judge_lm,
-            bar=bar,
+            rules=config.gate_rules(bar),
             round_dataset=round_dataset,
-            **config.gate_rules(),
             heldout_grams=_heldout_grams(config.heldout_path, config.heldout_ngram),
             ngram=config.heldout_ngram,
             log=context.log.warning,
@@ -341,6 +343,7 @@ def refined_samples(
                 "thresholds": json_md(th.as_dict() if th else {"verify": False}),
                 "generation_seconds": round(gen_seconds, 1),
                 "verification_seconds": round(gate_seconds, 1),
+                "settled_by_stage": json_md(_stages(verified)),
                 "why_rejected": bars_md(
                     sorted(((f"{o}: {r_}", n) for o, r_, n in by_reason.iter_rows()), key=lambda x: -x[1]),
                     "rejected candidates by reason",

@@ -10,6 +10,7 @@ benchmark measures is what the pipeline does.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import polars as pl
@@ -19,14 +20,12 @@ from middo_pipeline.core.forward import EmbeddingSpec
 from middo_pipeline.core.rescore import RescoreSettings, rescore_candidates
 from middo_pipeline.core.schema import prompt_text
 from middo_pipeline.core.verify import (
-    DEFAULT_DUPLICATE_COSINE,
-    DEFAULT_MAX_IFD,
-    DEFAULT_NEW_TASK_GAIN,
     DEFAULT_NGRAM,
-    DEFAULT_REPAIR_GAIN,
-    DEFAULT_SAME_TASK_COSINE,
+    DEFAULT_RULES,
+    GateRules,
     QualityScale,
     RoundThresholds,
+    base_reasons,
     text_reasons,
     verify_candidates,
 )
@@ -35,22 +34,11 @@ __all__ = ["round_thresholds", "quality_scale", "gate_round"]
 
 
 def round_thresholds(
-    loss_signals: pl.DataFrame,
-    quality_signals: pl.DataFrame,
-    duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE,
-    near_origin: bool = True,
-    bar: str = "flag",
-    duplicate_same_task: bool = True,
-    same_task_cosine: float = DEFAULT_SAME_TASK_COSINE,
-    new_task: bool = True,
-    new_task_gain: float = DEFAULT_NEW_TASK_GAIN,
-    repair: bool = True,
-    repair_gain: float = DEFAULT_REPAIR_GAIN,
-    max_ifd: float | None = DEFAULT_MAX_IFD,
+    loss_signals: pl.DataFrame, quality_signals: pl.DataFrame, rules: GateRules = DEFAULT_RULES
 ) -> RoundThresholds:
-    """The thresholds the round's signals stored with their tables; for ``bar="typical"`` also
-    the round's median loss after training and median quality value (of the round's samples,
-    never of the candidates)."""
+    """The thresholds the round's signals stored with their tables, under ``rules``; for the
+    ``typical`` bar also the round's median loss after training and median quality value (of
+    the round's samples, never of the candidates)."""
 
     def one(df: pl.DataFrame, col: str) -> float:
         if col not in df.columns or df.height == 0:
@@ -59,19 +47,10 @@ def round_thresholds(
         return float("nan") if v is None else float(v)
 
     return RoundThresholds(
+        **rules.as_dict(),
         hard_before=one(loss_signals, "threshold_loss_before"),
         hard_after=one(loss_signals, "threshold_loss_after"),
         quality=one(quality_signals, "quality_threshold"),
-        duplicate_cosine=duplicate_cosine,
-        duplicate_same_task=duplicate_same_task,
-        same_task_cosine=same_task_cosine,
-        new_task=new_task,
-        new_task_gain=new_task_gain,
-        near_origin=near_origin,
-        repair=repair,
-        repair_gain=repair_gain,
-        max_ifd=max_ifd,
-        bar=bar,
         typical_loss_after=_median(loss_signals, "loss_after"),
         typical_quality=_median(quality_signals, "quality_value"),
     )
@@ -146,48 +125,30 @@ def gate_round(
     base,
     checkpoint,
     judge_model=None,
-    duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE,
-    near_origin: bool = True,
-    bar: str = "flag",
+    rules: GateRules = DEFAULT_RULES,
     round_dataset: pl.DataFrame | None = None,
-    duplicate_same_task: bool = True,
-    same_task_cosine: float = DEFAULT_SAME_TASK_COSINE,
-    new_task: bool = True,
-    new_task_gain: float = DEFAULT_NEW_TASK_GAIN,
-    repair: bool = True,
-    repair_gain: float = DEFAULT_REPAIR_GAIN,
-    max_ifd: float | None = DEFAULT_MAX_IFD,
     heldout_grams: set | None = None,
     ngram: int = DEFAULT_NGRAM,
     control_tokens: Sequence[str] = (),
+    cascade: bool = True,
     log: Callable[[str], None] | None = None,
     progress=None,
 ) -> tuple[pl.DataFrame, RoundThresholds]:
     """Every candidate re-scored and verified (``passed``, ``reasons``), and the thresholds
-    used. ``base`` / ``checkpoint`` / ``judge_model``: as in ``rescore_candidates``;
-    ``round_dataset`` (the round's samples: ``sample_id``, ``instruction``, ``input``,
-    ``output``) lets the near-duplicate rule read which near samples are the same task
-    (without it, or with ``duplicate_same_task=False``, the cosine alone decides: any sample at
-    ``duplicate_cosine`` or more). ``new_task``: an extension must be a new task, not its
-    origin's again (``new_task_gain`` above ``new_task_gain``, see ``rescore``). ``repair``: a
-    simplification or rewrite far from its origin passes ``near_origin`` when its prompt
-    explains the origin's answer better (``repair_gain`` above ``repair_gain``). ``max_ifd``: a
-    candidate whose prompt does not help explain its answer (IFD at or above it) is rejected."""
-    same = duplicate_same_task and round_dataset is not None
-    th = round_thresholds(
-        loss_signals,
-        quality_signals,
-        duplicate_cosine,
-        near_origin,
-        bar,
-        same,
-        same_task_cosine,
-        new_task=new_task,
-        new_task_gain=new_task_gain,
-        repair=repair,
-        repair_gain=repair_gain,
-        max_ifd=max_ifd,
-    )
+    used. ``base`` / ``checkpoint`` / ``judge_model``: as in ``rescore_candidates``; ``rules``:
+    the gate's rule settings (``verify.GateRules``: the acceptance bar, which rules apply and
+    their margins; see ``verify``'s module docstring). ``round_dataset`` (the round's samples:
+    ``sample_id``, ``instruction``, ``input``, ``output``) lets the near-duplicate rule read
+    which near samples are the same task (without it, or with ``duplicate_same_task`` off, the
+    cosine alone decides: any sample at ``duplicate_cosine`` or more). The cross-prompt passes
+    run only for the rules that read them (``new_task``; ``repair`` with ``near_origin``).
+    ``cascade``: a candidate whose base-model readings already reject it (``verify.base_reasons``:
+    the IFD ceiling, and the quality rules when the round's quality reads IFD alone) gets no
+    further pass — no cross-prompt passes, no checkpoint pass, no judgement — and its reasons
+    are those readings' alone; the verdicts are the same as without it. Off (the benchmarks,
+    which re-judge the scored candidates under other rules): every candidate is read in full."""
+    same = rules.duplicate_same_task and round_dataset is not None
+    th = round_thresholds(loss_signals, quality_signals, replace(rules, duplicate_same_task=same))
     scale = quality_scale(quality_signals)
     readout = model_readouts.row(0, named=True)
     spec = EmbeddingSpec(pooling=readout["embedding_pooling"], layer=readout["embedding_layer"])
@@ -200,7 +161,12 @@ def gate_round(
         r.get("status") == "ok" and not text_reasons(r, grams, ngram, control_tokens)
         for r in candidates.iter_rows(named=True)
     ]
-    indexed = candidates.with_row_index("_gate_row")
+    # each candidate beside its origin's signals (the rewrite rule compares the two)
+    indexed = (
+        candidates.with_row_index("_gate_row")
+        .join(originals(loss_signals, quality_signals, embedding_signals), on="origin_id", how="left")
+        .sort("_gate_row")
+    )
     to_score = indexed.filter(pl.Series(text_ok, dtype=pl.Boolean))
     scored = rescore_candidates(
         to_score,
@@ -211,19 +177,18 @@ def gate_round(
         round_embeddings=comps.transform(round_emb),
         round_ids=model_readouts["sample_id"].to_list(),
         round_texts=_round_texts(model_readouts, round_dataset) if same else None,
-        new_task=new_task,
-        repair=repair and near_origin,
+        new_task=rules.new_task,
+        repair=rules.repair and rules.near_origin,
         components=comps,
         settings=RescoreSettings(embedding=spec),
+        early_reject=(lambda row: bool(base_reasons(row, th, scale.mode == "ifd"))) if cascade else None,
         log=log,
         progress=progress,
     )
     rest = indexed.filter(~pl.Series(text_ok, dtype=pl.Boolean))
-    scored = (
-        pl.concat([scored, rest], how="diagonal_relaxed")
-        .sort("_gate_row")
-        .drop("_gate_row")
-        .join(originals(loss_signals, quality_signals, embedding_signals), on="origin_id", how="left")
+    rest = rest.with_columns(
+        pl.when(pl.col("status") == "ok").then(pl.lit("text")).otherwise(None).cast(pl.String).alias("gate_stage")
     )
+    scored = pl.concat([scored, rest], how="diagonal_relaxed").sort("_gate_row").drop("_gate_row")
     verified = verify_candidates(scored, th, heldout_grams=grams, ngram=ngram, control_tokens=control_tokens)
     return verified, th

@@ -45,7 +45,10 @@ For every generated candidate (``status == "ok"``), with the new prompt and resp
   round's quality reading uses the judge;
 - ``quality_value``: those readings on the round's ``QualityScale``.
 
-Rows that were not generated keep nulls. Order and rows are unchanged.
+Rows that were not generated keep nulls. Order and rows are unchanged. With ``early_reject``
+(the gate's cascade), a candidate that its base-model readings already reject (IFD above the
+ceiling, or quality below the round's bar when quality reads IFD alone) keeps only those
+readings: the later passes, the costlier part, run for the others only (``gate_stage``).
 
 ``base`` and ``checkpoint`` are loaded models, or zero-argument callables that open the forward
 passes of one (``core.distributed``: ``LocalForward`` here, ``RayForward`` on a cluster); they
@@ -99,6 +102,7 @@ def rescore_candidates(
     round_texts: Sequence[tuple[str, str]] | None = None,
     new_task: bool = True,
     repair: bool = True,
+    early_reject: Callable[[dict], bool] | None = None,
 ) -> pl.DataFrame:
     """``candidates`` with the signal columns added (see the module docstring). ``base`` and
     ``checkpoint``: loaded models (``.model``, ``.tokenizer``) or openers of their forward
@@ -108,7 +112,12 @@ def rescore_candidates(
     ``round_ids`` their sample ids, in the same order (for ``cosine_original``);
     ``round_texts`` their (prompt, response), in the same order (for ``max_cosine_same_task``);
     ``new_task``: measure ``new_task_gain``; ``repair``: measure ``repair_gain`` and
-    ``prompt_fluency_gain`` (off: the columns stay null, no extra passes)."""
+    ``prompt_fluency_gain`` (off: the columns stay null, no extra passes).
+    ``early_reject``: called once per generated candidate with its row and its base-model
+    readings (``loss_before``, ``loss_unconditional``, ``ifd``, and ``quality_value`` when
+    ``scale`` reads the IFD alone; the other signal columns null); a candidate it rejects is read
+    no further (no cross-prompt passes, no checkpoint pass, no judgement). Column ``gate_stage``:
+    ``base`` for those, ``full`` for the candidates read in full, null for the others."""
     st = settings or RescoreSettings()
     if judge_model is None and hasattr(checkpoint, "model"):
         judge_model = checkpoint
@@ -116,6 +125,7 @@ def rescore_candidates(
         raise ValueError(f"quality mode {scale.mode!r} re-scores with the self-judge: pass judge_model")
     n = candidates.height
     cols = {name: np.full(n, np.nan) for name in CANDIDATE_SIGNAL_COLUMNS}
+    stage: list[str | None] = [None] * n
     ok = np.flatnonzero(candidates["status"].eq("ok").fill_null(False).to_numpy()) if n else np.zeros(0, dtype=int)
     if len(ok):
         instr = candidates["instruction_after"].to_list()
@@ -130,7 +140,30 @@ def rescore_candidates(
                 prompts, responses, with_embeddings=False, progress=step("candidates: loss before training"), **kw
             )
             uncond = fwd.unconditional_loss(responses, progress=step("candidates: prompt-free loss"), **kw)
-            gains = _cross_gains(fwd, candidates, ok, prompts, responses, before.loss, kw, step, new_task, repair)
+            ifd = ifd_scores(before.loss, uncond.loss)
+            cols["loss_before"][ok] = before.loss
+            cols["loss_unconditional"][ok] = uncond.loss
+            cols["ifd"][ok] = ifd
+            if scale.mode == "ifd":  # the quality value is the IFD's: known now
+                cols["quality_value"][ok] = quality_value(scale, None, ifd)
+            live = np.arange(len(ok))
+            if early_reject is not None:
+                settled = np.asarray(
+                    [
+                        bool(early_reject(candidates.row(int(i), named=True) | {c: _num(cols[c][i]) for c in cols}))
+                        for i in ok
+                    ],
+                    dtype=bool,
+                )
+                live = np.flatnonzero(~settled)
+                for i in ok[settled]:
+                    stage[i] = "base"
+            for i in ok[live]:
+                stage[i] = "full"
+            ok, prompts, responses = ok[live], [prompts[j] for j in live], [responses[j] for j in live]
+            loss_before = np.asarray(before.loss, dtype=np.float64)[live]
+            gains = _cross_gains(fwd, candidates, ok, prompts, responses, loss_before, kw, step, new_task, repair)
+    if len(ok):
         with _opener(checkpoint)() as fwd:
             after = fwd.score_samples(
                 prompts,
@@ -140,7 +173,6 @@ def rescore_candidates(
                 progress=step("candidates: loss + embedding after training"),
                 **kw,
             )
-        ifd = ifd_scores(before.loss, uncond.loss)
         judge = None
         if scale.mode in ("judge", "combined"):
             info: dict = {}
@@ -158,15 +190,12 @@ def rescore_candidates(
             if log and info.get("judge_path") != "packed":
                 log(f"candidate judge fell back to one pass per judgement: {info.get('fallback_reason')}")
         emb = components.transform(after.embedding)
-        cols["loss_before"][ok] = before.loss
         cols["loss_after"][ok] = after.loss
-        cols["loss_unconditional"][ok] = uncond.loss
-        cols["ifd"][ok] = ifd
         for name, (rows, gain) in gains.items():
             cols[name][ok[rows]] = gain
         if judge is not None:
             cols["judge_score"][ok] = judge
-        cols["quality_value"][ok] = quality_value(scale, judge, ifd)
+        cols["quality_value"][ok] = quality_value(scale, judge, cols["ifd"][ok])
         cols["max_cosine"][ok] = max_cosine_to(emb, round_embeddings)
         cols["max_cosine_same_task"][ok] = (
             _max_cosine_same_task(emb, round_embeddings, prompts, responses, round_texts)
@@ -182,7 +211,12 @@ def rescore_candidates(
             pl.Series(name, np.where(np.isfinite(v), v, np.nan), dtype=pl.Float64).fill_nan(None)
             for name, v in cols.items()
         ]
+        + [pl.Series("gate_stage", stage, dtype=pl.String)]
     )
+
+
+def _num(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
 
 
 def _cross_gains(fwd, candidates, ok, prompts, responses, loss_before, kw, step, new_task, repair) -> dict:

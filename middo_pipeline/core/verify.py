@@ -71,7 +71,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import polars as pl
@@ -80,6 +80,8 @@ from middo_pipeline.core.encoding import GENERIC_CONTROL
 from middo_pipeline.core.schema import EXTENDED, REWRITTEN, SIMPLIFIED
 
 __all__ = [
+    "GateRules",
+    "DEFAULT_RULES",
     "RoundThresholds",
     "QualityScale",
     "quality_value",
@@ -87,6 +89,7 @@ __all__ = [
     "has_control_tokens",
     "meta_answer",
     "text_reasons",
+    "base_reasons",
     "verify_candidates",
     "choose_candidates",
     "content_words",
@@ -208,14 +211,13 @@ def resolve_acceptance_bar(bar: str, optimizer_style: str) -> str:
     return bar
 
 
-@dataclass(frozen=True)
-class RoundThresholds:
-    """The thresholds the round's signals used (read back from the signal tables)."""
+@dataclass(frozen=True, kw_only=True)
+class GateRules:
+    """The gate's rule settings (``RefineConfig``'s, one field each), apart from the round's own
+    thresholds: which rules apply and their margins."""
 
-    hard_before: float  # hard: loss_before > hard_before AND loss_after > hard_after
-    hard_after: float
-    quality: float  # low quality: quality_value < quality
-    duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE  # extension too close to a round sample
+    # with duplicate_same_task off: an extension this similar to any round sample is a duplicate
+    duplicate_cosine: float = DEFAULT_DUPLICATE_COSINE
     # True: a near-duplicate is a sample that reads as the same task (``same_task``) at
     # ``same_task_cosine`` or more; False: any sample at ``duplicate_cosine`` or more
     duplicate_same_task: bool = True
@@ -235,31 +237,28 @@ class RoundThresholds:
     # "flag": a candidate must not be flagged (not hard, not low quality); "typical": it must
     # also be at least as good as the round's median sample on both (see ACCEPTANCE_BARS)
     bar: str = "flag"
-    typical_loss_after: float = float("nan")  # the round's median loss after training
-    typical_quality: float = float("nan")  # the round's median quality value
 
     def __post_init__(self):
         if self.bar not in ACCEPTANCE_BARS:
             raise ValueError(f"acceptance bar must be one of {', '.join(ACCEPTANCE_BARS)}, got {self.bar!r}")
 
     def as_dict(self) -> dict:
-        return {
-            "hard_before": self.hard_before,
-            "hard_after": self.hard_after,
-            "quality": self.quality,
-            "duplicate_cosine": self.duplicate_cosine,
-            "duplicate_same_task": self.duplicate_same_task,
-            "same_task_cosine": self.same_task_cosine,
-            "new_task": self.new_task,
-            "new_task_gain": self.new_task_gain,
-            "near_origin": self.near_origin,
-            "repair": self.repair,
-            "repair_gain": self.repair_gain,
-            "max_ifd": self.max_ifd,
-            "bar": self.bar,
-            "typical_loss_after": self.typical_loss_after,
-            "typical_quality": self.typical_quality,
-        }
+        return asdict(self)
+
+
+DEFAULT_RULES = GateRules()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundThresholds(GateRules):
+    """The thresholds the round's signals used (read back from the signal tables), with the
+    rules they are applied under."""
+
+    hard_before: float  # hard: loss_before > hard_before AND loss_after > hard_after
+    hard_after: float
+    quality: float  # low quality: quality_value < quality
+    typical_loss_after: float = float("nan")  # the round's median loss after training
+    typical_quality: float = float("nan")  # the round's median quality value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,43 +442,68 @@ def text_reasons(row: dict, heldout_grams: set, ngram: int, control_tokens: Sequ
     return reasons
 
 
+def _quality_reason(row: dict, th: RoundThresholds) -> str | None:
+    q = row.get("quality_value")
+    if row["operation"] == REWRITTEN:
+        q0 = row.get("quality_value_original")
+        if _is_low(q, th):
+            return "still low quality"
+        if _finite(q0) and not q > q0:
+            return "not better than the original"
+        return None
+    return "low quality" if _is_low(q, th) else None
+
+
+def _ifd_reason(row: dict, th: RoundThresholds) -> str | None:
+    ifd = row.get("ifd")
+    if th.max_ifd is not None and _finite(ifd) and ifd >= th.max_ifd:
+        return "prompt does not explain the answer"
+    return None
+
+
+def _typical_quality_reason(row: dict, th: RoundThresholds) -> str | None:
+    q = row.get("quality_value")
+    if th.bar == "typical" and math.isfinite(th.typical_quality) and not (_finite(q) and q >= th.typical_quality):
+        return "below the round's typical quality"
+    return None
+
+
+def base_reasons(row: dict, th: RoundThresholds, quality_known: bool = True) -> list[str]:
+    """The rules a candidate breaks by its base-model readings alone: the IFD ceiling, and, when
+    ``quality_known`` (the round's quality value is minus the IFD), the quality rules. Each is a
+    rejection whatever the later readings say (no waiver applies to them), so the gate's cascade
+    (``gate.gate_round``) reads no further a candidate that breaks one."""
+    rules = (_quality_reason, _ifd_reason, _typical_quality_reason) if quality_known else (_ifd_reason,)
+    return [r for r in (rule(row, th) for rule in rules) if r]
+
+
 def candidate_reasons(
     row: dict, th: RoundThresholds, heldout_grams: set, ngram: int, control_tokens: Sequence[str] = ()
 ) -> list[str]:
     """Every rule one candidate breaks, in a fixed order (empty: it passes). A candidate that
     fails a text rule and was not re-scored (``gate.gate_round`` skips the forward passes for
-    those) is rejected for its text reasons alone."""
+    those) is rejected for its text reasons alone; one the cascade settled by its base-model
+    readings (``gate_stage == "base"``) for those readings' reasons alone."""
     if row.get("status") != "ok":
         return [f"generation: {row.get('failure_reason') or 'failed'}"]
     reasons = text_reasons(row, heldout_grams, ngram, control_tokens)
     if reasons and row.get("loss_before") is None and row.get("loss_after") is None:
         return reasons
+    if row.get("gate_stage") == "base":
+        return reasons + base_reasons(row, th, quality_known=_finite(row.get("quality_value")))
     if th.near_origin:
         c0, nb = row.get("cosine_original"), row.get("neighbor_similarity_original")
         if _finite(c0) and _finite(nb) and c0 < nb and not _is_repair(row, th):
             reasons.append("far from its origin")
     op = row["operation"]
-    hard = _is_hard(row.get("loss_before"), row.get("loss_after"), th)
-    q = row.get("quality_value")
-    if hard:
+    if _is_hard(row.get("loss_before"), row.get("loss_after"), th):
         reasons.append("still hard")
-    if op == REWRITTEN:
-        q0 = row.get("quality_value_original")
-        if _is_low(q, th):
-            reasons.append("still low quality")
-        elif _finite(q0) and not q > q0:
-            reasons.append("not better than the original")
-    elif _is_low(q, th):
-        reasons.append("low quality")
-    ifd = row.get("ifd")
-    if th.max_ifd is not None and _finite(ifd) and ifd >= th.max_ifd:
-        reasons.append("prompt does not explain the answer")
+    reasons += [r for r in (_quality_reason(row, th), _ifd_reason(row, th)) if r]
     if th.bar == "typical":
         la = row.get("loss_after")
         if math.isfinite(th.typical_loss_after) and not (_finite(la) and la <= th.typical_loss_after):
             reasons.append("harder than the round's typical sample")
-        if math.isfinite(th.typical_quality) and not (_finite(q) and q >= th.typical_quality):
-            reasons.append("below the round's typical quality")
+    reasons += [r for r in (_typical_quality_reason(row, th),) if r]
     if op == EXTENDED:
         c = row.get("max_cosine")
         # a null ``max_cosine_same_task``: none of the candidate's nearest samples is the same

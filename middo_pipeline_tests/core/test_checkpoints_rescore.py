@@ -189,6 +189,77 @@ def test_rescore_measures_new_task_and_repair_gains(tiny_model_dir):
     assert fluent[1] == pytest.approx(free[0] - free[1], abs=1e-5)
 
 
+def test_rescore_cascade_reads_no_further_what_the_base_model_rejects(tiny_model_dir):
+    """With ``early_reject``, a candidate it rejects on its base-model readings keeps those
+    (the same values as without the cascade) and nothing more: no cross-prompt pass, no
+    checkpoint pass (counted: only the others reach the checkpoint), ``gate_stage`` base. The
+    others are read in full, with the same values as without the cascade."""
+    from middo_pipeline.core.distributed import LocalForward
+    from middo_pipeline.core.diversity import TopComponents
+    from middo_pipeline.core.rescore import rescore_candidates
+    from middo_pipeline.core.verify import QualityScale
+    from middo_pipeline.models.loading import load_model
+
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    cands = pl.DataFrame(
+        {
+            "origin_id": ["a", "b", "c", "d"],
+            "operation": ["extended", "simplified", "rewritten", "simplified"],
+            "candidate": [0, 0, 0, 0],
+            "status": ["ok", "ok", "ok", "failed"],
+            "instruction_after": ["Name a blue fruit.", "Add 2 and 3.", "Name a fruit.", None],
+            "input_after": ["", "", "", None],
+            "output_after": ["A blueberry.", "5", "An apple.", None],
+            "instruction_before": ["Name a green vegetable.", "Add two and three.", "Name fruit", "x"],
+            "input_before": ["", "", "", ""],
+            "output_before": ["Spinach.", "5", "A pear.", "y"],
+        }
+    )
+    rng = np.random.default_rng(0)
+    round_emb = rng.normal(size=(4, lm.model.config.hidden_size)).astype(np.float32)
+    comps = TopComponents(1).fit(round_emb)
+    reached = []
+
+    class Counted(LocalForward):
+        def score_samples(self, prompts, responses, **kw):
+            if kw.get("with_embeddings"):
+                reached.extend(prompts)
+            return super().score_samples(prompts, responses, **kw)
+
+    kw = dict(
+        base=lm,
+        scale=QualityScale.fit("ifd", np.array([4.0, 6.0]), np.array([0.5, 0.9])),
+        round_embeddings=comps.transform(round_emb),
+        components=comps,
+    )
+    full = rescore_candidates(cands, checkpoint=lambda: Counted(lm), **kw)
+    assert sorted(reached) == sorted(["Name a blue fruit.", "Add 2 and 3.", "Name a fruit."])
+    assert full["gate_stage"].to_list() == ["full", "full", "full", None]
+    reached.clear()
+    seen = []
+
+    def reject_simplified(row):  # called with the base-model readings only
+        seen.append(row)
+        return row["operation"] == "simplified"
+
+    got = rescore_candidates(cands, checkpoint=lambda: Counted(lm), early_reject=reject_simplified, **kw)
+    assert len(seen) == 3 and all(r["loss_after"] is None and r["ifd"] is not None for r in seen)
+    assert all(r["quality_value"] == pytest.approx(-r["ifd"]) for r in seen)  # ifd mode: known
+    assert sorted(reached) == sorted(["Name a blue fruit.", "Name a fruit."])  # not the settled one
+    assert got["gate_stage"].to_list() == ["full", "base", "full", None]
+    settled = got.row(1, named=True)
+    for col in ("loss_before", "loss_unconditional", "ifd", "quality_value"):
+        assert settled[col] == pytest.approx(full[col][1], abs=1e-6)
+    for col in ("loss_after", "max_cosine", "cosine_original", "repair_gain", "prompt_fluency_gain"):
+        assert settled[col] is None
+    for col in ("loss_before", "loss_after", "ifd", "max_cosine", "new_task_gain", "repair_gain"):
+        np.testing.assert_allclose(
+            got[col].gather([0, 2]).to_numpy().astype(float),
+            full[col].gather([0, 2]).to_numpy().astype(float),
+            atol=1e-5,
+        )
+
+
 def test_max_cosine_same_task_reads_the_nearest_samples_words():
     from middo_pipeline.core import rescore
 

@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from middo_pipeline.core.verify import (
+    GateRules,
     QualityScale,
     RoundThresholds,
     choose_candidates,
@@ -164,6 +165,37 @@ def test_a_prompt_that_does_not_explain_its_answer_is_rejected():
     assert both == "low quality; prompt does not explain the answer"
 
 
+def test_base_reasons_settle_a_candidate_before_the_checkpoint_pass():
+    """``base_reasons``: what the base-model readings alone reject (the IFD ceiling; the quality
+    rules when quality is known from them), the same reasons in the same order as the full
+    rules give. A candidate the cascade settled (``gate_stage`` base: no loss after training, no
+    embedding) is rejected for those alone — not "still hard" or "no embedding" for what was
+    never read."""
+    from dataclasses import replace
+
+    from middo_pipeline.core.verify import base_reasons
+
+    typ = replace(TH, bar="typical", typical_loss_after=1.2, typical_quality=5.5)
+    low = cand(q=4.0) | {"ifd": 1.3}
+    assert base_reasons(low, TH) == ["low quality", "prompt does not explain the answer"]
+    assert base_reasons(low, TH, quality_known=False) == ["prompt does not explain the answer"]
+    assert base_reasons(cand(q=5.2) | {"ifd": 0.5}, typ) == ["below the round's typical quality"]
+    assert base_reasons(cand(q=5.2) | {"ifd": 0.5}, TH) == []
+    assert base_reasons(cand(op="rewritten", q=4.5, q0=5.0) | {"ifd": 0.5}, TH) == ["still low quality"]
+    assert base_reasons(cand(op="rewritten", q=5.5, q0=6.0) | {"ifd": 0.5}, TH) == ["not better than the original"]
+    # the same reasons as the full rules, where the later readings add none
+    for row, th in ((low, TH), (cand(q=5.2) | {"ifd": 0.5}, typ)):
+        full = verify_candidates(pl.DataFrame([row]), th)["reasons"][0]
+        assert full == "; ".join(base_reasons(row, th))
+    settled = [
+        cand(op=op, la=None, cos=None, q=q) | {"ifd": ifd, "gate_stage": "base"}
+        for op, q, ifd in (("simplified", 4.0, 0.5), ("extended", None, 1.2))
+    ]
+    got = verify_candidates(pl.DataFrame(settled), TH)
+    assert got["reasons"].to_list() == ["low quality", "prompt does not explain the answer"]
+    assert not got["passed"].any()
+
+
 def test_typical_bar_needs_the_round_median_not_only_no_flag():
     """``bar="typical"``: a candidate that is no longer flagged but harder after training, or of
     lower quality, than the round's median sample is rejected; at or better than both, it passes."""
@@ -228,7 +260,7 @@ def test_round_thresholds_typical_are_the_round_medians():
     quality = pl.DataFrame(
         {"sample_id": ["a", "b", "c", "d"], "quality_value": [-0.5, -0.7, None, -0.6], "quality_threshold": [-0.8] * 4}
     )
-    th = round_thresholds(loss, quality, bar="typical")
+    th = round_thresholds(loss, quality, GateRules(bar="typical"))
     assert (th.typical_loss_after, th.typical_quality, th.bar) == (2.0, -0.6, "typical")
     assert (th.hard_before, th.hard_after, th.quality) == (2.5, 2.8, -0.8)
     assert round_thresholds(loss, quality).bar == "flag"
