@@ -136,6 +136,13 @@ class RefineConfig(Config):
         "mostly worse than typical rows) | auto: typical for an optimizer that cannot follow the stepwise prompt "
         "(below 3B parameters when its size is known, else by the prompt-style probe), flag for one that can",
     )
+    cascade: bool = Field(
+        default=True,
+        description="A candidate whose base-model readings already reject it (IFD at or above max_ifd; with quality "
+        "mode ifd, quality below the round's bar) is read no further: no cross-prompt, checkpoint or self-judge pass "
+        "(the same verdicts; refinement_candidates then holds only those readings for it, column gate_stage). Off: "
+        "every candidate is read in full",
+    )
     heldout_path: str = Field(default=str(DEFAULT_EVAL), description="Held-out set whose text candidates must not copy")
     heldout_ngram: int = Field(
         default=8, ge=3, description="A candidate sharing a run of this many words with the held-out set is rejected"
@@ -277,6 +284,7 @@ def refined_samples(
             round_dataset=round_dataset,
             heldout_grams=_heldout_grams(config.heldout_path, config.heldout_ngram),
             ngram=config.heldout_ngram,
+            cascade=config.cascade,
             log=context.log.warning,
             progress=lambda name: ProgressLogger(context.log.info, name),
         )
