@@ -205,6 +205,7 @@ def judge(
     variants += [(f"{bar}, new_task off", bar, None, {"new_task": False}) for bar in BARS]
     variants += [(f"{bar}, repair off", bar, None, {"repair": False}) for bar in BARS]
     variants += [(f"{bar}, no IFD ceiling", bar, None, {"max_ifd": None}) for bar in BARS]
+    variants += [(f"{bar}, no fluency floor", bar, None, {"max_fluency_loss": None}) for bar in BARS]
     out = {}
     for name, bar, rows, changed in variants:
         loss, quality = tables["loss_signals"], tables["quality_signals"]

@@ -166,6 +166,8 @@ def test_gate_section_judges_every_kind_on_a_real_round(tmp_path, model_cache, m
             assert bar != "flag" or with_repair <= out["flag, near_origin off"]["by_kind"][kind]["accepted"]
             # the IFD ceiling only ever takes candidates away
             assert with_repair <= out[f"{bar}, no IFD ceiling"]["by_kind"][kind]["accepted"]
+            # and so does the fluency floor
+            assert with_repair <= out[f"{bar}, no fluency floor"]["by_kind"][kind]["accepted"]
     extensions = out["planned_operations"].get("extended", 0)
     assert out["flag"]["by_kind"].get("paraphrase", {}).get("judged", 0) <= extensions
     # the pipeline's cascade gave the same verdicts as reading every candidate in full

@@ -31,6 +31,7 @@ from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.schema import fingerprint
 from middo_pipeline.core.verify import (
     DEFAULT_DUPLICATE_COSINE,
+    DEFAULT_MAX_FLUENCY_LOSS,
     DEFAULT_MAX_IFD,
     DEFAULT_NEW_TASK_GAIN,
     DEFAULT_REPAIR_GAIN,
@@ -127,6 +128,14 @@ class RefineConfig(Config):
         "round with many defective rows sets a lax one, under which a fluent answer to another question passes). "
         "0.95: chosen on two of the gate benchmark's stored rounds, checked on a third (benchmarks/README, run 7); "
         "null: no ceiling",
+    )
+    max_fluency_loss: float | None = Field(
+        default=DEFAULT_MAX_FLUENCY_LOSS,
+        ge=0.0,
+        description="A simplification or rewrite whose new prompt reads worse than its origin's by more than this (nats "
+        "per token of prompt-free loss, base model) is rejected: a scramble of a clean prompt whose words still explain "
+        "the answer passes the IFD and quality rules. 3: chosen on three of the gate benchmark's rounds, checked on a "
+        "fourth (benchmarks/README, run 9); null: no floor",
     )
     acceptance_bar: Literal["auto", "flag", "typical"] = Field(
         default="auto",

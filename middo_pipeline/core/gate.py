@@ -141,7 +141,8 @@ def gate_round(
     ``sample_id``, ``instruction``, ``input``, ``output``) lets the near-duplicate rule read
     which near samples are the same task (without it, or with ``duplicate_same_task`` off, the
     cosine alone decides: any sample at ``duplicate_cosine`` or more). The cross-prompt passes
-    run only for the rules that read them (``new_task``; ``repair`` with ``near_origin``).
+    run only for the rules that read them (``new_task``; ``repair`` with ``near_origin``, or
+    ``max_fluency_loss``).
     ``cascade``: a candidate whose base-model readings already reject it (``verify.base_reasons``:
     the IFD ceiling, and the quality rules when the round's quality reads IFD alone) gets no
     further pass — no cross-prompt passes, no checkpoint pass, no judgement — and its reasons
@@ -178,7 +179,7 @@ def gate_round(
         round_ids=model_readouts["sample_id"].to_list(),
         round_texts=_round_texts(model_readouts, round_dataset) if same else None,
         new_task=rules.new_task,
-        repair=rules.repair and rules.near_origin,
+        repair=(rules.repair and rules.near_origin) or rules.max_fluency_loss is not None,
         components=comps,
         settings=RescoreSettings(embedding=spec),
         early_reject=(lambda row: bool(base_reasons(row, th, scale.mode == "ifd"))) if cascade else None,

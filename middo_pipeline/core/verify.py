@@ -38,6 +38,10 @@ Rules (``verify_candidates``), for a candidate of an operation:
   ``max_ifd`` (0.95), whatever the round's quality threshold is. A round whose data is partly
   defective sets a lax threshold (IFD 1.01 on the gate benchmark's half-defective round), under
   which a fluent answer to another question passes the quality rule;
+- ``simplified`` and ``rewritten`` (``max_fluency_loss``): the new prompt reads no more than 3
+  nats per token worse than its origin's (prompt-free loss, base model: ``prompt_fluency_gain``
+  >= -3). A scramble of a clean prompt whose words still explain the answer passes the IFD and
+  quality rules; it reads far worse than the prompt it came from;
 - ``simplified``: no longer hard, and not low quality;
 - ``rewritten``: quality above the round's threshold and above the original's; not hard;
 - ``extended``: not hard, not low quality, a new task (``new_task``: each of its prompt and
@@ -122,6 +126,13 @@ DEFAULT_REPAIR_GAIN = 0.2
 # (benchmarks/README, run 7). Cherry-LLM (Li et al., 2024)
 # drops IFD > 1 ("the instruction does not help"); 0.95 asks that it helps a little
 DEFAULT_MAX_IFD = 0.95
+# a simplification or rewrite whose new prompt reads worse than its origin's (prompt-free loss
+# under the base model, nats per token; ``prompt_fluency_gain`` below minus this) is rejected:
+# a scramble of a clean prompt whose words still explain the answer. 3: on the gate benchmark's
+# seed 0-2 rounds the two scrambles of clean prompts that passed ``flag`` sat at -4.2 and -5.9
+# and the passing good candidates at -2.3 or above (simplifications of hard tasks into other
+# tasks); checked after it was fixed on a fourth draw, seed 3 (benchmarks/README, run 9)
+DEFAULT_MAX_FLUENCY_LOSS = 3.0
 DEFAULT_NGRAM = 8
 
 # what the re-scoring adds to each candidate row
@@ -234,6 +245,9 @@ class GateRules:
     repair_gain: float = DEFAULT_REPAIR_GAIN
     # a candidate's IFD must be below this (None: no ceiling beyond the quality threshold)
     max_ifd: float | None = DEFAULT_MAX_IFD
+    # a simplification or rewrite's prompt may read at most this much worse than its origin's
+    # (``prompt_fluency_gain`` >= -max_fluency_loss, where measured; None: no floor)
+    max_fluency_loss: float | None = DEFAULT_MAX_FLUENCY_LOSS
     # "flag": a candidate must not be flagged (not hard, not low quality); "typical": it must
     # also be at least as good as the round's median sample on both (see ACCEPTANCE_BARS)
     bar: str = "flag"
@@ -499,6 +513,9 @@ def candidate_reasons(
     if _is_hard(row.get("loss_before"), row.get("loss_after"), th):
         reasons.append("still hard")
     reasons += [r for r in (_quality_reason(row, th), _ifd_reason(row, th)) if r]
+    fluent = row.get("prompt_fluency_gain")
+    if th.max_fluency_loss is not None and op != EXTENDED and _finite(fluent) and fluent < -th.max_fluency_loss:
+        reasons.append("prompt reads worse than its origin's")
     if th.bar == "typical":
         la = row.get("loss_after")
         if math.isfinite(th.typical_loss_after) and not (_finite(la) and la <= th.typical_loss_after):

@@ -165,6 +165,31 @@ def test_a_prompt_that_does_not_explain_its_answer_is_rejected():
     assert both == "low quality; prompt does not explain the answer"
 
 
+def test_a_prompt_that_reads_far_worse_than_its_origins_is_rejected():
+    """``max_fluency_loss`` (3 by default): a simplification or rewrite whose prompt reads more
+    than 3 nats per token worse than its origin's (``prompt_fluency_gain`` < -3: a scramble of a
+    clean prompt) is rejected, even where IFD and quality let it through; at -3 or above it
+    passes; null (not measured), an extension, or the floor off: the rule does not apply."""
+    from dataclasses import replace
+
+    reason = "prompt reads worse than its origin's"
+    for gain, passed in [(0.5, True), (-2.3, True), (-3.0, True), (-3.01, False), (-5.9, False), (None, True)]:
+        for op in ("simplified", "rewritten"):
+            got = run([cand(op=op, q0=3.0) | {"prompt_fluency_gain": gain}]).row(0, named=True)
+            assert got["passed"] is passed, (gain, op, got["reasons"])
+            assert passed or got["reasons"] == reason
+    ext = run([cand(op="extended", cos=0.7) | {"prompt_fluency_gain": -6.0}])
+    assert ext["passed"][0]  # an extension's prompt is new: nothing to read worse than
+    off = verify_candidates(pl.DataFrame([cand() | {"prompt_fluency_gain": -6.0}]), replace(TH, max_fluency_loss=None))
+    assert off["passed"][0]
+    strict = verify_candidates(
+        pl.DataFrame([cand() | {"prompt_fluency_gain": -1.5}]), replace(TH, max_fluency_loss=1.0)
+    )
+    assert strict["reasons"][0] == reason
+    both = run([cand(q=4.0) | {"ifd": 1.3, "prompt_fluency_gain": -4.0}])["reasons"][0]
+    assert both == f"low quality; prompt does not explain the answer; {reason}"
+
+
 def test_base_reasons_settle_a_candidate_before_the_checkpoint_pass():
     """``base_reasons``: what the base-model readings alone reject (the IFD ceiling; the quality
     rules when quality is known from them), the same reasons in the same order as the full
