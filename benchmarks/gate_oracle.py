@@ -225,6 +225,7 @@ def cascade(cands, tables: dict, store, settings, heldout: Path, verdicts: dict,
     verdicts must be the same (else RuntimeError), and how many candidates each stage settled
     and how long each took are reported."""
     from benchmarks.downstream import gate_stored_round
+    from middo_pipeline.core.gate import stage_counts
 
     out = {"seconds_full": round(full_seconds, 1)}
     for bar in BARS:
@@ -233,7 +234,7 @@ def cascade(cands, tables: dict, store, settings, heldout: Path, verdicts: dict,
         took = time.perf_counter() - t0
         if not v["passed"].equals(verdicts[bar]["passed"]):
             raise RuntimeError(f"gate: the cascade's verdicts under {bar} differ from the full reading's")
-        stages = {str(k): int(n) for k, n in v["gate_stage"].value_counts().iter_rows() if k is not None}
+        stages = stage_counts(v)
         out[bar] = {
             "seconds": round(took, 1),
             "saved_fraction": round(1 - took / full_seconds, 3) if full_seconds else None,

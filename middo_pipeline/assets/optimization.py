@@ -22,7 +22,7 @@ from middo_pipeline.assets._checks import schema_check, schema_spec
 from middo_pipeline.assets._meta import bars_md, json_md, preview_md, tidy
 from middo_pipeline.core.checkpoints import require_checkpoint
 from middo_pipeline.core.evaluation import load_eval_set
-from middo_pipeline.core.gate import gate_round
+from middo_pipeline.core.gate import gate_round, stage_counts
 from middo_pipeline.core.merge import SizePolicy, check_conservation, merge_round
 from middo_pipeline.core.optimizer.operations import plan_operations, run_operations
 from middo_pipeline.core.optimizer.prompts import PromptConfig, PromptStyle
@@ -164,14 +164,9 @@ class RefineConfig(Config):
 
 
 def _stages(verified: pl.DataFrame) -> dict:
-    """How many generated candidates the gate settled at each stage: by their text alone (no
-    forward pass), by their base-model readings (IFD, quality: no checkpoint pass), or read in
-    full."""
-    if "gate_stage" not in verified.columns:
-        return {}
+    """``gate.stage_counts``, named for the UI."""
     names = {"text": "text rules (no forward pass)", "base": "base-model readings (no checkpoint pass)"}
-    counts = dict(verified["gate_stage"].drop_nulls().value_counts().iter_rows())
-    return {names.get(k, "read in full"): int(counts[k]) for k in ("text", "base", "full") if k in counts}
+    return {names.get(k, "read in full"): n for k, n in stage_counts(verified).items()}
 
 
 def _heldout_grams(path: str, n: int) -> set:

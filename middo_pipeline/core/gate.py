@@ -30,7 +30,7 @@ from middo_pipeline.core.verify import (
     verify_candidates,
 )
 
-__all__ = ["round_thresholds", "quality_scale", "gate_round"]
+__all__ = ["round_thresholds", "quality_scale", "gate_round", "stage_counts"]
 
 
 def round_thresholds(
@@ -193,3 +193,16 @@ def gate_round(
     scored = pl.concat([scored, rest], how="diagonal_relaxed").sort("_gate_row").drop("_gate_row")
     verified = verify_candidates(scored, th, heldout_grams=grams, ngram=ngram, control_tokens=control_tokens)
     return verified, th
+
+
+GATE_STAGES = ("text", "base", "full")
+
+
+def stage_counts(verified: pl.DataFrame) -> dict[str, int]:
+    """How many candidates ``gate_round`` settled at each stage (``gate_stage``: ``text``, its
+    text rules; ``base``, its base-model readings; ``full``, read in full), in that order; empty
+    for a table without the column (the gate off, or stored before it)."""
+    if "gate_stage" not in verified.columns:
+        return {}
+    counts = dict(verified["gate_stage"].drop_nulls().value_counts().iter_rows())
+    return {k: int(counts[k]) for k in GATE_STAGES if k in counts}

@@ -520,7 +520,8 @@ def candidate_reasons(
         la = row.get("loss_after")
         if math.isfinite(th.typical_loss_after) and not (_finite(la) and la <= th.typical_loss_after):
             reasons.append("harder than the round's typical sample")
-    reasons += [r for r in (_typical_quality_reason(row, th),) if r]
+    if typical := _typical_quality_reason(row, th):
+        reasons.append(typical)
     if op == EXTENDED:
         c = row.get("max_cosine")
         # a null ``max_cosine_same_task``: none of the candidate's nearest samples is the same
