@@ -99,7 +99,8 @@ class Settings:
     gen_batch_sizes: tuple[int, ...] = (32,)  # transformers' generate at a larger batch (16 measured: 1.30x)
     gen_compact_batch_sizes: tuple[int, ...] = (8, 16, 32, 64)  # finished rows leave the batch (the default engine)
     gen_int8: bool = True  # CPU only
-    gen_int8_batch_sizes: tuple[int, ...] = (32,)  # with the default (compact) engine
+    gen_int8_batch_sizes: tuple[int, ...] = (64,)  # with the default (compact) engine
+    gen_int8_quality: bool = True  # held-out loss of fp32 vs int8 (generation.int8_quality)
     gen_continuous: bool = True
     # ray: the signal pass in one process vs on a local Ray cluster of the same cores
     ray_samples: int = 96

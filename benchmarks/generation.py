@@ -14,8 +14,12 @@ Paths (all in one process, on one loaded model, in one run, alternated per repea
 - ``compact_batch_N``: the backend's default engine (``core/llm/decode.py``): the same
   batches, but a row that has finished leaves the batch and the KV cache before the next
   step, and the prompt pass computes the last position's logits only;
-- ``int8_batch_N``: the Linear layers dynamically quantized to int8
-  (``torch.ao.quantization.quantize_dynamic``, CPU only) at batch N;
+- ``int8_batch_N``: the backend's ``quantize=int8`` (``core.llm.local.quantize_int8``: the
+  Linear layers dynamically quantized to int8, per-channel weights, except the MLP's output
+  projection and the head; CPU only) at batch N. int8 is another model, so beside its speed
+  the section reports what it costs (``int8_quality``): the held-out response loss of the base
+  model in fp32, with the pipeline's int8 scheme and with every Linear layer int8 (torch's
+  default), paired per item;
 - ``continuous_batching``: transformers' ``generate_batch`` (paged attention, requests join and
   leave the batch as they finish), greedy, without stop strings or repetition penalty (it
   takes neither per request), so its texts differ from the others by construction.
@@ -34,10 +38,12 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from pathlib import Path
 
 from benchmarks.common import load_seed_rows, log, n_params
 
 BASELINE = "transformers_generate"
+HELDOUT = Path(__file__).resolve().parents[1] / "data" / "eval_heldout.jsonl"
 
 
 def build_requests(n: int, rows: list[dict] | None = None) -> list:
@@ -89,9 +95,8 @@ def _continuous(lm, backend, requests) -> list:
 
 
 def run(settings, models, hardware: dict | None = None) -> dict:
-    import torch
 
-    from middo_pipeline.core.llm.local import LocalBackend
+    from middo_pipeline.core.llm.local import LocalBackend, quantize_int8
 
     lm = models.get()
     n = settings.gen_requests
@@ -112,9 +117,7 @@ def run(settings, models, hardware: dict | None = None) -> dict:
         paths[be.path_name] = lambda be=be: be.complete(requests)
     if lm.device.type == "cpu" and settings.gen_int8:
         qlm = copy.copy(lm)
-        qlm.model = torch.ao.quantization.quantize_dynamic(
-            copy.deepcopy(lm.model), {torch.nn.Linear}, dtype=torch.qint8
-        )
+        qlm.model = quantize_int8(copy.deepcopy(lm.model))
         for b in settings.gen_int8_batch_sizes:
             be = LocalBackend(batch_size=b, loaded=qlm)
             paths[f"int8_batch_{b}"] = lambda be=be: be.complete(requests)
@@ -190,6 +193,8 @@ def run(settings, models, hardware: dict | None = None) -> dict:
         (k for k, p in out["paths"].items() if "speedup" in p), key=lambda k: out["paths"][k]["speedup"], default=None
     )
     out["fastest_path"] = best
+    if lm.device.type == "cpu" and settings.gen_int8 and settings.gen_int8_quality:
+        out["int8_quality"] = int8_quality(lm, qlm.model)
     tokens = usage.get(name)
     if tokens and default.engine == "compact" and n <= default.batch_size:
         # one batch: a decoding step per token of its longest answer; rows leave as they finish
@@ -232,3 +237,36 @@ def decode_matmul_bound(model, mean_rows: float, repeats: int = 5) -> dict:
         "step_seconds": best,
         "tokens_per_s": rows / best,
     }
+
+
+def int8_quality(lm, int8_model, eval_path: Path = HELDOUT) -> dict:
+    """What int8 costs: the held-out response loss and MC accuracy of the base model in fp32,
+    with the pipeline's int8 scheme (``int8_model``) and with every Linear layer int8 (torch's
+    default ``quantize_dynamic``, the scheme before 2026-12-05); each int8 model minus fp32,
+    paired per item, 95% bootstrap interval (loss > 0: worse)."""
+    import torch
+
+    from middo_pipeline.core.evaluation import evaluate, load_eval_set, paired_difference
+
+    df = load_eval_set(eval_path)
+    every = torch.ao.quantization.quantize_dynamic(copy.deepcopy(lm.model), {torch.nn.Linear}, dtype=torch.qint8)
+    res = {}
+    for name, model in (("fp32", lm.model), ("int8", int8_model), ("int8_every_linear", every)):
+        t0 = time.perf_counter()
+        res[name] = evaluate(model, lm.tokenizer, df, max_length=384)
+        log(
+            f"generation: held-out {name}: response loss {res[name]['mean_response_loss']:.3f}, "
+            f"MC {res[name]['mc_accuracy']:.3f} ({time.perf_counter() - t0:.0f}s)"
+        )
+    ref = res["fp32"]["items"]
+    out: dict = {"eval_set": eval_path.name, "items": int(ref.height)}
+    for name, r in res.items():
+        out[name] = {"mean_response_loss": float(r["mean_response_loss"]), "mc_accuracy": float(r["mc_accuracy"])}
+        if name != "fp32":
+            items = r["items"]
+            out[name]["loss_minus_fp32"] = paired_difference(items["loss"].to_numpy(), ref["loss"].to_numpy())
+            out[name]["mc_minus_fp32"] = paired_difference(
+                items["correct"].cast(float).to_numpy(), ref["correct"].cast(float).to_numpy()
+            )
+            out[name]["same_choice_as_fp32"] = float((items["chosen"] == ref["chosen"]).mean())
+    return out

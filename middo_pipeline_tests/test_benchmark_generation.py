@@ -67,3 +67,36 @@ def test_decode_matmul_bound_applies_every_linear_layer_once():
     assert res["rows"] == 3 and res["linear_layers"] == len(hooks)
     assert len(calls) == 3 * len(hooks) and all(c[0] == 3 for c in calls)  # warm-up + 2 repeats, 3 rows each
     assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, torch.nn.Linear))  # restored
+
+
+def test_int8_path_reports_what_it_costs_on_held_out_items():
+    """int8 is another model: beside its speed the section measures its held-out loss against fp32."""
+    import torch
+
+    from benchmarks.common import ModelCache, Settings
+    from benchmarks.generation import run
+    from middo_pipeline.models.loading import TINY_MODEL
+
+    settings = Settings.quick(
+        model=TINY_MODEL,
+        device="cpu",
+        gen_requests=4,
+        gen_repeats=1,
+        gen_batch_sizes=(),
+        gen_compact_batch_sizes=(4,),
+        gen_int8_batch_sizes=(4,),
+        gen_continuous=False,
+    )
+    models = ModelCache(settings)
+    linear = sum(type(m) is torch.nn.Linear for m in models.get().model.modules())
+    out = run(settings, models, hardware={"fp32": {"flops": 1e9}})
+    assert out["paths"]["int8_batch_4"]["errors"] == 0 and out["paths"]["int8_batch_4"]["tokens"] > 0
+    q = out["int8_quality"]
+    assert q["items"] == 66 and q["eval_set"] == "eval_heldout.jsonl"
+    for name in ("int8", "int8_every_linear"):
+        d = q[name]["loss_minus_fp32"]
+        assert d["items"] == 66 and d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+        assert abs(d["mean"] - (q[name]["mean_response_loss"] - q["fp32"]["mean_response_loss"])) < 1e-6
+        assert 0.0 <= q[name]["same_choice_as_fp32"] <= 1.0
+    # the measured fp32 model is the one the other paths ran, left unquantized
+    assert sum(type(m) is torch.nn.Linear for m in models.get().model.modules()) == linear

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from middo_pipeline.core.llm import make_backend
-from middo_pipeline.core.llm.local import DEFAULT_MODEL, LocalBackend
+from middo_pipeline.core.llm.local import DEFAULT_MODEL, INT8_SCHEME, LocalBackend
 from middo_pipeline.core.llm.openai_compat import OpenAIBackend
 from middo_pipeline.core.llm.protocol import BackendUnavailable, ChatRequest, truncate_at_stop
 from middo_pipeline_tests.core.fake_openai_server import (
@@ -109,14 +109,20 @@ def test_local_backend_id_changes_when_the_folder_is_rewritten(tmp_path):
 
 
 def test_local_int8_quantize_is_a_setting_with_its_own_cache_key(lively_model_dir):
+    import torch
+
     plain = LocalBackend(str(lively_model_dir), device="cpu", batch_size=4)
     q = LocalBackend(str(lively_model_dir), device="cpu", batch_size=4, quantize="int8")
-    assert q.backend_id == plain.backend_id + "?quantize=int8"  # different text, different cache entries
+    # different text, different cache entries (and another int8 scheme, other entries again)
+    assert q.backend_id == plain.backend_id + f"?quantize={INT8_SCHEME}"
     assert q.path_name == "int8_batch_4" and plain.path_name == "compact_batch_4"
     assert LocalBackend(batch_size=8, engine="generate").path_name == "transformers_generate"
     out = q.complete([req(p, max_tokens=8) for p in PROMPTS])
     assert all(c.ok and c.usage["finish_reason"] in ("stop", "length") for c in out)
-    assert any(".quantized.dynamic." in type(m).__module__ for m in q.loaded.model.modules())
+    kinds = {name.rsplit(".", 1)[-1]: type(m) for name, m in q.loaded.model.named_modules() if name}
+    assert ".quantized.dynamic." in kinds["up_proj"].__module__ and ".quantized.dynamic." in kinds["q_proj"].__module__
+    # the MLP's output projection and the head keep fp32: int8 activations there broke the model
+    assert kinds["down_proj"] is torch.nn.Linear and kinds["lm_head"] is torch.nn.Linear
     with pytest.raises(ValueError, match="quantize"):
         LocalBackend(quantize="int4")
 
