@@ -95,7 +95,6 @@ def _continuous(lm, backend, requests) -> list:
 
 
 def run(settings, models, hardware: dict | None = None) -> dict:
-
     from middo_pipeline.core.llm.local import LocalBackend, quantize_int8
 
     lm = models.get()
