@@ -371,6 +371,24 @@ def runs_items(a_runs: list, b_runs: list, n_boot: int = 2000, seed: int = 0) ->
     return runs_items_difference(np.stack(a_runs), np.stack(b_runs), n_boot=n_boot, seed=seed)
 
 
+def rollback_by_seed(seed_correct: list, seed_loss: list, var_correct: list, var_loss: list) -> dict:
+    """What the pipeline's rollback rule (``optimized_dataset``, ``on_regression: rollback``)
+    would decide if this variant were a round's data and the seed data the round before: per
+    training seed, ``core.evaluation.compare_rounds`` of the two runs' items (one run each,
+    the same seed, as the loop trains every round)."""
+    import polars as pl
+
+    from middo_pipeline.core.evaluation import compare_rounds
+
+    fired = []
+    for c_s, l_s, c_v, l_v in zip(seed_correct, seed_loss, var_correct, var_loss):
+        ids = list(range(len(c_s)))
+        before = pl.DataFrame({"id": ids, "correct": np.asarray(c_s, dtype=bool), "loss": l_s})
+        after = pl.DataFrame({"id": ids, "correct": np.asarray(c_v, dtype=bool), "loss": l_v})
+        fired.append(bool(compare_rounds(before, after)["worse"]))
+    return {"by_seed": fired, "fired": sum(fired), "of": len(fired)}
+
+
 def run(settings, models=None) -> dict:
     from middo_pipeline.core.evaluation import load_eval_set
 
@@ -491,6 +509,9 @@ def _summarize(runs: dict, correct: dict, losses: dict) -> dict:
             # the same means with the run-to-run spread in the interval (items and runs resampled)
             entry["mc_accuracy_diff_vs_seed_runs_items"] = runs_items(correct[key][:k], correct["seed"][:k])
             entry["response_loss_improvement_vs_seed_runs_items"] = runs_items(losses["seed"][:k], losses[key][:k])
+            entry["rollback"] = rollback_by_seed(
+                correct["seed"][:k], losses["seed"][:k], correct[key][:k], losses[key][:k]
+            )
         summary[key] = entry
         if key in _OP_OF:
             by_op[_OP_OF[key]] = entry.get("mc_accuracy_diff_vs_seed")

@@ -196,7 +196,31 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"wrote {df.height} rows of round-{args.round} to {where} ({args.format}, {args.layout} layout)",
         file=sys.stderr if out == "-" else sys.stdout,
     )
+    note = _verified_note(Storage(), args.round)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def _verified_note(store, r: int) -> str | None:
+    """What the next round said of round r's output: nothing yet (not trained on), or a rollback."""
+    import polars as pl
+
+    from middo_pipeline.rounds import round_key
+
+    nxt = round_key(r + 1)
+    acc = store.table_path("sample_accounting", nxt)
+    if acc.exists() and pl.read_parquet(acc).filter(pl.col("fate") == "withdrawn").height:
+        return (
+            f"{nxt} trained on this data and found it worse than round-{r}'s input, and rolled it back: "
+            f"{nxt}'s optimized_dataset is the data it went back to"
+        )
+    if not store.table_path("round_evaluation", nxt).exists():
+        return (
+            f"no model has been trained on this data yet ({nxt} does that, and rolls it back if it trains a "
+            f"significantly worse model than round-{r}'s input)"
+        )
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -211,7 +211,7 @@ def step_seconds(instance: DagsterInstance, key: str) -> dict:
 def round_warnings(instance: DagsterInstance, key: str) -> list[str]:
     """What a round that 'succeeded' should still say loudly: every optimizer call failed; the
     gate accepted nothing (a note: the data did not change); its data trained a significantly
-    worse model than the previous round's."""
+    worse model than the previous round's (and was rolled back, unless on_regression: keep)."""
     out = []
     cand = _meta(instance, "refinement_candidates", key)
     n, ok = cand.get("candidates"), cand.get("generated")
@@ -228,7 +228,15 @@ def round_warnings(instance: DagsterInstance, key: str) -> list[str]:
             "See refined_samples' 'rejected_examples'; a stronger optimizer (a served model) gets the method's bar"
         )
     ev = _meta(instance, "round_evaluation", key)
-    if ev.get("worse_than_previous_round"):
+    opt = _meta(instance, "optimized_dataset", key)
+    if opt.get("rolled_back"):
+        out.append(
+            f"WARNING {key}: {opt.get('regression_decision')}. The next round trains on the previous round's data "
+            f"again: {opt.get('withdrawn')} rows withdrawn, {opt.get('restored')} originals restored, this round's "
+            f"{opt.get('refinements_not_merged')} refinements not merged (optimized_dataset, sample_accounting; "
+            "on_regression: keep turns this off)"
+        )
+    elif ev.get("worse_than_previous_round"):
         out.append(
             f"WARNING {key}: trained a significantly worse model than the previous round "
             f"(MC accuracy {ev.get('mc_accuracy_change_vs_previous_round'):+.3f}, 95% interval "
@@ -257,6 +265,7 @@ def summarize_round(instance: DagsterInstance, key: str) -> dict:
         "refined_rejected": ref.get("rejected"),
         "refined_failed": ref.get("failed"),
         "rows_out": opt.get("rows_after"),
+        "rolled_back": opt.get("rolled_back"),
         "eval_loss": ev.get("mean_response_loss"),
         "eval_mc_accuracy": ev.get("mc_accuracy"),
         "base_mc_accuracy": ev.get("base_mc_accuracy"),

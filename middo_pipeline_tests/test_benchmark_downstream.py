@@ -144,3 +144,16 @@ def test_summary_carries_item_and_run_intervals():
     )
     loss = on["response_loss_improvement_vs_seed_runs_items"]  # seed − variant: > 0 better
     assert abs(loss["mean"] - (np.mean(losses["seed"]) - np.mean(losses["gate_on"]))) < 1e-12
+
+
+def test_rollback_by_seed_is_the_pipelines_rule_run_by_run():
+    from benchmarks.downstream import rollback_by_seed
+
+    rng = np.random.default_rng(1)
+    seed_c = [(rng.random(200) < 0.5).astype(float) for _ in range(3)]
+    seed_l = [rng.random(200) + 1 for _ in range(3)]
+    # run 0 the same as the seed's, run 1 much worse in loss, run 2 much better in both
+    var_c = [seed_c[0], seed_c[1], np.ones(200)]
+    var_l = [seed_l[0], seed_l[1] + 0.5, seed_l[2] - 0.5]
+    got = rollback_by_seed(seed_c, seed_l, var_c, var_l)
+    assert got == {"by_seed": [False, True, False], "fired": 1, "of": 3}

@@ -173,6 +173,9 @@ def test_export_cli_after_loop(two_rounds, tmp_path, capsys):
     expected = pl.read_parquet(store.table_path("optimized_dataset", "round-2"))
     assert len(rows) == expected.height
     assert all(r["round"] == 2 and r["origin_id"] and r["operation"] for r in rows)
+    assert "note: no model has been trained on this data yet (round-3 does that" in capsys.readouterr().err
+    assert main(["export", "--round", "1", "--format", "jsonl", "--out", str(tmp_path / "r1.jsonl")]) == 0
+    assert "note:" not in capsys.readouterr().err  # round-2 trained on it and kept it
     assert main(["export", "--round", "9", "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "no optimized_dataset" in capsys.readouterr().err
 
@@ -298,3 +301,91 @@ def test_round_two_reuses_the_base_readouts_of_kept_samples(two_rounds, loop_env
     fresh_u = unconditional_loss(lm.model, lm.tokenizer, r2["output"].to_list(), max_length=128)
     assert r2["loss_before"].to_numpy() == pytest.approx(fresh.loss, rel=1e-4, abs=1e-5, nan_ok=True)
     assert r2["loss_unconditional"].to_numpy() == pytest.approx(fresh_u.loss, rel=1e-4, abs=1e-5, nan_ok=True)
+
+
+def test_a_round_whose_data_trained_worse_rolls_back_to_the_previous_data(two_rounds, loop_env, tmp_path, capsys):
+    """Runs last in this module: it rewrites round-2's stored input and evaluation so that
+    round-2's data holds a refinement made by round-1 and trained a significantly worse model
+    than round-1's, re-materializes optimized_dataset for round-2 (rollback, then keep), and
+    puts the files back."""
+    from middo_pipeline.cli import main
+    from middo_pipeline.core.schema import make_sample_id
+    from middo_pipeline.definitions import build_defs
+    from middo_pipeline.loop import round_warnings
+
+    _, _, store = two_rounds
+    paths = {
+        "data": store.table_path("round_dataset", "round-2"),
+        "eval": store.table_path("round_evaluation", "round-2"),
+        "out": store.table_path("optimized_dataset", "round-2"),
+        "acc": store.table_path("sample_accounting", "round-2"),
+    }
+    d1 = pl.read_parquet(store.table_path("round_dataset", "round-1"))
+    d2_real = pl.read_parquet(paths["data"])
+    refined2 = pl.read_parquet(store.table_path("refined_samples", "round-2"))
+    # round-2's input with one more round-1 refinement, of a sample round-2's own refinements do not touch
+    src = d2_real.filter(
+        (pl.col("operation") == "kept") & ~pl.col("sample_id").is_in(refined2["origin_id"].to_list())
+    ).row(0, named=True)
+    instruction, output = "A simpler question?", "A simpler answer."
+    simpler = src | {
+        "sample_id": make_sample_id(instruction, "", output),
+        "instruction": instruction,
+        "input": "",
+        "output": output,
+        "operation": "simplified",
+    }
+    d2 = pl.DataFrame(
+        [simpler if r["sample_id"] == src["sample_id"] else r for r in d2_real.to_dicts()], schema=d2_real.schema
+    )
+    made = d2.filter(pl.col("operation") != "kept")
+    saved = {k: p.read_bytes() for k, p in paths.items()}
+    try:
+        d2.write_parquet(paths["data"])
+        ev1 = pl.read_parquet(store.table_path("round_evaluation", "round-1"))
+        worse = ev1.with_columns(pl.lit(False).alias("correct"), (pl.col("loss") + 1.0).alias("loss"))
+        worse.select(pl.read_parquet(paths["eval"]).columns).write_parquet(paths["eval"])
+
+        defs = build_defs(loop_env[0])
+        job = defs.resolve_job_def("middo_round").get_subset(
+            asset_selection={AssetKey("optimized_dataset"), AssetKey("sample_accounting")}
+        )
+        with DagsterInstance.get() as instance:
+            res = job.execute_in_process(instance=instance, partition_key="round-2")
+            assert res.success
+            md = latest_materialization(instance, "optimized_dataset", "round-2").asset_materialization.metadata
+            warnings = round_warnings(instance, "round-2")
+            out = pl.read_parquet(paths["out"])
+            acc = pl.read_parquet(paths["acc"])
+            # round-3 would train on round-1's data again: the refinement withdrawn, its original restored
+            assert out["sample_id"].to_list() == d1["sample_id"].to_list()
+            assert out["operation"].unique().to_list() == ["kept"] and out["round"].unique().to_list() == [2]
+            withdrawn = acc.filter(pl.col("fate") == "withdrawn")
+            assert sorted(withdrawn["sample_id"]) == sorted(made["sample_id"])
+            assert src["sample_id"] in withdrawn["replacement_id"].to_list()
+            assert md["rolled_back"].value is True and md["withdrawn"].value == made.height
+            assert md["restored"].value == made.filter(pl.col("operation") != "extended").height
+            assert md["regression_decision"].value.startswith(
+                f"rollback: round-2's data ({made.height} rows made by round-1)"
+            )
+            checks = {e.check_name: e.passed for e in res.get_asset_check_evaluations()}
+            assert checks == {"conservation": True, "schema_and_provenance": True, "size_policy": True}, checks
+            assert any(w.startswith("WARNING round-2: rollback:") for w in warnings), warnings
+            capsys.readouterr()
+            assert main(["export", "--round", "1", "--out", str(tmp_path / "r1.jsonl")]) == 0
+            assert "note: round-2 trained on this data and found it worse" in capsys.readouterr().err
+
+            # on_regression: keep merges as usual, and says what it did not do
+            res = job.execute_in_process(
+                instance=instance,
+                partition_key="round-2",
+                run_config={"ops": {"optimized_dataset": {"config": {"on_regression": "keep"}}}},
+            )
+            assert res.success
+            md = latest_materialization(instance, "optimized_dataset", "round-2").asset_materialization.metadata
+            assert md["rolled_back"].value is False
+            assert md["regression_decision"].value.startswith("merged anyway (on_regression: keep): rollback:")
+            assert src["sample_id"] not in pl.read_parquet(paths["out"])["sample_id"].to_list()
+    finally:
+        for k, p in paths.items():
+            p.write_bytes(saved[k])

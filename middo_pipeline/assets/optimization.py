@@ -21,9 +21,15 @@ from pydantic import Field
 from middo_pipeline.assets._checks import schema_check, schema_spec
 from middo_pipeline.assets._meta import bars_md, json_md, preview_md, tidy
 from middo_pipeline.core.checkpoints import require_checkpoint
-from middo_pipeline.core.evaluation import load_eval_set
+from middo_pipeline.core.evaluation import compare_rounds, load_eval_set
 from middo_pipeline.core.gate import gate_round, stage_counts
-from middo_pipeline.core.merge import SizePolicy, check_conservation, merge_round
+from middo_pipeline.core.merge import (
+    SizePolicy,
+    check_conservation,
+    merge_round,
+    regression_verdict,
+    rollback_round,
+)
 from middo_pipeline.core.optimizer.operations import plan_operations, run_operations
 from middo_pipeline.core.optimizer.prompts import PromptConfig, PromptStyle
 from middo_pipeline.core.optimizer.style import choose_style
@@ -42,7 +48,7 @@ from middo_pipeline.core.verify import (
     resolve_acceptance_bar,
 )
 from middo_pipeline.resources import ModelResource, OptimizerResource, RayComputeResource, StorageResource
-from middo_pipeline.rounds import round_number, rounds_partitions
+from middo_pipeline.rounds import previous_round, previous_table, round_number, rounds_partitions
 
 DEFAULT_EVAL = Path(__file__).resolve().parents[2] / "data" / "eval_heldout.jsonl"
 
@@ -436,6 +442,21 @@ def refined_samples(
     yield check
 
 
+def _regression(store, key: str, round_dataset: pl.DataFrame) -> tuple[bool, str]:
+    """Whether this round's data trained a significantly worse model than the previous round's
+    (``core.merge.regression_verdict`` on the two rounds' held-out items), and why. Read from
+    storage: a round run without its evaluation is merged as usual, and says so."""
+    prev = previous_round(key)
+    if prev is None:
+        return False, "round-1 trains on the seed: nothing to compare with"
+    this = store.table_path("round_evaluation", key)
+    if not this.exists():
+        return False, f"{key} was not evaluated (round_evaluation): merged without the regression check"
+    path = previous_table(store, "round_evaluation", key)
+    vs_prev = compare_rounds(pl.read_parquet(path), pl.read_parquet(this)) if path.exists() else None
+    return regression_verdict(vs_prev, round_dataset, key, prev)
+
+
 def _generation_rate(stats: dict, seconds: float) -> dict:
     """Completion tokens the optimizer generated in this step (cache hits excluded) and their rate
     over the step's generation seconds (prompt passes, parsing and cache reads included): the
@@ -508,19 +529,28 @@ class MergeConfig(Config):
     max_growth: float = Field(
         default=0.15, description="With size_policy=keep: the largest allowed growth, as a fraction"
     )
+    on_regression: Literal["rollback", "keep"] = Field(
+        default="rollback",
+        description="When this round's data trained a significantly worse model than the previous round's (the "
+        "round_evaluation check no_regression): rollback = the next round gets the previous round's data again (the "
+        "refinements that made this round's data are withdrawn, this round's are not merged); keep = merge as usual",
+    )
 
 
 @multi_asset(
     partitions_def=rounds_partitions,
     group_name="optimize",
+    # the round's evaluation decides whether its input is rolled back (read from storage: a round
+    # run without it is merged as usual)
+    deps=["round_evaluation"],
     outs={
         "optimized_dataset": AssetOut(
             kinds={"polars"},
-            description="D_{r+1} = (D_r − hard − low quality) + simplified + rewritten + extended, with stable ids and provenance (round, origin_id, operation). Next round's input.",
+            description="D_{r+1} = (D_r − hard − low quality) + simplified + rewritten + extended, with stable ids and provenance (round, origin_id, operation). Next round's input. When D_r trained a significantly worse model than D_{r-1} (round_evaluation), D_{r+1} is D_{r-1} again: the previous round's refinements are withdrawn (on_regression: rollback, the default).",
         ),
         "sample_accounting": AssetOut(
             kinds={"polars"},
-            description="What happened to every sample of the round's input: kept, replaced (with its replacement), extended beside, or kept after a failed rewrite.",
+            description="What happened to every sample of the round's input: kept, replaced (with its replacement), extended beside, kept after a failed rewrite, or withdrawn by a rollback (with the original restored).",
         ),
     },
     check_specs=[
@@ -544,15 +574,30 @@ def optimized_dataset(
     embedding_signals: pl.DataFrame,
 ):
     r = round_number(context.partition_key)
-    sparse_order = embedding_signals.filter(pl.col("is_sparse")).sort("knn_mean_similarity")["sample_id"].to_list()
-    result = merge_round(
-        round_dataset,
-        refined_samples,
-        round_number=r,
-        size_policy=config.size_policy,
-        max_growth=config.max_growth,
-        sparse_order=sparse_order,
-    )
+    store = storage.get()
+    rollback, decision = _regression(store, context.partition_key, round_dataset)
+    if rollback and config.on_regression == "keep":
+        rollback, decision = False, f"merged anyway (on_regression: keep): {decision}"
+    if rollback:
+        prev = previous_round(context.partition_key)
+        prev_path = previous_table(store, "round_dataset", context.partition_key)
+        if not prev_path.exists():
+            raise FileNotFoundError(
+                f"{context.partition_key}: {decision}; rolling back needs {prev}'s round_dataset at {prev_path}, which "
+                f"is missing. Materialize round_dataset for {prev} again, or set on_regression: keep for this run."
+            )
+        context.log.warning(f"{context.partition_key}: {decision}")
+        result = rollback_round(round_dataset, pl.read_parquet(prev_path), round_number=r, reason=decision)
+    else:
+        sparse_order = embedding_signals.filter(pl.col("is_sparse")).sort("knn_mean_similarity")["sample_id"].to_list()
+        result = merge_round(
+            round_dataset,
+            refined_samples,
+            round_number=r,
+            size_policy=config.size_policy,
+            max_growth=config.max_growth,
+            sparse_order=sparse_order,
+        )
     problems = check_conservation(round_dataset, result.dataset, result.accounting)
     conservation = AssetCheckResult(
         check_name="conservation",
@@ -568,16 +613,33 @@ def optimized_dataset(
     ds = result.dataset
     growth = ds.height / max(round_dataset.height, 1) - 1.0
     # the rows the merge removed as exact duplicates, with the row each repeats: kept as data
-    store = storage.get()
     dup_path = store.write_table(
         result.duplicates, store.artifact_dir("optimized_dataset", context.partition_key) / "duplicates.parquet"
     )
     changed = refined_samples.filter(pl.col("status") == "ok")
+    if rollback:
+        withdrawn = round_dataset.filter(pl.col("operation").is_in(list(result.counts["withdrawn_by_operation"])))
+        shown = {
+            "withdrawn": result.counts["withdrawn"],
+            "withdrawn_by_operation": json_md(result.counts["withdrawn_by_operation"]),
+            "restored": result.counts["restored"],
+            "refinements_not_merged": changed.height,
+            "before_after": preview_md(withdrawn, ["operation", "origin_id", "instruction", "output"], n=10),
+        }
+    else:
+        shown = {
+            "before_after": preview_md(
+                changed, ["operation", "instruction_before", "instruction_after", "output_after"], n=10
+            )
+        }
     yield Output(
         ds,
         output_name="optimized_dataset",
         metadata=tidy(
             {
+                "rolled_back": rollback,
+                "regression_decision": decision,
+                "on_regression": config.on_regression,
                 "rows_before": round_dataset.height,
                 "rows_after": ds.height,
                 "growth": round(growth, 4),
@@ -587,11 +649,9 @@ def optimized_dataset(
                 "duplicates": MetadataValue.path(str(dup_path)),
                 "rows_by_operation": json_md(dict(ds.group_by("operation").len().sort("operation").iter_rows())),
                 "fingerprint": fingerprint(ds),
-                "before_after": preview_md(
-                    changed, ["operation", "instruction_before", "instruction_after", "output_after"], n=10
-                ),
+                **shown,
             },
-            first=("rows_after", "rows_before", "growth", "rows_by_operation", "before_after"),
+            first=("rolled_back", "rows_after", "rows_before", "growth", "rows_by_operation", "before_after"),
         ),
     )
     yield schema_check(ds, "optimized_dataset")

@@ -14,6 +14,12 @@ duplicates silently), the merge here
   policy in ``counts`` and ``accounting``;
 - accounts for every input sample in ``accounting``.
 
+Rollback (``rollback_round``): when the round's evaluation finds that D_r trained a
+significantly worse model than D_{r-1}, the refinements that made D_r from D_{r-1} are
+withdrawn instead of merging this round's: D_{r+1} is D_{r-1} again. Every input sample is
+still accounted for (fate ``withdrawn`` for a row the round before had made, with the original
+it had replaced restored), and the withdrawn rows stay in the input table, D_r, on record.
+
 Duplicates: the input rows have priority, then replacements, then extensions. A replacement
 identical to an input sample (or to an earlier replacement) is removed and its original is
 *kept* (fate ``kept_duplicate``): a replacement that only repeats existing data replaces
@@ -54,11 +60,13 @@ _REFINED_COLUMNS = (
 
 ACCOUNTING_SCHEMA: dict[str, pl.DataType] = {
     "sample_id": pl.String,
-    # kept | replaced | kept_failed | kept_duplicate, with "+extended" when an extension was added
+    # kept | replaced | kept_failed | kept_duplicate, with "+extended" when an extension was added;
+    # withdrawn (rollback_round: a row the round before had made, taken out again)
     "fate": pl.String,
-    "replacement_operation": pl.String,  # simplified | rewritten | null (none attempted)
-    "replacement_status": pl.String,  # ok | failed | duplicate | null
-    "replacement_id": pl.String,  # the new row's id when replaced (or the duplicate's id)
+    "replacement_operation": pl.String,  # simplified | rewritten | null (none attempted); withdrawn: its operation
+    "replacement_status": pl.String,  # ok | failed | duplicate | null; withdrawn: rolled_back
+    # the new row's id when replaced (or the duplicate's id); withdrawn: the original restored (null for an extension)
+    "replacement_id": pl.String,
     "extension_status": pl.String,  # added | failed | duplicate | dropped_by_size_policy | null
     "extension_id": pl.String,  # the extension's id (added, duplicate or dropped)
     "failure_reason": pl.String,  # "<operation>: <reason>" for failed operations, "; "-joined
@@ -184,6 +192,111 @@ def merge_round(
         counts=counts,
         duplicates=pl.DataFrame(ledger.duplicates, schema=DUPLICATES_SCHEMA),
     )
+
+
+WITHDRAWN = "withdrawn"
+ROLLED_BACK = "rolled_back"
+
+
+def regression_verdict(
+    vs_prev: dict | None, samples: pl.DataFrame, round_key: str, previous_key: str
+) -> tuple[bool, str]:
+    """Whether D_r (``samples``, round ``round_key``'s input) is to be rolled back, and why, from
+    ``core.evaluation.compare_rounds`` of the previous round's held-out items against this
+    round's (None: no previous evaluation). Only when the model trained on D_r is significantly
+    worse than the one trained on D_{r-1} and D_r holds rows the previous round made: identical
+    data has nothing to withdraw."""
+    if vs_prev is None:
+        return False, f"no evaluation of {previous_key} to compare with"
+    if not vs_prev.get("items"):
+        return False, vs_prev.get("note") or f"no held-out item in common with {previous_key}"
+    new = samples.filter(pl.col("operation").is_in(list(_REPLACING + (EXTENDED,)))).height
+    figures = ", ".join(
+        f"{name} {m['mean']:+.4f} [{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]"
+        for name, m in (
+            ("MC accuracy", vs_prev["mc_accuracy"]),
+            ("response loss (previous - this)", vs_prev["response_loss"]),
+        )
+        if m and m.get("mean") is not None
+    )
+    if not vs_prev["worse"]:
+        return False, f"{round_key}'s data trained a model not significantly worse than {previous_key}'s ({figures})"
+    if new == 0:
+        return (
+            False,
+            f"{round_key} trained worse than {previous_key} ({figures}), but its data has no row the previous round made: nothing to withdraw",
+        )
+    return True, (
+        f"rollback: {round_key}'s data ({new} rows made by {previous_key}) trained a significantly worse model than "
+        f"{previous_key}'s data on the held-out items ({figures})"
+    )
+
+
+def rollback_round(samples: pl.DataFrame, previous: pl.DataFrame, *, round_number: int, reason: str) -> MergeResult:
+    """D_{r+1} = D_{r-1} (``previous``): the round's input D_r (``samples``) trained a worse
+    model than D_{r-1}, so the rows the round before made (operation simplified, rewritten or
+    extended in D_r) are withdrawn and the originals they replaced restored; this round's own
+    refinements are not merged. Every row gets ``round_number`` and operation ``kept``.
+
+    Raises ``ValueError`` when D_r is not D_{r-1} plus the previous round's operations (an
+    edited table): a rollback must restore exactly the data that was evaluated before.
+    """
+    prev_ids = previous["sample_id"].to_list()
+    prev_set = set(prev_ids)
+    if len(prev_set) != len(prev_ids):
+        raise ValueError("the previous round's dataset has duplicate sample_id values; cannot roll back to it")
+    rows = list(samples.select("sample_id", "origin_id", "operation").iter_rows(named=True))
+    kept = {r["sample_id"] for r in rows if r["operation"] not in _REPLACING + (EXTENDED,)}
+    new = [r for r in rows if r["operation"] in _REPLACING + (EXTENDED,)]
+    restored = {r["origin_id"] for r in new if r["operation"] in _REPLACING}
+    problems = []
+    if kept - prev_set:
+        problems.append(f"{len(kept - prev_set)} kept rows are not in the previous round's dataset")
+    if {r["origin_id"] for r in new} - prev_set:
+        problems.append("refined rows whose origin is not in the previous round's dataset")
+    if prev_set - kept - restored:
+        problems.append(
+            f"{len(prev_set - kept - restored)} rows of the previous round's dataset are neither kept nor replaced"
+        )
+    if problems:
+        raise ValueError(
+            "cannot roll back: this round's input is not the previous round's dataset plus its refinements ("
+            + "; ".join(problems)
+            + ")"
+        )
+    dataset = previous.select("sample_id", "instruction", "input", "output").with_columns(
+        pl.col("sample_id").alias("origin_id"), pl.lit(KEPT).alias("operation"), pl.lit(round_number).alias("round")
+    )
+    dataset = pl.DataFrame(dataset.to_dicts(), schema=SAMPLE_SCHEMA)
+    acc_rows = []
+    for r in rows:
+        a = dict.fromkeys(ACCOUNTING_SCHEMA)
+        a["sample_id"] = r["sample_id"]
+        if r["sample_id"] in kept:
+            a["fate"] = "kept"
+        else:
+            a.update(
+                fate=WITHDRAWN,
+                replacement_operation=r["operation"],
+                replacement_status=ROLLED_BACK,
+                replacement_id=r["origin_id"] if r["operation"] in _REPLACING else None,
+                failure_reason=reason,
+            )
+        acc_rows.append(a)
+    accounting = pl.DataFrame(acc_rows, schema=ACCOUNTING_SCHEMA)
+    withdrawn = Counter(r["operation"] for r in new)
+    counts = {
+        "n_in": samples.height,
+        "n_out": dataset.height,
+        "growth": round(dataset.height / max(samples.height, 1) - 1.0, 6),
+        "rolled_back": True,
+        "reason": reason,
+        "withdrawn": len(new),
+        "withdrawn_by_operation": dict(sorted(withdrawn.items())),
+        "restored": len(restored),
+        "fates": dict(sorted(Counter(accounting["fate"].to_list()).items())),
+    }
+    return MergeResult(dataset=dataset, accounting=accounting, counts=counts)
 
 
 def _new_row(r: dict) -> dict:
@@ -329,9 +442,10 @@ def check_conservation(samples: pl.DataFrame, dataset: pl.DataFrame, accounting:
     """What is wrong with a merge's bookkeeping (empty = every sample accounted for).
 
     Checks: every input id has exactly one accounting row and no other ids do; every output
-    row is either a kept input row (``origin_id`` = its own id) or a new row whose origin is an
-    input sample; no output id repeats; every fate agrees with the output (a kept sample is in
-    it, a replaced one is not and its replacement is, an added extension is).
+    row is either a kept input row (``origin_id`` = its own id), an original a rollback restored,
+    or a new row whose origin is an input sample; no output id repeats; every fate agrees with
+    the output (a kept sample is in it, a replaced one is not and its replacement is, an added
+    extension is, a withdrawn one is not and the original it had replaced is).
     """
     problems: list[str] = []
     in_ids = samples["sample_id"].to_list()
@@ -353,10 +467,16 @@ def check_conservation(samples: pl.DataFrame, dataset: pl.DataFrame, accounting:
     dup = sorted(s for s, n in out_count.items() if n > 1)
     if dup:
         problems.append(f"{len(dup)} sample ids appear more than once in the output, e.g. {dup[:3]}")
+    # a rollback restores the originals its withdrawn rows had replaced: kept rows, not input samples
+    restored = {
+        a["replacement_id"]
+        for a in accounting.iter_rows(named=True)
+        if a["fate"] == WITHDRAWN and a["replacement_operation"] in _REPLACING and a["replacement_id"]
+    }
     kept_ids = set()
     for r in dataset.select("sample_id", "origin_id", "operation").iter_rows(named=True):
         if r["operation"] == KEPT:
-            if r["sample_id"] not in in_set:
+            if r["sample_id"] not in in_set and r["sample_id"] not in restored:
                 problems.append(f"kept row {r['sample_id']} is not an input sample")
             elif r["origin_id"] != r["sample_id"]:
                 problems.append(f"kept row {r['sample_id']} has origin_id {r['origin_id']!r}, expected its own id")
@@ -380,6 +500,13 @@ def check_conservation(samples: pl.DataFrame, dataset: pl.DataFrame, accounting:
                 problems.append(f"{sid}: fate 'replaced' but still in the output")
             if not a.get("replacement_id") or derived.get((sid, op)) != a.get("replacement_id"):
                 problems.append(f"{sid}: replacement {a.get('replacement_id')!r} ({op}) not in the output")
+        elif primary == WITHDRAWN:
+            if sid in out_count:
+                problems.append(f"{sid}: fate 'withdrawn' but still in the output")
+            if a.get("replacement_operation") in _REPLACING and a.get("replacement_id") not in kept_ids:
+                problems.append(
+                    f"{sid}: withdrawn, but the original it replaced ({a.get('replacement_id')!r}) is not restored"
+                )
         else:
             problems.append(f"{sid}: unknown fate {fate!r}")
         if extended == "extended" and derived.get((sid, EXTENDED)) != a.get("extension_id"):

@@ -304,3 +304,60 @@ def test_end_to_end_with_run_operations(samples):
     )
     assert schema_problems(res.dataset) == [] and check_conservation(samples, res.dataset, res.accounting) == []
     assert res.counts["rows_by_operation"] == {"kept": 8, "simplified": 0, "rewritten": 2, "extended": 1}
+
+
+def test_rollback_restores_the_previous_data_and_accounts_for_every_row(samples):
+    from middo_pipeline.core.merge import rollback_round
+
+    # D_r: round 2's merge of D_{r-1} (samples) with a simplification, a rewrite and two extensions
+    refined = refined_table(
+        [
+            refined_row(samples, 1, "simplified"),
+            refined_row(samples, 2, "rewritten"),
+            refined_row(samples, 2, "extended"),
+            refined_row(samples, 5, "extended"),
+        ]
+    )
+    d_r = merge_round(samples, refined, round_number=2).dataset
+    assert d_r.height == N + 2
+    res = rollback_round(d_r, samples, round_number=3, reason="rollback: round-3's data trained a worse model")
+    ds = res.dataset
+    # D_{r+1} is D_{r-1} again, in its order, stamped as round 3's kept rows
+    assert ds["sample_id"].to_list() == samples["sample_id"].to_list()
+    assert ds.select("instruction", "input", "output").equals(samples.select("instruction", "input", "output"))
+    assert ds["operation"].unique().to_list() == ["kept"] and ds["round"].unique().to_list() == [3]
+    assert (ds["origin_id"] == ds["sample_id"]).all() and schema_problems(ds) == []
+    assert check_conservation(d_r, ds, res.accounting) == []
+
+    acc = {r["sample_id"]: r for r in res.accounting.iter_rows(named=True)}
+    assert res.accounting["sample_id"].to_list() == d_r["sample_id"].to_list()
+    new = d_r.filter(pl.col("operation") != "kept")
+    assert sorted(new["operation"].to_list()) == ["extended", "extended", "rewritten", "simplified"]
+    for row in new.iter_rows(named=True):
+        a = acc[row["sample_id"]]
+        assert a["fate"] == "withdrawn" and a["replacement_status"] == "rolled_back"
+        assert a["replacement_operation"] == row["operation"]
+        assert a["failure_reason"].startswith("rollback: ")
+        assert a["replacement_id"] == (row["origin_id"] if row["operation"] != "extended" else None)
+    assert sum(a["fate"] == "kept" for a in acc.values()) == N - 2
+    c = res.counts
+    json.dumps(c)
+    assert c["rolled_back"] and c["withdrawn"] == 4 and c["restored"] == 2 and c["n_out"] == N
+    assert c["withdrawn_by_operation"] == {"extended": 2, "rewritten": 1, "simplified": 1}
+
+    # the conservation check sees a withdrawn row left in, or an original not restored
+    extension = d_r.filter(pl.col("operation") == "extended").head(1).select(ds.columns)
+    bad = pl.concat([ds, extension.cast(ds.schema)])
+    assert any("withdrawn" in p for p in check_conservation(d_r, bad, res.accounting))
+    missing = ds.filter(pl.col("sample_id") != sid(samples, 1))
+    assert any("not restored" in p for p in check_conservation(d_r, missing, res.accounting))
+
+
+def test_rollback_refuses_an_input_that_is_not_the_previous_data_plus_its_refinements(samples):
+    from middo_pipeline.core.merge import rollback_round
+
+    d_r = merge_round(samples, refined_table([refined_row(samples, 1, "simplified")]), round_number=2).dataset
+    with pytest.raises(ValueError, match="neither kept nor replaced"):
+        rollback_round(d_r.filter(pl.col("origin_id") != sid(samples, 4)), samples, round_number=3, reason="r")
+    with pytest.raises(ValueError, match="not in the previous round's dataset"):
+        rollback_round(d_r, samples.filter(pl.col("sample_id") != sid(samples, 0)), round_number=3, reason="r")
