@@ -43,6 +43,8 @@ from middo_pipeline.constants import DEFAULT_MODEL
 from middo_pipeline.core.verify import CANDIDATE_SIGNAL_COLUMNS
 
 DOWN_EVAL = Path(os.environ.get("MIDDO_BENCH_DOWN_EVAL") or REPO / "data" / "eval_large.jsonl")
+# the pipeline's default held-out set (round_evaluation): its items are among DOWN_EVAL's
+PIPELINE_EVAL = REPO / "data" / "eval_heldout.jsonl"
 VARIANTS = ("seed", "gate_on", "gate_off", "seed_reshuffled", "simplify_only", "rewrite_only", "extend_only")
 PLACEBO_SEED = 12345
 # what the gate adds to a candidate row (dropped before re-gating): the re-scored signals, the
@@ -371,22 +373,34 @@ def runs_items(a_runs: list, b_runs: list, n_boot: int = 2000, seed: int = 0) ->
     return runs_items_difference(np.stack(a_runs), np.stack(b_runs), n_boot=n_boot, seed=seed)
 
 
-def rollback_by_seed(seed_correct: list, seed_loss: list, var_correct: list, var_loss: list) -> dict:
+def rollback_by_seed(
+    seed_correct: list, seed_loss: list, var_correct: list, var_loss: list, subset: np.ndarray | None = None
+) -> dict:
     """What the pipeline's rollback rule (``optimized_dataset``, ``on_regression: rollback``)
     would decide if this variant were a round's data and the seed data the round before: per
     training seed, ``core.evaluation.compare_rounds`` of the two runs' items (one run each,
-    the same seed, as the loop trains every round)."""
+    the same seed, as the loop trains every round). ``subset`` (a boolean mask over the items)
+    adds the verdicts on those items alone: the pipeline's default held-out set is a subset."""
     import polars as pl
 
     from middo_pipeline.core.evaluation import compare_rounds
 
-    fired = []
-    for c_s, l_s, c_v, l_v in zip(seed_correct, seed_loss, var_correct, var_loss):
-        ids = list(range(len(c_s)))
-        before = pl.DataFrame({"id": ids, "correct": np.asarray(c_s, dtype=bool), "loss": l_s})
-        after = pl.DataFrame({"id": ids, "correct": np.asarray(c_v, dtype=bool), "loss": l_v})
-        fired.append(bool(compare_rounds(before, after)["worse"]))
-    return {"by_seed": fired, "fired": sum(fired), "of": len(fired)}
+    def verdicts(mask) -> list[bool]:
+        out = []
+        for c_s, l_s, c_v, l_v in zip(seed_correct, seed_loss, var_correct, var_loss):
+            c_s, l_s, c_v, l_v = (np.asarray(x)[mask] for x in (c_s, l_s, c_v, l_v))
+            ids = list(range(len(c_s)))
+            before = pl.DataFrame({"id": ids, "correct": c_s.astype(bool), "loss": l_s})
+            after = pl.DataFrame({"id": ids, "correct": c_v.astype(bool), "loss": l_v})
+            out.append(bool(compare_rounds(before, after)["worse"]))
+        return out
+
+    fired = verdicts(slice(None))
+    got = {"by_seed": fired, "fired": sum(fired), "of": len(fired)}
+    if subset is not None:
+        sub = verdicts(np.asarray(subset, dtype=bool))
+        got["pipeline_eval"] = {"items": int(np.sum(subset)), "by_seed": sub, "fired": sum(sub)}
+    return got
 
 
 def run(settings, models=None) -> dict:
@@ -395,6 +409,7 @@ def run(settings, models=None) -> dict:
     if not DOWN_EVAL.exists():
         return {"skipped": True, "reason": f"{DOWN_EVAL} not found"}
     eval_df = load_eval_set(DOWN_EVAL)
+    subset = pipeline_eval_mask(eval_df)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="middo-bench-down-") as tmp:
         tmp = Path(tmp)
@@ -455,13 +470,13 @@ def run(settings, models=None) -> dict:
                 # after every run: what is complete so far, in the final layout
                 from benchmarks.common import write_json_atomic
 
-                part = _summarize(runs, correct, losses)
+                part = _summarize(runs, correct, losses, subset)
                 write_json_atomic(
                     Path(settings.down_partial),
                     {"partial": True, "runs_done": sum(map(len, runs.values())), "runs_planned": len(plan), **part},
                 )
 
-    part = _summarize(runs, correct, losses)
+    part = _summarize(runs, correct, losses, subset)
     return {
         "skipped": False,
         "eval_file": DOWN_EVAL.name,
@@ -482,7 +497,18 @@ def run(settings, models=None) -> dict:
     }
 
 
-def _summarize(runs: dict, correct: dict, losses: dict) -> dict:
+def pipeline_eval_mask(eval_df) -> np.ndarray | None:
+    """Which of the benchmark's items (in item-id order, as the runs report them) are in the
+    pipeline's default held-out set; None when the file is missing or the ids have no column."""
+    from middo_pipeline.core.evaluation import load_eval_set
+
+    if not PIPELINE_EVAL.exists() or "id" not in eval_df.columns:
+        return None
+    ids = set(load_eval_set(PIPELINE_EVAL)["id"].to_list())
+    return np.array([i in ids for i in sorted(eval_df["id"].to_list())])
+
+
+def _summarize(runs: dict, correct: dict, losses: dict, subset: np.ndarray | None = None) -> dict:
     """Per variant: accuracy and loss over seeds, and the paired per-item comparison with the
     seed data (over the seeds both have: the same items, the same seeds, only the data differ)."""
 
@@ -510,7 +536,7 @@ def _summarize(runs: dict, correct: dict, losses: dict) -> dict:
             entry["mc_accuracy_diff_vs_seed_runs_items"] = runs_items(correct[key][:k], correct["seed"][:k])
             entry["response_loss_improvement_vs_seed_runs_items"] = runs_items(losses["seed"][:k], losses[key][:k])
             entry["rollback"] = rollback_by_seed(
-                correct["seed"][:k], losses["seed"][:k], correct[key][:k], losses[key][:k]
+                correct["seed"][:k], losses["seed"][:k], correct[key][:k], losses[key][:k], subset
             )
         summary[key] = entry
         if key in _OP_OF:

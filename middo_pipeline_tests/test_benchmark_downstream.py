@@ -157,3 +157,19 @@ def test_rollback_by_seed_is_the_pipelines_rule_run_by_run():
     var_l = [seed_l[0], seed_l[1] + 0.5, seed_l[2] - 0.5]
     got = rollback_by_seed(seed_c, seed_l, var_c, var_l)
     assert got == {"by_seed": [False, True, False], "fired": 1, "of": 3}
+    # on a subset of the items: the same rule on fewer items (the pipeline's default held-out set)
+    mask = np.arange(200) < 66
+    var_l[2] = np.where(mask, seed_l[2] + 0.5, seed_l[2] - 0.5)  # worse on the subset, better on the rest
+    got = rollback_by_seed(seed_c, seed_l, var_c, var_l, subset=mask)
+    assert got["pipeline_eval"] == {"items": 66, "by_seed": [False, True, True], "fired": 2}
+
+
+def test_pipeline_eval_mask_marks_the_default_held_out_items_in_id_order():
+    from benchmarks.downstream import DOWN_EVAL, PIPELINE_EVAL, pipeline_eval_mask
+    from middo_pipeline.core.evaluation import load_eval_set
+
+    large = load_eval_set(DOWN_EVAL)
+    mask = pipeline_eval_mask(large)
+    small = set(load_eval_set(PIPELINE_EVAL)["id"].to_list())
+    ids = sorted(large["id"].to_list())
+    assert mask.sum() == len(small) == 66 and {i for i, m in zip(ids, mask) if m} == small
