@@ -382,6 +382,21 @@ def table(sections: dict, head: dict, gl: dict) -> str:
                         _goal(gl, "downstream_mc_accuracy_diff") if key == "gate_on" else "",
                     )
                 )
+            for key, v in dn["variants"].items():
+                rb = v.get("rollback")
+                if not rb:
+                    continue
+                sub = rb.get("pipeline_eval") or {}
+                rules = rb.get("rules") or {}
+                rows.append(
+                    (
+                        f"downstream {key}: rollback fires",
+                        f"{rb['fired']}/{rb['of']} seeds",
+                        f"{sub['fired']}/{rb['of']} on {sub['items']} items" if sub else "",
+                        " ".join(f"{k} {n}" for k, n in rules.items()),
+                        "",
+                    )
+                )
             db = (dn.get("loop") or {}).get("default_bar")
             if db:
                 rows.append(

@@ -373,33 +373,53 @@ def runs_items(a_runs: list, b_runs: list, n_boot: int = 2000, seed: int = 0) ->
     return runs_items_difference(np.stack(a_runs), np.stack(b_runs), n_boot=n_boot, seed=seed)
 
 
+# the verdicts a rollback rule could take from one run per round (``compare_rounds``'s two
+# measures): ``either`` is the pipeline's (``compare_rounds``'s ``worse``)
+ROLLBACK_RULES = ("either", "both", "mc", "loss")
+
+
+def _rule_verdicts(cmp: dict) -> dict[str, bool]:
+    mc, loss = (bool(m["significant"] and m["mean"] < 0) for m in (cmp["mc_accuracy"], cmp["response_loss"]))
+    return {"either": bool(cmp["worse"]), "both": mc and loss, "mc": mc, "loss": loss}
+
+
 def rollback_by_seed(
     seed_correct: list, seed_loss: list, var_correct: list, var_loss: list, subset: np.ndarray | None = None
 ) -> dict:
     """What the pipeline's rollback rule (``optimized_dataset``, ``on_regression: rollback``)
     would decide if this variant were a round's data and the seed data the round before: per
     training seed, ``core.evaluation.compare_rounds`` of the two runs' items (one run each,
-    the same seed, as the loop trains every round). ``subset`` (a boolean mask over the items)
-    adds the verdicts on those items alone: the pipeline's default held-out set is a subset."""
+    the same seed, as the loop trains every round). ``by_seed`` / ``fired`` are the pipeline's
+    rule; ``rules`` counts how often each of ``ROLLBACK_RULES`` would fire (``both``: MC
+    accuracy and response loss significantly worse; ``mc`` / ``loss``: that measure alone).
+    ``subset`` (a boolean mask over the items) adds the verdicts on those items alone: the
+    pipeline's default held-out set is a subset."""
     import polars as pl
 
     from middo_pipeline.core.evaluation import compare_rounds
 
-    def verdicts(mask) -> list[bool]:
+    def verdicts(mask) -> list[dict[str, bool]]:
         out = []
         for c_s, l_s, c_v, l_v in zip(seed_correct, seed_loss, var_correct, var_loss):
             c_s, l_s, c_v, l_v = (np.asarray(x)[mask] for x in (c_s, l_s, c_v, l_v))
             ids = list(range(len(c_s)))
             before = pl.DataFrame({"id": ids, "correct": c_s.astype(bool), "loss": l_s})
             after = pl.DataFrame({"id": ids, "correct": c_v.astype(bool), "loss": l_v})
-            out.append(bool(compare_rounds(before, after)["worse"]))
+            out.append(_rule_verdicts(compare_rounds(before, after)))
         return out
 
-    fired = verdicts(slice(None))
-    got = {"by_seed": fired, "fired": sum(fired), "of": len(fired)}
+    def summary(got: list[dict[str, bool]]) -> dict:
+        fired = [v["either"] for v in got]
+        return {
+            "by_seed": fired,
+            "fired": sum(fired),
+            "rules": {rule: sum(v[rule] for v in got) for rule in ROLLBACK_RULES},
+        }
+
+    got = summary(verdicts(slice(None)))
+    got["of"] = len(seed_correct)
     if subset is not None:
-        sub = verdicts(np.asarray(subset, dtype=bool))
-        got["pipeline_eval"] = {"items": int(np.sum(subset)), "by_seed": sub, "fired": sum(sub)}
+        got["pipeline_eval"] = {"items": int(np.sum(subset)), **summary(verdicts(np.asarray(subset, dtype=bool)))}
     return got
 
 

@@ -156,12 +156,25 @@ def test_rollback_by_seed_is_the_pipelines_rule_run_by_run():
     var_c = [seed_c[0], seed_c[1], np.ones(200)]
     var_l = [seed_l[0], seed_l[1] + 0.5, seed_l[2] - 0.5]
     got = rollback_by_seed(seed_c, seed_l, var_c, var_l)
-    assert got == {"by_seed": [False, True, False], "fired": 1, "of": 3}
+    assert got == {
+        "by_seed": [False, True, False],
+        "fired": 1,
+        "of": 3,
+        "rules": {"either": 1, "both": 0, "mc": 0, "loss": 1},
+    }
+    # a run much worse in both measures fires every rule
+    worse_both = rollback_by_seed(seed_c[:1], seed_l[:1], [np.zeros(200)], [seed_l[0] + 0.5])
+    assert worse_both["rules"] == {"either": 1, "both": 1, "mc": 1, "loss": 1}
     # on a subset of the items: the same rule on fewer items (the pipeline's default held-out set)
     mask = np.arange(200) < 66
     var_l[2] = np.where(mask, seed_l[2] + 0.5, seed_l[2] - 0.5)  # worse on the subset, better on the rest
     got = rollback_by_seed(seed_c, seed_l, var_c, var_l, subset=mask)
-    assert got["pipeline_eval"] == {"items": 66, "by_seed": [False, True, True], "fired": 2}
+    assert got["pipeline_eval"] == {
+        "items": 66,
+        "by_seed": [False, True, True],
+        "fired": 2,
+        "rules": {"either": 2, "both": 0, "mc": 0, "loss": 2},
+    }
 
 
 def test_pipeline_eval_mask_marks_the_default_held_out_items_in_id_order():
