@@ -374,13 +374,21 @@ def runs_items(a_runs: list, b_runs: list, n_boot: int = 2000, seed: int = 0) ->
 
 
 # the verdicts a rollback rule could take from one run per round (``compare_rounds``'s two
-# measures): ``either`` is the pipeline's (``compare_rounds``'s ``worse``)
-ROLLBACK_RULES = ("either", "both", "mc", "loss")
+# measures): ``pipeline`` is ``optimized_dataset``'s (``core.merge.regression_verdict``: a
+# measure significantly worse by more than ``ROLLBACK_NOISE_FLOOR``); ``either`` is
+# significance alone (``compare_rounds``'s ``worse``, the ``no_regression`` check's verdict)
+ROLLBACK_RULES = ("pipeline", "either", "both", "mc", "loss")
 
 
 def _rule_verdicts(cmp: dict) -> dict[str, bool]:
+    import polars as pl
+
+    from middo_pipeline.core.merge import regression_verdict
+
     mc, loss = (bool(m["significant"] and m["mean"] < 0) for m in (cmp["mc_accuracy"], cmp["response_loss"]))
-    return {"either": bool(cmp["worse"]), "both": mc and loss, "mc": mc, "loss": loss}
+    made = pl.DataFrame({"operation": ["simplified"]})  # the round's data holds a row the round before made
+    pipeline, _ = regression_verdict(cmp, made, "variant", "seed")
+    return {"pipeline": pipeline, "either": bool(cmp["worse"]), "both": mc and loss, "mc": mc, "loss": loss}
 
 
 def rollback_by_seed(
@@ -390,8 +398,9 @@ def rollback_by_seed(
     would decide if this variant were a round's data and the seed data the round before: per
     training seed, ``core.evaluation.compare_rounds`` of the two runs' items (one run each,
     the same seed, as the loop trains every round). ``by_seed`` / ``fired`` are the pipeline's
-    rule; ``rules`` counts how often each of ``ROLLBACK_RULES`` would fire (``both``: MC
-    accuracy and response loss significantly worse; ``mc`` / ``loss``: that measure alone).
+    rule; ``rules`` counts how often each of ``ROLLBACK_RULES`` would fire (``either``: a
+    measure significantly worse, no noise floor; ``both``: MC accuracy and response loss
+    significantly worse; ``mc`` / ``loss``: that measure alone).
     ``subset`` (a boolean mask over the items) adds the verdicts on those items alone: the
     pipeline's default held-out set is a subset."""
     import polars as pl
@@ -409,7 +418,7 @@ def rollback_by_seed(
         return out
 
     def summary(got: list[dict[str, bool]]) -> dict:
-        fired = [v["either"] for v in got]
+        fired = [v["pipeline"] for v in got]
         return {
             "by_seed": fired,
             "fired": sum(fired),

@@ -244,6 +244,7 @@ def round_warnings(instance: DagsterInstance, key: str) -> list[str]:
             f"{ev.get('loss_change_vs_previous_round'):+.3f}, > 0 better; over items of one training run, so a "
             "small change may be training order alone: retrain with another seed to confirm): see the "
             "round_evaluation check 'no_regression' and the previous round's refined_samples"
+            + (f". optimized_dataset: {opt['regression_decision']}" if opt.get("regression_decision") else "")
         )
     return out
 

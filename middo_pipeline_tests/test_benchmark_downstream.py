@@ -160,11 +160,15 @@ def test_rollback_by_seed_is_the_pipelines_rule_run_by_run():
         "by_seed": [False, True, False],
         "fired": 1,
         "of": 3,
-        "rules": {"either": 1, "both": 0, "mc": 0, "loss": 1},
+        "rules": {"pipeline": 1, "either": 1, "both": 0, "mc": 0, "loss": 1},
     }
     # a run much worse in both measures fires every rule
     worse_both = rollback_by_seed(seed_c[:1], seed_l[:1], [np.zeros(200)], [seed_l[0] + 0.5])
-    assert worse_both["rules"] == {"either": 1, "both": 1, "mc": 1, "loss": 1}
+    assert worse_both["rules"] == {"pipeline": 1, "either": 1, "both": 1, "mc": 1, "loss": 1}
+    # a loss 0.01 worse on every item is significant but inside the noise floor: only the
+    # pipeline's rule holds back
+    small = rollback_by_seed(seed_c[:1], seed_l[:1], [seed_c[0]], [seed_l[0] + 0.01])
+    assert small["rules"] == {"pipeline": 0, "either": 1, "both": 0, "mc": 0, "loss": 1}
     # on a subset of the items: the same rule on fewer items (the pipeline's default held-out set)
     mask = np.arange(200) < 66
     var_l[2] = np.where(mask, seed_l[2] + 0.5, seed_l[2] - 0.5)  # worse on the subset, better on the rest
@@ -173,7 +177,7 @@ def test_rollback_by_seed_is_the_pipelines_rule_run_by_run():
         "items": 66,
         "by_seed": [False, True, True],
         "fired": 2,
-        "rules": {"either": 2, "both": 0, "mc": 0, "loss": 2},
+        "rules": {"pipeline": 2, "either": 2, "both": 0, "mc": 0, "loss": 2},
     }
 
 

@@ -386,6 +386,18 @@ def test_a_round_whose_data_trained_worse_rolls_back_to_the_previous_data(two_ro
             assert md["rolled_back"].value is False
             assert md["regression_decision"].value.startswith("merged anyway (on_regression: keep): rollback:")
             assert src["sample_id"] not in pl.read_parquet(paths["out"])["sample_id"].to_list()
+
+            # worse on every item by less than training order alone moves the loss: significant by
+            # the item interval, inside the noise floor, so merged as usual and the decision says why
+            slightly = ev1.with_columns((pl.col("loss") + 0.005).alias("loss"))
+            slightly.select(pl.read_parquet(paths["eval"]).columns).write_parquet(paths["eval"])
+            res = job.execute_in_process(instance=instance, partition_key="round-2")
+            assert res.success
+            md = latest_materialization(instance, "optimized_dataset", "round-2").asset_materialization.metadata
+            assert md["rolled_back"].value is False
+            assert "noise floor" in md["regression_decision"].value, md["regression_decision"].value
+            assert "not rolled back" in md["regression_decision"].value
+            assert src["sample_id"] not in pl.read_parquet(paths["out"])["sample_id"].to_list()
     finally:
         for k, p in paths.items():
             p.write_bytes(saved[k])

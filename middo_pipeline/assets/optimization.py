@@ -24,6 +24,7 @@ from middo_pipeline.core.checkpoints import require_checkpoint
 from middo_pipeline.core.evaluation import compare_rounds, load_eval_set
 from middo_pipeline.core.gate import gate_round, stage_counts
 from middo_pipeline.core.merge import (
+    ROLLBACK_NOISE_FLOOR,
     SizePolicy,
     check_conservation,
     merge_round,
@@ -442,7 +443,7 @@ def refined_samples(
     yield check
 
 
-def _regression(store, key: str, round_dataset: pl.DataFrame) -> tuple[bool, str]:
+def _regression(store, key: str, round_dataset: pl.DataFrame, noise_floor: dict[str, float]) -> tuple[bool, str]:
     """Whether this round's data trained a significantly worse model than the previous round's
     (``core.merge.regression_verdict`` on the two rounds' held-out items), and why. Read from
     storage: a round run without its evaluation is merged as usual, and says so."""
@@ -454,7 +455,7 @@ def _regression(store, key: str, round_dataset: pl.DataFrame) -> tuple[bool, str
         return False, f"{key} was not evaluated (round_evaluation): merged without the regression check"
     path = previous_table(store, "round_evaluation", key)
     vs_prev = compare_rounds(pl.read_parquet(path), pl.read_parquet(this)) if path.exists() else None
-    return regression_verdict(vs_prev, round_dataset, key, prev)
+    return regression_verdict(vs_prev, round_dataset, key, prev, noise_floor=noise_floor)
 
 
 def _generation_rate(stats: dict, seconds: float) -> dict:
@@ -535,6 +536,17 @@ class MergeConfig(Config):
         "round_evaluation check no_regression): rollback = the next round gets the previous round's data again (the "
         "refinements that made this round's data are withdrawn, this round's are not merged); keep = merge as usual",
     )
+    rollback_floor_mc_accuracy: float = Field(
+        default=ROLLBACK_NOISE_FLOOR["mc_accuracy"],
+        ge=0.0,
+        description="Roll back only when MC accuracy fell significantly AND by more than this (what training order "
+        "alone moves it by; measured on the default, see benchmarks/README.md), or response loss did (next)",
+    )
+    rollback_floor_response_loss: float = Field(
+        default=ROLLBACK_NOISE_FLOOR["response_loss"],
+        ge=0.0,
+        description="Roll back only when mean response loss rose significantly AND by more than this (nats)",
+    )
 
 
 @multi_asset(
@@ -575,7 +587,8 @@ def optimized_dataset(
 ):
     r = round_number(context.partition_key)
     store = storage.get()
-    rollback, decision = _regression(store, context.partition_key, round_dataset)
+    floor = {"mc_accuracy": config.rollback_floor_mc_accuracy, "response_loss": config.rollback_floor_response_loss}
+    rollback, decision = _regression(store, context.partition_key, round_dataset, floor)
     if rollback and config.on_regression == "keep":
         rollback, decision = False, f"merged anyway (on_regression: keep): {decision}"
     if rollback:
@@ -640,6 +653,7 @@ def optimized_dataset(
                 "rolled_back": rollback,
                 "regression_decision": decision,
                 "on_regression": config.on_regression,
+                "rollback_noise_floor": json_md(floor),
                 "rows_before": round_dataset.height,
                 "rows_after": ds.height,
                 "growth": round(growth, 4),

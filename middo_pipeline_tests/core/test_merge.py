@@ -361,3 +361,40 @@ def test_rollback_refuses_an_input_that_is_not_the_previous_data_plus_its_refine
         rollback_round(d_r.filter(pl.col("origin_id") != sid(samples, 4)), samples, round_number=3, reason="r")
     with pytest.raises(ValueError, match="not in the previous round's dataset"):
         rollback_round(d_r, samples.filter(pl.col("sample_id") != sid(samples, 0)), round_number=3, reason="r")
+
+
+def test_regression_verdict_rolls_back_only_beyond_the_training_order_noise_floor():
+    import numpy as np
+
+    from middo_pipeline.core.evaluation import compare_rounds
+    from middo_pipeline.core.merge import ROLLBACK_NOISE_FLOOR, regression_verdict
+
+    rng = np.random.default_rng(0)
+    ids = list(range(240))
+    correct = rng.random(240) < 0.4
+    loss = rng.random(240) + 1.0
+    before = pl.DataFrame({"id": ids, "correct": correct, "loss": loss})
+    made = pl.DataFrame({"operation": ["kept", "rewritten"]})
+
+    def verdict(after_loss, after_correct=correct, rows=made, floor=None):
+        after = pl.DataFrame({"id": ids, "correct": after_correct, "loss": after_loss})
+        return regression_verdict(compare_rounds(before, after), rows, "round-3", "round-2", noise_floor=floor)
+
+    # 0.01 nats worse on every item: "significant" by the item interval, but inside what
+    # training order alone moves the loss by: not rolled back, and the reason says so
+    small = verdict(loss + 0.01)
+    assert small[0] is False and "noise floor" in small[1] and "not rolled back" in small[1]
+    # with no floor the same change rolls back (significance alone)
+    assert verdict(loss + 0.01, floor={"mc_accuracy": 0.0, "response_loss": 0.0})[0] is True
+    # beyond the floor on loss: rolled back, naming the measure
+    big = verdict(loss + 2 * ROLLBACK_NOISE_FLOOR["response_loss"])
+    assert big[0] is True and big[1].startswith("rollback: round-3's data (1 rows made by round-2)")
+    assert "beyond the noise floor: response_loss" in big[1]
+    # MC accuracy 10 points worse (significantly) rolls back on its own
+    worse_mc = correct.copy()
+    worse_mc[np.flatnonzero(correct)[:24]] = False
+    assert verdict(loss, worse_mc)[1].endswith("beyond the noise floor: mc_accuracy)")
+    # better, or no row made by the previous round: nothing to roll back
+    assert verdict(loss - 0.1)[0] is False
+    kept_only = verdict(loss + 0.5, rows=pl.DataFrame({"operation": ["kept"]}))
+    assert kept_only[0] is False and "nothing to withdraw" in kept_only[1]
