@@ -581,5 +581,6 @@ def _summarize(runs: dict, correct: dict, losses: dict, subset: np.ndarray | Non
         ).get("ci95"),
         "downstream_gate_off_diff": (off.get("mc_accuracy_diff_vs_seed") or {}).get("mean"),
         "downstream_gate_off_diff_ci": (off.get("mc_accuracy_diff_vs_seed") or {}).get("ci95"),
+        "downstream_gate_off_diff_ci_runs_items": (off.get("mc_accuracy_diff_vs_seed_runs_items") or {}).get("ci95"),
         "downstream_by_operation": by_op,
     }

@@ -125,7 +125,7 @@ def test_summary_carries_item_and_run_intervals():
     from benchmarks.downstream import _summarize
 
     rng = np.random.default_rng(0)
-    names = ("seed", "gate_on", "seed_reshuffled")
+    names = ("seed", "gate_on", "gate_off", "seed_reshuffled")
     correct = {n: [(rng.random(50) < 0.5).astype(float) for _ in range(3)] for n in names}
     losses = {n: [rng.random(50) + 1 for _ in range(3)] for n in names}
     runs = {
@@ -142,6 +142,8 @@ def test_summary_carries_item_and_run_intervals():
         got["downstream_placebo_diff_ci_runs_items"]
         == got["variants"]["seed_reshuffled"]["mc_accuracy_diff_vs_seed_runs_items"]["ci95"]
     )
+    off = got["variants"]["gate_off"]["mc_accuracy_diff_vs_seed_runs_items"]["ci95"]
+    assert got["downstream_gate_off_diff_ci_runs_items"] == off
     loss = on["response_loss_improvement_vs_seed_runs_items"]  # seed − variant: > 0 better
     assert abs(loss["mean"] - (np.mean(losses["seed"]) - np.mean(losses["gate_on"]))) < 1e-12
 
