@@ -19,6 +19,7 @@ from pydantic import Field
 
 from middo_pipeline.assets._meta import bars_md, image_md, tidy
 from middo_pipeline.core.evaluation import compare_rounds, evaluate, load_eval_set
+from middo_pipeline.core.merge import worse_beyond_floor
 from middo_pipeline.core.plots import metric_by_round_png
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.resources import ModelResource, StorageResource
@@ -177,9 +178,18 @@ def _regression_check(vs_prev: dict | None) -> AssetCheckResult:
         if m and m["mean"] is not None:
             meta[f"{name}_change"] = m["mean"]
             meta[f"{name}_change_ci95"] = f"[{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]"
+    beyond = worse_beyond_floor(vs_prev) if vs_prev.get("items") else []
+    if vs_prev["worse"]:
+        meta["beyond_noise_floor"] = ", ".join(beyond) or "no"
     meta["note"] = vs_prev.get("note") or (
-        "significantly worse than the previous round: look at this round's accepted refinements "
-        "(refined_samples) before training on its data"
+        (
+            f"significantly worse than the previous round, beyond the training-order noise floor on {', '.join(beyond)}: "
+            "this round's optimized_dataset rolls its data back (on_regression: rollback, default floors)"
+            if beyond
+            else "significantly worse than the previous round by the item interval, but within what training order "
+            "alone moves it (the noise floor, core.merge.ROLLBACK_NOISE_FLOOR): not rolled back; retrain with another "
+            "seed to tell"
+        )
         if vs_prev["worse"]
         else "not significantly worse than the previous round (> 0: better; loss change = previous − this)"
     )

@@ -210,6 +210,19 @@ ROLLED_BACK = "rolled_back"
 ROLLBACK_NOISE_FLOOR = {"mc_accuracy": 0.02, "response_loss": 0.02}
 
 
+def worse_beyond_floor(vs_prev: dict, noise_floor: dict[str, float] | None = None) -> list[str]:
+    """The measures of ``core.evaluation.compare_rounds``'s result on which this round is
+    significantly worse than the previous one by more than ``noise_floor`` (default
+    ``ROLLBACK_NOISE_FLOOR``): what ``regression_verdict`` rolls back on."""
+    floor = ROLLBACK_NOISE_FLOOR if noise_floor is None else noise_floor
+    out = []
+    for key in ("mc_accuracy", "response_loss"):
+        m = vs_prev.get(key)
+        if m and m.get("mean") is not None and m["significant"] and m["mean"] < -floor.get(key, 0.0):
+            out.append(key)
+    return out
+
+
 def regression_verdict(
     vs_prev: dict | None,
     samples: pl.DataFrame,
@@ -239,7 +252,7 @@ def regression_verdict(
         f"{label} {m['mean']:+.4f} [{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]" for label, _, m in measures
     )
     significant = [key for _, key, m in measures if m["significant"] and m["mean"] < 0]
-    beyond = [key for key in significant if vs_prev[key]["mean"] < -floor.get(key, 0.0)]
+    beyond = worse_beyond_floor(vs_prev, floor)
     floors = ", ".join(f"{key} {floor.get(key, 0.0):g}" for key in ("mc_accuracy", "response_loss"))
     if not significant:
         return False, f"{round_key}'s data trained a model not significantly worse than {previous_key}'s ({figures})"

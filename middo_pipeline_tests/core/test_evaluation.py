@@ -308,5 +308,12 @@ def test_regression_check_says_what_it_cannot_see():
     assert not worse.passed and worse.severity.value == "WARN"
     assert worse.metadata["resolution"].value == RESOLUTION and "order" in RESOLUTION
     assert "significantly worse" in worse.metadata["note"].value
+    assert "rolls its data back" in worse.metadata["note"].value
+    assert worse.metadata["beyond_noise_floor"].value == "mc_accuracy, response_loss"
+    # worse on every item by less than training order moves the loss: warned, not rolled back
+    slightly = prev.with_columns(pl.lit(1.005).alias("loss"))
+    small = _regression_check(compare_rounds(prev, slightly))
+    assert not small.passed and small.metadata["beyond_noise_floor"].value == "no"
+    assert "not rolled back" in small.metadata["note"].value
     assert _regression_check(compare_rounds(prev, prev)).passed
     assert _regression_check(None).passed  # round 1: nothing to compare with
