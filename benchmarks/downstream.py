@@ -374,20 +374,20 @@ def runs_items(a_runs: list, b_runs: list, n_boot: int = 2000, seed: int = 0) ->
 
 
 # the verdicts a rollback rule could take from one run per round (``compare_rounds``'s two
-# measures): ``pipeline`` is ``optimized_dataset``'s (``core.merge.regression_verdict``: a
-# measure significantly worse by more than ``ROLLBACK_NOISE_FLOOR``); ``either`` is
+# measures): ``pipeline`` is ``optimized_dataset``'s (``core.merge.regression_verdict`` on
+# ``worse_beyond_floor``: a measure significantly worse by more than ``ROLLBACK_NOISE_FLOOR``); ``either`` is
 # significance alone (``compare_rounds``'s ``worse``, the ``no_regression`` check's verdict)
 ROLLBACK_RULES = ("pipeline", "either", "both", "mc", "loss")
 
 
 def _rule_verdicts(cmp: dict) -> dict[str, bool]:
-    import polars as pl
+    from middo_pipeline.core.merge import worse_beyond_floor
 
-    from middo_pipeline.core.merge import regression_verdict
-
-    mc, loss = (bool(m["significant"] and m["mean"] < 0) for m in (cmp["mc_accuracy"], cmp["response_loss"]))
-    made = pl.DataFrame({"operation": ["simplified"]})  # the round's data holds a row the round before made
-    pipeline, _ = regression_verdict(cmp, made, "variant", "seed")
+    significant = worse_beyond_floor(cmp, {"mc_accuracy": 0.0, "response_loss": 0.0})
+    mc, loss = "mc_accuracy" in significant, "response_loss" in significant
+    # the round's data always holds rows the round before made here, so the pipeline rolls
+    # back exactly when a measure is worse beyond its floor
+    pipeline = bool(worse_beyond_floor(cmp))
     return {"pipeline": pipeline, "either": bool(cmp["worse"]), "both": mc and loss, "mc": mc, "loss": loss}
 
 

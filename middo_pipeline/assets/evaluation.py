@@ -178,7 +178,7 @@ def _regression_check(vs_prev: dict | None) -> AssetCheckResult:
         if m and m["mean"] is not None:
             meta[f"{name}_change"] = m["mean"]
             meta[f"{name}_change_ci95"] = f"[{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]"
-    beyond = worse_beyond_floor(vs_prev) if vs_prev.get("items") else []
+    beyond = worse_beyond_floor(vs_prev)
     if vs_prev["worse"]:
         meta["beyond_noise_floor"] = ", ".join(beyond) or "no"
     meta["note"] = vs_prev.get("note") or (

@@ -237,25 +237,24 @@ def regression_verdict(
     previous − this) both significantly (95% item interval below 0) and by more than that
     measure's ``noise_floor`` (default ``ROLLBACK_NOISE_FLOOR``: what training order alone moves
     it by), and D_r holds rows the previous round made: identical data has nothing to withdraw."""
-    floor = dict(ROLLBACK_NOISE_FLOOR if noise_floor is None else noise_floor)
+    floor = ROLLBACK_NOISE_FLOOR if noise_floor is None else noise_floor
     if vs_prev is None:
         return False, f"no evaluation of {previous_key} to compare with"
     if not vs_prev.get("items"):
         return False, vs_prev.get("note") or f"no held-out item in common with {previous_key}"
     new = samples.filter(pl.col("operation").is_in(list(_REPLACING + (EXTENDED,)))).height
-    measures = [
-        (label, key, vs_prev.get(key))
-        for label, key in (("MC accuracy", "mc_accuracy"), ("response loss (previous - this)", "response_loss"))
-    ]
-    measures = [(label, key, m) for label, key, m in measures if m and m.get("mean") is not None]
     figures = ", ".join(
-        f"{label} {m['mean']:+.4f} [{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]" for label, _, m in measures
+        f"{name} {m['mean']:+.4f} [{m['ci95'][0]:+.4f}, {m['ci95'][1]:+.4f}]"
+        for name, m in (
+            ("MC accuracy", vs_prev["mc_accuracy"]),
+            ("response loss (previous - this)", vs_prev["response_loss"]),
+        )
+        if m and m.get("mean") is not None
     )
-    significant = [key for _, key, m in measures if m["significant"] and m["mean"] < 0]
+    if not vs_prev["worse"]:
+        return False, f"{round_key}'s data trained a model not significantly worse than {previous_key}'s ({figures})"
     beyond = worse_beyond_floor(vs_prev, floor)
     floors = ", ".join(f"{key} {floor.get(key, 0.0):g}" for key in ("mc_accuracy", "response_loss"))
-    if not significant:
-        return False, f"{round_key}'s data trained a model not significantly worse than {previous_key}'s ({figures})"
     if not beyond:
         return False, (
             f"{round_key}'s data trained a model significantly worse than {previous_key}'s by the item interval "
