@@ -230,11 +230,15 @@ def round_warnings(instance: DagsterInstance, key: str) -> list[str]:
     ev = _meta(instance, "round_evaluation", key)
     opt = _meta(instance, "optimized_dataset", key)
     if opt.get("rolled_back"):
+        not_made = (
+            f"its {ref['skipped_for_rollback']} planned refinements not generated (refined_samples, skip_on_rollback)"
+            if ref.get("skipped_for_rollback")
+            else f"this round's {opt.get('refinements_not_merged')} refinements not merged"
+        )
         out.append(
             f"WARNING {key}: {opt.get('regression_decision')}. The next round trains on the previous round's data "
-            f"again: {opt.get('withdrawn')} rows withdrawn, {opt.get('restored')} originals restored, this round's "
-            f"{opt.get('refinements_not_merged')} refinements not merged (optimized_dataset, sample_accounting; "
-            "on_regression: keep turns this off)"
+            f"again: {opt.get('withdrawn')} rows withdrawn, {opt.get('restored')} originals restored, {not_made} "
+            "(optimized_dataset, sample_accounting; on_regression: keep turns this off)"
         )
     elif ev.get("worse_than_previous_round"):
         out.append(

@@ -40,6 +40,8 @@ def test_definitions_load():
     assert AssetKey("refined_samples") in graph.get(AssetKey("optimized_dataset")).parent_keys
     # the round's evaluation runs before its merge: it decides whether the round's input is rolled back
     assert AssetKey("round_evaluation") in graph.get(AssetKey("optimized_dataset")).parent_keys
+    # ... and before its optimizer: a round that will be rolled back generates nothing
+    assert AssetKey("round_evaluation") in graph.get(AssetKey("refined_samples")).parent_keys
     for key in EXPECTED:
         assert graph.get(AssetKey(key)).description, f"{key} has no description"
 

@@ -323,6 +323,8 @@ def test_a_round_whose_data_trained_worse_rolls_back_to_the_previous_data(two_ro
         "eval": store.table_path("round_evaluation", "round-2"),
         "out": store.table_path("optimized_dataset", "round-2"),
         "acc": store.table_path("sample_accounting", "round-2"),
+        "refined": store.table_path("refined_samples", "round-2"),
+        "candidates": store.table_path("refinement_candidates", "round-2"),
     }
     d1 = pl.read_parquet(store.table_path("round_dataset", "round-1"))
     d2_real = pl.read_parquet(paths["data"])
@@ -351,12 +353,20 @@ def test_a_round_whose_data_trained_worse_rolls_back_to_the_previous_data(two_ro
         worse.select(pl.read_parquet(paths["eval"]).columns).write_parquet(paths["eval"])
 
         defs = build_defs(loop_env[0])
-        job = defs.resolve_job_def("middo_round").get_subset(
-            asset_selection={AssetKey("optimized_dataset"), AssetKey("sample_accounting")}
+        merge = {AssetKey("optimized_dataset"), AssetKey("sample_accounting")}
+        job = defs.resolve_job_def("middo_round").get_subset(asset_selection=merge)
+        refine_and_merge = defs.resolve_job_def("middo_round").get_subset(
+            asset_selection=merge | {AssetKey("refined_samples"), AssetKey("refinement_candidates")}
         )
         with DagsterInstance.get() as instance:
-            res = job.execute_in_process(instance=instance, partition_key="round-2")
+            res = refine_and_merge.execute_in_process(instance=instance, partition_key="round-2")
             assert res.success
+            # the round will be rolled back, so refined_samples generated nothing (its refinements
+            # would not be merged) and says why
+            ref_md = latest_materialization(instance, "refined_samples", "round-2").asset_materialization.metadata
+            assert refined2.height and ref_md["skipped_for_rollback"].value == refined2.height
+            assert ref_md["rollback_expected"].value.startswith("rollback: round-2's data")
+            assert pl.read_parquet(paths["refined"]).height == 0 and pl.read_parquet(paths["candidates"]).height == 0
             md = latest_materialization(instance, "optimized_dataset", "round-2").asset_materialization.metadata
             warnings = round_warnings(instance, "round-2")
             out = pl.read_parquet(paths["out"])
@@ -373,8 +383,17 @@ def test_a_round_whose_data_trained_worse_rolls_back_to_the_previous_data(two_ro
                 f"rollback: round-2's data ({made.height} rows made by round-1)"
             )
             checks = {e.check_name: e.passed for e in res.get_asset_check_evaluations()}
-            assert checks == {"conservation": True, "schema_and_provenance": True, "size_policy": True}, checks
-            assert any(w.startswith("WARNING round-2: rollback:") for w in warnings), warnings
+            assert checks == {
+                "conservation": True,
+                "schema_and_provenance": True,
+                "size_policy": True,
+                "optimizer_calls": True,  # nothing planned is not a failing backend
+            }, checks
+            assert any(
+                w.startswith("WARNING round-2: rollback:")
+                and f"its {refined2.height} planned refinements not generated" in w
+                for w in warnings
+            ), warnings
             capsys.readouterr()
             assert main(["export", "--round", "1", "--out", str(tmp_path / "r1.jsonl")]) == 0
             assert "note: round-2 trained on this data and found it worse" in capsys.readouterr().err
@@ -389,7 +408,26 @@ def test_a_round_whose_data_trained_worse_rolls_back_to_the_previous_data(two_ro
             md = latest_materialization(instance, "optimized_dataset", "round-2").asset_materialization.metadata
             assert md["rolled_back"].value is False
             assert md["regression_decision"].value.startswith("merged anyway (on_regression: keep): rollback:")
+            # ...including that refined_samples, run without this setting, expected a rollback
+            assert "refined_samples generated none of its" in md["regression_decision"].value
             assert src["sample_id"] not in pl.read_parquet(paths["out"])["sample_id"].to_list()
+            # refined_samples reads on_regression from its own run: with keep it generates
+            res = refine_and_merge.execute_in_process(
+                instance=instance,
+                partition_key="round-2",
+                run_config={
+                    "ops": {
+                        "optimized_dataset": {"config": {"on_regression": "keep"}},
+                        "refined_samples": {"config": {"verify": False}},  # the checkpoint saw the untampered data
+                    }
+                },
+            )
+            assert res.success
+            ref_md = latest_materialization(instance, "refined_samples", "round-2").asset_materialization.metadata
+            assert ref_md["skipped_for_rollback"].value == 0 and "rollback_expected" not in ref_md
+            assert ref_md["attempted"].value == refined2.height
+            md = latest_materialization(instance, "optimized_dataset", "round-2").asset_materialization.metadata
+            assert "refined_samples generated none" not in md["regression_decision"].value
 
             # worse on every item by less than training order alone moves the loss: significant by
             # the item interval, inside the noise floor, so merged as usual and the decision says why

@@ -49,7 +49,13 @@ from middo_pipeline.core.verify import (
     resolve_acceptance_bar,
 )
 from middo_pipeline.resources import ModelResource, OptimizerResource, RayComputeResource, StorageResource
-from middo_pipeline.rounds import previous_round, previous_table, round_number, rounds_partitions
+from middo_pipeline.rounds import (
+    latest_materialization,
+    previous_round,
+    previous_table,
+    round_number,
+    rounds_partitions,
+)
 
 DEFAULT_EVAL = Path(__file__).resolve().parents[2] / "data" / "eval_heldout.jsonl"
 
@@ -159,6 +165,12 @@ class RefineConfig(Config):
         "(the same verdicts; refinement_candidates then holds only those readings for it, column gate_stage). Off: "
         "every candidate is read in full",
     )
+    skip_on_rollback: bool = Field(
+        default=True,
+        description="When the merge will roll this round back (its data trained a worse model than the previous "
+        "round's: optimized_dataset's on_regression and noise floors as this run configures them), generate "
+        "nothing: the merge would discard the refinements. false: generate and verify them anyway, for inspection",
+    )
     heldout_path: str = Field(default=str(DEFAULT_EVAL), description="Held-out set whose text candidates must not copy")
     heldout_ngram: int = Field(
         default=8, ge=3, description="A candidate sharing a run of this many words with the held-out set is rejected"
@@ -187,6 +199,9 @@ def _heldout_grams(path: str, n: int) -> set:
 @multi_asset(
     partitions_def=rounds_partitions,
     group_name="optimize",
+    # the round's evaluation says whether the merge will roll the round back: then nothing is
+    # generated (skip_on_rollback). Read from storage, like optimized_dataset does
+    deps=["round_evaluation"],
     outs={
         "refinement_candidates": AssetOut(
             kinds={"polars"},
@@ -239,6 +254,17 @@ def refined_samples(
         f"{plan.height} operations planned: hard={len(hard)} low_quality={len(low)} sparse={len(sparse)} "
         f"(hard and low quality: {both}, rewritten; sparse and low quality: {not_extended}, not extended)"
     )
+    rollback, rollback_decision, _ = _rollback_decision(
+        store, context.partition_key, round_dataset, _merge_config(context)
+    )
+    skipped = plan.height if rollback and config.skip_on_rollback else 0
+    if skipped:
+        context.log.warning(
+            f"{context.partition_key}: {skipped} planned operations not generated: {rollback_decision}. "
+            f"optimized_dataset will hand on {previous_round(context.partition_key)}'s data, so this round's "
+            "refinements would not be merged (skip_on_rollback: false generates them anyway)"
+        )
+        plan = plan.clear()
 
     backend = optimizer.make_backend(store, ray=ray, log=context.log.info)
     if config.prompt_style == "auto" and plan.height:
@@ -381,6 +407,8 @@ def refined_samples(
         metadata=tidy(
             {
                 "attempted": chosen.height,
+                "skipped_for_rollback": skipped,
+                **({"rollback_expected": rollback_decision} if rollback else {}),
                 "accepted": ok.height,
                 "rejected": rejected.height,
                 "failed": failed.height,
@@ -456,6 +484,25 @@ def _regression(store, key: str, round_dataset: pl.DataFrame, noise_floor: dict[
     path = previous_table(store, "round_evaluation", key)
     vs_prev = compare_rounds(pl.read_parquet(path), pl.read_parquet(this)) if path.exists() else None
     return regression_verdict(vs_prev, round_dataset, key, prev, noise_floor=noise_floor)
+
+
+def _rollback_decision(
+    store, key: str, round_dataset: pl.DataFrame, merge: "MergeConfig"
+) -> tuple[bool, str, dict[str, float]]:
+    """Whether the merge rolls round ``key`` back under ``merge``'s settings, why, and the noise
+    floor it used: ``_regression``, then ``on_regression: keep`` overriding a rollback."""
+    floor = {"mc_accuracy": merge.rollback_floor_mc_accuracy, "response_loss": merge.rollback_floor_response_loss}
+    rollback, decision = _regression(store, key, round_dataset, floor)
+    if rollback and merge.on_regression == "keep":
+        return False, f"merged anyway (on_regression: keep): {decision}", floor
+    return rollback, decision, floor
+
+
+def _merge_config(context: AssetExecutionContext) -> "MergeConfig":
+    """optimized_dataset's settings as this run configures them (its defaults where it does not):
+    what refined_samples reads to know whether the merge will roll the round back."""
+    ops = (context.run.run_config or {}).get("ops") or {}
+    return MergeConfig(**(((ops.get("optimized_dataset") or {}).get("config")) or {}))
 
 
 def _generation_rate(stats: dict, seconds: float) -> dict:
@@ -534,7 +581,8 @@ class MergeConfig(Config):
         default="rollback",
         description="When this round's data trained a significantly worse model than the previous round's (the "
         "round_evaluation check no_regression): rollback = the next round gets the previous round's data again (the "
-        "refinements that made this round's data are withdrawn, this round's are not merged); keep = merge as usual",
+        "refinements that made this round's data are withdrawn, and this round's are not generated "
+        "(refined_samples reads this setting from the same run: skip_on_rollback) or not merged); keep = merge as usual",
     )
     rollback_floor_mc_accuracy: float = Field(
         default=ROLLBACK_NOISE_FLOOR["mc_accuracy"],
@@ -587,10 +635,17 @@ def optimized_dataset(
 ):
     r = round_number(context.partition_key)
     store = storage.get()
-    floor = {"mc_accuracy": config.rollback_floor_mc_accuracy, "response_loss": config.rollback_floor_response_loss}
-    rollback, decision = _regression(store, context.partition_key, round_dataset, floor)
-    if rollback and config.on_regression == "keep":
-        rollback, decision = False, f"merged anyway (on_regression: keep): {decision}"
+    rollback, decision, floor = _rollback_decision(store, context.partition_key, round_dataset, config)
+    if not rollback and not refined_samples.height:
+        # refined_samples materialized in another run may have expected a rollback this run does not do
+        rec = latest_materialization(context.instance, "refined_samples", context.partition_key)
+        md = rec.asset_materialization.metadata if rec and rec.asset_materialization else {}
+        if md.get("skipped_for_rollback") and md["skipped_for_rollback"].value:
+            decision += (
+                f"; refined_samples generated none of its {md['skipped_for_rollback'].value} planned refinements, as "
+                "its run expected a rollback: materialize refined_samples in the same run as this setting to merge them"
+            )
+            context.log.warning(f"{context.partition_key}: {decision}")
     if rollback:
         prev = previous_round(context.partition_key)
         prev_path = previous_table(store, "round_dataset", context.partition_key)
