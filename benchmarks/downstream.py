@@ -391,6 +391,76 @@ def _rule_verdicts(cmp: dict) -> dict[str, bool]:
     return {"pipeline": pipeline, "either": bool(cmp["worse"]), "both": mc and loss, "mc": mc, "loss": loss}
 
 
+def _pair_verdicts(c_prev, l_prev, c_this, l_this, mask=slice(None)) -> dict[str, bool]:
+    """``_rule_verdicts`` of one run as the round before (``prev``) and another as this round,
+    on the items of ``mask``: ``core.evaluation.compare_rounds`` as ``optimized_dataset`` reads it."""
+    import polars as pl
+
+    from middo_pipeline.core.evaluation import compare_rounds
+
+    c_prev, l_prev, c_this, l_this = (np.asarray(x)[mask] for x in (c_prev, l_prev, c_this, l_this))
+    ids = list(range(len(c_prev)))
+    before = pl.DataFrame({"id": ids, "correct": c_prev.astype(bool), "loss": l_prev})
+    after = pl.DataFrame({"id": ids, "correct": c_this.astype(bool), "loss": l_this})
+    return _rule_verdicts(compare_rounds(before, after))
+
+
+def rollback_null(
+    correct: list, loss: list, subset: np.ndarray | None = None, n_boot: int = 2000, seed: int = 0
+) -> dict:
+    """How often each rollback rule fires when the data did not change, only training order:
+    ``correct`` / ``loss`` are runs of the same rows (the seed data at every training seed and
+    its reshuffles), and every ordered pair of two different runs is one round-before / round
+    verdict. ``rate`` is the fraction of the R(R−1) pairs that fire; pairs share runs, so the
+    interval comes from resampling the runs (with replacement; a run drawn twice is not paired
+    with itself). ``subset`` adds the same on those items (the pipeline's default held-out set)."""
+
+    def table(mask) -> dict:
+        r = len(correct)
+        v = {rule: np.zeros((r, r), dtype=bool) for rule in ROLLBACK_RULES}
+        for i in range(r):
+            for j in range(r):
+                if i != j:
+                    for rule, fired in _pair_verdicts(correct[i], loss[i], correct[j], loss[j], mask).items():
+                        v[rule][i, j] = fired
+        rng = np.random.default_rng(seed)
+        draws = rng.integers(0, r, size=(n_boot, r))
+        out = {}
+        for rule, m in v.items():
+            boot = []
+            for d in draws:
+                off = d[:, None] != d[None, :]
+                if off.any():
+                    boot.append(m[np.ix_(d, d)][off].mean())
+            off = ~np.eye(r, dtype=bool)
+            # disjoint pairs (run 0 before run 1, 2 before 3, ...): independent verdicts, exact interval
+            k, n = int(sum(m[i, i + 1] for i in range(0, r - 1, 2))), r // 2
+            out[rule] = {
+                "fired": int(m[off].sum()),
+                "rate": float(m[off].mean()),
+                "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+                "disjoint_pairs": {"fired": k, "of": n, "ci95": _clopper_pearson(k, n)},
+            }
+        return out
+
+    if len(correct) < 2:
+        return {"runs": len(correct), "pairs": 0}
+    got = {"runs": len(correct), "pairs": len(correct) * (len(correct) - 1), "rules": table(slice(None))}
+    if subset is not None:
+        got["pipeline_eval"] = {"items": int(np.sum(subset)), "rules": table(np.asarray(subset, dtype=bool))}
+    return got
+
+
+def _clopper_pearson(k: int, n: int, level: float = 0.95) -> list[float]:
+    """Exact binomial interval of k successes in n trials."""
+    from scipy.stats import beta
+
+    a = (1 - level) / 2
+    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
+    return [lo, hi]
+
+
 def rollback_by_seed(
     seed_correct: list, seed_loss: list, var_correct: list, var_loss: list, subset: np.ndarray | None = None
 ) -> dict:
@@ -403,19 +473,12 @@ def rollback_by_seed(
     significantly worse; ``mc`` / ``loss``: that measure alone).
     ``subset`` (a boolean mask over the items) adds the verdicts on those items alone: the
     pipeline's default held-out set is a subset."""
-    import polars as pl
-
-    from middo_pipeline.core.evaluation import compare_rounds
 
     def verdicts(mask) -> list[dict[str, bool]]:
-        out = []
-        for c_s, l_s, c_v, l_v in zip(seed_correct, seed_loss, var_correct, var_loss):
-            c_s, l_s, c_v, l_v = (np.asarray(x)[mask] for x in (c_s, l_s, c_v, l_v))
-            ids = list(range(len(c_s)))
-            before = pl.DataFrame({"id": ids, "correct": c_s.astype(bool), "loss": l_s})
-            after = pl.DataFrame({"id": ids, "correct": c_v.astype(bool), "loss": l_v})
-            out.append(_rule_verdicts(compare_rounds(before, after)))
-        return out
+        return [
+            _pair_verdicts(c_s, l_s, c_v, l_v, mask)
+            for c_s, l_s, c_v, l_v in zip(seed_correct, seed_loss, var_correct, var_loss)
+        ]
 
     def summary(got: list[dict[str, bool]]) -> dict:
         fired = [v["pipeline"] for v in got]
@@ -499,7 +562,7 @@ def run(settings, models=None) -> dict:
                 # after every run: what is complete so far, in the final layout
                 from benchmarks.common import write_json_atomic
 
-                part = _summarize(runs, correct, losses, subset)
+                part = _summarize(runs, correct, losses, subset, null=False)  # the null pairs: at the end
                 write_json_atomic(
                     Path(settings.down_partial),
                     {"partial": True, "runs_done": sum(map(len, runs.values())), "runs_planned": len(plan), **part},
@@ -537,7 +600,7 @@ def pipeline_eval_mask(eval_df) -> np.ndarray | None:
     return np.array([i in ids for i in sorted(eval_df["id"].to_list())])
 
 
-def _summarize(runs: dict, correct: dict, losses: dict, subset: np.ndarray | None = None) -> dict:
+def _summarize(runs: dict, correct: dict, losses: dict, subset: np.ndarray | None = None, null: bool = True) -> dict:
     """Per variant: accuracy and loss over seeds, and the paired per-item comparison with the
     seed data (over the seeds both have: the same items, the same seeds, only the data differ)."""
 
@@ -571,8 +634,15 @@ def _summarize(runs: dict, correct: dict, losses: dict, subset: np.ndarray | Non
         if key in _OP_OF:
             by_op[_OP_OF[key]] = entry.get("mc_accuracy_diff_vs_seed")
     on, off = summary.get("gate_on", {}), summary.get("gate_off", {})
+    same_rows = [k for k in ("seed", "seed_reshuffled") if k in correct]
     return {
         "variants": summary,
+        # the false-rollback rate of each rule: pairs of runs of the same rows (other order only)
+        "rollback_null": rollback_null(
+            [c for k in same_rows for c in correct[k]], [x for k in same_rows for x in losses[k]], subset
+        )
+        if null
+        else None,
         "downstream_mc_accuracy_diff": (on.get("mc_accuracy_diff_vs_seed") or {}).get("mean"),
         "downstream_mc_accuracy_diff_ci": (on.get("mc_accuracy_diff_vs_seed") or {}).get("ci95"),
         "downstream_mc_accuracy_diff_ci_runs_items": (on.get("mc_accuracy_diff_vs_seed_runs_items") or {}).get("ci95"),

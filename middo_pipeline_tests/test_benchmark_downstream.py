@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import pytest
 
 from benchmarks.downstream import build_variants, paired
 from middo_pipeline.core.schema import make_sample_id, make_samples
@@ -192,3 +193,29 @@ def test_pipeline_eval_mask_marks_the_default_held_out_items_in_id_order():
     small = set(load_eval_set(PIPELINE_EVAL)["id"].to_list())
     ids = sorted(large["id"].to_list())
     assert mask.sum() == len(small) == 66 and {i for i, m in zip(ids, mask) if m} == small
+
+
+def test_rollback_null_counts_every_ordered_pair_of_runs_of_the_same_rows():
+    from benchmarks.downstream import rollback_null
+
+    rng = np.random.default_rng(2)
+    c = (rng.random(200) < 0.5).astype(float)
+    l0 = rng.random(200) + 1
+    # runs 0 and 1 the same; runs 2 and 3 much worse in loss: of the 12 ordered pairs, the 4
+    # from a good run to a bad one fire (the rollback rule reads "this round worse")
+    correct = [c, c, c, c]
+    loss = [l0, l0, l0 + 0.5, l0 + 0.5]
+    got = rollback_null(correct, loss, subset=np.arange(200) < 66, n_boot=200)
+    assert got["runs"] == 4 and got["pairs"] == 12
+    pipe = got["rules"]["pipeline"]
+    assert pipe["fired"] == 4 and pipe["rate"] == pytest.approx(4 / 12)
+    assert pipe["ci95"][0] <= 4 / 12 <= pipe["ci95"][1]
+    # disjoint pairs: 0 before 1 (same: no), 2 before 3 (same: no)
+    assert pipe["disjoint_pairs"]["fired"] == 0 and pipe["disjoint_pairs"]["of"] == 2
+    assert pipe["disjoint_pairs"]["ci95"][0] == 0.0 and 0.5 < pipe["disjoint_pairs"]["ci95"][1] < 1.0
+    assert got["rules"]["mc"]["fired"] == 0 and got["rules"]["loss"]["fired"] == 4
+    assert got["pipeline_eval"]["items"] == 66 and got["pipeline_eval"]["rules"]["pipeline"]["fired"] == 4
+    # runs that differ by nothing: no rule fires, and the interval says so
+    same = rollback_null([c] * 3, [l0] * 3, n_boot=100)
+    assert all(v["fired"] == 0 and v["ci95"] == [0.0, 0.0] for v in same["rules"].values())
+    assert rollback_null([c], [l0])["pairs"] == 0
