@@ -397,6 +397,22 @@ def table(sections: dict, head: dict, gl: dict) -> str:
                         "",
                     )
                 )
+            null = dn.get("rollback_null") or {}
+            if null.get("pairs"):
+
+                def pct(x: dict) -> str:
+                    return f"{100 * x['rate']:.1f}% [{100 * x['ci95'][0]:.1f}, {100 * x['ci95'][1]:.1f}]"
+
+                sub = (null.get("pipeline_eval") or {}).get("rules") or {}
+                rows.append(
+                    (
+                        "downstream: rollback with unchanged data",
+                        f"{pct(null['rules']['pipeline'])} of {null['pairs']} pairs",
+                        f"{pct(sub['pipeline'])} on {null['pipeline_eval']['items']} items" if sub else "",
+                        f"significance alone {pct(null['rules']['either'])} ({null['runs']} runs of the same rows)",
+                        "",
+                    )
+                )
             db = (dn.get("loop") or {}).get("default_bar")
             if db:
                 rows.append(
