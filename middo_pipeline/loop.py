@@ -210,7 +210,8 @@ def step_seconds(instance: DagsterInstance, key: str) -> dict:
 
 def round_warnings(instance: DagsterInstance, key: str) -> list[str]:
     """What a round that 'succeeded' should still say loudly: every optimizer call failed; the
-    gate accepted nothing (a note: the data did not change); its data trained a significantly
+    gate accepted nothing (a note: the data did not change); its checkpoint is an earlier
+    round's, not retrained (a note); its data trained a significantly
     worse model than the previous round's (and was rolled back, unless on_regression: keep)."""
     out = []
     cand = _meta(instance, "refinement_candidates", key)
@@ -226,6 +227,13 @@ def round_warnings(instance: DagsterInstance, key: str) -> list[str]:
             f"NOTE {key}: the gate accepted none of {ref['attempted']} refinements (acceptance bar "
             f"{ref.get('acceptance_bar')}: {ref.get('acceptance_bar_reason')}): the round's data is unchanged. "
             "See refined_samples' 'rejected_examples'; a stronger optimizer (a served model) gets the method's bar"
+        )
+    ck = _meta(instance, "sft_checkpoint", key)
+    if ck.get("reused_from"):
+        out.append(
+            f"NOTE {key}: sft_checkpoint is {ck['reused_from']}'s, copied, not retrained: the same rows in the same "
+            f"order with the same settings would train the same weights ({ck.get('training_seconds_saved')} s of "
+            "training saved; sft_checkpoint reuse_identical: false retrains)"
         )
     ev = _meta(instance, "round_evaluation", key)
     opt = _meta(instance, "optimized_dataset", key)

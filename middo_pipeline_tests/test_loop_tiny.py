@@ -246,30 +246,6 @@ def test_step_seconds_in_summary(two_rounds, capsys):
     assert head.split() == ["round", "train", "readouts", "signals", "optimize", "gen", "verify", "eval", "total"]
 
 
-def test_sft_checkpoint_data_parallel(two_rounds, loop_env):
-    """Runs after the others (it replaces round-1's checkpoint): the training step as two
-    torchrun processes on this CPU, from the asset's config."""
-    from middo_pipeline.definitions import build_defs
-
-    defs = build_defs(loop_env[0])
-    with DagsterInstance.get() as instance:
-        res = (
-            defs.resolve_job_def("middo_round")
-            .get_subset(asset_selection={AssetKey("sft_checkpoint")})
-            .execute_in_process(
-                instance=instance,
-                partition_key="round-1",
-                run_config={"ops": {"sft_checkpoint": {"config": {"max_steps": 2, "max_length": 128, "processes": 2}}}},
-            )
-        )
-        assert res.success
-        meta = latest_materialization(instance, "sft_checkpoint", "round-1").asset_materialization.metadata
-        logs = [e.message for e in instance.all_logs(res.run_id) if e.message and not e.is_dagster_event]
-    assert meta["processes"].value == 2 and meta["steps"].value == 2
-    assert any("data parallel: 2 training processes" in m for m in logs)
-    assert any(m.startswith("training: 2/2 steps") for m in logs), logs
-
-
 def test_round_two_reuses_the_base_readouts_of_kept_samples(two_rounds, loop_env):
     """The base model's readouts depend on the text only: round 2 scores only the samples
     round 1 did not have, and the kept ones carry round 1's values, which a fresh pass agrees with."""
@@ -305,6 +281,132 @@ def test_round_two_reuses_the_base_readouts_of_kept_samples(two_rounds, loop_env
     fresh_u = unconditional_loss(lm.model, lm.tokenizer, r2["output"].to_list(), max_length=128)
     assert r2["loss_before"].to_numpy() == pytest.approx(fresh.loss, rel=1e-4, abs=1e-5, nan_ok=True)
     assert r2["loss_unconditional"].to_numpy() == pytest.approx(fresh_u.loss, rel=1e-4, abs=1e-5, nan_ok=True)
+
+
+def test_a_round_that_would_retrain_the_same_weights_copies_them(two_rounds, loop_env):
+    """Round-2's input made identical to round-1's (the gate accepted nothing): sft_checkpoint
+    copies round-1's checkpoint instead of training, and says so, and the readouts and the
+    evaluation of those weights on those rows are read, not recomputed; retraining
+    (reuse_identical: false) gives bit-identical weights, which is why the copy is safe; another
+    setting trains. Puts round-2's files back."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from middo_pipeline.core.checkpoints import read_round_info
+    from middo_pipeline.definitions import build_defs
+    from middo_pipeline.loop import round_warnings
+
+    _, _, store = two_rounds
+    ck1, ck2 = store.checkpoint_dir("round-1"), store.checkpoint_dir("round-2")
+    files = [store.table_path(a, "round-2") for a in ("round_dataset", "model_readouts", "round_evaluation")] + [
+        store.artifact_dir("model_readouts", "round-2") / "reuse.json",
+        store.artifact_dir("round_evaluation", "round-2") / "summary.json",
+    ]
+    saved = {f: f.read_bytes() for f in files if f.exists()}
+    aside = ck2.with_name(".round-2.test-aside")
+    shutil.copytree(ck2, aside)
+    steps = ("sft_checkpoint", "model_readouts", "round_evaluation")
+    job = (
+        build_defs(loop_env[0]).resolve_job_def("middo_round").get_subset(asset_selection={AssetKey(a) for a in steps})
+    )
+    try:
+        r1 = pl.read_parquet(store.table_path("round_dataset", "round-1"))
+        # round-1's output as round-2 would read it: the same rows, other bookkeeping columns
+        r1.with_columns(pl.lit(1).alias("round")).write_parquet(files[0])
+        with DagsterInstance.get() as instance:
+            rec = latest_materialization(instance, "sft_checkpoint", "round-1")
+            ops = instance.get_run_by_id(rec.run_id).run_config["ops"]
+            train_cfg = ops["sft_checkpoint"]["config"]
+
+            def materialize(**changes):
+                cfg = {"ops": {a: ops[a] for a in steps if a in ops}}
+                cfg["ops"]["sft_checkpoint"] = {"config": train_cfg | changes}
+                res = job.execute_in_process(instance=instance, partition_key="round-2", run_config=cfg)
+                assert res.success
+                md = {
+                    a: {
+                        k: v.value
+                        for k, v in latest_materialization(
+                            instance, a, "round-2"
+                        ).asset_materialization.metadata.items()
+                    }
+                    for a in steps
+                }
+                logs = [e.message for e in instance.all_logs(res.run_id) if e.message and not e.is_dagster_event]
+                return md, logs
+
+            md, logs = materialize()
+            ck = md["sft_checkpoint"]
+            assert ck["reused_from"] == "round-1" and ck["training_key"] == read_round_info(ck1)["training_key"]
+            assert ck["steps"] == train_cfg["max_steps"] and ck["final_loss"] > 0 and ck["training_seconds_saved"] > 0
+            assert any("its checkpoint is copied, not retrained" in m for m in logs), logs
+            assert not any(
+                m.startswith(("training:", "held-out eval:", "loss + embedding after training:")) for m in logs
+            )
+            info = read_round_info(ck2)
+            assert info["round"] == "round-2" and info["reused_from"] == "round-1"
+            assert read_round_info(ck1)["round"] == "round-1" and "reused_from" not in read_round_info(ck1)
+            assert (ck2 / "model.safetensors").read_bytes() == (ck1 / "model.safetensors").read_bytes()
+            assert any(
+                w.startswith("NOTE round-2: sft_checkpoint is round-1's, copied, not retrained")
+                for w in round_warnings(instance, "round-2")
+            )
+            # what is read off the same weights is read, not recomputed
+            assert md["model_readouts"]["reused_from"] == "round-1"
+            assert md["round_evaluation"]["reused_from"] == "round-1"
+            for a in ("model_readouts", "round_evaluation"):
+                assert pl.read_parquet(store.table_path(a, "round-2")).equals(
+                    pl.read_parquet(store.table_path(a, "round-1"))
+                )
+            assert md["round_evaluation"]["mc_accuracy_change_vs_previous_round"] == 0
+
+            # what the copy stands for: training again gives the same weights, bit for bit (the same
+            # training key, so what is read off them is still read from round-1)
+            md, logs = materialize(reuse_identical=False)
+            assert "reused_from" not in md["sft_checkpoint"] and any(m.startswith("training:") for m in logs)
+            w1, w2 = load_file(ck1 / "model.safetensors"), load_file(ck2 / "model.safetensors")
+            assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+            assert md["sft_checkpoint"]["training_key"] == read_round_info(ck1)["training_key"]
+            assert md["model_readouts"]["reused_from"] == md["round_evaluation"]["reused_from"] == "round-1"
+
+            # another setting is another training, and another model to read
+            md, _ = materialize(seed=train_cfg.get("seed", 0) + 1)
+            assert all("reused_from" not in md[a] for a in steps)
+            assert md["sft_checkpoint"]["training_key"] != read_round_info(ck1)["training_key"]
+    finally:
+        for f in files:
+            if f in saved:
+                f.write_bytes(saved[f])
+            else:
+                f.unlink(missing_ok=True)
+        shutil.rmtree(ck2, ignore_errors=True)
+        shutil.move(aside, ck2)
+
+
+def test_sft_checkpoint_data_parallel(two_rounds, loop_env):
+    """Runs after the others (it replaces round-1's checkpoint): the training step as two
+    torchrun processes on this CPU, from the asset's config."""
+    from middo_pipeline.definitions import build_defs
+
+    defs = build_defs(loop_env[0])
+    with DagsterInstance.get() as instance:
+        res = (
+            defs.resolve_job_def("middo_round")
+            .get_subset(asset_selection={AssetKey("sft_checkpoint")})
+            .execute_in_process(
+                instance=instance,
+                partition_key="round-1",
+                run_config={"ops": {"sft_checkpoint": {"config": {"max_steps": 2, "max_length": 128, "processes": 2}}}},
+            )
+        )
+        assert res.success
+        meta = latest_materialization(instance, "sft_checkpoint", "round-1").asset_materialization.metadata
+        logs = [e.message for e in instance.all_logs(res.run_id) if e.message and not e.is_dagster_event]
+    assert meta["processes"].value == 2 and meta["steps"].value == 2
+    assert any("data parallel: 2 training processes" in m for m in logs)
+    assert any(m.startswith("training: 2/2 steps") for m in logs), logs
 
 
 def test_a_round_whose_data_trained_worse_rolls_back_to_the_previous_data(two_rounds, loop_env, tmp_path, capsys):

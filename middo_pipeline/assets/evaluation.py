@@ -18,10 +18,12 @@ from dagster import (
 from pydantic import Field
 
 from middo_pipeline.assets._meta import bars_md, image_md, tidy
+from middo_pipeline.core.checkpoints import derived_key, find_derived
 from middo_pipeline.core.evaluation import compare_rounds, evaluate, load_eval_set
 from middo_pipeline.core.merge import worse_beyond_floor
 from middo_pipeline.core.plots import metric_by_round_png
 from middo_pipeline.core.progress import ProgressLogger
+from middo_pipeline.core.readout_cache import model_identity
 from middo_pipeline.resources import ModelResource, StorageResource
 from middo_pipeline.rounds import earlier_rounds, previous_table, round_number, rounds_partitions
 
@@ -46,9 +48,13 @@ class EvalConfig(Config):
 
 
 def _base_figures(store, model: ModelResource, eval_df: pl.DataFrame, eval_path: str, max_length: int, log) -> dict:
-    """The base model's figures, computed once per (base model, eval file) and cached."""
+    """The base model's figures, computed once per (base model, eval file) and cached: keyed by
+    the model's identity (its files and load settings) and the whole eval file's hash."""
+    identity = model_identity(model.base_model, model.base_path(), model.load_kwargs())
     key = hashlib.sha256(
-        json.dumps([model.base_model, Path(eval_path).read_bytes().hex()[:4096], eval_df.height, max_length]).encode()
+        json.dumps(
+            [identity, hashlib.sha256(Path(eval_path).read_bytes()).hexdigest(), eval_df.height, max_length]
+        ).encode()
     ).hexdigest()[:16]
     path = store.ensure_dir(store.cache_dir / "base_eval") / f"{key}.json"
     if path.exists():
@@ -86,17 +92,44 @@ def round_evaluation(
     store = storage.get()
     r = round_number(context.partition_key)
     eval_df = load_eval_set(config.path)
-    lm = model.load(str(store.checkpoint_dir(context.partition_key)))
-    res = evaluate(
-        lm.model,
-        lm.tokenizer,
-        eval_df,
+    ckpt = store.checkpoint_dir(context.partition_key)
+    # the same weights on the same items give the same figures: a round whose checkpoint is an
+    # earlier round's (sft_checkpoint reuse_identical) reads that round's evaluation
+    reuse_key = derived_key(
+        ckpt,
+        asset="round_evaluation",
+        eval_file=hashlib.sha256(Path(config.path).read_bytes()).hexdigest(),
         max_length=config.max_length,
-        progress=ProgressLogger(context.log.info, "held-out eval"),
+        load=model.load_kwargs(),
     )
-    del lm
+    same = find_derived(
+        (
+            (q, store.artifact_dir("round_evaluation", q) / "summary.json", store.table_path("round_evaluation", q))
+            for q in reversed(earlier_rounds(context.partition_key))
+        ),
+        reuse_key,
+    )
+    reused_from = None
+    if same is not None and pl.read_parquet(same[1]).height == eval_df.height:
+        reused_from, table, recorded = same
+        context.log.info(
+            f"{context.partition_key}'s checkpoint has the weights {reused_from}'s was evaluated with (same training "
+            f"key), on the same held-out file and settings: its evaluation is read, not recomputed"
+        )
+        items = pl.read_parquet(table)
+        res = {m: recorded[m] for m in METRICS} | {"n_items": recorded["n_items"]}
+    else:
+        lm = model.load(str(ckpt))
+        res = evaluate(
+            lm.model,
+            lm.tokenizer,
+            eval_df,
+            max_length=config.max_length,
+            progress=ProgressLogger(context.log.info, "held-out eval"),
+        )
+        del lm
+        items = res["items"]
     base = _base_figures(store, model, eval_df, config.path, config.max_length, context.log.info)
-    items = res["items"]
 
     # earlier rounds, for the plot across rounds
     rounds, series = [], {m: [] for m in METRICS}
@@ -110,7 +143,7 @@ def round_evaluation(
     rounds.append(r)
     for m in METRICS:
         series[m].append(float(res[m]))
-    summary = {m: float(res[m]) for m in METRICS} | {"n_items": int(res["n_items"])}
+    summary = {m: float(res[m]) for m in METRICS} | {"n_items": int(res["n_items"]), "reuse_key": reuse_key}
     with store.atomic_path(
         store.ensure_dir(store.artifact_dir("round_evaluation", context.partition_key)) / "summary.json"
     ) as tmp:
@@ -139,6 +172,7 @@ def round_evaluation(
                 "delta_loss_vs_base": float(res["mean_response_loss"]) - base["mean_response_loss"],
                 "n_items": int(res["n_items"]),
                 "eval_set": MetadataValue.path(str(Path(config.path).resolve())),
+                **({"reused_from": reused_from} if reused_from else {}),
                 "by_round": image_md(
                     metric_by_round_png(rounds, series | {f"base_{m}": [base[m]] * len(rounds) for m in METRICS}),
                     "held-out metrics by round",

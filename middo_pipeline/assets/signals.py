@@ -1,5 +1,6 @@
 """Step 2 of the loop: the three self-referential signals, read off this round's checkpoint."""
 
+import json
 import time
 from typing import Literal
 
@@ -11,7 +12,7 @@ from pydantic import Field, field_validator
 from middo_pipeline.assets._checks import band_check, band_spec
 from middo_pipeline.assets._meta import image_md, json_md, preview_md, tidy
 from middo_pipeline.core import diversity, quality, readout_cache
-from middo_pipeline.core.checkpoints import require_checkpoint
+from middo_pipeline.core.checkpoints import derived_key, find_derived, require_checkpoint
 from middo_pipeline.core.forward import EmbeddingSpec
 from middo_pipeline.core.ifd import ifd_scores
 from middo_pipeline.core.llm import make_backend
@@ -22,7 +23,7 @@ from middo_pipeline.core.thresholds import ThresholdSpec, flag_below, flag_both_
 from middo_pipeline.core.verify import QualityScale, quality_value
 from middo_pipeline.models.loading import pick_device
 from middo_pipeline.resources import ModelResource, OptimizerResource, RayComputeResource, StorageResource
-from middo_pipeline.rounds import previous_table, round_number, rounds_partitions
+from middo_pipeline.rounds import earlier_rounds, previous_table, round_number, rounds_partitions
 
 
 class ThresholdConfig(Config):
@@ -74,6 +75,10 @@ class ReadoutConfig(Config):
         return v
 
 
+# beside each round's readouts table: the key it was computed under (core.checkpoints.derived_key)
+READOUTS_RECORD = "reuse.json"
+
+
 @asset(
     partitions_def=rounds_partitions,
     group_name="signals",
@@ -96,6 +101,50 @@ def model_readouts(
     store = storage.get()
     ckpt = store.checkpoint_dir(context.partition_key)
     require_checkpoint(ckpt, context.partition_key, fingerprint(round_dataset))
+    spec = config.embedding_spec()
+    record = store.ensure_dir(store.artifact_dir("model_readouts", context.partition_key)) / READOUTS_RECORD
+    record.unlink(missing_ok=True)  # written again once this materialization's table is known
+    # the same weights on the same rows with the same settings read the same values: a round
+    # whose checkpoint is an earlier round's (sft_checkpoint reuse_identical) on unchanged data
+    # reads that round's table
+    reuse_key = derived_key(
+        ckpt,
+        asset="model_readouts",
+        rows=fingerprint(round_dataset),
+        max_length=config.max_length,
+        max_batch_tokens=config.max_batch_tokens,
+        embedding=[spec.pooling, str(spec.layer)],
+        load=model.load_kwargs(),
+    )
+    same = find_derived(
+        (
+            (q, store.artifact_dir("model_readouts", q) / READOUTS_RECORD, store.table_path("model_readouts", q))
+            for q in reversed(earlier_rounds(context.partition_key))
+        ),
+        reuse_key,
+    )
+    if same is not None:
+        reused = pl.read_parquet(same[1])
+        if reused["sample_id"].to_list() == round_dataset["sample_id"].to_list():
+            context.log.info(
+                f"{context.partition_key}'s checkpoint and rows are {same[0]}'s (same training key, same rows in the "
+                "same order, same settings): its readouts are read, not recomputed"
+            )
+            record.write_text(json.dumps({"reuse_key": reuse_key, "reused_from": same[0]}))
+            context.add_output_metadata(
+                tidy(
+                    {
+                        "samples": reused.height,
+                        "reused_from": same[0],
+                        "model_before": model.base_model,
+                        "checkpoint": MetadataValue.path(str(ckpt)),
+                        "embedding": f"{spec.pooling} pooling, layer {spec.layer}",
+                        "embedding_dim": len(reused["embedding"][0]) if reused.height else 0,
+                        "base_readouts_reused": reused.height,
+                    }
+                )
+            )
+            return reused
     prompts, responses = _prompts_responses(round_dataset)
     kw = dict(max_length=config.max_length, max_batch_tokens=config.max_batch_tokens)
     # "before training" is always the base model, whatever the training init: a previous
@@ -136,7 +185,6 @@ def model_readouts(
     base_values, new_rows = readout_cache.assemble(keys, hits, missing, computed)
     if cache is not None:
         cache.add(new_rows)
-    spec = config.embedding_spec()
     with ray.forward(model, str(ckpt), log=context.log.info) as trained:
         after = trained.score_samples(
             prompts,
@@ -175,6 +223,7 @@ def model_readouts(
             }
         )
     )
+    record.write_text(json.dumps({"reuse_key": reuse_key}))
     return df
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import polars as pl
@@ -11,8 +12,12 @@ import pytest
 from middo_pipeline.core.checkpoints import (
     ROUND_INFO,
     StaleCheckpoint,
+    copy_checkpoint,
+    find_identical,
+    read_round_info,
     require_checkpoint,
     trained_from,
+    training_key,
     write_round_info,
 )
 
@@ -35,6 +40,68 @@ def test_require_checkpoint(tmp_path):
         require_checkpoint(ck, "round-1", "abc")
     write_round_info(ck, round_key="round-2", base_model="m", initialized_from="/prev", trained_on="abc", samples=3)
     assert trained_from(ck) == "/prev" and json.loads((ck / ROUND_INFO).read_text())["round"] == "round-2"
+
+
+def test_training_key_changes_with_everything_that_decides_the_weights():
+    base = dict(trained_on="abc", settings={"seed": 0, "learning_rate": 2e-4}, base_model="id1")
+    key = training_key(**base)
+    assert key == training_key(**base) and len(key) == 24
+    for change in (
+        {"trained_on": "abd"},  # other rows, or the same rows in another order (the fingerprint is ordered)
+        {"settings": {"seed": 1, "learning_rate": 2e-4}},
+        {"settings": {"seed": 0, "learning_rate": 1e-4}},
+        {"base_model": "id2"},
+        {"init_from": "/ck/round-1", "init_key": "k1"},
+    ):
+        assert training_key(**(base | change)) != key, change
+    assert training_key(**base, init_from="/ck/round-1", init_key="k1") != training_key(
+        **base, init_from="/ck/round-1", init_key="k2"
+    )
+    # a start checkpoint that records no key: never reusable
+    assert training_key(**base, init_from="/ck/round-1", init_key=None) is None
+
+
+def test_find_identical_and_copy(tmp_path):
+    r1, r2, r3 = (tmp_path / f"round-{n}" for n in (1, 2, 3))
+    for folder, key in ((r1, "k1"), (r2, "k2")):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"weights of " + key.encode())
+        (folder / "sub").mkdir()
+        (folder / "sub" / "x.txt").write_text(key)
+        write_round_info(
+            folder,
+            round_key=folder.name,
+            base_model="m",
+            initialized_from=None,
+            trained_on="f",
+            samples=1,
+            training_key=key,
+        )
+    rounds = [("round-2", r2), ("round-1", r1)]  # newest first
+    assert find_identical(rounds, "k1") == ("round-1", r1)
+    assert find_identical(rounds, "k2") == ("round-2", r2)
+    assert find_identical(rounds, "k3") is None and find_identical(rounds, None) is None
+    (r2 / "config.json").unlink()  # not a loadable checkpoint: not a match
+    assert find_identical(rounds, "k2") is None
+
+    copy_checkpoint(r1, r3)
+    assert (r3 / "model.safetensors").read_bytes() == b"weights of k1" and (r3 / "sub" / "x.txt").read_text() == "k1"
+    assert not (r3 / ROUND_INFO).exists()  # the caller writes its own
+    # even a round info linked to the source's is replaced, never edited in place
+    os.link(r1 / ROUND_INFO, r3 / ROUND_INFO)
+    write_round_info(
+        r3,
+        round_key="round-3",
+        base_model="m",
+        initialized_from=None,
+        trained_on="f",
+        samples=1,
+        training_key="k1",
+        reused_from="round-1",
+    )
+    assert read_round_info(r3)["reused_from"] == "round-1"
+    assert read_round_info(r1)["round"] == "round-1" and "reused_from" not in read_round_info(r1)
 
 
 def test_rescore_candidates_matches_direct_scoring(tiny_model_dir):
