@@ -18,7 +18,7 @@ from dagster import (
 from pydantic import Field
 
 from middo_pipeline.assets._meta import bars_md, image_md, tidy
-from middo_pipeline.core.checkpoints import derived_key, find_derived
+from middo_pipeline.core.checkpoints import derived_key, find_derived, source_digest
 from middo_pipeline.core.evaluation import compare_rounds, evaluate, load_eval_set
 from middo_pipeline.core.merge import worse_beyond_floor
 from middo_pipeline.core.plots import metric_by_round_png
@@ -101,6 +101,7 @@ def round_evaluation(
         eval_file=hashlib.sha256(Path(config.path).read_bytes()).hexdigest(),
         max_length=config.max_length,
         load=model.load_kwargs(),
+        code=source_digest("core/evaluation.py", "core/forward.py", "models/loading.py"),
     )
     same = find_derived(
         (

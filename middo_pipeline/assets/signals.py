@@ -12,7 +12,7 @@ from pydantic import Field, field_validator
 from middo_pipeline.assets._checks import band_check, band_spec
 from middo_pipeline.assets._meta import image_md, json_md, preview_md, tidy
 from middo_pipeline.core import diversity, quality, readout_cache
-from middo_pipeline.core.checkpoints import derived_key, find_derived, require_checkpoint
+from middo_pipeline.core.checkpoints import derived_key, find_derived, require_checkpoint, source_digest
 from middo_pipeline.core.forward import EmbeddingSpec
 from middo_pipeline.core.ifd import ifd_scores
 from middo_pipeline.core.llm import make_backend
@@ -115,6 +115,7 @@ def model_readouts(
         max_batch_tokens=config.max_batch_tokens,
         embedding=[spec.pooling, str(spec.layer)],
         load=model.load_kwargs(),
+        code=source_digest("core/forward.py", "core/ifd.py", "core/readout_cache.py", "models/loading.py"),
     )
     same = find_derived(
         (

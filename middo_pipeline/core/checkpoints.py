@@ -32,6 +32,11 @@ from pathlib import Path
 ROUND_INFO = "middo_round.json"
 # the packages whose versions can change what training writes: part of every training key
 TRAINING_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "middo-pipeline")
+# our modules that decide what training writes (the package's version does not move with every
+# commit, so their source is hashed too): the trainer, its torchrun entry point, model loading,
+# the prompt format
+TRAINING_CODE = ("core/training.py", "core/train_main.py", "models/loading.py", "core/schema.py")
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 __all__ = [
     "ROUND_INFO",
@@ -45,6 +50,7 @@ __all__ = [
     "copy_checkpoint",
     "derived_key",
     "find_derived",
+    "source_digest",
 ]
 
 
@@ -124,6 +130,14 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def source_digest(*relative: str) -> str:
+    """A hash of the source of this package's files ``relative`` (to the package folder)."""
+    h = hashlib.sha256()
+    for rel in relative:
+        h.update(rel.encode() + b"\0" + (PACKAGE_ROOT / rel).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def training_key(
     *, trained_on: str, settings: dict, base_model: str, init_from: str | None = None, init_key: str | None = None
 ) -> str | None:
@@ -131,8 +145,8 @@ def training_key(
     its sample ids in order, which hash the text), the training ``settings`` (every field of the
     core ``TrainConfig``, device and threads included, plus the number of processes),
     ``base_model`` (an identity that changes with the model's files and load settings), the
-    training key of the checkpoint it starts from (``init_key``), and the versions of
-    ``TRAINING_PACKAGES``. None when training starts from a checkpoint whose own key is unknown
+    training key of the checkpoint it starts from (``init_key``), the versions of
+    ``TRAINING_PACKAGES`` and the source of ``TRAINING_CODE``. None when training starts from a checkpoint whose own key is unknown
     (written before keys existed): such a checkpoint is never reused."""
     if init_from is not None and not init_key:
         return None
@@ -142,6 +156,7 @@ def training_key(
         "base_model": base_model,
         "init": init_key,
         "versions": _versions(),
+        "code": source_digest(*TRAINING_CODE),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 

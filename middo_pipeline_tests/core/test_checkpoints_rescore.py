@@ -42,9 +42,18 @@ def test_require_checkpoint(tmp_path):
     assert trained_from(ck) == "/prev" and json.loads((ck / ROUND_INFO).read_text())["round"] == "round-2"
 
 
-def test_training_key_changes_with_everything_that_decides_the_weights():
+def test_training_key_changes_with_everything_that_decides_the_weights(monkeypatch):
+    import middo_pipeline.core.checkpoints as checkpoints
+
     base = dict(trained_on="abc", settings={"seed": 0, "learning_rate": 2e-4}, base_model="id1")
     key = training_key(**base)
+    # our training code changed (the package version does not move with every commit)
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints, "source_digest", lambda *files: "edited")
+        assert training_key(**base) != key
+    assert checkpoints.source_digest(*checkpoints.TRAINING_CODE) == checkpoints.source_digest(
+        *checkpoints.TRAINING_CODE
+    )
     assert key == training_key(**base) and len(key) == 24
     for change in (
         {"trained_on": "abd"},  # other rows, or the same rows in another order (the fingerprint is ordered)
