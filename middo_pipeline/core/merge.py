@@ -206,8 +206,13 @@ ROLLED_BACK = "rolled_back"
 # (sd 0.008) and 0.019 in mean response loss (sd 0.011), and the per-item interval calls such a
 # difference "significant" (the reshuffled seed rows would have been rolled back at 2 of 5
 # training seeds); unverified refinements (gate off) trained models 0.021-0.038 worse in MC
-# accuracy and 0.030-0.072 in loss at every seed. 0.02 on both separates the two there.
-ROLLBACK_NOISE_FLOOR = {"mc_accuracy": 0.02, "response_loss": 0.02}
+# accuracy and 0.030-0.072 in loss at every seed. 0.02 on both separated the two there; out of
+# sample (seeds 5-9) a 0.02 loss floor still rolled back the reshuffled rows at 2 of 5 seeds
+# (0.022, 0.024 worse). The loss floor is 0.025 since a pre-registered check on a third draw
+# of seeds (10-14, 2026-12-06): gate off is caught at 0.025 wherever it is at 0.02 (5 of 5, its
+# smallest rise 0.039), and the false-rollback rate on unchanged rows falls (benchmarks/README.md,
+# "The floor on a third draw of seeds").
+ROLLBACK_NOISE_FLOOR = {"mc_accuracy": 0.02, "response_loss": 0.025}
 
 
 def worse_beyond_floor(vs_prev: dict, noise_floor: dict[str, float] | None = None) -> list[str]:
