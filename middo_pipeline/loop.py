@@ -16,9 +16,18 @@ from dagster import AssetKey, DagsterInstance, Field, logger
 from dagster._utils.log import coerce_valid_log_level, create_console_logger
 from filelock import Timeout
 
+from middo_pipeline.core.scheduling import stall_rounds, unchanged_streak
 from middo_pipeline.core.storage import Storage
 from middo_pipeline.preflight import PreflightError, preflight
-from middo_pipeline.rounds import ROUNDS, existing_rounds, latest_materialization, round_key
+from middo_pipeline.rounds import (
+    ROUNDS,
+    data_changed,
+    existing_rounds,
+    latest_materialization,
+    latest_metadata,
+    round_key,
+    round_number,
+)
 
 ROUND_ASSET_OPS = {  # run-config keys under "ops" that belong to the round job / the seed job
     "round_dataset",
@@ -160,11 +169,7 @@ class RoundSummary:
 
 
 def _meta(instance: DagsterInstance, asset: str, partition: str | None) -> dict:
-    rec = latest_materialization(instance, asset, partition)
-    if rec is None:
-        return {}
-    md = rec.asset_materialization.metadata if rec.asset_materialization else {}
-    return {k: v.value for k, v in md.items()}
+    return latest_metadata(instance, asset, partition)
 
 
 # the per-step seconds shown in the summary: column -> the round's steps (op names) whose wall
@@ -210,8 +215,9 @@ def step_seconds(instance: DagsterInstance, key: str) -> dict:
 
 def round_warnings(instance: DagsterInstance, key: str) -> list[str]:
     """What a round that 'succeeded' should still say loudly: every optimizer call failed; the
-    gate accepted nothing (a note: the data did not change); its checkpoint is an earlier
-    round's, not retrained (a note); its data trained a significantly
+    gate accepted nothing (a note: the data did not change); the data has not changed for two
+    rounds or more (a note: the nightly schedule stops at ``MIDDO_STALL_ROUNDS``); its
+    checkpoint is an earlier round's, not retrained (a note); its data trained a significantly
     worse model than the previous round's (and was rolled back, unless on_regression: keep)."""
     out = []
     cand = _meta(instance, "refinement_candidates", key)
@@ -227,6 +233,19 @@ def round_warnings(instance: DagsterInstance, key: str) -> list[str]:
             f"NOTE {key}: the gate accepted none of {ref['attempted']} refinements (acceptance bar "
             f"{ref.get('acceptance_bar')}: {ref.get('acceptance_bar_reason')}): the round's data is unchanged. "
             "See refined_samples' 'rejected_examples'; a stronger optimizer (a served model) gets the method's bar"
+        )
+    streak = unchanged_streak([data_changed(instance, round_key(n)) for n in range(1, round_number(key) + 1)])
+    if streak >= 2:
+        stall = stall_rounds()
+        out.append(
+            f"NOTE {key}: the data is unchanged for {streak} rounds in a row (round-{round_number(key) - streak + 1} "
+            f"to {key}); "
+            + (
+                f"the nightly schedule stops starting rounds after {stall} such rounds (MIDDO_STALL_ROUNDS; "
+                "`middo loop` and the UI still run them)"
+                if stall
+                else "MIDDO_STALL_ROUNDS=0: the nightly schedule keeps starting rounds"
+            )
         )
     ck = _meta(instance, "sft_checkpoint", key)
     if ck.get("reused_from"):

@@ -64,3 +64,20 @@ def latest_materialization(instance: DagsterInstance, asset: str, partition: str
     flt = AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition] if partition else None)
     records = instance.fetch_materializations(flt, limit=1).records
     return records[0] if records else None
+
+
+def latest_metadata(instance: DagsterInstance, asset: str, partition: str | None = None) -> dict:
+    """The metadata values of an asset (partition)'s latest materialization ({} if none)."""
+    rec = latest_materialization(instance, asset, partition)
+    md = rec.asset_materialization.metadata if rec is not None and rec.asset_materialization else {}
+    return {k: v.value for k, v in md.items()}
+
+
+def data_changed(instance: DagsterInstance, partition_key: str) -> bool | None:
+    """Whether a round's ``optimized_dataset`` differs from the ``round_dataset`` it started
+    from (their recorded fingerprints: the rows in order); None when either is not recorded."""
+    before = latest_metadata(instance, "round_dataset", partition_key).get("fingerprint")
+    after = latest_metadata(instance, "optimized_dataset", partition_key).get("fingerprint")
+    if before is None or after is None:
+        return None
+    return before != after
