@@ -327,8 +327,12 @@ _META_INSTRUCTION = tuple(
         r"\b(?:the|this) original (?:task|instruction|prompt|question|sentence|text|statement)\b",
         r"\b(?:a|the|this) (?:revised|rewritten|simplified) version (?:could|would|might|is)\b",
         r"\b(?:in )?this task,? you\b",
-        r"\bthis task requires\b",
+        r"\b(?:this|the) (?:new )?(?:task|instruction|question) requires\b",
         r"\brewrite (?:the|this) (?:task|instruction|prompt)\b",
+        # a task described instead of set (seen accepted through a llama.cpp server, 2026-12-06:
+        # "The task is to read a text file line by line in Python.", "A new instruction: ...")
+        r"^\W*(?:the|this|my|your|our) (?:task|goal|instruction|question) (?:is|was) (?:to|about)\b",
+        r"^\W*(?:a |the )?new (?:instruction|task|question|prompt)\s*:",
     )
 )
 _FIRST_SENTENCE = re.compile(r"[.!?](?:\s|$)")
@@ -358,6 +362,38 @@ def answer_in_prompt(instruction: str, output: str, min_words: int = 4) -> bool:
     if len(words) < min_words:
         return False
     return " ".join(words) in " ".join(_WORD.findall((instruction or "").lower()))
+
+
+# A new instruction that is a claim, not a task: it opens with a determiner, states something
+# with a copula, a modal or "use", asks nothing and is one sentence ("The sum of the interior
+# angles of a polygon is always equal to 360 degrees."; "A kilogram of feathers is slightly
+# heavier than a kilogram of iron."). Word problems ("A train leaves at 9. When does it
+# arrive?") ask; "The following sentence is wrong: ..." points at its material. None of the 491
+# written rows is caught (tested).
+_DETERMINERS = frozenset("the a an this these that those it there".split())
+_STATING = frozenset("is are was were has have had can could will would should may might must use uses".split())
+_POINTS_AT = frozenset("following below given above".split())
+
+
+def states_not_asks(instruction: str) -> bool:
+    """Whether an instruction reads as a statement rather than a task (see ``_STATING``)."""
+    text = (instruction or "").strip()
+    words = _WORD.findall(text.lower())
+    if not words or "?" in text or words[0] not in _DETERMINERS:
+        return False
+    if _POINTS_AT & set(words) or not _STATING & set(words):
+        return False
+    return len(_FIRST_SENTENCE.findall(text)) <= 1
+
+
+def repeats_instruction(instruction: str, output: str, words: int = 6) -> bool:
+    """Whether the response opens with the instruction's first ``words`` words (at least four):
+    an answer that copies its task back ("The task is to read a text file line by line in
+    Python. You can ..."), which a small model's losses score as easy and fluent."""
+    a = _WORD.findall((instruction or "").lower())
+    b = _WORD.findall((output or "").lower())
+    n = min(words, len(a))
+    return n >= 4 and b[:n] == a[:n]
 
 
 # Words that say nothing about which task a prompt is: function words and request politeness.
@@ -453,6 +489,11 @@ def text_reasons(row: dict, heldout_grams: set, ngram: int, control_tokens: Sequ
         reasons.append("talks about the task")
     if answer_in_prompt(row.get("instruction_after") or "", row.get("output_after") or ""):
         reasons.append("answer given in the prompt")
+    new_prompt = row.get("instruction_after") or ""
+    if new_prompt != (row.get("instruction_before") or "") and states_not_asks(new_prompt):
+        reasons.append("a statement, not a task")
+    if repeats_instruction(new_prompt, row.get("output_after") or ""):
+        reasons.append("response repeats the task")
     return reasons
 
 

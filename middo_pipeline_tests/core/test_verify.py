@@ -87,6 +87,18 @@ def run(rows, **kw):
         (cand(op="rewritten", q0=3.0, out="Absolutely! Here's a revised version of your text: ..."), "talks about"),
         (cand(text="The original task required solving a linear equation."), "talks about the task"),
         (cand(out="This is correct. I'm ready for your next question."), "talks about the task"),
+        # seen accepted through a llama.cpp server (2026-12-06), all ten of a round's acceptances:
+        (cand(text="The task is to read a text file line by line in Python.", out="Use a with block."), "talks about"),
+        (cand(op="extended", text="A new instruction: You are given a task.", out="Do it."), "talks about the task"),
+        (cand(op="extended", text="This new instruction requires you to add two numbers.", out="4"), "talks about"),
+        (
+            cand(op="rewritten", q0=3.0, text="A kilogram of feathers is slightly heavier than a kilogram of iron."),
+            "a statement, not a task",
+        ),
+        (
+            cand(text="How do honeybees share directions?", out="How do honeybees share directions? They dance."),
+            "response repeats the task",
+        ),
         (cand(cos0=0.30, nb0=0.55), "far from its origin"),  # farther than the origin's neighbours
         (cand(op="extended", cos0=0.30, nb0=0.40), "far from its origin"),  # not in the sparse region
         (cand(cos0=0.60, nb0=0.55), None),
@@ -325,6 +337,35 @@ def test_meta_answer_phrases():
     noted = "The original sentence was simplified to get started. A rewritten version could be:\nIs it true?"
     assert meta_answer(noted, "No.") == "The original sentence"
     assert meta_answer("Give a shorter version of the poem.", "Roses are red.") is None
+
+
+def test_statements_and_echoes_are_not_tasks_and_no_written_row_is_one():
+    """The optimizer's new prompt that claims something instead of asking ("The sum of the
+    interior angles of a polygon is always equal to 360 degrees.") and a response that copies
+    its prompt back: what a 135M optimizer's candidates that passed the `typical` bar were, on
+    a round served through llama.cpp (2026-12-06). Written tasks must not be caught."""
+    from middo_pipeline.core.verify import repeats_instruction, states_not_asks
+
+    assert states_not_asks("The sum of the interior angles of a polygon is always equal to 360 degrees.")
+    assert states_not_asks("The Honeybees use the waggle dance to communicate about the location of flowers.")
+    assert states_not_asks("The name of a small bakery that specializes in sourdough bread can be:")
+    assert not states_not_asks("A train leaves at 9:00 and travels 120 km at 60 km/h. When does it arrive?")
+    assert not states_not_asks("The following sentence is grammatically wrong: she go home. Correct it.")
+    assert not states_not_asks("The sentence below is wrong: she go home")  # points at its material
+    assert not states_not_asks("A haiku about autumn, please")  # asks, without a verb of stating
+    assert not states_not_asks("Write a haiku about rain.")
+    assert repeats_instruction("1. Write a shell command to print each line.", "1. Write a shell command to print it")
+    assert not repeats_instruction("Complete the sentence: the cat sat on the", "The cat sat on the mat.")
+    assert not repeats_instruction("Name a fruit.", "Name: apple.")  # under four words: nothing to tell
+    rows = _shipped_rows()
+    assert [r["instruction"][:60] for r in rows if states_not_asks(r["instruction"])] == []
+    assert [
+        r["instruction"][:60] for r in rows if repeats_instruction(r["instruction"], str(r.get("output", "")))
+    ] == []
+    # a rewrite that keeps its origin's prompt is not judged on that prompt
+    same = cand(op="rewritten", q0=3.0, text="The sky is blue.", out="Yes: Rayleigh scattering.")
+    assert run([same | {"instruction_before": "The sky is blue."}])["passed"][0]
+    assert not run([same | {"instruction_before": "Why is the sky blue?"}])["passed"][0]
 
 
 def test_an_answer_given_in_the_prompt_is_rejected():
