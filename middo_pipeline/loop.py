@@ -168,10 +168,6 @@ class RoundSummary:
     metadata: dict = field(default_factory=dict)
 
 
-def _meta(instance: DagsterInstance, asset: str, partition: str | None) -> dict:
-    return latest_metadata(instance, asset, partition)
-
-
 # the per-step seconds shown in the summary: column -> the round's steps (op names) whose wall
 # seconds add up to it; "gen" and "verify" split refined_samples by its own metadata
 STEP_COLUMNS = {
@@ -204,7 +200,7 @@ def step_seconds(instance: DagsterInstance, key: str) -> dict:
     for col, ops in STEP_COLUMNS.items():
         got = [per_op[o] for o in ops if o in per_op]
         cols[col] = round(sum(got), 1) if got else None
-    ref = _meta(instance, "refined_samples", key)
+    ref = latest_metadata(instance, "refined_samples", key)
     order = ("train", "readouts", "signals", "optimize", "gen", "verify", "eval")
     out = {c: cols.get(c) for c in order}
     out["gen"] = ref.get("generation_seconds")
@@ -220,9 +216,9 @@ def round_warnings(instance: DagsterInstance, key: str) -> list[str]:
     checkpoint is an earlier round's, not retrained (a note); its data trained a significantly
     worse model than the previous round's (and was rolled back, unless on_regression: keep)."""
     out = []
-    cand = _meta(instance, "refinement_candidates", key)
+    cand = latest_metadata(instance, "refinement_candidates", key)
     n, ok = cand.get("candidates"), cand.get("generated")
-    ref = _meta(instance, "refined_samples", key)
+    ref = latest_metadata(instance, "refined_samples", key)
     if n and not ok:
         out.append(
             f"WARNING {key}: all {n} optimizer candidates failed (prompt style {ref.get('prompt_style')}): "
@@ -234,11 +230,12 @@ def round_warnings(instance: DagsterInstance, key: str) -> list[str]:
             f"{ref.get('acceptance_bar')}: {ref.get('acceptance_bar_reason')}): the round's data is unchanged. "
             "See refined_samples' 'rejected_examples'; a stronger optimizer (a served model) gets the method's bar"
         )
-    streak = unchanged_streak([data_changed(instance, round_key(n)) for n in range(1, round_number(key) + 1)])
+    r = round_number(key)
+    streak = unchanged_streak(data_changed(instance, round_key(n)) for n in range(r, 0, -1))
     if streak >= 2:
         stall = stall_rounds()
         out.append(
-            f"NOTE {key}: the data is unchanged for {streak} rounds in a row (round-{round_number(key) - streak + 1} "
+            f"NOTE {key}: the data is unchanged for {streak} rounds in a row (round-{r - streak + 1} "
             f"to {key}); "
             + (
                 f"the nightly schedule stops starting rounds after {stall} such rounds (MIDDO_STALL_ROUNDS; "
@@ -247,15 +244,15 @@ def round_warnings(instance: DagsterInstance, key: str) -> list[str]:
                 else "MIDDO_STALL_ROUNDS=0: the nightly schedule keeps starting rounds"
             )
         )
-    ck = _meta(instance, "sft_checkpoint", key)
+    ck = latest_metadata(instance, "sft_checkpoint", key)
     if ck.get("reused_from"):
         out.append(
             f"NOTE {key}: sft_checkpoint is {ck['reused_from']}'s, copied, not retrained: the same rows in the same "
             f"order with the same settings would train the same weights ({ck.get('training_seconds_saved')} s of "
             "training saved; sft_checkpoint reuse_identical: false retrains)"
         )
-    ev = _meta(instance, "round_evaluation", key)
-    opt = _meta(instance, "optimized_dataset", key)
+    ev = latest_metadata(instance, "round_evaluation", key)
+    opt = latest_metadata(instance, "optimized_dataset", key)
     if opt.get("rolled_back"):
         not_made = (
             f"its {ref['skipped_for_rollback']} planned refinements not generated (refined_samples, skip_on_rollback)"
@@ -282,15 +279,15 @@ def round_warnings(instance: DagsterInstance, key: str) -> list[str]:
 
 def summarize_round(instance: DagsterInstance, key: str) -> dict:
     sig = {
-        "rows_in": _meta(instance, "round_dataset", key).get("rows"),
-        "hard": _meta(instance, "loss_signals", key).get("hard"),
-        "sparse": _meta(instance, "embedding_signals", key).get("sparse"),
-        "low_quality": _meta(instance, "quality_signals", key).get("low_quality"),
+        "rows_in": latest_metadata(instance, "round_dataset", key).get("rows"),
+        "hard": latest_metadata(instance, "loss_signals", key).get("hard"),
+        "sparse": latest_metadata(instance, "embedding_signals", key).get("sparse"),
+        "low_quality": latest_metadata(instance, "quality_signals", key).get("low_quality"),
     }
-    ref = _meta(instance, "refined_samples", key)
-    opt = _meta(instance, "optimized_dataset", key)
-    ev = _meta(instance, "round_evaluation", key)
-    ck = _meta(instance, "sft_checkpoint", key)
+    ref = latest_metadata(instance, "refined_samples", key)
+    opt = latest_metadata(instance, "optimized_dataset", key)
+    ev = latest_metadata(instance, "round_evaluation", key)
+    ck = latest_metadata(instance, "sft_checkpoint", key)
     return sig | {
         "train_final_loss": ck.get("final_loss"),
         "refined_ok": ref.get("succeeded"),
@@ -362,7 +359,7 @@ def run_rounds(
             res = seed_job.execute_in_process(instance=instance, run_config=seed_cfg, raise_on_error=False)
             if not res.success:
                 raise RuntimeError(_failure_message(res, "seed_dataset"))
-            md = _meta(instance, "seed_dataset", None)
+            md = latest_metadata(instance, "seed_dataset", None)
             log(f"seed_dataset: {md.get('rows')} rows, {md.get('rejected')} rejected ({md.get('format')})")
         done = existing_rounds(instance)
         start = (max(done) + 1) if done else 1
@@ -411,7 +408,7 @@ def seed_conflict(instance: DagsterInstance, seed_path: str) -> str | None:
     from middo_pipeline.assets.ingestion import file_sha256
 
     rounds = existing_rounds(instance)
-    prev = _meta(instance, "seed_dataset", None)
+    prev = latest_metadata(instance, "seed_dataset", None)
     try:
         same = prev.get("file_sha256") is not None and file_sha256(seed_path) == prev["file_sha256"]
     except OSError:

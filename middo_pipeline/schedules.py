@@ -25,9 +25,8 @@ def next_round_decision(instance):
     stall = stall_rounds()
     unchanged = 0
     if complete and stall:
-        # oldest first, only as far back as the streak can matter
-        changed = [data_changed(instance, round_key(n)) for n in sorted(rounds)[-stall:]]
-        unchanged = unchanged_streak(changed)
+        # newest first, only as far back as the streak can matter
+        unchanged = unchanged_streak(data_changed(instance, round_key(n)) for n in sorted(rounds, reverse=True)[:stall])
     return decide_next_round(rounds, status, complete, seed_ready, MAX_ROUNDS, unchanged, stall)
 
 

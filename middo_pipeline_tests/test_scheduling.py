@@ -46,12 +46,17 @@ def test_max_rounds_stops():
 
 
 def test_unchanged_streak_counts_the_latest_rounds_only():
+    # newest round first
     assert unchanged_streak([]) == 0
-    assert unchanged_streak([True, False, False]) == 2
-    assert unchanged_streak([False, False, True]) == 0
+    assert unchanged_streak([False, False, True]) == 2
+    assert unchanged_streak([True, False, False]) == 0
     # not known (a round without recorded fingerprints) stops the streak
     assert unchanged_streak([False, None, False]) == 1
     assert unchanged_streak([False, False, False]) == 3
+    # read lazily: nothing past the round that breaks the streak
+    seen = []
+    assert unchanged_streak(seen.append(c) or c for c in [False, True, False, False]) == 1
+    assert seen == [False, True]
 
 
 def test_a_stalled_loop_is_not_continued_by_the_schedule():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 # Dagster run statuses by name (kept as strings so this module knows nothing of Dagster)
@@ -40,13 +40,15 @@ def stall_rounds() -> int:
     return value
 
 
-def unchanged_streak(changed: Sequence[bool | None]) -> int:
-    """How many of the latest complete rounds in a row left the data unchanged. ``changed`` is
-    per complete round, oldest first: True (the round's data differs from what it started
-    from), False (the same rows in the same order: the gate accepted nothing, or the round was
-    rolled back), None (not known: counts as changed, so the streak stops there)."""
+def unchanged_streak(changed_newest_first: Iterable[bool | None]) -> int:
+    """How many of the latest complete rounds in a row left the data unchanged.
+    ``changed_newest_first`` is per complete round, newest first (read lazily: a generator
+    stops being read at the first round that breaks the streak): True (the round's data
+    differs from what it started from), False (the same rows in the same order: the gate
+    accepted nothing, or the round was rolled back), None (not known: counts as changed, so
+    the streak stops there)."""
     n = 0
-    for c in reversed(list(changed)):
+    for c in changed_newest_first:
         if c is not False:
             break
         n += 1

@@ -381,7 +381,8 @@ def states_not_asks(instruction: str) -> bool:
     words = _WORD.findall(text.lower())
     if not words or "?" in text or words[0] not in _DETERMINERS:
         return False
-    if _POINTS_AT & set(words) or not _STATING & set(words):
+    vocab = set(words)
+    if _POINTS_AT & vocab or not _STATING & vocab:
         return False
     return len(_FIRST_SENTENCE.findall(text)) <= 1
 
@@ -478,21 +479,21 @@ def _is_repair(row: dict, th: RoundThresholds) -> bool:
 def text_reasons(row: dict, heldout_grams: set, ngram: int, control_tokens: Sequence[str] = ()) -> list[str]:
     """The rules a generated candidate breaks by its text alone (no model needed)."""
     reasons = []
-    text = f"{row.get('instruction_after') or ''}\n{row.get('output_after') or ''}"
+    prompt, output = row.get("instruction_after") or "", row.get("output_after") or ""
+    text = f"{prompt}\n{output}"
     if row.get("truncated"):
         reasons.append("cut at the token limit")
     if has_control_tokens(text, control_tokens):
         reasons.append("chat control tokens")
     if _shares_ngram(text, heldout_grams, ngram):
         reasons.append("overlaps the held-out set")
-    if meta_answer(row.get("instruction_after") or "", row.get("output_after") or ""):
+    if meta_answer(prompt, output):
         reasons.append("talks about the task")
-    if answer_in_prompt(row.get("instruction_after") or "", row.get("output_after") or ""):
+    if answer_in_prompt(prompt, output):
         reasons.append("answer given in the prompt")
-    new_prompt = row.get("instruction_after") or ""
-    if new_prompt != (row.get("instruction_before") or "") and states_not_asks(new_prompt):
+    if prompt != (row.get("instruction_before") or "") and states_not_asks(prompt):
         reasons.append("a statement, not a task")
-    if repeats_instruction(new_prompt, row.get("output_after") or ""):
+    if repeats_instruction(prompt, output):
         reasons.append("response repeats the task")
     return reasons
 
