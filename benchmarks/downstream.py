@@ -374,14 +374,14 @@ def runs_items(a_runs: list, b_runs: list, n_boot: int = 2000, seed: int = 0) ->
 
 
 # the verdicts a rollback rule could take from one run per round (``compare_rounds``'s two
-# measures): ``pipeline`` is ``optimized_dataset``'s (``core.merge.regression_verdict`` on
+# measures): ``pipeline`` is ``optimized_dataset``'s (``core.rollback.regression_verdict`` on
 # ``worse_beyond_floor``: a measure significantly worse by more than ``ROLLBACK_NOISE_FLOOR``); ``either`` is
 # significance alone (``compare_rounds``'s ``worse``, the ``no_regression`` check's verdict)
 ROLLBACK_RULES = ("pipeline", "either", "both", "mc", "loss")
 
 
 def _rule_verdicts(cmp: dict) -> dict[str, bool]:
-    from middo_pipeline.core.merge import worse_beyond_floor
+    from middo_pipeline.core.rollback import worse_beyond_floor
 
     significant = worse_beyond_floor(cmp, {"mc_accuracy": 0.0, "response_loss": 0.0})
     mc, loss = "mc_accuracy" in significant, "response_loss" in significant

@@ -20,10 +20,10 @@ from pydantic import Field
 from middo_pipeline.assets._meta import bars_md, image_md, tidy
 from middo_pipeline.core.checkpoints import derived_key, find_derived, source_digest
 from middo_pipeline.core.evaluation import compare_rounds, evaluate, load_eval_set
-from middo_pipeline.core.merge import worse_beyond_floor
 from middo_pipeline.core.plots import metric_by_round_png
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.readout_cache import model_identity
+from middo_pipeline.core.rollback import worse_beyond_floor
 from middo_pipeline.resources import ModelResource, StorageResource
 from middo_pipeline.rounds import earlier_rounds, previous_table, round_number, rounds_partitions
 
@@ -222,7 +222,7 @@ def _regression_check(vs_prev: dict | None) -> AssetCheckResult:
             "this round's optimized_dataset rolls its data back (on_regression: rollback, default floors)"
             if beyond
             else "significantly worse than the previous round by the item interval, but within what training order "
-            "alone moves it (the noise floor, core.merge.ROLLBACK_NOISE_FLOOR): not rolled back; retrain with another "
+            "alone moves it (the noise floor, core.rollback.ROLLBACK_NOISE_FLOOR): not rolled back; retrain with another "
             "seed to tell"
         )
         if vs_prev["worse"]

@@ -23,18 +23,12 @@ from middo_pipeline.assets._meta import bars_md, json_md, preview_md, tidy
 from middo_pipeline.core.checkpoints import require_checkpoint
 from middo_pipeline.core.evaluation import compare_rounds, load_eval_set
 from middo_pipeline.core.gate import gate_round, stage_counts
-from middo_pipeline.core.merge import (
-    ROLLBACK_NOISE_FLOOR,
-    SizePolicy,
-    check_conservation,
-    merge_round,
-    regression_verdict,
-    rollback_round,
-)
+from middo_pipeline.core.merge import SizePolicy, check_conservation, merge_round
 from middo_pipeline.core.optimizer.operations import plan_operations, run_operations
 from middo_pipeline.core.optimizer.prompts import PromptConfig, PromptStyle
 from middo_pipeline.core.optimizer.style import choose_style
 from middo_pipeline.core.progress import ProgressLogger
+from middo_pipeline.core.rollback import ROLLBACK_NOISE_FLOOR, regression_verdict, rollback_round
 from middo_pipeline.core.schema import fingerprint
 from middo_pipeline.core.verify import (
     DEFAULT_DUPLICATE_COSINE,

@@ -307,7 +307,7 @@ def test_end_to_end_with_run_operations(samples):
 
 
 def test_rollback_restores_the_previous_data_and_accounts_for_every_row(samples):
-    from middo_pipeline.core.merge import rollback_round
+    from middo_pipeline.core.rollback import rollback_round
 
     # D_r: round 2's merge of D_{r-1} (samples) with a simplification, a rewrite and two extensions
     refined = refined_table(
@@ -354,7 +354,7 @@ def test_rollback_restores_the_previous_data_and_accounts_for_every_row(samples)
 
 
 def test_rollback_refuses_an_input_that_is_not_the_previous_data_plus_its_refinements(samples):
-    from middo_pipeline.core.merge import rollback_round
+    from middo_pipeline.core.rollback import rollback_round
 
     d_r = merge_round(samples, refined_table([refined_row(samples, 1, "simplified")]), round_number=2).dataset
     with pytest.raises(ValueError, match="neither kept nor replaced"):
@@ -367,7 +367,7 @@ def test_regression_verdict_rolls_back_only_beyond_the_training_order_noise_floo
     import numpy as np
 
     from middo_pipeline.core.evaluation import compare_rounds
-    from middo_pipeline.core.merge import ROLLBACK_NOISE_FLOOR, regression_verdict
+    from middo_pipeline.core.rollback import ROLLBACK_NOISE_FLOOR, regression_verdict
 
     rng = np.random.default_rng(0)
     ids = list(range(240))
@@ -398,3 +398,30 @@ def test_regression_verdict_rolls_back_only_beyond_the_training_order_noise_floo
     assert verdict(loss - 0.1)[0] is False
     kept_only = verdict(loss + 0.5, rows=pl.DataFrame({"operation": ["kept"]}))
     assert kept_only[0] is False and "nothing to withdraw" in kept_only[1]
+
+
+def test_rollback_verdict_is_decided_once_from_the_two_evaluations_and_the_policy():
+    import numpy as np
+
+    from middo_pipeline.core.rollback import RollbackPolicy, rollback_verdict
+
+    rng = np.random.default_rng(0)
+    ids = list(range(240))
+    correct = rng.random(240) < 0.4
+    loss = rng.random(240) + 1.0
+    before = pl.DataFrame({"id": ids, "correct": correct, "loss": loss})
+    after = before.with_columns(pl.col("loss") + 0.5)
+    made = pl.DataFrame({"operation": ["kept", "rewritten"]})
+
+    first = rollback_verdict(None, None, made, "round-1", None)
+    assert first.rollback is False and "nothing to compare with" in first.reason
+    unevaluated = rollback_verdict(None, before, made, "round-3", "round-2")
+    assert unevaluated.rollback is False and "was not evaluated" in unevaluated.reason
+    worse = rollback_verdict(after, before, made, "round-3", "round-2")
+    assert worse.rollback is True and worse.reason.startswith("rollback: round-3's data")
+    kept = rollback_verdict(after, before, made, "round-3", "round-2", RollbackPolicy(on_regression="keep"))
+    assert kept.rollback is False and kept.reason == f"merged anyway (on_regression: keep): {worse.reason}"
+    lax = RollbackPolicy(noise_floor={"mc_accuracy": 1.0, "response_loss": 1.0})
+    assert rollback_verdict(after, before, made, "round-3", "round-2", lax).rollback is False
+    with pytest.raises(ValueError, match="on_regression"):
+        RollbackPolicy(on_regression="maybe")
