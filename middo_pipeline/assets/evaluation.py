@@ -24,10 +24,11 @@ from middo_pipeline.core.plots import metric_by_round_png
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.readout_cache import model_identity
 from middo_pipeline.core.rollback import worse_beyond_floor
+from middo_pipeline.packaged import HELDOUT, data_file
 from middo_pipeline.resources import ModelResource, StorageResource
 from middo_pipeline.rounds import earlier_rounds, previous_table, round_number, rounds_partitions
 
-DEFAULT_EVAL = Path(__file__).resolve().parents[2] / "data" / "eval_heldout.jsonl"
+DEFAULT_EVAL = data_file(HELDOUT)
 METRICS = ("mean_response_loss", "mc_accuracy")
 NO_REGRESSION = "no_regression"
 # what the downstream benchmark's placebo measured (benchmarks/README.md, downstream)

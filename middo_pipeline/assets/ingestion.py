@@ -23,11 +23,12 @@ from middo_pipeline.assets._meta import json_md, length_stats, preview_md, tidy
 from middo_pipeline.core.ingest import SeedFileError, read_seed
 from middo_pipeline.core.schema import fingerprint, schema_problems
 from middo_pipeline.core.storage import StorageError
+from middo_pipeline.packaged import SEED, data_file
 from middo_pipeline.preflight import PreflightError, resource_problems
 from middo_pipeline.resources import ModelResource, OptimizerResource, StorageResource
 from middo_pipeline.rounds import latest_materialization, previous_round, previous_table, rounds_partitions
 
-DEFAULT_SEED = Path(__file__).resolve().parents[2] / "data" / "seed_alpaca.json"
+DEFAULT_SEED = data_file(SEED)
 
 
 def default_seed_path() -> str:

@@ -42,6 +42,7 @@ from middo_pipeline.core.verify import (
     ngram_set,
     resolve_acceptance_bar,
 )
+from middo_pipeline.packaged import HELDOUT, data_file
 from middo_pipeline.resources import ModelResource, OptimizerResource, RayComputeResource, StorageResource
 from middo_pipeline.rounds import (
     latest_materialization,
@@ -51,7 +52,7 @@ from middo_pipeline.rounds import (
     rounds_partitions,
 )
 
-DEFAULT_EVAL = Path(__file__).resolve().parents[2] / "data" / "eval_heldout.jsonl"
+DEFAULT_EVAL = data_file(HELDOUT)
 
 
 class RefineConfig(Config):

@@ -1,0 +1,1 @@
+"""Installed as ``middo_pipeline.data`` (see pyproject.toml): read through middo_pipeline.packaged."""
