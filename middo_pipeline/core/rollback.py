@@ -24,7 +24,7 @@ ROLLED_BACK = "rolled_back"  # replacement_status of a withdrawn row
 _REPLACING = (SIMPLIFIED, REWRITTEN)
 
 # How much worse a round's model must be, beyond significance, before its data is rolled back:
-# the spread that training order alone gives (docs/decisions/gate-rollback-floor.md).
+# the spread that training order alone gives (docs/decisions/rollback-floor.md).
 ROLLBACK_NOISE_FLOOR = {"mc_accuracy": 0.02, "response_loss": 0.025}
 
 
