@@ -172,8 +172,9 @@ def default_bar_outcome(cands, loss_signals, quality_signals) -> dict:
     Re-judged from the stored signals, no forward pass."""
     import polars as pl
 
-    from middo_pipeline.assets.optimization import RefineConfig, _heldout_grams
+    from middo_pipeline.assets.refinement import RefineConfig
     from middo_pipeline.core.gate import round_thresholds
+    from middo_pipeline.core.refine import heldout_grams
     from middo_pipeline.core.verify import choose_candidates, resolve_acceptance_bar, verify_candidates
 
     bar = resolve_acceptance_bar("auto", "direct")
@@ -182,7 +183,7 @@ def default_bar_outcome(cands, loss_signals, quality_signals) -> dict:
     verdict = verify_candidates(
         cands.drop([c for c in ("passed", "reasons") if c in cands.columns]),
         th,
-        heldout_grams=_heldout_grams(str(DOWN_EVAL), cfg.heldout_ngram),
+        heldout_grams=heldout_grams(DOWN_EVAL, cfg.heldout_ngram),
         ngram=cfg.heldout_ngram,
     )
     # a candidate the flag rule rejected stays rejected (it may have failed a rule whose inputs
@@ -212,8 +213,9 @@ def gate_stored_round(store, cands, tables: dict, settings, heldout: Path, bar: 
     read in full, so that its signals can be re-judged under other rules."""
     import polars as pl
 
-    from middo_pipeline.assets.optimization import RefineConfig, _heldout_grams
+    from middo_pipeline.assets.refinement import RefineConfig
     from middo_pipeline.core.gate import gate_round
+    from middo_pipeline.core.refine import heldout_grams
     from middo_pipeline.models.loading import load_model
 
     cfg = RefineConfig()
@@ -233,7 +235,7 @@ def gate_stored_round(store, cands, tables: dict, settings, heldout: Path, bar: 
         judge_model=judge,
         rules=cfg.gate_rules(bar),
         round_dataset=tables.get("round_dataset"),
-        heldout_grams=_heldout_grams(str(heldout), cfg.heldout_ngram),
+        heldout_grams=heldout_grams(heldout, cfg.heldout_ngram),
         ngram=cfg.heldout_ngram,
         cascade=cascade,
     )

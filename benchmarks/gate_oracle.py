@@ -182,12 +182,13 @@ def judge(
     import polars as pl
 
     from benchmarks.downstream import gate_stored_round
-    from middo_pipeline.assets.optimization import RefineConfig, _heldout_grams
+    from middo_pipeline.assets.refinement import RefineConfig
     from middo_pipeline.core.gate import round_thresholds
+    from middo_pipeline.core.refine import heldout_grams
     from middo_pipeline.core.verify import verify_candidates
 
     cfg = RefineConfig()
-    grams = _heldout_grams(str(heldout), cfg.heldout_ngram)
+    grams = heldout_grams(heldout, cfg.heldout_ngram)
     t0 = time.perf_counter()
     first = gate_stored_round(store, cands, tables, settings, heldout, "flag")
     if seconds is not None:

@@ -24,11 +24,17 @@ import os
 
 from dagster import Definitions, load_assets_from_modules
 
-from middo_pipeline.assets import evaluation, ingestion, optimization, signals, training
+from middo_pipeline.assets import evaluation, ingestion, merging, refinement, signals, training
 from middo_pipeline.io import ParquetIOManager
 from middo_pipeline.jobs import round_job, seed_job
 from middo_pipeline.models.loading import DEFAULT_MODEL, TINY_MODEL
-from middo_pipeline.resources import ModelResource, OptimizerResource, RayComputeResource, StorageResource
+from middo_pipeline.resources import (
+    EvaluationResource,
+    ModelResource,
+    OptimizerResource,
+    RayComputeResource,
+    StorageResource,
+)
 from middo_pipeline.schedules import nightly_round
 
 
@@ -71,6 +77,8 @@ def resources_from_env(env: dict | None = None) -> dict:
             **({"engine": env["MIDDO_OPTIMIZER_ENGINE"]} if env.get("MIDDO_OPTIMIZER_ENGINE") else {}),
         ),
         "ray": ray_from_env(env),
+        # the one resource set per run (config file: resources: {evaluation: {config: ...}})
+        "evaluation": EvaluationResource(),
     }
 
 
@@ -108,7 +116,7 @@ def ray_from_env(env: dict) -> RayComputeResource:
 def build_defs(env: dict | None = None) -> Definitions:
     """The code location, with resources from ``env`` (default: the process environment)."""
     return Definitions(
-        assets=load_assets_from_modules([ingestion, training, signals, optimization, evaluation]),
+        assets=load_assets_from_modules([ingestion, training, signals, refinement, merging, evaluation]),
         jobs=[seed_job, round_job],
         schedules=[nightly_round],
         resources=resources_from_env(env),

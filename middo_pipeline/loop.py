@@ -40,6 +40,7 @@ ROUND_ASSET_OPS = {  # run-config keys under "ops" that belong to the round job 
     "optimized_dataset",
     "round_evaluation",
 }
+PER_RUN_RESOURCES = {"evaluation"}  # resources a config file may set (the others come from MIDDO_* variables)
 
 
 # Instance settings written into a new DAGSTER_HOME: no telemetry, and runs launched from the
@@ -112,7 +113,7 @@ PRESETS = Path(__file__).resolve().parent / "configs"
 
 
 def load_run_config(path: str | None) -> dict:
-    """A YAML run config (``ops: {asset: {config: ...}}``), or a preset name
+    """A YAML run config (``ops: {asset: {config: ...}}``, ``resources: {evaluation: {config: ...}}``), or a preset name
     from ``middo_pipeline/configs`` ("tiny", "gpu")."""
     if not path:
         return {}
@@ -139,11 +140,15 @@ def load_run_config(path: str | None) -> dict:
 
 
 def split_config(cfg: dict) -> tuple[dict, dict]:
-    unknown_top = set(cfg) - {"ops"}
+    unknown_top = set(cfg) - {"ops", "resources"}
     if unknown_top:
+        raise ValueError(f"unknown top-level config keys {sorted(unknown_top)}: only 'ops' and 'resources'")
+    resources = cfg.get("resources") or {}
+    if not isinstance(resources, dict) or set(resources) - PER_RUN_RESOURCES:
+        found = sorted(resources) if isinstance(resources, dict) else resources
         raise ValueError(
-            f"unknown top-level config keys {sorted(unknown_top)}: only 'ops' (resources come from "
-            "MIDDO_* environment variables, see README)"
+            f"resources: {found!r:.60}: only {sorted(PER_RUN_RESOURCES)} is set in a config file (the other "
+            "resources come from MIDDO_* environment variables, see README)"
         )
     ops = cfg.get("ops") or {}
     if not isinstance(ops, dict):
@@ -157,6 +162,8 @@ def split_config(cfg: dict) -> tuple[dict, dict]:
         )
     seed = {"ops": {k: v for k, v in ops.items() if k == "seed_dataset"}}
     rnd = {"ops": {k: v for k, v in ops.items() if k in ROUND_ASSET_OPS}}
+    if resources:
+        rnd["resources"] = resources
     return seed, rnd
 
 

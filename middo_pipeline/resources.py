@@ -20,6 +20,7 @@ from pydantic import Field
 from middo_pipeline.core.llm import BackendKind
 from middo_pipeline.core.llm.local import DEFAULT_BATCH_SIZE, DEFAULT_ENGINE, DEFAULT_QUANTIZE
 from middo_pipeline.core.llm.protocol import LLMBackend
+from middo_pipeline.core.rollback import ROLLBACK_NOISE_FLOOR, OnRegression, RollbackPolicy
 from middo_pipeline.core.storage import Storage
 from middo_pipeline.models.loading import DEFAULT_MODEL, DType, LoadedModel, load_model, resolve_model_path
 
@@ -59,6 +60,32 @@ class ModelResource(ConfigurableResource):
     def load(self, path: str | None = None) -> LoadedModel:
         """Load the base model, or a checkpoint folder when ``path`` is given."""
         return load_model(path or self.base_model, **self.load_kwargs())
+
+
+class EvaluationResource(ConfigurableResource):
+    """What a round that trained a worse model than the previous one leads to: one setting read by
+    refined_samples (which then generates nothing) and optimized_dataset (which then rolls back),
+    so that the two cannot disagree. Set per run under ``resources: {evaluation: {config: ...}}``."""
+
+    on_regression: OnRegression = Field(
+        default="rollback",
+        description="rollback: the next round gets the previous round's data again when this round's data trained "
+        "a significantly worse model (round_evaluation); keep: merge as usual",
+    )
+    rollback_floor_mc_accuracy: float = Field(
+        default=ROLLBACK_NOISE_FLOOR["mc_accuracy"],
+        ge=0.0,
+        description="Roll back on MC accuracy only when it fell by more than this (what training order alone moves it by)",
+    )
+    rollback_floor_response_loss: float = Field(
+        default=ROLLBACK_NOISE_FLOOR["response_loss"],
+        ge=0.0,
+        description="Roll back on mean response loss only when it rose by more than this (nats)",
+    )
+
+    def rollback_policy(self) -> RollbackPolicy:
+        floor = {"mc_accuracy": self.rollback_floor_mc_accuracy, "response_loss": self.rollback_floor_response_loss}
+        return RollbackPolicy(on_regression=self.on_regression, noise_floor=floor)
 
 
 class OptimizerResource(ConfigurableResource):

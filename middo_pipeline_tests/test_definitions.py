@@ -66,6 +66,8 @@ def test_presets_are_valid_run_config(preset):
 
 
 def test_bad_run_config_is_clear(tmp_path):
+    from dagster import validate_run_config
+
     from middo_pipeline.loop import load_run_config, split_config
 
     bad = tmp_path / "bad.yaml"
@@ -75,6 +77,11 @@ def test_bad_run_config_is_clear(tmp_path):
     bad.write_text("resources: {optimizer: {config: {model: x}}}\n")
     with pytest.raises(ValueError, match="MIDDO_"):
         split_config(load_run_config(str(bad)))
+    good = tmp_path / "keep.yaml"
+    good.write_text("resources: {evaluation: {config: {on_regression: keep}}}\n")
+    _, round_cfg = split_config(load_run_config(str(good)))
+    assert round_cfg["resources"] == {"evaluation": {"config": {"on_regression": "keep"}}}
+    validate_run_config(build_defs({}).resolve_job_def("middo_round"), round_cfg)
     with pytest.raises(FileNotFoundError):
         load_run_config(str(tmp_path / "missing.yaml"))
 

@@ -206,7 +206,8 @@ def test_openai_server_down_is_refused(loop_env, monkeypatch, capsys):
         ),
         ("ops: 5\n", "'ops' must be a mapping"),
         ("ops:\n  training: {}\n", "unknown entries under ops: ['training']"),
-        ("resources: {}\n", "unknown top-level config keys ['resources']"),
+        ("resources: {model: {}}\n", "only ['evaluation'] is set in a config file"),
+        ("run: {}\n", "unknown top-level config keys ['run']"),
     ],
 )
 def test_bad_run_config_is_refused_before_the_seed_step(loop_env, tmp_path, capsys, config, expected):

@@ -73,11 +73,12 @@ def test_two_round_loop(two_rounds):
 
     # the gate re-scores exactly the generated candidates whose text passes its text rules, and
     # reads after training only those that their base-model readings do not already reject
-    from middo_pipeline.assets.optimization import DEFAULT_EVAL, _heldout_grams
+    from middo_pipeline.assets.refinement import DEFAULT_EVAL
+    from middo_pipeline.core.refine import heldout_grams
     from middo_pipeline.core.verify import text_reasons
 
     cands = pl.read_parquet(store.table_path("refinement_candidates", "round-1"))
-    grams = _heldout_grams(str(DEFAULT_EVAL), 8)
+    grams = heldout_grams(DEFAULT_EVAL, 8)
     assert cands.height > 0
     for row in cands.iter_rows(named=True):
         text_ok = row["status"] == "ok" and not text_reasons(row, grams, 8)
@@ -504,7 +505,7 @@ def test_a_round_whose_data_trained_worse_rolls_back_to_the_previous_data(two_ro
             res = job.execute_in_process(
                 instance=instance,
                 partition_key="round-2",
-                run_config={"ops": {"optimized_dataset": {"config": {"on_regression": "keep"}}}},
+                run_config={"resources": {"evaluation": {"config": {"on_regression": "keep"}}}},
             )
             assert res.success
             md = latest_materialization(instance, "optimized_dataset", "round-2").asset_materialization.metadata
@@ -513,15 +514,13 @@ def test_a_round_whose_data_trained_worse_rolls_back_to_the_previous_data(two_ro
             # ...including that refined_samples, run without this setting, expected a rollback
             assert "refined_samples generated none of its" in md["regression_decision"].value
             assert src["sample_id"] not in pl.read_parquet(paths["out"])["sample_id"].to_list()
-            # refined_samples reads on_regression from its own run: with keep it generates
+            # refined_samples reads on_regression from the same resource: with keep it generates
             res = refine_and_merge.execute_in_process(
                 instance=instance,
                 partition_key="round-2",
                 run_config={
-                    "ops": {
-                        "optimized_dataset": {"config": {"on_regression": "keep"}},
-                        "refined_samples": {"config": {"verify": False}},  # the checkpoint saw the untampered data
-                    }
+                    "resources": {"evaluation": {"config": {"on_regression": "keep"}}},
+                    "ops": {"refined_samples": {"config": {"verify": False}}},  # the checkpoint saw the untampered data
                 },
             )
             assert res.success

@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 import torch
 
-from middo_pipeline.assets.optimization import optimizer_calls_check
+from middo_pipeline.assets.refinement import optimizer_calls_check
 from middo_pipeline.core.llm.protocol import Completion
 from middo_pipeline.core.optimizer.operations import REFINED_SCHEMA
 from middo_pipeline.core.optimizer.style import STEPWISE_MIN_PARAMS, choose_style

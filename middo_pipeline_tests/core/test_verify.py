@@ -262,25 +262,20 @@ def test_auto_bar_is_typical_for_an_optimizer_that_cannot_follow_the_stepwise_pr
 
 
 def test_auto_bar_asks_the_optimizer_as_prompt_style_auto_does():
-    """The asset's ``acceptance_bar: auto``: a local model's size decides (< 3B: typical), also
-    when the prompt style was configured; a configured bar is used as it is."""
+    """``acceptance_bar: auto``: a local model's size decides (< 3B: typical), also when the
+    prompt style was configured; a configured bar is used as it is."""
     from types import SimpleNamespace
 
-    from middo_pipeline.assets.optimization import RefineConfig, _acceptance_bar
+    from middo_pipeline.core.refine import acceptance_bar
 
     small, large = SimpleNamespace(n_params=135_000_000), SimpleNamespace(n_params=7_000_000_000)
-    auto = RefineConfig()
-    assert auto.acceptance_bar == "auto"
-    bar, why = _acceptance_bar(auto, small, "direct", "model size: 135M parameters", planned=True)
+    bar, why = acceptance_bar("auto", "auto", small, "direct", "model size: 135M parameters", planned=True)
     assert bar == "typical" and "a small optimizer" in why and "135M" in why
-    direct = RefineConfig(prompt_style="direct")  # the style was configured: the size still decides
-    assert _acceptance_bar(direct, large, "direct", "configured", planned=True)[0] == "flag"
-    assert _acceptance_bar(direct, small, "direct", "configured", planned=True)[0] == "typical"
-    assert _acceptance_bar(RefineConfig(acceptance_bar="flag"), small, "direct", "", planned=True) == (
-        "flag",
-        "configured",
-    )
-    assert _acceptance_bar(auto, small, "direct", "", planned=False)[1] == "auto; nothing to verify"
+    # the style was configured: the size still decides
+    assert acceptance_bar("auto", "direct", large, "direct", "configured", planned=True)[0] == "flag"
+    assert acceptance_bar("auto", "direct", small, "direct", "configured", planned=True)[0] == "typical"
+    assert acceptance_bar("flag", "auto", small, "direct", "", planned=True) == ("flag", "configured")
+    assert acceptance_bar("auto", "auto", small, "direct", "", planned=False)[1] == "auto; nothing to verify"
 
 
 def test_round_thresholds_typical_are_the_round_medians():

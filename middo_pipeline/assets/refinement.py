@@ -1,0 +1,482 @@
+"""Step 3 of the loop: the optimizer LLM writes candidates for the flagged samples; the gate keeps
+the ones the round's own signals accept."""
+
+import time
+from dataclasses import fields
+from typing import Literal
+
+import polars as pl
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetOut,
+    Config,
+    MetadataValue,
+    Output,
+    multi_asset,
+)
+from pydantic import Field
+
+from middo_pipeline.assets._meta import bars_md, json_md, preview_md, tidy
+from middo_pipeline.assets._rollback import round_verdict
+from middo_pipeline.core.checkpoints import require_checkpoint
+from middo_pipeline.core.gate import gate_round, stage_counts
+from middo_pipeline.core.optimizer.operations import run_operations
+from middo_pipeline.core.optimizer.prompts import PromptConfig, PromptStyle
+from middo_pipeline.core.progress import ProgressLogger
+from middo_pipeline.core.refine import (
+    RefinementPlan,
+    acceptance_bar,
+    failure_counts,
+    first_candidates,
+    heldout_grams,
+    max_prompt_tokens,
+    outcomes_by_operation,
+    plan_refinements,
+    prompt_style,
+    rejections_by_reason,
+    round_seed,
+)
+from middo_pipeline.core.rollback import RollbackVerdict
+from middo_pipeline.core.schema import fingerprint
+from middo_pipeline.core.verify import (
+    DEFAULT_DUPLICATE_COSINE,
+    DEFAULT_MAX_FLUENCY_LOSS,
+    DEFAULT_MAX_IFD,
+    DEFAULT_NEW_TASK_GAIN,
+    DEFAULT_REPAIR_GAIN,
+    DEFAULT_SAME_TASK_COSINE,
+    GateRules,
+    choose_candidates,
+)
+from middo_pipeline.packaged import HELDOUT, data_file
+from middo_pipeline.resources import (
+    EvaluationResource,
+    ModelResource,
+    OptimizerResource,
+    RayComputeResource,
+    StorageResource,
+)
+from middo_pipeline.rounds import previous_round, round_number, rounds_partitions
+
+DEFAULT_EVAL = data_file(HELDOUT)
+# the candidates' signals shown beside their text in the accepted preview
+SIGNAL_COLUMNS = [
+    "operation",
+    "origin_id",
+    "loss_after_original",
+    "loss_after",
+    "quality_value_original",
+    "quality_value",
+    "ifd",
+    "max_cosine",
+    "max_cosine_same_task",
+    "new_task_gain",
+    "repair_gain",
+    "prompt_fluency_gain",
+    "cosine_original",
+    "neighbor_similarity_original",
+    "instruction_before",
+    "instruction_after",
+    "output_after",
+]
+
+
+class RefineConfig(Config):
+    simplify: bool = Field(default=True, description="Simplify hard samples (complexity signal)")
+    extend: bool = Field(
+        default=True, description="Extend sparse samples (diversity signal); not those also low quality"
+    )
+    rewrite: bool = Field(default=True, description="Rewrite low-quality samples (quality signal)")
+    prompt_style: Literal["auto", PromptStyle] = Field(
+        default="auto",
+        description="direct (small models) | stepwise (strong models) | auto: by the model's size when known (local), else by a one-call probe of the stepwise format",
+    )
+    max_prompt_tokens: int | None = Field(
+        default=None, description="Max new tokens for a new prompt (default 160 direct, 768 stepwise)"
+    )
+    max_response_tokens: int = Field(default=192, description="Max new tokens for a new response")
+    candidates: int = Field(
+        default=2, ge=1, description="Candidates generated per flagged sample (k); the gate keeps the best that passes"
+    )
+    temperature: float = Field(
+        default=0.7, ge=0.0, description="Sampling temperature of the candidates (> 0 when candidates > 1)"
+    )
+    seed: int = Field(default=0, description="Base seed: candidate c of round r samples with seed + 1000·r + c")
+    verify: bool = Field(
+        default=True,
+        description="Verified refinement: re-score every candidate with the round's models and thresholds; accept only fixes (off: the first candidate is taken unchecked)",
+    )
+    duplicate_cosine: float = Field(
+        default=DEFAULT_DUPLICATE_COSINE,
+        gt=0.0,
+        le=1.0,
+        description="With duplicate_same_task off: an extension this similar (cosine, in the round's embedding space) "
+        "to any round sample is a near-duplicate",
+    )
+    duplicate_same_task: bool = Field(
+        default=True,
+        description="An extension is a near-duplicate of a round sample that reads as the same task (every content "
+        "word of one prompt in the other, or answers sharing half their content words) among its 16 nearest, at "
+        "same_task_cosine or more: the prompt embedding follows wording more than task (a new question on the same "
+        "template is 0.99 alike, a reworded paraphrase 0.55-0.99). Off: any sample at duplicate_cosine or more",
+    )
+    same_task_cosine: float = Field(
+        default=DEFAULT_SAME_TASK_COSINE,
+        ge=0.0,
+        le=1.0,
+        description="With duplicate_same_task: how similar (cosine) a same-task sample must be to count "
+        "(distinct prompts' 99th percentile is 0.49)",
+    )
+    new_task: bool = Field(
+        default=True,
+        description="An extension must be a new task: its prompt and its origin's each explain their own answer better "
+        "(base model, nats per response token) than the other's answer, by more than new_task_gain. A paraphrase of "
+        "the origin fails (its prompts are interchangeable), and so does an unrelated or garbled answer",
+    )
+    new_task_gain: float = Field(
+        default=DEFAULT_NEW_TASK_GAIN,
+        description="With new_task: the margin (nats per token) each prompt must explain its own answer by",
+    )
+    near_origin: bool = Field(
+        default=True,
+        description="A candidate must be at least as similar to the sample it was made from as that sample's k nearest "
+        "neighbours are on average (a rewrite that changed the task, an extension outside the sparse region, is rejected)",
+    )
+    repair: bool = Field(
+        default=True,
+        description="With near_origin: a simplification or rewrite farther from its origin is still accepted when its "
+        "prompt explains the origin's answer better than the origin's own prompt and than no prompt, by more than repair_gain (base "
+        "model, nats per response token), and reads at least as fluently (prompt-free loss; a scramble does not): the "
+        "repair of a garbled or truncated prompt, which the embedding puts far from the garbled original",
+    )
+    repair_gain: float = Field(
+        default=DEFAULT_REPAIR_GAIN,
+        description="With repair: the margin (nats per token) by which the candidate's prompt must explain the origin's "
+        "answer better (0.2: measured on the gate benchmark's one stored round, benchmarks/README)",
+    )
+    max_ifd: float | None = Field(
+        default=DEFAULT_MAX_IFD,
+        gt=0.0,
+        description="A candidate whose prompt does not help explain its answer is rejected: its IFD (response loss given "
+        "the prompt / response loss alone, base model) is this or more, whatever the round's quality threshold (a "
+        "round with many defective rows sets a lax one, under which a fluent answer to another question passes). "
+        "0.95: chosen on two of the gate benchmark's stored rounds, checked on a third (benchmarks/README, run 7); "
+        "null: no ceiling",
+    )
+    max_fluency_loss: float | None = Field(
+        default=DEFAULT_MAX_FLUENCY_LOSS,
+        ge=0.0,
+        description="A simplification or rewrite whose new prompt reads worse than its origin's by more than this (nats "
+        "per token of prompt-free loss, base model) is rejected: a scramble of a clean prompt whose words still explain "
+        "the answer passes the IFD and quality rules. 3: chosen on three of the gate benchmark's rounds, checked on a "
+        "fourth (benchmarks/README, run 9); null: no floor",
+    )
+    acceptance_bar: Literal["auto", "flag", "typical"] = Field(
+        default="auto",
+        description="flag: an accepted candidate no longer carries the flag it was made to fix and gets no new one "
+        "(the method's rule) | typical: it must also be no harder after training than the round's median sample "
+        "and of at least its median quality (conservative: for a weak optimizer, whose 'unflagged' outputs are "
+        "mostly worse than typical rows) | auto: typical for an optimizer that cannot follow the stepwise prompt "
+        "(below 3B parameters when its size is known, else by the prompt-style probe), flag for one that can",
+    )
+    cascade: bool = Field(
+        default=True,
+        description="A candidate whose base-model readings already reject it (IFD at or above max_ifd; with quality "
+        "mode ifd, quality below the round's bar) is read no further: no cross-prompt, checkpoint or self-judge pass "
+        "(the same verdicts; refinement_candidates then holds only those readings for it, column gate_stage). Off: "
+        "every candidate is read in full",
+    )
+    skip_on_rollback: bool = Field(
+        default=True,
+        description="When the merge will roll this round back (its data trained a worse model than the previous "
+        "round's: optimized_dataset's on_regression and noise floors as this run configures them), generate "
+        "nothing: the merge would discard the refinements. false: generate and verify them anyway, for inspection",
+    )
+    heldout_path: str = Field(default=str(DEFAULT_EVAL), description="Held-out set whose text candidates must not copy")
+    heldout_ngram: int = Field(
+        default=8, ge=3, description="A candidate sharing a run of this many words with the held-out set is rejected"
+    )
+
+    def gate_rules(self, bar: str = "flag") -> GateRules:
+        """The gate's rule settings, as ``core.gate.round_thresholds`` and ``gate_round`` take
+        them, under the acceptance ``bar`` (resolved per round: never ``auto`` here)."""
+        return GateRules(**{f.name: getattr(self, f.name) for f in fields(GateRules) if f.name != "bar"}, bar=bar)
+
+
+@multi_asset(
+    partitions_def=rounds_partitions,
+    group_name="optimize",
+    # the round's evaluation says whether the merge will roll the round back: then nothing is
+    # generated (skip_on_rollback). Read from storage, like optimized_dataset does
+    deps=["round_evaluation"],
+    outs={
+        "refinement_candidates": AssetOut(
+            kinds={"polars"},
+            description="Every optimizer candidate (k per flagged sample), re-scored with the round's models: losses, "
+            "IFD, quality value, similarity to the round; passed or the reasons it was rejected.",
+        ),
+        "refined_samples": AssetOut(
+            kinds={"polars"},
+            description="One row per flagged sample and operation (hard → simplified, low quality → rewritten, "
+            "sparse → extended): the accepted candidate (status ok), or rejected with the reason "
+            "('verification: still hard', ...), or failed. Before and after, signals before and after.",
+        ),
+    },
+    check_specs=[
+        AssetCheckSpec(
+            "optimizer_calls",
+            asset="refined_samples",
+            description="The optimizer produced at least one usable candidate when operations were planned "
+            "(every call failing means a broken backend or a prompt style the model cannot follow)",
+        )
+    ],
+)
+def refined_samples(
+    context: AssetExecutionContext,
+    config: RefineConfig,
+    optimizer: OptimizerResource,
+    model: ModelResource,
+    storage: StorageResource,
+    ray: RayComputeResource,
+    evaluation: EvaluationResource,
+    round_dataset: pl.DataFrame,
+    model_readouts: pl.DataFrame,
+    loss_signals: pl.DataFrame,
+    embedding_signals: pl.DataFrame,
+    quality_signals: pl.DataFrame,
+):
+    key = context.partition_key
+    store = storage.get()
+    plan = plan_refinements(
+        round_dataset,
+        loss_signals,
+        quality_signals,
+        embedding_signals,
+        simplify=config.simplify,
+        rewrite=config.rewrite,
+        extend=config.extend,
+    )
+    context.log.info(plan.summary())
+    verdict = round_verdict(store, key, round_dataset, evaluation)
+    skipped = plan.operations.height if verdict.rollback and config.skip_on_rollback else 0
+    if skipped:
+        context.log.warning(
+            f"{key}: {skipped} planned operations not generated: {verdict.reason}. optimized_dataset will hand on "
+            f"{previous_round(key)}'s data, so this round's refinements would not be merged (skip_on_rollback: false "
+            "generates them anyway)"
+        )
+        plan.operations = plan.operations.clear()
+    planned = plan.operations.height > 0
+
+    backend = optimizer.make_backend(store, ray=ray, log=context.log.info)
+    style, style_reason = prompt_style(config.prompt_style, backend, optimizer.default_style(), planned)
+    if config.prompt_style == "auto" and planned:
+        context.log.info(f"prompt style {style} ({style_reason})")
+    bar, bar_reason = acceptance_bar(
+        config.acceptance_bar, config.prompt_style, backend, style, style_reason, planned and config.verify
+    )
+    if config.verify and planned:
+        context.log.info(f"acceptance bar {bar} ({bar_reason})")
+    prompt_cfg = PromptConfig(
+        style=style,
+        max_prompt_tokens=max_prompt_tokens(style, config.max_prompt_tokens),
+        max_response_tokens=config.max_response_tokens,
+        temperature=config.temperature,
+        seed=round_seed(config.seed, round_number(key)),
+    )
+    t0 = time.perf_counter()
+    candidates = run_operations(
+        round_dataset,
+        plan.operations,
+        plan.neighbors,
+        backend,
+        prompt_cfg,
+        round_number=round_number(key),
+        candidates=config.candidates,
+        progress=ProgressLogger(context.log.info, "optimizer calls", unit="calls"),
+    )
+    gen_seconds = time.perf_counter() - t0
+    close = getattr(getattr(backend, "backend", backend), "close", None)
+    if ray.enabled and close is not None:
+        close()  # free the Ray workers' CPUs/GPUs for the re-scoring pools
+
+    t0 = time.perf_counter()
+    if config.verify and candidates.height:
+        signals = dict(
+            model_readouts=model_readouts,
+            loss_signals=loss_signals,
+            quality_signals=quality_signals,
+            embedding_signals=embedding_signals,
+        )
+        verified, th = _gate(context, config, model, ray, store, candidates, round_dataset, bar, signals)
+        chosen = choose_candidates(verified)
+    else:  # the gate is off: the first candidate of each operation, unchecked (what the reference does)
+        th = None
+        verified, chosen = first_candidates(candidates, config.candidates)
+    gate_seconds = time.perf_counter() - t0
+
+    accepted = int((chosen["status"] == "ok").sum()) if chosen.height else 0
+    if accepted == 0 and chosen.height:
+        context.log.warning(
+            f"{key}: no refinement was accepted ({int((chosen['status'] == 'rejected').sum())} rejected, "
+            f"{int((chosen['status'] == 'failed').sum())} failed): the round keeps its samples unchanged"
+        )
+    stats = backend.stats()
+    seconds = {"generation_seconds": round(gen_seconds, 1), "verification_seconds": round(gate_seconds, 1)}
+    context.add_output_metadata(
+        output_name="refinement_candidates", metadata=_candidates_metadata(config, verified, th, seconds)
+    )
+    run = dict(
+        plan=plan, verdict=verdict, skipped=skipped, style=(style, style_reason), bar=(bar, bar_reason), stats=stats
+    )
+    context.add_output_metadata(
+        output_name="refined_samples",
+        metadata=_refined_metadata(config, optimizer, chosen, run, seconds, gen_seconds),
+    )
+    yield Output(verified, output_name="refinement_candidates")
+    yield Output(chosen, output_name="refined_samples")
+    check = optimizer_calls_check(candidates, style)
+    if not check.passed:
+        context.log.warning(f"{key}: {check.description}")
+    yield check
+
+
+def _gate(context, config, model, ray, store, candidates, round_dataset, bar, signals) -> tuple:
+    """``core.gate.gate_round`` with the round's base model, checkpoint and (judge mode) self-judge."""
+    key = context.partition_key
+    ckpt = store.checkpoint_dir(key)
+    require_checkpoint(ckpt, key, fingerprint(round_dataset))
+    mode = signals["quality_signals"]["quality_mode"][0]
+    judge_lm = model.load(str(ckpt)) if mode in ("judge", "combined") else None
+    return gate_round(
+        candidates,
+        **signals,
+        base=lambda: ray.forward(model, log=context.log.info),
+        checkpoint=lambda: ray.forward(model, str(ckpt), log=context.log.info),
+        judge_model=judge_lm,
+        rules=config.gate_rules(bar),
+        round_dataset=round_dataset,
+        heldout_grams=heldout_grams(config.heldout_path, config.heldout_ngram),
+        ngram=config.heldout_ngram,
+        cascade=config.cascade,
+        log=context.log.warning,
+        progress=lambda name: ProgressLogger(context.log.info, name),
+    )
+
+
+def _stages(verified: pl.DataFrame) -> dict:
+    """``gate.stage_counts``, named for the UI."""
+    names = {"text": "text rules (no forward pass)", "base": "base-model readings (no checkpoint pass)"}
+    return {names.get(k, "read in full"): n for k, n in stage_counts(verified).items()}
+
+
+def _candidates_metadata(config: RefineConfig, verified: pl.DataFrame, th, seconds: dict) -> dict:
+    """refinement_candidates' metadata: how many passed, why the others were rejected, the thresholds."""
+    by_reason = [(f"{o}: {r}", n) for o, r, n in rejections_by_reason(verified).iter_rows()]
+    return tidy(
+        {
+            "candidates": verified.height,
+            "generated": int((verified["status"] == "ok").sum()) if verified.height else 0,
+            "passed": int(verified["passed"].sum()) if verified.height else 0,
+            "per_sample": config.candidates,
+            "temperature": config.temperature,
+            "rejected_by_reason": json_md(dict(by_reason)),
+            "thresholds": json_md(th.as_dict() if th else {"verify": False}),
+            **seconds,
+            "settled_by_stage": json_md(_stages(verified)),
+            "why_rejected": bars_md(sorted(by_reason, key=lambda x: -x[1]), "rejected candidates by reason"),
+        },
+        first=("passed", "candidates", "why_rejected"),
+    )
+
+
+def _refined_metadata(
+    config: RefineConfig, optimizer: OptimizerResource, chosen: pl.DataFrame, run: dict, seconds: dict, gen_s: float
+) -> dict:
+    """refined_samples' metadata: outcomes by operation, why the rest failed, how the optimizer ran."""
+    plan: RefinementPlan = run["plan"]
+    verdict: RollbackVerdict = run["verdict"]
+    (style, style_reason), (bar, bar_reason) = run["style"], run["bar"]
+    by_status = {code: chosen.filter(pl.col("status") == code) for code in ("ok", "rejected", "failed")}
+    outcomes = outcomes_by_operation(chosen)
+    bars = [(f"{op}: {name}", n) for op, counts in outcomes.items() for name, n in counts.items() if n]
+    rejected_columns = ["operation", "failure_reason", "instruction_before", "instruction_after", "output_after"]
+    return tidy(
+        {
+            "attempted": chosen.height,
+            "skipped_for_rollback": run["skipped"],
+            **({"rollback_expected": verdict.reason} if verdict.rollback else {}),
+            "accepted": by_status["ok"].height,
+            "rejected": by_status["rejected"].height,
+            "failed": by_status["failed"].height,
+            "succeeded": by_status["ok"].height,  # kept for earlier dashboards: = accepted
+            "verified": config.verify,
+            "by_operation": json_md(outcomes),
+            "rejected_or_failed_by_reason": json_md(failure_counts(chosen)),
+            "hard_and_low_quality": MetadataValue.text(
+                f"{plan.hard_and_low_quality} samples flagged hard and low quality: rewritten, not simplified (a "
+                "sample the model cannot learn and whose prompt does not explain its answer is more likely defective "
+                "than difficult)"
+            ),
+            "sparse_not_extended": MetadataValue.text(
+                f"{plan.sparse_not_extended} sparse samples are also low quality: not extended (an extension would "
+                "carry the defect)"
+            ),
+            "cache": json_md(run["stats"]),
+            "prompt_style": style,
+            "prompt_style_reason": style_reason,
+            "optimizer": f"{optimizer.backend}:{optimizer.model}",
+            "acceptance_bar": bar if config.verify else "none (verify off)",
+            "acceptance_bar_reason": bar_reason if config.verify else "verify off: the first candidate is taken",
+            "generation_seconds": seconds["generation_seconds"],
+            **_generation_rate(run["stats"], gen_s),
+            "verification_seconds": seconds["verification_seconds"],
+            "accepted_before_after": preview_md(by_status["ok"], SIGNAL_COLUMNS, n=10),
+            "rejected_examples": preview_md(by_status["rejected"], rejected_columns, n=10),
+            "failed_examples": preview_md(
+                by_status["failed"], ["operation", "origin_id", "failure_reason", "instruction_before"], n=5
+            ),
+            "outcome": bars_md(bars, "refinements by operation and outcome"),
+        },
+        first=("accepted", "rejected", "failed", "attempted", "outcome", "accepted_before_after"),
+    )
+
+
+def _generation_rate(stats: dict, seconds: float) -> dict:
+    """Completion tokens the optimizer generated in this step (cache hits excluded) and their rate
+    over the step's generation seconds; empty when the backend does not count tokens."""
+    tokens = stats.get("generated_tokens")
+    if tokens is None:
+        return {}
+    out = {"generated_tokens": int(tokens)}
+    if tokens and seconds > 0:
+        out["generation_tokens_per_s"] = round(tokens / seconds, 1)
+    return out
+
+
+def optimizer_calls_check(candidates: pl.DataFrame, style: str) -> AssetCheckResult:
+    """Failed when operations were planned and not one optimizer candidate came out usable (every
+    call failed or could not be parsed): a broken backend, or a prompt style the model cannot
+    follow; the round's data then stays unchanged, and that must not pass unnoticed."""
+    n_generated = int((candidates["status"] == "ok").sum()) if candidates.height else 0
+    all_failed = candidates.height > 0 and n_generated == 0
+    reasons = failure_counts(candidates, sort_by_count=True)
+    top = "; ".join(f"{r} ({n})" for r, n in list(reasons.items())[:3])
+    return AssetCheckResult(
+        check_name="optimizer_calls",
+        asset_key="refined_samples",
+        passed=not all_failed,
+        description=(
+            f"ALL {candidates.height} optimizer candidates failed (prompt style {style}): {top}"
+            if all_failed
+            else f"{n_generated} of {candidates.height} optimizer candidates generated"
+        ),
+        metadata={
+            "candidates": candidates.height,
+            "generated": n_generated,
+            "prompt_style": style,
+            "failure_reasons": json_md(reasons),
+        },
+    )
