@@ -71,9 +71,8 @@ class TrainConfig:
     lora: bool = True  # False: full fine-tuning
     lora_rank: int = 16
     lora_alpha: int = 32
-    # peft's own default. 0.05 (before 2026-12-04) trained no different model by the downstream
-    # benchmark's measure (5 seeds: MC 0.000 [-0.011, +0.012], loss -0.001 [-0.010, +0.007]) and
-    # its per-adapter dropout masks made a CPU step 1.35x slower
+    # peft's own default; 0.05 trained no different model and a CPU step 1.35x slower
+    # (docs/decisions/lora-dropout.md)
     lora_dropout: float = 0.0
     lora_target_modules: str | list[str] = "all-linear"  # peft: every linear layer except the output head
     # fraction of the optimizer steps spent warming up (paper: 3 %), rounded *down*: runs under

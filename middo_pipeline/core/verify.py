@@ -1,73 +1,6 @@
 """Verified refinement: every optimizer output is a candidate, accepted only when the round's
-own signals say it fixed the defect that flagged it and brought no new one.
-
-A weak optimizer (the 135M default rewriting its own training data) makes the data worse when
-its outputs are trusted: answers cut at the token limit, "simplifications" that replace a
-checked answer with a wrong one, extensions that are nonsense. So each flagged sample gets k
-candidates, each candidate is re-scored with *this round's* models (the base model for the
-loss before training and the prompt-free loss, the round's checkpoint for the loss after
-training, the embedding and the self-judge) and compared with *this round's stored
-thresholds* — never thresholds recomputed on the candidates, which would move with them.
-
-Rules (``verify_candidates``), for a candidate of an operation:
-
-- every operation: the response is not cut at the token limit (the backend reports
-  ``finish_reason == "length"``), the text holds no chat control tokens, and no run of
-  ``ngram`` words is shared with the held-out evaluation set (a candidate that copies the
-  test set would inflate the evaluation);
-- every operation: it does the task instead of talking about it (``meta_answer``): no
-  refusal or assistant pleasantry opening the response ("I'm afraid I don't…", "I'd be
-  happy…", "Absolutely!"), no reference to "the original sentence / task" or "your next
-  question", no instruction about "the original task". A weak optimizer mixes up the sample
-  it edits with the conversation it is in; IFD cannot see it, since such an answer is well
-  explained by its own prompt. The phrases fire on none of the shipped seed and held-out rows
-  (``test_verify``);
-- every operation (``near_origin``, on by default): the candidate stays near the sample it was
-  made from — its cosine similarity to its origin, in the round's embedding space, is at least
-  the origin's mean similarity to its k nearest neighbours. A simplification or rewrite that
-  lands farther from its origin than the origin's neighbours are has changed the task; an
-  extension that does has not filled the sparse region it was made for. Except a repair
-  (``repair``, on by default): a simplification or rewrite whose prompt explains its
-  origin's answer better than both the origin's own prompt and no prompt did (``repair_gain``
-  > ``repair_gain`` nats per token, base model) and reads at least as fluently
-  (``prompt_fluency_gain`` >= 0: not a scramble, which can "explain" an answer its clean
-  prompt contradicts better) has kept the task and posed it better — the repair of a garbled
-  or truncated prompt, which the prompt embedding puts far from the garbled origin;
-- every operation (``max_ifd``): its prompt helps explain its answer — the instruction-following
-  difficulty (loss of the response given the prompt / without it, base model) is below
-  ``max_ifd`` (0.95), whatever the round's quality threshold is. A round whose data is partly
-  defective sets a lax threshold (IFD 1.01 on the gate benchmark's half-defective round), under
-  which a fluent answer to another question passes the quality rule;
-- ``simplified`` and ``rewritten`` (``max_fluency_loss``): the new prompt reads no more than 3
-  nats per token worse than its origin's (prompt-free loss, base model: ``prompt_fluency_gain``
-  >= -3). A scramble of a clean prompt whose words still explain the answer passes the IFD and
-  quality rules; it reads far worse than the prompt it came from;
-- ``simplified``: no longer hard, and not low quality;
-- ``rewritten``: quality above the round's threshold and above the original's; not hard;
-- ``extended``: not hard, not low quality, a new task (``new_task``: each of its prompt and
-  its origin's prompt explains its own answer better than the other's under the base model —
-  ``new_task_gain`` > 0 nats per token; a paraphrase of the origin, whose prompts are
-  interchangeable, fails, and so does an answer that neither prompt explains, i.e. an unrelated
-  or garbled one), and not a near-duplicate of any sample of the round: none of its nearest
-  samples in the round's embedding reads as the same task
-  (``same_task``: every content word of one prompt stands in the other, or the answers share
-  at least half their content words) at a cosine similarity of ``same_task_cosine`` or more.
-  The embedding is of the prompt, and it follows the wording more than the task: a new
-  question on the same template ("In origami, what is a mountain fold?" beside "... a valley
-  fold?") is 0.99 alike, a reworded paraphrase of a question 0.55-0.99. So the words decide
-  which near sample is the same task, and the embedding only which samples are near
-  (``duplicate_same_task``; off: any sample at ``duplicate_cosine`` or more is a duplicate,
-  the rule before 2026-12-04; measured in ``benchmarks/gate_oracle.py``).
-
-Among a sample's passing candidates the one of highest quality wins (ties: lower loss after
-training, then the lower candidate index). A sample with no passing candidate keeps its
-original; its reason is the first failed rule of its best candidate (``verification: still
-hard``, ...), and every candidate's reasons are kept in the candidates table.
-
-"Hard" is the complexity rule: loss before training above its threshold AND loss after
-training above its threshold. "Low quality" is the quality value (higher is better: the
-self-judged score, minus the instruction-following difficulty, or their combination — see
-``quality_value``) below its threshold.
+own signals (its models, its stored thresholds) say it fixed the defect that flagged it and
+brought no new one. The rules and their margins: docs/decisions/gate-rules.md.
 """
 
 from __future__ import annotations
@@ -101,38 +34,13 @@ __all__ = [
     "CANDIDATE_SIGNAL_COLUMNS",
 ]
 
-DEFAULT_DUPLICATE_COSINE = 0.9  # measured: see RefineConfig.duplicate_cosine and the README
-# the cosine at which a same-task sample is near: distinct prompts' 99th percentile is 0.49
-# (README, verified refinement); the gate benchmark measured 0.5 against 0-0.9
-DEFAULT_SAME_TASK_COSINE = 0.5
-# an extension must be a new task: each of its prompt and its origin's prompt explains its own
-# answer better than the other's, by more than this (nats per response token, base model; see
-# ``new_task_gain`` in ``rescore``). 0: "better" with no margin, chosen before measuring; the
-# gate benchmark swept 0-0.3 (benchmarks/README, run 3)
-DEFAULT_NEW_TASK_GAIN = 0.0
-# a simplification or rewrite far from its origin is still accepted as a repair when its prompt
-# explains the origin's answer better (than the origin's prompt and than no prompt) by more than
-# this (nats per response token, base model; ``repair_gain`` in ``rescore``) and reads at least
-# as fluently. 0.2: picked offline on the gate benchmark's stored round before the rule was
-# built (written repairs 15/17 above it, the 135M optimizer's 2/16, a re-scrambled prompt 1/17);
-# the floor at "no prompt" and the fluency condition were added after runs 4 and 5 of the gate
-# benchmark on that same round let scrambles and vague prompts in (benchmarks/README, runs 4-6)
-DEFAULT_REPAIR_GAIN = 0.2
-# a candidate whose prompt barely helps explain its answer (IFD = loss(answer | prompt) /
-# loss(answer), base model) at or above this is rejected, whatever the round's quality threshold
-# is. 0.95: good candidates' IFD 90th percentile is 0.87 on the gate benchmark's stored rounds,
-# unrelated answers that passed the round's (lax) threshold sit at 0.77-1.01; swept over
-# 0.85-1.0 on two stored rounds, then checked on a third drawn after it was fixed
-# (benchmarks/README, run 7). Cherry-LLM (Li et al., 2024)
-# drops IFD > 1 ("the instruction does not help"); 0.95 asks that it helps a little
-DEFAULT_MAX_IFD = 0.95
-# a simplification or rewrite whose new prompt reads worse than its origin's (prompt-free loss
-# under the base model, nats per token; ``prompt_fluency_gain`` below minus this) is rejected:
-# a scramble of a clean prompt whose words still explain the answer. 3: on the gate benchmark's
-# seed 0-2 rounds the two scrambles of clean prompts that passed ``flag`` sat at -4.2 and -5.9
-# and the passing good candidates at -2.3 or above (simplifications of hard tasks into other
-# tasks); checked after it was fixed on a fourth draw, seed 3 (benchmarks/README, run 9)
-DEFAULT_MAX_FLUENCY_LOSS = 3.0
+# the gate's margins (docs/decisions/gate-rules.md has the figures behind each)
+DEFAULT_DUPLICATE_COSINE = 0.9  # the earlier near-duplicate rule, kept for the gate benchmark's variant
+DEFAULT_SAME_TASK_COSINE = 0.5  # a same-task sample this similar is a near-duplicate
+DEFAULT_NEW_TASK_GAIN = 0.0  # nats per token each prompt must explain its own answer by
+DEFAULT_REPAIR_GAIN = 0.2  # nats per token a repair's prompt must explain its origin's answer better by
+DEFAULT_MAX_IFD = 0.95  # a candidate at or above this IFD is rejected
+DEFAULT_MAX_FLUENCY_LOSS = 3.0  # nats per token a new prompt may read worse than its origin's
 DEFAULT_NGRAM = 8
 
 # what the re-scoring adds to each candidate row
@@ -329,8 +237,8 @@ _META_INSTRUCTION = tuple(
         r"\b(?:in )?this task,? you\b",
         r"\b(?:this|the) (?:new )?(?:task|instruction|question) requires\b",
         r"\brewrite (?:the|this) (?:task|instruction|prompt)\b",
-        # a task described instead of set (seen accepted through a llama.cpp server, 2026-12-06:
-        # "The task is to read a text file line by line in Python.", "A new instruction: ...")
+        # a task described instead of set ("The task is to read a text file line by line in
+        # Python.", "A new instruction: ...")
         r"^\W*(?:the|this|my|your|our) (?:task|goal|instruction|question) (?:is|was) (?:to|about)\b",
         r"^\W*(?:a |the )?new (?:instruction|task|question|prompt)\s*:",
     )
