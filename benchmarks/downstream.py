@@ -183,8 +183,8 @@ def default_bar_outcome(cands, loss_signals, quality_signals) -> dict:
     verdict = verify_candidates(
         cands.drop([c for c in ("passed", "reasons") if c in cands.columns]),
         th,
-        heldout_grams=heldout_grams(DOWN_EVAL, cfg.heldout_ngram),
-        ngram=cfg.heldout_ngram,
+        heldout_grams=heldout_grams(DOWN_EVAL, cfg.gate.heldout_ngram),
+        ngram=cfg.gate.heldout_ngram,
     )
     # a candidate the flag rule rejected stays rejected (it may have failed a rule whose inputs
     # are not stored, e.g. control tokens of the tokenizer)
@@ -235,8 +235,8 @@ def gate_stored_round(store, cands, tables: dict, settings, heldout: Path, bar: 
         judge_model=judge,
         rules=cfg.gate_rules(bar),
         round_dataset=tables.get("round_dataset"),
-        heldout_grams=heldout_grams(heldout, cfg.heldout_ngram),
-        ngram=cfg.heldout_ngram,
+        heldout_grams=heldout_grams(heldout, cfg.gate.heldout_ngram),
+        ngram=cfg.gate.heldout_ngram,
         cascade=cascade,
     )
     return verified.with_columns(pl.col("passed").fill_null(False))

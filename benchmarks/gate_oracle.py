@@ -188,7 +188,7 @@ def judge(
     from middo_pipeline.core.verify import verify_candidates
 
     cfg = RefineConfig()
-    grams = heldout_grams(heldout, cfg.heldout_ngram)
+    grams = heldout_grams(heldout, cfg.gate.heldout_ngram)
     t0 = time.perf_counter()
     first = gate_stored_round(store, cands, tables, settings, heldout, "flag")
     if seconds is not None:
@@ -214,7 +214,7 @@ def judge(
             loss, quality = loss.filter(rows), quality.filter(rows)
         th = round_thresholds(loss, quality, replace(cfg.gate_rules(bar), **changed))
         # from the re-scored signals: the same rules as the gate's own pass (no forward pass)
-        out[name] = verify_candidates(scored, th, heldout_grams=grams, ngram=cfg.heldout_ngram)
+        out[name] = verify_candidates(scored, th, heldout_grams=grams, ngram=cfg.gate.heldout_ngram)
     if not out["flag"]["passed"].equals(first["passed"]):
         raise RuntimeError("gate: re-verifying the re-scored candidates under flag disagrees with gate_round")
     return out

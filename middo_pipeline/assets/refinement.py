@@ -41,10 +41,10 @@ from middo_pipeline.core.refine import (
 from middo_pipeline.core.rollback import RollbackVerdict
 from middo_pipeline.core.schema import fingerprint
 from middo_pipeline.core.verify import (
-    DEFAULT_DUPLICATE_COSINE,
     DEFAULT_MAX_FLUENCY_LOSS,
     DEFAULT_MAX_IFD,
     DEFAULT_NEW_TASK_GAIN,
+    DEFAULT_NGRAM,
     DEFAULT_REPAIR_GAIN,
     DEFAULT_SAME_TASK_COSINE,
     GateRules,
@@ -83,6 +83,57 @@ SIGNAL_COLUMNS = [
 ]
 
 
+class GateConfig(Config):
+    """Advanced: the gate's rule margins. The defaults were chosen by measurement
+    (docs/decisions/gate-rules.md); a user rarely changes them."""
+
+    same_task_cosine: float = Field(
+        default=DEFAULT_SAME_TASK_COSINE,
+        ge=0.0,
+        le=1.0,
+        description="An extension is a near-duplicate of a round sample that reads as the same task at this cosine or more",
+    )
+    new_task: bool = Field(default=True, description="An extension must be a new task, not its origin's again")
+    new_task_gain: float = Field(
+        default=DEFAULT_NEW_TASK_GAIN,
+        description="With new_task: nats per token by which each prompt must explain its own answer better",
+    )
+    near_origin: bool = Field(
+        default=True,
+        description="A candidate must be as similar to its origin as the origin's k nearest neighbours are on average",
+    )
+    repair: bool = Field(
+        default=True,
+        description="With near_origin: a farther simplification or rewrite is accepted when it repairs its origin's prompt",
+    )
+    repair_gain: float = Field(
+        default=DEFAULT_REPAIR_GAIN,
+        description="With repair: nats per token by which the new prompt must explain the origin's answer better",
+    )
+    max_ifd: float | None = Field(
+        default=DEFAULT_MAX_IFD,
+        gt=0.0,
+        description="A candidate whose IFD (base model) is this or more is rejected; null: no ceiling",
+    )
+    max_fluency_loss: float | None = Field(
+        default=DEFAULT_MAX_FLUENCY_LOSS,
+        ge=0.0,
+        description="Nats per token a new prompt may read worse than its origin's; null: no floor",
+    )
+    heldout_ngram: int = Field(
+        default=DEFAULT_NGRAM,
+        ge=3,
+        description="A candidate sharing this many words in a row with the held-out set is rejected",
+    )
+
+    def rules(self, bar: str = "flag") -> GateRules:
+        """These margins as ``core.verify.GateRules``, under the acceptance ``bar`` (resolved per
+        round: never ``auto`` here); the rest of GateRules keeps its defaults."""
+        return GateRules(
+            **{f.name: getattr(self, f.name) for f in fields(GateRules) if f.name in type(self).model_fields}, bar=bar
+        )
+
+
 class RefineConfig(Config):
     simplify: bool = Field(default=True, description="Simplify hard samples (complexity signal)")
     extend: bool = Field(
@@ -91,7 +142,7 @@ class RefineConfig(Config):
     rewrite: bool = Field(default=True, description="Rewrite low-quality samples (quality signal)")
     prompt_style: Literal["auto", PromptStyle] = Field(
         default="auto",
-        description="direct (small models) | stepwise (strong models) | auto: by the model's size when known (local), else by a one-call probe of the stepwise format",
+        description="direct (small models) | stepwise (strong models) | auto: by the model's size, else by a probe",
     )
     max_prompt_tokens: int | None = Field(
         default=None, description="Max new tokens for a new prompt (default 160 direct, 768 stepwise)"
@@ -106,103 +157,24 @@ class RefineConfig(Config):
     seed: int = Field(default=0, description="Base seed: candidate c of round r samples with seed + 1000·r + c")
     verify: bool = Field(
         default=True,
-        description="Verified refinement: re-score every candidate with the round's models and thresholds; accept only fixes (off: the first candidate is taken unchecked)",
-    )
-    duplicate_cosine: float = Field(
-        default=DEFAULT_DUPLICATE_COSINE,
-        gt=0.0,
-        le=1.0,
-        description="With duplicate_same_task off: an extension this similar (cosine, in the round's embedding space) "
-        "to any round sample is a near-duplicate",
-    )
-    duplicate_same_task: bool = Field(
-        default=True,
-        description="An extension is a near-duplicate of a round sample that reads as the same task (every content "
-        "word of one prompt in the other, or answers sharing half their content words) among its 16 nearest, at "
-        "same_task_cosine or more: the prompt embedding follows wording more than task (a new question on the same "
-        "template is 0.99 alike, a reworded paraphrase 0.55-0.99). Off: any sample at duplicate_cosine or more",
-    )
-    same_task_cosine: float = Field(
-        default=DEFAULT_SAME_TASK_COSINE,
-        ge=0.0,
-        le=1.0,
-        description="With duplicate_same_task: how similar (cosine) a same-task sample must be to count "
-        "(distinct prompts' 99th percentile is 0.49)",
-    )
-    new_task: bool = Field(
-        default=True,
-        description="An extension must be a new task: its prompt and its origin's each explain their own answer better "
-        "(base model, nats per response token) than the other's answer, by more than new_task_gain. A paraphrase of "
-        "the origin fails (its prompts are interchangeable), and so does an unrelated or garbled answer",
-    )
-    new_task_gain: float = Field(
-        default=DEFAULT_NEW_TASK_GAIN,
-        description="With new_task: the margin (nats per token) each prompt must explain its own answer by",
-    )
-    near_origin: bool = Field(
-        default=True,
-        description="A candidate must be at least as similar to the sample it was made from as that sample's k nearest "
-        "neighbours are on average (a rewrite that changed the task, an extension outside the sparse region, is rejected)",
-    )
-    repair: bool = Field(
-        default=True,
-        description="With near_origin: a simplification or rewrite farther from its origin is still accepted when its "
-        "prompt explains the origin's answer better than the origin's own prompt and than no prompt, by more than repair_gain (base "
-        "model, nats per response token), and reads at least as fluently (prompt-free loss; a scramble does not): the "
-        "repair of a garbled or truncated prompt, which the embedding puts far from the garbled original",
-    )
-    repair_gain: float = Field(
-        default=DEFAULT_REPAIR_GAIN,
-        description="With repair: the margin (nats per token) by which the candidate's prompt must explain the origin's "
-        "answer better (0.2: measured on the gate benchmark's one stored round, benchmarks/README)",
-    )
-    max_ifd: float | None = Field(
-        default=DEFAULT_MAX_IFD,
-        gt=0.0,
-        description="A candidate whose prompt does not help explain its answer is rejected: its IFD (response loss given "
-        "the prompt / response loss alone, base model) is this or more, whatever the round's quality threshold (a "
-        "round with many defective rows sets a lax one, under which a fluent answer to another question passes). "
-        "0.95: chosen on two of the gate benchmark's stored rounds, checked on a third (benchmarks/README, run 7); "
-        "null: no ceiling",
-    )
-    max_fluency_loss: float | None = Field(
-        default=DEFAULT_MAX_FLUENCY_LOSS,
-        ge=0.0,
-        description="A simplification or rewrite whose new prompt reads worse than its origin's by more than this (nats "
-        "per token of prompt-free loss, base model) is rejected: a scramble of a clean prompt whose words still explain "
-        "the answer passes the IFD and quality rules. 3: chosen on three of the gate benchmark's rounds, checked on a "
-        "fourth (benchmarks/README, run 9); null: no floor",
+        description="Re-score every candidate with the round's models and thresholds and accept only fixes (off: the first candidate, unchecked)",
     )
     acceptance_bar: Literal["auto", "flag", "typical"] = Field(
         default="auto",
-        description="flag: an accepted candidate no longer carries the flag it was made to fix and gets no new one "
-        "(the method's rule) | typical: it must also be no harder after training than the round's median sample "
-        "and of at least its median quality (conservative: for a weak optimizer, whose 'unflagged' outputs are "
-        "mostly worse than typical rows) | auto: typical for an optimizer that cannot follow the stepwise prompt "
-        "(below 3B parameters when its size is known, else by the prompt-style probe), flag for one that can",
-    )
-    cascade: bool = Field(
-        default=True,
-        description="A candidate whose base-model readings already reject it (IFD at or above max_ifd; with quality "
-        "mode ifd, quality below the round's bar) is read no further: no cross-prompt, checkpoint or self-judge pass "
-        "(the same verdicts; refinement_candidates then holds only those readings for it, column gate_stage). Off: "
-        "every candidate is read in full",
+        description="flag: no longer flagged | typical: also no worse than the round's median sample | auto: typical "
+        "for a small optimizer, flag for one that follows the stepwise prompt (docs/decisions/acceptance-bar.md)",
     )
     skip_on_rollback: bool = Field(
         default=True,
-        description="When the merge will roll this round back (its data trained a worse model than the previous "
-        "round's: optimized_dataset's on_regression and noise floors as this run configures them), generate "
-        "nothing: the merge would discard the refinements. false: generate and verify them anyway, for inspection",
+        description="Generate nothing when the merge will roll this round back (false: generate and verify anyway)",
     )
     heldout_path: str = Field(default=str(DEFAULT_EVAL), description="Held-out set whose text candidates must not copy")
-    heldout_ngram: int = Field(
-        default=8, ge=3, description="A candidate sharing a run of this many words with the held-out set is rejected"
+    gate: GateConfig = Field(
+        default_factory=GateConfig, description="Advanced: the gate's rule margins (docs/decisions/gate-rules.md)"
     )
 
     def gate_rules(self, bar: str = "flag") -> GateRules:
-        """The gate's rule settings, as ``core.gate.round_thresholds`` and ``gate_round`` take
-        them, under the acceptance ``bar`` (resolved per round: never ``auto`` here)."""
-        return GateRules(**{f.name: getattr(self, f.name) for f in fields(GateRules) if f.name != "bar"}, bar=bar)
+        return self.gate.rules(bar)
 
 
 @multi_asset(
@@ -358,9 +330,8 @@ def _gate(context, config, model, ray, store, candidates, round_dataset, bar, si
         judge_model=judge_lm,
         rules=config.gate_rules(bar),
         round_dataset=round_dataset,
-        heldout_grams=heldout_grams(config.heldout_path, config.heldout_ngram),
-        ngram=config.heldout_ngram,
-        cascade=config.cascade,
+        heldout_grams=heldout_grams(config.heldout_path, config.gate.heldout_ngram),
+        ngram=config.gate.heldout_ngram,
         log=context.log.warning,
         progress=lambda name: ProgressLogger(context.log.info, name),
     )
