@@ -17,7 +17,14 @@ from pydantic import Field
 from middo_pipeline.assets._checks import schema_check, schema_spec
 from middo_pipeline.assets._meta import json_md, preview_md, tidy
 from middo_pipeline.assets._rollback import round_verdict
-from middo_pipeline.core.merge import MergeResult, SizePolicy, check_conservation, merge_round
+from middo_pipeline.core.merge import (
+    DEFAULT_MAX_GROWTH,
+    DEFAULT_SIZE_POLICY,
+    MergeResult,
+    SizePolicy,
+    check_conservation,
+    merge_round,
+)
 from middo_pipeline.core.rollback import RollbackVerdict, rollback_round
 from middo_pipeline.core.schema import fingerprint
 from middo_pipeline.resources import EvaluationResource, StorageResource
@@ -32,11 +39,11 @@ from middo_pipeline.rounds import (
 
 class MergeConfig(Config):
     size_policy: SizePolicy = Field(
-        default="keep",
+        default=DEFAULT_SIZE_POLICY,
         description="keep: grow at most max_growth (sparsest extensions first); grow: no cap (the reference)",
     )
     max_growth: float = Field(
-        default=0.15, description="With size_policy=keep: the largest allowed growth, as a fraction"
+        default=DEFAULT_MAX_GROWTH, description="With size_policy=keep: the largest allowed growth, as a fraction"
     )
 
 

@@ -42,6 +42,8 @@ from middo_pipeline.core.schema import EXTENDED, KEPT, REWRITTEN, SAMPLE_SCHEMA,
 
 SizePolicy = Literal["grow", "keep"]
 SIZE_POLICIES: tuple[str, ...] = get_args(SizePolicy)
+DEFAULT_SIZE_POLICY: SizePolicy = "keep"  # the pipeline's (MergeConfig) and this module's default
+DEFAULT_MAX_GROWTH = 0.15
 _REPLACING = (SIMPLIFIED, REWRITTEN)
 _REFINED_COLUMNS = (
     "origin_id",
@@ -139,8 +141,8 @@ def merge_round(
     refined: pl.DataFrame,
     *,
     round_number: int,
-    size_policy: SizePolicy = "grow",
-    max_growth: float = 0.15,
+    size_policy: SizePolicy = DEFAULT_SIZE_POLICY,
+    max_growth: float = DEFAULT_MAX_GROWTH,
     sparse_order: list[str] | None = None,
 ) -> MergeResult:
     """Build D_{r+1} from D_r (``samples``) and the round's ``refined_samples``; every row gets

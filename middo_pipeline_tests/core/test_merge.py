@@ -67,7 +67,7 @@ def test_merge_basic_provenance_order_and_conservation(samples):
             refined_row(samples, 8, "simplified", ok=False, reason="llm error: timeout"),
         ]
     )
-    res = merge_round(samples, refined, round_number=2)
+    res = merge_round(samples, refined, round_number=2, size_policy="grow")
     ds = res.dataset
     assert schema_problems(ds) == []
     assert ds.schema == pl.Schema(SAMPLE_SCHEMA)
@@ -318,7 +318,7 @@ def test_rollback_restores_the_previous_data_and_accounts_for_every_row(samples)
             refined_row(samples, 5, "extended"),
         ]
     )
-    d_r = merge_round(samples, refined, round_number=2).dataset
+    d_r = merge_round(samples, refined, round_number=2, size_policy="grow").dataset
     assert d_r.height == N + 2
     res = rollback_round(d_r, samples, round_number=3, reason="rollback: round-3's data trained a worse model")
     ds = res.dataset
