@@ -354,3 +354,31 @@ def test_control_token_strings_never_reach_the_optimizer_raw():
         text = " ".join(content for _, content in req.messages)
         assert "<|im_start|>" not in text and "<|im_end|>" not in text and "[INST]" not in text
         assert "im_start" in text or "INST" in text  # the text is kept, only broken
+
+
+def test_a_rewrite_may_keep_its_prompt_and_fix_the_answer(samples):
+    """A wrong fact is repaired by a new answer to the same question: the final prompt equal to
+    the original is kept for a rewrite (and answered anew), and fails only when the answer is
+    the original's as well. A simplification that returns its prompt still fails."""
+    a, b, c, d, e = ids(samples)
+    plan = plan_operations(samples, [a], [c, e], [], {})
+
+    def script(req):
+        text = user(req)
+        if is_response_step(req):
+            return "Blue." if "colour" in text else "A limerick, rhymed, about a goat."
+        for row in ROWS:
+            if row["instruction"] in text:
+                return f"{FINAL_MARKER}\n{row['instruction']}"
+        raise AssertionError(text)
+
+    out = run_operations(samples, plan, {}, FakeBackend(script), PromptConfig(style="stepwise"), round_number=1)
+    by = {r["origin_id"]: r for r in out.iter_rows(named=True)}
+    assert by[a]["failure_reason"] == "same as original"  # simplify: the same prompt is no simplification
+    assert by[c]["status"] == "ok"  # rewrite: same prompt, a new answer
+    assert (by[c]["instruction_after"], by[c]["output_after"]) == (
+        ROWS[2]["instruction"],
+        "A limerick, rhymed, about a goat.",
+    )
+    assert by[c]["new_sample_id"] == make_sample_id(ROWS[2]["instruction"], "", "A limerick, rhymed, about a goat.")
+    assert by[e]["failure_reason"] == "same as original"  # rewrite: the same prompt and the same answer

@@ -37,6 +37,10 @@ the optimizer sees the instruction together with its input and is asked for a se
 prompt, so whatever of the input is needed is folded into the new prompt. Its ``sample_id``
 is the usual content hash (``make_sample_id``).
 
+A rewrite whose final prompt is the original's keeps that prompt and is answered anew: the
+fault of a sample can be its answer alone (a wrong fact); it fails only when the new answer is
+the original's too.
+
 A failed operation (LLM error, no final prompt marker, a result equal to the original, an
 empty or refused response ...) yields a row with ``status = "failed"`` and its
 ``failure_reason``; the merge then keeps the original. Nothing is retried here: a rerun with
@@ -52,7 +56,7 @@ import polars as pl
 
 from middo_pipeline.core.encoding import escape_controls
 from middo_pipeline.core.llm.protocol import Completion, LLMBackend
-from middo_pipeline.core.optimizer.parsing import clean_response, parse_final_prompt
+from middo_pipeline.core.optimizer.parsing import clean_response, normalize_for_compare, parse_final_prompt
 from middo_pipeline.core.optimizer.prompts import PromptConfig, operation_request, response_request
 from middo_pipeline.core.schema import EXTENDED, REWRITTEN, SIMPLIFIED, make_sample_id, normalize_text, prompt_text
 
@@ -239,6 +243,10 @@ def run_operations(
             o["failure"] = f"llm error: {c.error or 'no text'}"
             continue
         new_prompt, reason = parse_final_prompt(c.text, config.style, o["originals"])
+        if reason == "same as original" and o["operation"] == REWRITTEN:
+            # a rewrite may keep a sound prompt when the fault is the answer (a wrong fact): the
+            # response step writes a new answer, and an answer left as it was fails below
+            new_prompt, reason, o["kept_prompt"] = o["source_prompt"], None, True
         if new_prompt is None:
             o["failure"] = _PROMPT_REASONS.get(reason, f"unparseable: {reason}")
         else:
@@ -260,6 +268,9 @@ def run_operations(
         response, reason = clean_response(c.text)
         if response is None:
             o["failure"] = _RESPONSE_REASONS.get(reason, f"response rejected: {reason}")
+            continue
+        if o.get("kept_prompt") and normalize_for_compare(response) == normalize_for_compare(o["source"]["output"]):
+            o["failure"] = _PROMPT_REASONS["same as original"]
             continue
         o["response"] = normalize_text(response)
 
