@@ -473,7 +473,7 @@ def run(
         if not smoke
         else build_corrupted(seed_rows, n_clean=30, n_quality=12, n_hard=8, n_isolated=6)
     )
-    root = Path(workroot or RESULTS_DIR.parent / ".closed_loop")
+    root = Path(workroot or RESULTS_DIR.parent / ".closed_loop").resolve()
     root.mkdir(parents=True, exist_ok=True)
     seed_file = root / "corrupted.json"
     seed_file.write_text(json.dumps(cs.seed_json(), ensure_ascii=False, indent=1))
@@ -514,6 +514,8 @@ def run(
             finally:
                 server.stop()
             (work / "decisions.json").write_text(json.dumps(server.decisions))
+            if res["exit_code"] != 0:
+                raise RuntimeError(f"{name}: middo loop failed, see {res['log']}")
             (work / "done.json").write_text(json.dumps(res))
         res = json.loads((work / "done.json").read_text())
         decisions = json.loads((work / "decisions.json").read_text())
@@ -534,6 +536,8 @@ def run(
                 config_file=config_file,
                 name="bundled",
             )
+            if res["exit_code"] != 0:
+                raise RuntimeError(f"bundled: middo loop failed, see {res['log']}")
             (work / "done.json").write_text(json.dumps(res))
         res = json.loads((work / "done.json").read_text())
         reports = {
