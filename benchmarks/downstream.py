@@ -95,7 +95,6 @@ def _one_round(settings, workdir: Path, seed_path: Path = SEED_PATH, refine: dic
             "refined_samples": {
                 "config": {
                     "candidates": settings.down_candidates,
-                    "verify": True,
                     "heldout_path": str(DOWN_EVAL),
                     "acceptance_bar": VARIANT_BAR,
                     **(refine or {}),

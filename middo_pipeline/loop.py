@@ -262,7 +262,7 @@ def round_warnings(instance: DagsterInstance, key: str) -> list[str]:
     opt = latest_metadata(instance, "optimized_dataset", key)
     if opt.get("rolled_back"):
         not_made = (
-            f"its {ref['skipped_for_rollback']} planned refinements not generated (refined_samples, skip_on_rollback)"
+            f"its {ref['skipped_for_rollback']} planned refinements not generated (refined_samples)"
             if ref.get("skipped_for_rollback")
             else f"this round's {opt.get('refinements_not_merged')} refinements not merged"
         )

@@ -37,6 +37,7 @@ from middo_pipeline.core.refine import (
     prompt_style,
     rejections_by_reason,
     round_seed,
+    withhold_for_rollback,
 )
 from middo_pipeline.core.rollback import RollbackVerdict
 from middo_pipeline.core.schema import fingerprint
@@ -155,18 +156,10 @@ class RefineConfig(Config):
         default=0.7, ge=0.0, description="Sampling temperature of the candidates (> 0 when candidates > 1)"
     )
     seed: int = Field(default=0, description="Base seed: candidate c of round r samples with seed + 1000·r + c")
-    verify: bool = Field(
-        default=True,
-        description="Re-score every candidate with the round's models and thresholds and accept only fixes (off: the first candidate, unchecked)",
-    )
     acceptance_bar: Literal["auto", "flag", "typical"] = Field(
         default="auto",
         description="flag: no longer flagged | typical: also no worse than the round's median sample | auto: typical "
         "for a small optimizer, flag for one that follows the stepwise prompt (docs/decisions/acceptance-bar.md)",
-    )
-    skip_on_rollback: bool = Field(
-        default=True,
-        description="Generate nothing when the merge will roll this round back (false: generate and verify anyway)",
     )
     heldout_path: str = Field(default=str(DEFAULT_EVAL), description="Held-out set whose text candidates must not copy")
     gate: GateConfig = Field(
@@ -181,7 +174,7 @@ class RefineConfig(Config):
     partitions_def=rounds_partitions,
     group_name="optimize",
     # the round's evaluation says whether the merge will roll the round back: then nothing is
-    # generated (skip_on_rollback). Read from storage, like optimized_dataset does
+    # generated. Read from storage, like optimized_dataset does
     deps=["round_evaluation"],
     outs={
         "refinement_candidates": AssetOut(
@@ -232,24 +225,21 @@ def refined_samples(
     )
     context.log.info(plan.summary())
     verdict = round_verdict(store, key, round_dataset, evaluation)
-    skipped = plan.operations.height if verdict.rollback and config.skip_on_rollback else 0
+    skipped = withhold_for_rollback(plan, verdict)
     if skipped:
         context.log.warning(
             f"{key}: {skipped} planned operations not generated: {verdict.reason}. optimized_dataset will hand on "
-            f"{previous_round(key)}'s data, so this round's refinements would not be merged (skip_on_rollback: false "
-            "generates them anyway)"
+            f"{previous_round(key)}'s data, so this round's refinements would not be merged (the evaluation "
+            "resource's on_regression: keep merges them)"
         )
-        plan.operations = plan.operations.clear()
     planned = plan.operations.height > 0
 
     backend = optimizer.make_backend(store, ray=ray, log=context.log.info)
     style, style_reason = prompt_style(config.prompt_style, backend, optimizer.default_style(), planned)
     if config.prompt_style == "auto" and planned:
         context.log.info(f"prompt style {style} ({style_reason})")
-    bar, bar_reason = acceptance_bar(
-        config.acceptance_bar, config.prompt_style, backend, style, style_reason, planned and config.verify
-    )
-    if config.verify and planned:
+    bar, bar_reason = acceptance_bar(config.acceptance_bar, config.prompt_style, backend, style, style_reason, planned)
+    if planned:
         context.log.info(f"acceptance bar {bar} ({bar_reason})")
     prompt_cfg = PromptConfig(
         style=style,
@@ -275,7 +265,7 @@ def refined_samples(
         close()  # free the Ray workers' CPUs/GPUs for the re-scoring pools
 
     t0 = time.perf_counter()
-    if config.verify and candidates.height:
+    if candidates.height:
         signals = dict(
             model_readouts=model_readouts,
             loss_signals=loss_signals,
@@ -284,7 +274,7 @@ def refined_samples(
         )
         verified, th = _gate(context, config, model, ray, store, candidates, round_dataset, bar, signals)
         chosen = choose_candidates(verified)
-    else:  # the gate is off: the first candidate of each operation, unchecked (what the reference does)
+    else:  # nothing generated: the empty tables, with the gate's columns
         th = None
         verified, chosen = first_candidates(candidates, config.candidates)
     gate_seconds = time.perf_counter() - t0
@@ -354,7 +344,7 @@ def _candidates_metadata(config: RefineConfig, verified: pl.DataFrame, th, secon
             "per_sample": config.candidates,
             "temperature": config.temperature,
             "rejected_by_reason": json_md(dict(by_reason)),
-            "thresholds": json_md(th.as_dict() if th else {"verify": False}),
+            "thresholds": json_md(th.as_dict() if th else {}),
             **seconds,
             "settled_by_stage": json_md(_stages(verified)),
             "why_rejected": bars_md(sorted(by_reason, key=lambda x: -x[1]), "rejected candidates by reason"),
@@ -383,7 +373,6 @@ def _refined_metadata(
             "rejected": by_status["rejected"].height,
             "failed": by_status["failed"].height,
             "succeeded": by_status["ok"].height,  # kept for earlier dashboards: = accepted
-            "verified": config.verify,
             "by_operation": json_md(outcomes),
             "rejected_or_failed_by_reason": json_md(failure_counts(chosen)),
             "hard_and_low_quality": MetadataValue.text(
@@ -399,8 +388,8 @@ def _refined_metadata(
             "prompt_style": style,
             "prompt_style_reason": style_reason,
             "optimizer": f"{optimizer.backend}:{optimizer.model}",
-            "acceptance_bar": bar if config.verify else "none (verify off)",
-            "acceptance_bar_reason": bar_reason if config.verify else "verify off: the first candidate is taken",
+            "acceptance_bar": bar,
+            "acceptance_bar_reason": bar_reason,
             "generation_seconds": seconds["generation_seconds"],
             **_generation_rate(run["stats"], gen_s),
             "verification_seconds": seconds["verification_seconds"],

@@ -11,6 +11,7 @@ import polars as pl
 from middo_pipeline.core.evaluation import load_eval_set
 from middo_pipeline.core.optimizer.operations import plan_operations
 from middo_pipeline.core.optimizer.style import choose_style
+from middo_pipeline.core.rollback import RollbackVerdict
 from middo_pipeline.core.verify import ngram_set, resolve_acceptance_bar
 
 # new-prompt token limit when none is configured: a direct prompt is the prompt itself, a
@@ -71,6 +72,16 @@ def plan_refinements(
     neighbors = dict(zip(embedding_signals["sample_id"].to_list(), embedding_signals["neighbor_ids"].to_list()))
     operations = plan_operations(round_dataset, hard, low, sparse, neighbors)
     return RefinementPlan(operations, neighbors, hard, low, sparse)
+
+
+def withhold_for_rollback(plan: RefinementPlan, verdict: RollbackVerdict) -> int:
+    """When the merge will roll the round back (``verdict.rollback``), its refinements would not be
+    merged: the plan's operations are dropped and their number returned; else 0, the plan kept."""
+    if not verdict.rollback:
+        return 0
+    n = plan.operations.height
+    plan.operations = plan.operations.clear()
+    return n
 
 
 def max_prompt_tokens(style: str, configured: int | None = None) -> int:
