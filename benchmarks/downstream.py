@@ -65,10 +65,20 @@ _OP_OF = {"simplify_only": "simplified", "rewrite_only": "rewritten", "extend_on
 VARIANT_BAR = "flag"
 
 
-def _one_round(settings, workdir: Path, seed_path: Path = SEED_PATH, refine: dict | None = None, name="downstream"):
+def _one_round(
+    settings,
+    workdir: Path,
+    seed_path: Path = SEED_PATH,
+    refine: dict | None = None,
+    name="downstream",
+    heldout: Path = DOWN_EVAL,
+):
     """Run round 1 through the loop (from ``seed_path``; ``refine`` overrides the
     ``refined_samples`` config); the seed table, the round's candidates and sparse order. The
-    round's tables stay under ``workdir / "middo"``."""
+    round's tables stay under ``workdir / "middo"``. ``heldout`` is the pipeline's one held-out
+    setting (the ``evaluation`` resource's ``heldout_path``): the gate rejects candidates that copy
+    it, and the round's own ``round_evaluation`` scores on it too. By default the larger
+    ``DOWN_EVAL`` this benchmark evaluates on, so that no candidate copies any of its items."""
     import polars as pl
 
     from middo_pipeline.core.storage import Storage
@@ -95,12 +105,12 @@ def _one_round(settings, workdir: Path, seed_path: Path = SEED_PATH, refine: dic
             "refined_samples": {
                 "config": {
                     "candidates": settings.down_candidates,
-                    "heldout_path": str(DOWN_EVAL),
                     "acceptance_bar": VARIANT_BAR,
                     **(refine or {}),
                 }
             },
-        }
+        },
+        "resources": {"evaluation": {"config": {"heldout_path": str(heldout)}}},
     }
     t0 = time.perf_counter()
     try:

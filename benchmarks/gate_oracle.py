@@ -291,8 +291,9 @@ def run(settings, models=None) -> dict:
                 s,
                 Path(tmp),
                 seed_path=seed_path,
-                refine={"candidates": s.gate_candidates, "heldout_path": str(heldout)},
+                refine={"candidates": s.gate_candidates},
                 name="gate",
+                heldout=heldout,
             )
             home = Path(tmp) / "middo"
         round_s = time.perf_counter() - t0

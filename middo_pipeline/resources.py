@@ -23,6 +23,7 @@ from middo_pipeline.core.llm.protocol import LLMBackend
 from middo_pipeline.core.rollback import ROLLBACK_NOISE_FLOOR, OnRegression, RollbackPolicy
 from middo_pipeline.core.storage import Storage
 from middo_pipeline.models.loading import DEFAULT_MODEL, DType, LoadedModel, load_model, resolve_model_path
+from middo_pipeline.packaged import HELDOUT, data_file
 
 
 class StorageResource(ConfigurableResource):
@@ -63,10 +64,16 @@ class ModelResource(ConfigurableResource):
 
 
 class EvaluationResource(ConfigurableResource):
-    """What a round that trained a worse model than the previous one leads to: one setting read by
-    refined_samples (which then generates nothing) and optimized_dataset (which then rolls back),
-    so that the two cannot disagree. Set per run under ``resources: {evaluation: {config: ...}}``."""
+    """The held-out set, read by round_evaluation (scored on it) and refined_samples (no candidate
+    may copy it); and what a round that trained a worse model than the previous one leads to, read
+    by refined_samples (which then generates nothing) and optimized_dataset (which then rolls back),
+    so that the steps cannot disagree. Set per run under ``resources: {evaluation: {config: ...}}``."""
 
+    heldout_path: str = Field(
+        default=str(data_file(HELDOUT)),
+        description="Held-out JSONL (instruction, input, output, choices, answer_index): round_evaluation scores "
+        "each round on it, and the gate rejects candidates that copy its text",
+    )
     on_regression: OnRegression = Field(
         default="rollback",
         description="rollback: the next round gets the previous round's data again when this round's data trained "

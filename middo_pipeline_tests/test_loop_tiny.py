@@ -75,12 +75,12 @@ def test_two_round_loop(two_rounds):
 
     # the gate re-scores exactly the generated candidates whose text passes its text rules, and
     # reads after training only those that their base-model readings do not already reject
-    from middo_pipeline.assets.refinement import DEFAULT_EVAL
     from middo_pipeline.core.refine import heldout_grams
     from middo_pipeline.core.verify import text_reasons
+    from middo_pipeline.packaged import HELDOUT, data_file
 
     cands = pl.read_parquet(store.table_path("refinement_candidates", "round-1"))
-    grams = heldout_grams(DEFAULT_EVAL, 8)
+    grams = heldout_grams(data_file(HELDOUT), 8)
     assert cands.height > 0
     for row in cands.iter_rows(named=True):
         text_ok = row["status"] == "ok" and not text_reasons(row, grams, 8)

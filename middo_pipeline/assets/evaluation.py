@@ -24,11 +24,9 @@ from middo_pipeline.core.plots import metric_by_round_png
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.readout_cache import model_identity
 from middo_pipeline.core.rollback import worse_beyond_floor
-from middo_pipeline.packaged import HELDOUT, data_file
-from middo_pipeline.resources import ModelResource, StorageResource
+from middo_pipeline.resources import EvaluationResource, ModelResource, StorageResource
 from middo_pipeline.rounds import earlier_rounds, previous_table, round_number, rounds_partitions
 
-DEFAULT_EVAL = data_file(HELDOUT)
 METRICS = ("mean_response_loss", "mc_accuracy")
 NO_REGRESSION = "no_regression"
 # what the downstream benchmark's placebo measured (benchmarks/README.md, downstream)
@@ -42,9 +40,6 @@ RESOLUTION = (
 
 
 class EvalConfig(Config):
-    path: str = Field(
-        default=str(DEFAULT_EVAL), description="Held-out JSONL: instruction, input, output, choices, answer_index"
-    )
     max_length: int = Field(default=384)
 
 
@@ -88,18 +83,23 @@ def _base_figures(store, model: ModelResource, eval_df: pl.DataFrame, eval_path:
     ],
 )
 def round_evaluation(
-    context: AssetExecutionContext, config: EvalConfig, model: ModelResource, storage: StorageResource
+    context: AssetExecutionContext,
+    config: EvalConfig,
+    model: ModelResource,
+    storage: StorageResource,
+    evaluation: EvaluationResource,
 ):
     store = storage.get()
     r = round_number(context.partition_key)
-    eval_df = load_eval_set(config.path)
+    eval_path = evaluation.heldout_path
+    eval_df = load_eval_set(eval_path)
     ckpt = store.checkpoint_dir(context.partition_key)
     # the same weights on the same items give the same figures: a round whose checkpoint is an
     # earlier round's (sft_checkpoint reuse_identical) reads that round's evaluation
     reuse_key = derived_key(
         ckpt,
         asset="round_evaluation",
-        eval_file=hashlib.sha256(Path(config.path).read_bytes()).hexdigest(),
+        eval_file=hashlib.sha256(Path(eval_path).read_bytes()).hexdigest(),
         max_length=config.max_length,
         load=model.load_kwargs(),
         code=source_digest("core/evaluation.py", "core/forward.py", "models/loading.py"),
@@ -131,7 +131,7 @@ def round_evaluation(
         )
         del lm
         items = res["items"]
-    base = _base_figures(store, model, eval_df, config.path, config.max_length, context.log.info)
+    base = _base_figures(store, model, eval_df, eval_path, config.max_length, context.log.info)
 
     # earlier rounds, for the plot across rounds
     rounds, series = [], {m: [] for m in METRICS}
@@ -173,7 +173,7 @@ def round_evaluation(
                 "delta_mc_accuracy_vs_base": float(res["mc_accuracy"]) - base["mc_accuracy"],
                 "delta_loss_vs_base": float(res["mean_response_loss"]) - base["mean_response_loss"],
                 "n_items": int(res["n_items"]),
-                "eval_set": MetadataValue.path(str(Path(config.path).resolve())),
+                "eval_set": MetadataValue.path(str(Path(eval_path).resolve())),
                 **({"reused_from": reused_from} if reused_from else {}),
                 "by_round": image_md(
                     metric_by_round_png(rounds, series | {f"base_{m}": [base[m]] * len(rounds) for m in METRICS}),

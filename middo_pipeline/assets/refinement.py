@@ -51,7 +51,6 @@ from middo_pipeline.core.verify import (
     GateRules,
     choose_candidates,
 )
-from middo_pipeline.packaged import HELDOUT, data_file
 from middo_pipeline.resources import (
     EvaluationResource,
     ModelResource,
@@ -61,7 +60,6 @@ from middo_pipeline.resources import (
 )
 from middo_pipeline.rounds import previous_round, round_number, rounds_partitions
 
-DEFAULT_EVAL = data_file(HELDOUT)
 # the candidates' signals shown beside their text in the accepted preview
 SIGNAL_COLUMNS = [
     "operation",
@@ -161,7 +159,6 @@ class RefineConfig(Config):
         description="flag: no longer flagged | typical: also no worse than the round's median sample | auto: typical "
         "for a small optimizer, flag for one that follows the stepwise prompt (docs/decisions/acceptance-bar.md)",
     )
-    heldout_path: str = Field(default=str(DEFAULT_EVAL), description="Held-out set whose text candidates must not copy")
     gate: GateConfig = Field(
         default_factory=GateConfig, description="Advanced: the gate's rule margins (docs/decisions/gate-rules.md)"
     )
@@ -272,7 +269,8 @@ def refined_samples(
             quality_signals=quality_signals,
             embedding_signals=embedding_signals,
         )
-        verified, th = _gate(context, config, model, ray, store, candidates, round_dataset, bar, signals)
+        heldout = evaluation.heldout_path
+        verified, th = _gate(context, config, model, ray, store, candidates, round_dataset, bar, heldout, signals)
         chosen = choose_candidates(verified)
     else:  # nothing generated: the empty tables, with the gate's columns
         th = None
@@ -305,7 +303,7 @@ def refined_samples(
     yield check
 
 
-def _gate(context, config, model, ray, store, candidates, round_dataset, bar, signals) -> tuple:
+def _gate(context, config, model, ray, store, candidates, round_dataset, bar, heldout, signals) -> tuple:
     """``core.gate.gate_round`` with the round's base model, checkpoint and (judge mode) self-judge."""
     key = context.partition_key
     ckpt = store.checkpoint_dir(key)
@@ -320,7 +318,7 @@ def _gate(context, config, model, ray, store, candidates, round_dataset, bar, si
         judge_model=judge_lm,
         rules=config.gate_rules(bar),
         round_dataset=round_dataset,
-        heldout_grams=heldout_grams(config.heldout_path, config.gate.heldout_ngram),
+        heldout_grams=heldout_grams(heldout, config.gate.heldout_ngram),
         ngram=config.gate.heldout_ngram,
         log=context.log.warning,
         progress=lambda name: ProgressLogger(context.log.info, name),
