@@ -18,6 +18,7 @@ from dagster import (
 from pydantic import Field
 
 from middo_pipeline.assets._meta import bars_md, image_md, tidy
+from middo_pipeline.constants import MAX_LENGTH
 from middo_pipeline.core.checkpoints import derived_key, find_derived, source_digest
 from middo_pipeline.core.evaluation import compare_rounds, evaluate, load_eval_set
 from middo_pipeline.core.plots import metric_by_round_png
@@ -40,7 +41,7 @@ RESOLUTION = (
 
 
 class EvalConfig(Config):
-    max_length: int = Field(default=384)
+    max_length: int = Field(default=MAX_LENGTH, description="Tokens per held-out item (prompt + answer)")
 
 
 def _base_figures(store, model: ModelResource, eval_df: pl.DataFrame, eval_path: str, max_length: int, log) -> dict:

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator
 
 from middo_pipeline.assets._checks import band_check, band_spec
 from middo_pipeline.assets._meta import image_md, json_md, preview_md, tidy
+from middo_pipeline.constants import JUDGE_MAX_LENGTH, MAX_LENGTH
 from middo_pipeline.core import diversity, quality, readout_cache
 from middo_pipeline.core.checkpoints import derived_key, find_derived, require_checkpoint, source_digest
 from middo_pipeline.core.forward import EmbeddingSpec
@@ -48,7 +49,9 @@ def _prompts_responses(df: pl.DataFrame) -> tuple[list[str], list[str]]:
 
 # --------------------------------------------------------------------------------------
 class ReadoutConfig(Config):
-    max_length: int = Field(default=384, description="Tokens per sample; longer samples are truncated (response first)")
+    max_length: int = Field(
+        default=MAX_LENGTH, description="Tokens per sample; longer samples are truncated (response first)"
+    )
     max_batch_tokens: int = Field(default=8192, description="Token budget of one length-bucketed batch")
     reuse_base_readouts: bool = Field(
         default=True,
@@ -408,7 +411,10 @@ class QualitySignalConfig(ThresholdConfig):
         description="self: this round's checkpoint judges (the paper); optimizer: the optimizer LLM "
         "judges (generate reading; use a strong model to catch wrong facts)",
     )
-    max_length: int = Field(default=512)
+    max_length: int = Field(
+        default=JUDGE_MAX_LENGTH,
+        description="Tokens per judge prompt: the sample inside the rubric's framing, so longer than a sample's",
+    )
     max_batch_size: int = Field(default=16)
 
 

@@ -10,6 +10,7 @@ from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataVa
 from pydantic import Field
 
 from middo_pipeline.assets._meta import image_md, tidy
+from middo_pipeline.constants import MAX_LENGTH
 from middo_pipeline.core.checkpoints import (
     copy_checkpoint,
     find_identical,
@@ -33,7 +34,7 @@ class TrainingConfig(Config):
     )
     batch_size: int = Field(default=4)
     grad_accum: int = Field(default=1)
-    max_length: int = Field(default=384, description="Tokens per sample (prompt + response)")
+    max_length: int = Field(default=MAX_LENGTH, description="Tokens per sample (prompt + response)")
     lora: bool = Field(default=True, description="LoRA (merged after training) or full fine-tuning")
     lora_rank: int = Field(default=16)
     lora_alpha: int = Field(default=32)

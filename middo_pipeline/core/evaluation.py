@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from middo_pipeline.constants import MAX_LENGTH
 from middo_pipeline.core.forward import score_samples
 from middo_pipeline.core.schema import make_sample_id, prompt_text
 
@@ -151,7 +152,7 @@ def evaluate(
     tokenizer,
     eval_df: pl.DataFrame,
     *,
-    max_length: int = 512,
+    max_length: int = MAX_LENGTH,
     max_batch_tokens: int = 8192,
     max_batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,

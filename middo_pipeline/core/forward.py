@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from middo_pipeline.constants import MAX_LENGTH
 from middo_pipeline.core.encoding import EncodedSample, encode_samples
 from middo_pipeline.core.torch_utils import model_device
 
@@ -500,7 +501,7 @@ def score_samples(
     prompts: Sequence[str],
     responses: Sequence[str | None],
     *,
-    max_length: int = 512,
+    max_length: int = MAX_LENGTH,
     max_batch_tokens: int = 8192,
     max_batch_size: int = 32,
     with_embeddings: bool = True,
@@ -537,7 +538,7 @@ def mean_response_loss(
     prompts: Sequence[str],
     responses: Sequence[str | None],
     *,
-    max_length: int = 512,
+    max_length: int = MAX_LENGTH,
     max_batch_tokens: int = 8192,
     max_batch_size: int = 32,
     progress: Progress | None = None,

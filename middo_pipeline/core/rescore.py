@@ -63,6 +63,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from middo_pipeline.constants import JUDGE_MAX_LENGTH, MAX_LENGTH
 from middo_pipeline.core import quality
 from middo_pipeline.core.distributed import LocalForward
 from middo_pipeline.core.diversity import TopComponents, cosine_to_rows, max_cosine_to, top_cosine_to
@@ -79,10 +80,10 @@ SAME_TASK_NEAREST = 16  # round samples read for ``max_cosine_same_task``, neare
 
 @dataclass
 class RescoreSettings:
-    max_length: int = 384
+    max_length: int = MAX_LENGTH
     max_batch_tokens: int = 8192
     embedding: EmbeddingSpec = EmbeddingSpec()
-    judge_max_length: int = 512
+    judge_max_length: int = JUDGE_MAX_LENGTH
     judge_batch_size: int = 16
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import polars as pl
 
+from middo_pipeline.constants import MAX_LENGTH
 from middo_pipeline.core.schema import prompt_text
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,9 @@ class TrainConfig:
     learning_rate: float = 2e-4  # LoRA; 2e-5 for full fine-tuning (the paper)
     batch_size: int = 4  # per device
     grad_accum: int = 1  # optimizer step every grad_accum batches
-    max_length: int = 512  # tokens per sample (chat template + prompt + response); longer ones are cut at the end
+    max_length: int = (
+        MAX_LENGTH  # tokens per sample (chat template + prompt + response); longer ones are cut at the end
+    )
     lora: bool = True  # False: full fine-tuning
     lora_rank: int = 16
     lora_alpha: int = 32

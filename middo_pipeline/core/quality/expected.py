@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from middo_pipeline.constants import JUDGE_MAX_LENGTH
 from middo_pipeline.core.quality.prompts import DEFAULT_PREFILL, _build_sequences
 from middo_pipeline.core.quality.tokens import ScoreTokens, find_score_tokens
 from middo_pipeline.core.torch_utils import _CACHE_NAMES, _accepts, _returned_cache, cache_param, model_device  # noqa: F401
@@ -275,7 +276,7 @@ def expected_scores(
     prompts: Sequence[str],
     responses: Sequence[str],
     *,
-    max_length: int = 512,
+    max_length: int = JUDGE_MAX_LENGTH,
     max_batch_size: int = 16,
     progress: Progress | None = None,
     prefill: str = DEFAULT_PREFILL,
