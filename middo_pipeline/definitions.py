@@ -14,7 +14,7 @@ Resources come from environment variables so one code location serves a laptop a
 - MIDDO_OPTIMIZER_ENGINE           local backend: compact (default: finished rows leave the batch) | generate
 - MIDDO_HOME                       storage root (default $DAGSTER_HOME/middo or ./.middo)
 - MIDDO_RAY_ADDRESS                unset: one process; local | auto | ray://HEAD:10001: the loss and
-                                   embedding passes run on Ray workers (extra [ray]; README "Scaling up")
+                                   embedding passes run on Ray workers (extra [ray]; docs/scaling.md)
 - MIDDO_RAY_WORKERS, MIDDO_RAY_CPUS_PER_WORKER, MIDDO_RAY_GPUS_PER_WORKER, MIDDO_RAY_NUM_CPUS
 """
 

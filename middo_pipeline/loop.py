@@ -148,7 +148,7 @@ def split_config(cfg: dict) -> tuple[dict, dict]:
         found = sorted(resources) if isinstance(resources, dict) else resources
         raise ValueError(
             f"resources: {found!r:.60}: only {sorted(PER_RUN_RESOURCES)} is set in a config file (the other "
-            "resources come from MIDDO_* environment variables, see README)"
+            "resources come from MIDDO_* environment variables, see docs/configuration.md)"
         )
     ops = cfg.get("ops") or {}
     if not isinstance(ops, dict):

@@ -148,7 +148,7 @@ def config_problems(job_def, run_config: dict, source: str) -> list[str]:
         for err in exc.errors:
             message = err.message.split(". Expected:")[0].rstrip(".")
             message = re.sub(r"root:(\S*)", lambda m: m.group(1).replace(":", ".") or "the top level", message)
-            lines.append(f"{source}: {message}; fix it (see README 'Configuration')")
+            lines.append(f"{source}: {message}; fix it (see docs/configuration.md)")
         return lines
     return []
 

@@ -2,7 +2,7 @@
 
 Each is a thin configurable wrapper over a plain module in ``middo_pipeline.core`` or
 ``middo_pipeline.models``; swapping the laptop default for a GPU model or a vLLM server is a
-matter of resource config (see README "Scaling up").
+matter of resource config (see docs/scaling.md).
 """
 
 from __future__ import annotations

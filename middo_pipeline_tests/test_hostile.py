@@ -1,7 +1,7 @@
 """Hostile input and misconfiguration at the command line (issue 14): every case fails fast with
 one clear line and a documented exit code, and nothing that is not ours is overwritten.
 
-The README's reliability section lists these cases with what each gets.
+docs/reliability.md lists these cases with what each gets.
 """
 
 from __future__ import annotations

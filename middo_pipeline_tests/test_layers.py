@@ -1,4 +1,4 @@
-"""The layering the README describes, checked on the source: ``core/`` and ``models/`` are plain
+"""The layering docs/development.md describes, checked on the source: ``core/`` and ``models/`` are plain
 Python (no Dagster, nothing from the Dagster-facing modules), and the shared constants agree
 with the modules that cannot import them."""
 

@@ -32,7 +32,7 @@ if ! "$VENV/bin/python" -c "$probe" >/dev/null 2>&1 \
     pip_args+=(-c "$CONSTRAINTS")
   fi
   "$VENV/bin/python" -m pip install "${pip_args[@]}" --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
-  # extras: cpu = the CPU build of torch (see README "Install"); dev = pytest, hypothesis, ruff
+  # extras: cpu = the CPU build of torch (see docs/development.md, "Install and pinning"); dev = pytest, hypothesis, ruff
   "$VENV/bin/python" -m pip install "${pip_args[@]}" "${upgrade[@]}" -e ".[${MIDDO_EXTRAS:-cpu,dev,ray}]" \
     2>&1 | grep -v "is ignored: it is neither" || true
   "$VENV/bin/python" -c 'import middo_pipeline, dagster, trl' \

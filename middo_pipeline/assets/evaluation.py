@@ -30,7 +30,7 @@ from middo_pipeline.rounds import earlier_rounds, previous_table, round_number, 
 
 METRICS = ("mean_response_loss", "mc_accuracy")
 NO_REGRESSION = "no_regression"
-# what the downstream benchmark's placebo measured (benchmarks/README.md, downstream)
+# what the downstream benchmark's placebo measured (docs/decisions/rollback-floor.md)
 RESOLUTION = (
     "one training run per round, items resampled: training order alone is not in the interval. In the downstream "
     "benchmark, the seed data's own rows in another order moved MC accuracy by -0.008 with an item interval "

@@ -7,7 +7,7 @@ response: the conditional loss is well below the unconditional one (IFD < 1). An
 prompt does not help explain — unrelated to it, garbled, cut off, a prompt too mangled to ask
 anything — has IFD near or above 1. Unlike the self-judge, this needs no judgement from the
 model, only its next-token probabilities, so it works at 135M parameters where a self-judge
-is at chance (see the README). Facts that are wrong in a fluent answer need knowledge the
+is at chance (docs/decisions/quality-mode-ifd.md). Facts that are wrong in a fluent answer need knowledge the
 ratio cannot supply: that stays the judge's job, with a strong model.
 
 "No prompt" is the same chat template with an empty user turn, so both losses see the same

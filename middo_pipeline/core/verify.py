@@ -115,7 +115,7 @@ def quality_value(scale: QualityScale, judge: np.ndarray | None, ifd: np.ndarray
 # flag it was made to fix and gets no new one. "typical" (conservative, for a weak optimizer):
 # also no harder after training than the round's median sample and of at least its median
 # quality, so that nothing below the round's typical row gets in (a small optimizer's
-# refinements that pass "flag" are mostly worse than typical seed rows: see the README).
+# refinements that pass "flag" are mostly worse than typical seed rows: docs/decisions/acceptance-bar.md).
 ACCEPTANCE_BARS = ("flag", "typical")
 
 

@@ -26,7 +26,7 @@ the left), the same repetition penalty (``RepetitionPenaltyLogitsProcessor``: ov
 sequence, prompt included), greedy argmax or temperature then multinomial sampling (top-k and
 top-p off) from the torch RNG, which the caller seeds. Greedy texts match ``generate``'s up to
 float rounding (a smaller batch can round differently; measured identical on the benchmark's
-requests, see ``benchmarks/README.md``, generation); sampled texts are reproducible for the
+requests, see benchmarks/reports/2026-12-06-generation.md); sampled texts are reproducible for the
 same requests and batch size, but are not ``generate``'s draws.
 """
 

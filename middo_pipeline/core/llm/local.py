@@ -29,7 +29,8 @@ from middo_pipeline.core.llm.protocol import (
 log = logging.getLogger(__name__)
 
 DEFAULT_REPETITION_PENALTY = 1.1
-# generation batch: measured by ``python -m benchmarks --only hardware,generation`` (see its README)
+# generation batch: measured by ``python -m benchmarks --only hardware,generation``
+# (benchmarks/reports/2026-12-06-generation.md)
 # compact engine at batch 64: 4.27x transformers generate at batch 8 on 64 requests, identical
 # greedy texts (32: 3.44x). A round sends ~140 requests per step: as 64 + 64 + 14, 87 s; as
 # 71 + 71 (batch 128, balanced), 75 s; as one batch of 142, 71 s (same texts). Requests are
@@ -42,7 +43,7 @@ DEFAULT_QUANTIZE = "none"
 # hold, and the output head. Measured on SmolLM2-135M, held-out response loss (data/eval_large,
 # 240 items): fp32 1.669; every Linear int8 (torch's default, per-tensor weights) 3.085;
 # per-channel weights 2.837; only down_proj int8 2.542; all but down_proj and the head 1.758
-# (benchmarks/README.md, generation).
+# (benchmarks/reports/2026-12-06-generation.md).
 INT8_KEEP_FP32 = ("down_proj", "lm_head", "fc2", "w2")
 INT8_SCHEME = "int8-pc-keep-out"  # in the cache key: another scheme writes other text
 
