@@ -40,12 +40,13 @@ def write_small_eval(folder: Path) -> Path:
 
 
 def small_tiny_run(folder: Path) -> tuple[Path, dict]:
-    """A small seed file in ``folder`` and the ``tiny`` preset's run config, evaluating on a
-    small held-out file there too: the inputs of a tiny loop that takes seconds per step."""
+    """A small seed file in ``folder`` and the ``tiny`` preset's run config, with a small held-out
+    file there too (the evaluation resource's ``heldout_path``: round_evaluation scores on it and
+    the gate checks contamination against it): the inputs of a tiny loop that takes seconds per step."""
     from middo_pipeline.loop import load_run_config
 
     cfg = load_run_config("tiny")
-    cfg["ops"]["round_evaluation"]["config"]["path"] = str(write_small_eval(folder))
+    cfg.setdefault("resources", {})["evaluation"] = {"config": {"heldout_path": str(write_small_eval(folder))}}
     return write_small_seed(folder), cfg
 
 

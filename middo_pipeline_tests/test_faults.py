@@ -126,7 +126,10 @@ def _rerun_optimize(pipeline, url: str):
     the same job and assets as the round, upstream tables read from storage."""
     env = {**pipeline.env, "MIDDO_OPTIMIZER_BASE_URL": url}
     job = definitions.build_defs(env).resolve_job_def("middo_round").get_subset(asset_selection=OPTIMIZE_ASSETS)
-    run_config = {"ops": {"refined_samples": pipeline.cfg["ops"]["refined_samples"]}}
+    run_config = {
+        "ops": {"refined_samples": pipeline.cfg["ops"]["refined_samples"]},
+        "resources": pipeline.cfg["resources"],
+    }
     with DagsterInstance.get() as instance:
         return job.execute_in_process(
             instance=instance, partition_key=ROUND, run_config=run_config, raise_on_error=False

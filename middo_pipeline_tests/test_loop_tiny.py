@@ -77,10 +77,12 @@ def test_two_round_loop(two_rounds):
     # reads after training only those that their base-model readings do not already reject
     from middo_pipeline.core.refine import heldout_grams
     from middo_pipeline.core.verify import text_reasons
-    from middo_pipeline.packaged import HELDOUT, data_file
 
     cands = pl.read_parquet(store.table_path("refinement_candidates", "round-1"))
-    grams = heldout_grams(data_file(HELDOUT), 8)
+    with DagsterInstance.get() as instance:  # the held-out file the round ran with
+        rec = latest_materialization(instance, "refined_samples", "round-1")
+        heldout = instance.get_run_by_id(rec.run_id).run_config["resources"]["evaluation"]["config"]["heldout_path"]
+    grams = heldout_grams(heldout, 8)
     assert cands.height > 0
     for row in cands.iter_rows(named=True):
         text_ok = row["status"] == "ok" and not text_reasons(row, grams, 8)
@@ -320,11 +322,12 @@ def test_a_round_that_would_retrain_the_same_weights_copies_them(two_rounds, loo
         r1.with_columns(pl.lit(1).alias("round")).write_parquet(files[0])
         with DagsterInstance.get() as instance:
             rec = latest_materialization(instance, "sft_checkpoint", "round-1")
-            ops = instance.get_run_by_id(rec.run_id).run_config["ops"]
+            run_config = instance.get_run_by_id(rec.run_id).run_config
+            ops = run_config["ops"]
             train_cfg = ops["sft_checkpoint"]["config"]
 
             def materialize(**changes):
-                cfg = {"ops": {a: ops[a] for a in steps if a in ops}}
+                cfg = {"ops": {a: ops[a] for a in steps if a in ops}, "resources": run_config["resources"]}
                 cfg["ops"]["sft_checkpoint"] = {"config": train_cfg | changes}
                 res = job.execute_in_process(instance=instance, partition_key="round-2", run_config=cfg)
                 assert res.success

@@ -149,7 +149,8 @@ def test_model_readouts_on_ray_equal_one_process(one_round):
                             "config": {**cfg["ops"]["model_readouts"]["config"], "reuse_base_readouts": False}
                         },
                         "refined_samples": cfg["ops"]["refined_samples"],
-                    }
+                    },
+                    "resources": cfg["resources"],
                 },
             )
         )
