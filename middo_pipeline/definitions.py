@@ -24,7 +24,7 @@ import os
 
 from dagster import Definitions, load_assets_from_modules
 
-from middo_pipeline.assets import evaluation, ingestion, merging, refinement, signals, training
+from middo_pipeline.assets import evaluation, ingestion, merging, quality, readouts, refinement, signals, training
 from middo_pipeline.io import ParquetIOManager
 from middo_pipeline.jobs import round_job, seed_job
 from middo_pipeline.models.loading import DEFAULT_MODEL, TINY_MODEL
@@ -116,7 +116,9 @@ def ray_from_env(env: dict) -> RayComputeResource:
 def build_defs(env: dict | None = None) -> Definitions:
     """The code location, with resources from ``env`` (default: the process environment)."""
     return Definitions(
-        assets=load_assets_from_modules([ingestion, training, signals, refinement, merging, evaluation]),
+        assets=load_assets_from_modules(
+            [ingestion, training, readouts, signals, quality, refinement, merging, evaluation]
+        ),
         jobs=[seed_job, round_job],
         schedules=[nightly_round],
         resources=resources_from_env(env),
