@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from middo_pipeline.constants import SEED_FORMATS
 
@@ -111,8 +112,16 @@ def cmd_loop(args: argparse.Namespace) -> int:
         return 1
     print("\nround summary")
     _print_rounds([(s.round, s.metadata) for s in summaries])
-    print("open the UI with: bash scripts/ui.sh   (DAGSTER_HOME must be the same)")
+    print(f"open the UI with: {ui_command()}   (DAGSTER_HOME must be the same)")
     return 0
+
+
+def ui_command() -> str:
+    """How to open the UI: the checkout's scripts/ui.sh when there is one next to this package's
+    source, else (an installed wheel) the ``dagster dev`` command that script runs."""
+    if (Path(__file__).resolve().parents[1] / "scripts" / "ui.sh").is_file():
+        return "bash scripts/ui.sh"
+    return "dagster dev -m middo_pipeline.definitions -h 127.0.0.1 -p 3000"
 
 
 def _print_rounds(rows: list[tuple[str, dict]]) -> None:

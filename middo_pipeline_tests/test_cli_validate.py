@@ -196,3 +196,11 @@ def test_console_script(dirty_file, clean_file):
     missing = subprocess.run([str(script), "validate", str(dirty_file) + ".nope"], capture_output=True, text=True)
     assert missing.returncode == 2
     assert missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
+
+
+def test_ui_hint_is_the_script_in_a_checkout_and_dagster_dev_in_a_wheel(tmp_path, monkeypatch):
+    from middo_pipeline import cli
+
+    assert cli.ui_command() == "bash scripts/ui.sh"  # this checkout has scripts/ui.sh
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "middo_pipeline" / "cli.py"))
+    assert cli.ui_command().startswith("dagster dev -m middo_pipeline.definitions")
