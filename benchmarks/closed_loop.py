@@ -43,6 +43,7 @@ from benchmarks.common import REPO, RESULTS_DIR, SEED_PATH, load_seed_rows, log,
 
 HELDOUT_FILES = (REPO / "data" / "eval_heldout.jsonl", REPO / "data" / "eval_large.jsonl")
 DOWN_EVAL = REPO / "data" / "eval_large.jsonl"
+DEFECT_KINDS = (*controlled.QUALITY_KINDS, *controlled.HARD_KINDS)
 HELDOUT_NGRAM = 8  # the gate's contamination rule: a shared run of this many words
 
 # the right answers to the controlled set's wrong-fact questions (controlled.WRONG_ANSWERS)
@@ -246,6 +247,28 @@ def oracle(cs: CorruptedSet) -> standin.Oracle:
     return o
 
 
+def tiny_knower(folder: Path, cs: CorruptedSet, epochs: float = 30.0) -> Path:
+    """A tiny Llama that knows the clean data: built with a tokenizer trained on the set's text,
+    then fully fine-tuned on the clean counterpart until it has learnt it. A random tiny model
+    cannot tell a good answer from junk (every prompt explains its answer equally badly); this
+    one can, as a real base model can for what it knows, so smoke runs and tests of the closed
+    loop judge candidates in earnest, in seconds per step."""
+    from middo_pipeline.core.schema import make_samples
+    from middo_pipeline.core.training import TrainConfig, train_sft
+    from middo_pipeline.models.tiny import build_tiny_model
+
+    target = Path(folder) / "knower"
+    if (target / "config.json").exists():
+        return target
+    texts = [r[k] for rows in (cs.rows, cs.clean, cs.reserve) for r in rows for k in ("instruction", "output")]
+    blank = build_tiny_model(Path(folder) / "blank", texts=texts, vocab_size=1024, hidden_size=128)
+    cfg = TrainConfig(
+        lora=False, epochs=epochs, learning_rate=3e-3, batch_size=8, max_length=192, device="cpu", warmup_ratio=0.0
+    )
+    train_sft(str(blank), make_samples(cs.clean), target, cfg)
+    return target
+
+
 # ----------------------------------------------------------------------------------------------
 # the loop
 
@@ -345,10 +368,11 @@ def round_report(workdir: Path, round_key: str, cs: CorruptedSet, decisions: lis
         "rows_out": out.height,
         "rows_removed": len(before - after),
         "rows_added": len(after - before),
-        "defects_in": {k: v for k, v in _count(defect_of.values()).items() if k != "clean"},
+        "defects_in": {k: v for k, v in _count(defect_of.values()).items() if k in DEFECT_KINDS},
         "flagged_by_kind": flagged,
         "accepted_by_answer": accepted,
-        "repaired": sum(v for k, v in accepted.get("good", {}).items() if k not in ("clean", "added")),
+        "repaired": sum(v for k, v in accepted.get("good", {}).items() if k in DEFECT_KINDS),
+        "extended_good": accepted.get("good", {}).get("isolated_topic", 0),
         "junk_accepted": sum(sum(v.values()) for k, v in accepted.items() if k in standin.FAILURES),
         "standin_answers": answers,
         "standin_bad_answers": sum(v for k, v in answers.items() if k in standin.FAILURES),
@@ -366,6 +390,76 @@ def _count(values) -> dict[str, int]:
     for v in values:
         out[v] = out.get(v, 0) + 1
     return dict(sorted(out.items()))
+
+
+# ----------------------------------------------------------------------------------------------
+# what to do with a flagged sample that could not be repaired
+
+# the rules compared: which unrepaired samples (flagged hard or low quality, no replacement
+# accepted) leave the next round's training data
+UNREPAIRED_RULES = ("keep", "quarantine_all", "quarantine_ifd_ge_1", "quarantine_hard_and_low")
+
+
+def unrepaired_sets(workdir: Path, round_key: str) -> dict[str, set[str]]:
+    """The sample ids each rule of ``UNREPAIRED_RULES`` would take out of round ``round_key``'s
+    merged data. IFD >= 1 is the absolute sign of misalignment (the prompt does not help explain
+    the answer); below it Cherry-LLM finds the most instructive samples, so a relative threshold
+    alone may take good samples out."""
+    import polars as pl
+
+    from middo_pipeline.core.storage import Storage
+
+    store = Storage(workdir / "middo")
+    refined = pl.read_parquet(store.table_path("refined_samples", round_key))
+    quality = pl.read_parquet(store.table_path("quality_signals", round_key)).select("sample_id", "ifd")
+    out = pl.read_parquet(store.table_path("optimized_dataset", round_key))
+    repl = refined.filter(pl.col("operation").is_in(["simplified", "rewritten"]))
+    unrepaired = repl.filter(pl.col("status") != "ok").join(
+        quality, left_on="origin_id", right_on="sample_id", how="left"
+    )
+    unrepaired = unrepaired.filter(pl.col("origin_id").is_in(out["sample_id"].to_list()))  # still in the data
+    both = pl.col("flags").str.contains("hard") & pl.col("flags").str.contains("low_quality")
+    return {
+        "keep": set(),
+        "quarantine_all": set(unrepaired["origin_id"].to_list()),
+        "quarantine_ifd_ge_1": set(unrepaired.filter(pl.col("ifd") >= 1.0)["origin_id"].to_list()),
+        "quarantine_hard_and_low": set(unrepaired.filter(both)["origin_id"].to_list()),
+    }
+
+
+def unrepaired_study(workdir: Path, round_key: str, cs: CorruptedSet | None) -> dict:
+    """Per rule: how many samples it takes out, and (on the corrupted seed) how many of them are
+    defective by kind, how many clean, and how many defects stay in the data."""
+    import polars as pl
+
+    from middo_pipeline.core.storage import Storage
+
+    out = pl.read_parquet(Storage(workdir / "middo").table_path("optimized_dataset", round_key))
+    kind_of = {}
+    if cs is not None:
+        by_text = {_key(r["instruction"], r["input"], r["output"]): r["kind"] for r in cs.rows}
+        kind_of = {
+            s["sample_id"]: by_text.get(_key(s["instruction"], s["input"], s["output"]), "added")
+            for s in out.iter_rows(named=True)
+        }
+    defects = {sid for sid, k in kind_of.items() if k in DEFECT_KINDS}
+    res = {}
+    for rule, ids in unrepaired_sets(workdir, round_key).items():
+        row = {"removed": len(ids), "rows_left": out.height - len(ids)}
+        if cs is not None:
+            row["removed_by_kind"] = _count(kind_of.get(i, "added") for i in ids)
+            row["defective_removed"] = len(ids & defects)
+            row["clean_removed"] = sum(kind_of.get(i) == "clean" for i in ids)
+            row["defects_left"] = len(defects - ids)
+        res[rule] = row
+    return res
+
+
+def without(table, ids: set[str]):
+    """``table`` (a sample table) without the rows in ``ids``."""
+    import polars as pl
+
+    return table.filter(~pl.col("sample_id").is_in(sorted(ids)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,8 +499,10 @@ def recovery(correct: dict[str, np.ndarray], name: str, n_boot: int = 2000, seed
 
 def downstream(datasets: dict, seeds: tuple[int, ...], settings, workdir: Path, partial: Path | None = None) -> dict:
     """Train on each dataset at every seed (one epoch, LoRA: the downstream benchmark's runs,
-    cached in its run cache), evaluate on the 240-item set, and compare paired per item."""
-    from benchmarks.downstream import runs_items, train_and_evaluate, train_config
+    cached in its run cache), evaluate on the 240-item set, and compare paired per item.
+    Datasets in the order given, every seed of one before the next, so that a run stopped early
+    has its first comparisons complete (written to ``partial`` after each dataset)."""
+    from benchmarks.downstream import train_and_evaluate, train_config
     from middo_pipeline.core.evaluation import load_eval_set
     from middo_pipeline.core.schema import make_samples
 
@@ -414,9 +510,10 @@ def downstream(datasets: dict, seeds: tuple[int, ...], settings, workdir: Path, 
     correct: dict[str, list] = {}
     neg_loss: dict[str, list] = {}
     runs: dict[str, list] = {}
-    for s in seeds:
-        for name, rows in datasets.items():
-            df = rows if not isinstance(rows, list) else make_samples(rows)
+    out: dict = {}
+    for name, rows in datasets.items():
+        df = rows if not isinstance(rows, list) else make_samples(rows)
+        for s in seeds:
             c, loss, rec, cached = train_and_evaluate(
                 settings, df, train_config(settings, s), eval_df, workdir / f"{name}-{s}"
             )
@@ -427,25 +524,37 @@ def downstream(datasets: dict, seeds: tuple[int, ...], settings, workdir: Path, 
                 f"closed_loop: {name} seed {s}: mc {rec['mc_accuracy']:.3f}, loss {rec['mean_response_loss']:.3f}"
                 + (" (cached run)" if cached else "")
             )
-            if partial is not None:
-                write_json_atomic(partial, {"partial": True, "runs": runs})
-    measures = {"mc_accuracy": correct, "neg_response_loss": neg_loss}
+        out = compare({"mc_accuracy": correct, "neg_response_loss": neg_loss}, runs)
+        if partial is not None:
+            write_json_atomic(partial, {"partial": True, "datasets_done": list(runs), **out})
+    return out
+
+
+def compare(measures: dict[str, dict[str, list]], runs: dict) -> dict:
+    """Each dataset against the corrupted seed (paired per item, runs resampled too), the
+    recovery ratio of every loop dataset, and which measure separates clean from corrupted more."""
+    from benchmarks.downstream import runs_items
+
     out: dict = {"runs": runs, "vs_corrupted": {}, "recovery": {}}
     for m, table in measures.items():
-        for name in datasets:
+        if "corrupted" not in table:
+            continue
+        for name in table:
             if name != "corrupted":
                 out["vs_corrupted"].setdefault(m, {})[name] = runs_items(table[name], table["corrupted"])
-        for name in datasets:
+        if "clean" not in table:
+            continue
+        for name in table:
             if name not in ("clean", "corrupted"):
                 out["recovery"].setdefault(m, {})[name] = recovery({k: np.stack(v) for k, v in table.items()}, name)
 
-    # the more sensitive measure: clean against corrupted, the larger effect for its interval's width
-    def z(m: str) -> float:
+    def z(m: str) -> float:  # the clean-minus-corrupted effect for its interval's width
         d = out["vs_corrupted"][m]["clean"]
         width = (d["ci95"][1] - d["ci95"][0]) or 1e-9
         return abs(d["mean"]) / width
 
-    out["sensitive_measure"] = max(measures, key=z)
+    if all("clean" in out["vs_corrupted"].get(m, {}) for m in measures):
+        out["sensitive_measure"] = max(measures, key=z)
     return out
 
 
@@ -462,6 +571,7 @@ def run(
     seeds=(0, 1, 2, 3, 4),
     bundled: bool = True,
     workroot: Path | None = None,
+    one_round: tuple[float, ...] = (),
 ) -> dict:
     """The corrupted seed, the loop at each ``p`` (``rounds`` rounds; ``p = ps[0]`` is the one
     followed downstream round by round), the bundled optimizer, and the downstream comparison."""
@@ -476,7 +586,10 @@ def run(
     root = Path(workroot or RESULTS_DIR.parent / ".closed_loop").resolve()
     root.mkdir(parents=True, exist_ok=True)
     seed_file = root / "corrupted.json"
-    seed_file.write_text(json.dumps(cs.seed_json(), ensure_ascii=False, indent=1))
+    text = json.dumps(cs.seed_json(), ensure_ascii=False, indent=1)
+    if seed_file.exists() and seed_file.read_text() != text:
+        raise RuntimeError(f"{root} holds loops of another corrupted seed: remove it, or give another --work")
+    seed_file.write_text(text)
     (root / "clean.json").write_text(json.dumps(cs.clean, ensure_ascii=False, indent=1))
     profile = {"MIDDO_PROFILE": "tiny"} if smoke else {"MIDDO_PROFILE": "default"}
     config_file = None
@@ -500,7 +613,7 @@ def run(
     for p in ps:
         name = f"standin_p{p:g}"
         work = root / name
-        n_rounds = rounds
+        n_rounds = 1 if p in one_round else rounds
         if not (work / "done.json").exists():
             if work.exists():
                 import shutil
@@ -560,12 +673,19 @@ def run(
 
     if smoke and not seeds:
         return out
+    # the comparisons the goals rest on first: clean vs corrupted, then the followed loop's round 2
+    tables = {
+        f"{name}_{rk}": root / name / "middo" / "tables" / "optimized_dataset" / f"{rk}.parquet"
+        for name, loop in out["loops"].items()
+        for rk in loop["rounds"]
+    }
+    last = f"round-{rounds}"
+    order = [f"{lead}_round-2", f"{lead}_round-1", f"{lead}_{last}"]
+    order += [f"{n}_{last}" for n in out["loops"] if n != lead] + [f"{n}_round-1" for n in out["loops"] if n != lead]
     datasets: dict = {"clean": cs.clean, "corrupted": cs.seed_json()}
-    for name, loop in out["loops"].items():
-        for rk in loop["rounds"]:
-            if name == lead or rk == "round-1":
-                table = root / name / "middo" / "tables" / "optimized_dataset" / f"{rk}.parquet"
-                datasets[f"{name}_{rk}"] = pl.read_parquet(table)
+    for key in [*order, *sorted(tables)]:
+        if key in tables and key not in datasets:
+            datasets[key] = pl.read_parquet(tables[key])
     d = downstream(datasets, tuple(seeds), settings, root / "train", partial=root / "downstream_partial.json")
     out["downstream"] = d
     m = d["sensitive_measure"]
@@ -585,6 +705,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny model, small seed: the whole path in minutes")
     ap.add_argument("--ps", default="0.7,1,0", help="stand-in p values; the first is followed round by round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--one-round", default="", help="stand-in p values whose loop runs one round only")
     ap.add_argument("--seeds", default="0,1,2,3,4", help="training seeds downstream ('' = no downstream)")
     ap.add_argument("--no-bundled", action="store_true", help="skip the loop with the bundled optimizer")
     ap.add_argument("--work", default=None, help="work folder (kept: finished loops are reused)")
@@ -602,6 +723,7 @@ def main(argv=None) -> int:
         seeds=seeds,
         bundled=not args.no_bundled,
         workroot=Path(args.work) if args.work else None,
+        one_round=tuple(float(p) for p in args.one_round.split(",") if p.strip()),
     )
     default = RESULTS_DIR / ("closed_loop_smoke.json" if args.smoke else "closed_loop.json")
     path = write_json_atomic(Path(args.out) if args.out else default, res)

@@ -5,6 +5,9 @@ to the real OpenAI backend."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from benchmarks import closed_loop, standin
@@ -178,3 +181,42 @@ def test_served_over_http_to_the_real_backend_the_probe_chooses_stepwise(corrupt
         assert clean_response(second.text)[0] == r["good"]["output"]
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_two_rounds_through_middo_loop_accept_known_good_answers_and_no_junk(tmp_path):
+    """``middo loop --rounds 2`` with the openai backend pointed at the stand-in (p = 0.5): the
+    style probe picks stepwise, ``auto`` picks the method's bar, good answers repair defective
+    rows in both rounds, and none of the stand-in's bad answers gets in. The base model is a tiny
+    Llama that has learnt the clean data (``closed_loop.tiny_knower``), so the gate judges for
+    real: a random tiny model would reject or accept by chance."""
+    seed_rows = load_seed_rows(SEED_FILE)
+    cs = closed_loop.build_corrupted(seed_rows, n_clean=24, n_quality=12, n_hard=8, n_isolated=4)
+    base = closed_loop.tiny_knower(tmp_path / "model", cs)
+    seed = tmp_path / "corrupted.json"
+    seed.write_text(json.dumps(cs.seed_json()))
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "ops:\n  sft_checkpoint:\n    config: {max_length: 192, batch_size: 8}\n"
+        "  model_readouts:\n    config: {max_length: 192}\n  embedding_signals:\n    config: {umap: false}\n"
+        "  round_evaluation:\n    config: {max_length: 128}\n"
+    )
+    server = standin.StandinServer(standin.Standin(closed_loop.oracle(cs), p=0.5, seed=0)).start()
+    try:
+        env = {**server.env(), "MIDDO_PROFILE": "tiny", "MIDDO_BASE_MODEL": str(base), "MIDDO_DEVICE": "cpu"}
+        res = closed_loop.run_loop(tmp_path / "loop", seed, 2, env_extra=env, config_file=config)
+        assert res["exit_code"] == 0, Path(res["log"]).read_text()[-3000:]
+        reports = [closed_loop.round_report(tmp_path / "loop", f"round-{r}", cs, server.decisions) for r in (1, 2)]
+    finally:
+        server.stop()
+    for rep in reports:
+        assert rep["prompt_style"] == "stepwise" and "probe" in rep["prompt_style_reason"]
+        assert rep["acceptance_bar"] == "flag"
+        assert rep["standin_bad_answers"] > 0  # junk was offered ...
+        assert rep["junk_accepted"] == 0, rep["accepted_by_answer"]  # ... and none of it got in
+        assert "unknown" not in rep["accepted_by_answer"]  # every accepted row is a stand-in answer
+        assert rep["repaired"] >= 1, rep["accepted_by_answer"]  # known good versions got in
+        assert rep["rows_out"] == rep["rows_in"] + rep["rows_added"] - rep["rows_removed"]
+    # round 2 starts from round 1's data, with its repairs in it
+    assert reports[1]["rows_in"] == reports[0]["rows_out"]
+    assert sum(reports[1]["defects_in"].values()) < sum(reports[0]["defects_in"].values())
