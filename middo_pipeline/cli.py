@@ -6,7 +6,7 @@ dagster) happen inside the command that needs them, so ``middo --help`` stays fa
     middo validate PATH [--format F] [--max-chars N] [--show N]
     middo loop --rounds N [--seed PATH] [--config FILE|tiny|gpu]
     middo summary
-    middo export --round R --format jsonl|json|parquet [--layout alpaca|messages] --out PATH|-
+    middo export --round R --format jsonl|json|parquet [--layout alpaca|messages] [--quarantined] --out PATH|-
 
 Exit codes of ``validate``: 0 every record is usable, 1 some records were rejected, 2 the file
 as a whole is unusable or no record is usable (or the command line is wrong).
@@ -186,6 +186,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from middo_pipeline.rounds import round_key
 
     ensure_dagster_home(create=False)
+    if args.quarantined:
+        return _export_quarantined(args)
     path = Storage().table_path("optimized_dataset", round_key(args.round))
     if not path.exists():
         print(
@@ -208,6 +210,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     note = _verified_note(Storage(), args.round)
     if note:
         print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def _export_quarantined(args: argparse.Namespace) -> int:
+    """Write the samples round R's merge quarantined as unrepaired (MergeConfig unrepaired)."""
+    import polars as pl
+
+    from middo_pipeline.core.export import ExportError, export_table
+    from middo_pipeline.core.merge import UNREPAIRED_TABLE
+    from middo_pipeline.core.storage import Storage
+    from middo_pipeline.rounds import round_key
+
+    path = Storage().table_path(UNREPAIRED_TABLE, round_key(args.round))
+    if not path.exists():
+        print(f"error: round {args.round} has no quarantine table at {path}; run `middo loop` first", file=sys.stderr)
+        return 2
+    df = pl.read_parquet(path)
+    try:
+        out = export_table(df, args.out, fmt=args.format, layout=args.layout)
+    except ExportError as e:
+        print(f"error: {e}; nothing written", file=sys.stderr)
+        return 2
+    where = "standard output" if out == "-" else out
+    print(
+        f"wrote the {df.height} samples round-{args.round} quarantined as unrepaired to {where}",
+        file=sys.stderr if out == "-" else sys.stdout,
+    )
     return 0
 
 
@@ -303,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="a regular file (replaced atomically; links, FIFOs, devices and folders are refused), "
         "or - for standard output",
+    )
+    export.add_argument(
+        "--quarantined",
+        action="store_true",
+        help="write the samples the round quarantined as unrepaired (merge setting unrepaired: quarantine)",
     )
     export.set_defaults(func=cmd_export)
     return parser

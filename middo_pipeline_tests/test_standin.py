@@ -200,6 +200,7 @@ def test_two_rounds_through_middo_loop_accept_known_good_answers_and_no_junk(tmp
         "ops:\n  sft_checkpoint:\n    config: {max_length: 192, batch_size: 8}\n"
         "  model_readouts:\n    config: {max_length: 192}\n  embedding_signals:\n    config: {umap: false}\n"
         "  round_evaluation:\n    config: {max_length: 128}\n"
+        "  optimized_dataset:\n    config: {unrepaired: quarantine}\n"
     )
     server = standin.StandinServer(standin.Standin(closed_loop.oracle(cs), p=0.5, seed=0)).start()
     try:
@@ -220,3 +221,30 @@ def test_two_rounds_through_middo_loop_accept_known_good_answers_and_no_junk(tmp
     # round 2 starts from round 1's data, with its repairs in it
     assert reports[1]["rows_in"] == reports[0]["rows_out"]
     assert sum(reports[1]["defects_in"].values()) < sum(reports[0]["defects_in"].values())
+    # unrepaired: quarantine took the samples whose fixes the gate refused out of round 2's data,
+    # kept them whole with the reason, and middo export --quarantined writes them
+    import polars as pl
+
+    from middo_pipeline.cli import main as middo
+    from middo_pipeline.core.storage import Storage
+
+    store = Storage(tmp_path / "loop" / "middo")
+    q = pl.read_parquet(store.table_path("unrepaired_samples", "round-1"))
+    refined = pl.read_parquet(store.table_path("refined_samples", "round-1"))
+    refused = refined.filter(pl.col("operation").is_in(["simplified", "rewritten"]) & (pl.col("status") == "rejected"))
+    assert q.height == refused.height > 0
+    assert set(q["sample_id"]) == set(refused["origin_id"])
+    assert all(r.startswith("verification") for r in q["reason"])
+    round2 = pl.read_parquet(store.table_path("round_dataset", "round-2"))
+    assert not set(q["sample_id"]) & set(round2["sample_id"])
+    acc = pl.read_parquet(store.table_path("sample_accounting", "round-1"))
+    assert acc.filter(pl.col("fate").str.starts_with("quarantined")).height == q.height
+    assert reports[0]["optimized_metadata"]["quarantined"] == q.height
+    out = tmp_path / "quarantined.jsonl"
+    env = {"DAGSTER_HOME": str(tmp_path / "loop" / "dagster_home"), "MIDDO_HOME": str(store.root)}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        assert middo(["export", "--round", "1", "--quarantined", "--out", str(out)]) == 0
+    exported = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(e["instruction"] for e in exported) == sorted(q["instruction"])

@@ -20,10 +20,14 @@ from middo_pipeline.assets._rollback import round_verdict
 from middo_pipeline.core.merge import (
     DEFAULT_MAX_GROWTH,
     DEFAULT_SIZE_POLICY,
+    DEFAULT_UNREPAIRED,
+    UNREPAIRED_TABLE,
     MergeResult,
     SizePolicy,
+    Unrepaired,
     check_conservation,
     merge_round,
+    unrepaired_ids,
 )
 from middo_pipeline.core.rollback import RollbackVerdict, rollback_round
 from middo_pipeline.core.schema import fingerprint
@@ -44,6 +48,11 @@ class MergeConfig(Config):
     )
     max_growth: float = Field(
         default=DEFAULT_MAX_GROWTH, description="With size_policy=keep: the largest allowed growth, as a fraction"
+    )
+    unrepaired: Unrepaired = Field(
+        default=DEFAULT_UNREPAIRED,
+        description="A sample whose fixes the gate all refused: keep it, or quarantine it (out of the next "
+        "round's data, kept in the unrepaired_samples table; middo export --quarantined)",
     )
 
 
@@ -109,6 +118,7 @@ def optimized_dataset(
             size_policy=config.size_policy,
             max_growth=config.max_growth,
             sparse_order=sparse_order,
+            quarantine=unrepaired_ids(refined_samples) if config.unrepaired == "quarantine" else (),
         )
     problems = check_conservation(round_dataset, result.dataset, result.accounting)
     if problems:  # never write a dataset that lost samples
@@ -117,6 +127,8 @@ def optimized_dataset(
     growth = ds.height / max(round_dataset.height, 1) - 1.0
     # the rows the merge removed as exact duplicates, with the row each repeats: kept as data
     dup_path = store.write_table(result.duplicates, store.artifact_dir("optimized_dataset", key) / "duplicates.parquet")
+    # the samples taken out as unrepaired: a table of their own, exportable (middo export --quarantined)
+    store.write_table(result.quarantined, store.table_path(UNREPAIRED_TABLE, key))
     metadata = _dataset_metadata(
         config, evaluation, verdict, decision, result, round_dataset, refined_samples, dup_path
     )
@@ -195,6 +207,8 @@ def _dataset_metadata(
         "rows_after": ds.height,
         "growth": round(ds.height / max(round_dataset.height, 1) - 1.0, 4),
         "size_policy": config.size_policy,
+        "unrepaired": config.unrepaired,
+        "quarantined": result.quarantined.height,
         "counts": json_md(result.counts),
         "duplicates_removed": result.duplicates.height,
         "duplicates": MetadataValue.path(str(duplicates_path)),

@@ -8,7 +8,9 @@ duplicates silently), the merge here
 - stamps provenance on every row: ``round``; ``operation`` = ``kept`` for an unchanged row
   (``origin_id`` = its own id) or the optimizer operation for a new row (``origin_id`` = the
   flagged sample it came from);
-- never loses a sample: a flagged sample whose replacement failed stays, as ``kept``;
+- never loses a sample: a flagged sample whose replacement failed stays, as ``kept``, unless
+  the merge is asked to quarantine it (``quarantine``: ``unrepaired_ids``); then it leaves the
+  data but is kept, with its reason, in ``MergeResult.quarantined``;
 - records every row it does not take: exact duplicates (same ``sample_id``, i.e. the same
   normalized text) in ``duplicates`` with the row they duplicate, extensions cut by the size
   policy in ``counts`` and ``accounting``;
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -40,6 +43,11 @@ import polars as pl
 
 from middo_pipeline.core.schema import EXTENDED, KEPT, REWRITTEN, SAMPLE_SCHEMA, SIMPLIFIED
 
+Unrepaired = Literal["keep", "quarantine"]
+UNREPAIRED_POLICIES: tuple[str, ...] = get_args(Unrepaired)
+QUARANTINED = "quarantined"  # fate of an unrepaired sample the merge took out of the data
+DEFAULT_UNREPAIRED: Unrepaired = "keep"
+UNREPAIRED_TABLE = "unrepaired_samples"  # per round: the samples the merge quarantined, with why
 SizePolicy = Literal["grow", "keep"]
 SIZE_POLICIES: tuple[str, ...] = get_args(SizePolicy)
 DEFAULT_SIZE_POLICY: SizePolicy = "keep"  # the pipeline's (MergeConfig) and this module's default
@@ -58,8 +66,8 @@ _REFINED_COLUMNS = (
 
 ACCOUNTING_SCHEMA: dict[str, pl.DataType] = {
     "sample_id": pl.String,
-    # kept | replaced | kept_failed | kept_duplicate, with "+extended" when an extension was added;
-    # withdrawn (rollback_round: a row the round before had made, taken out again)
+    # kept | replaced | kept_failed | kept_duplicate | quarantined, with "+extended" when an extension
+    # was added; withdrawn (rollback_round: a row the round before had made, taken out again)
     "fate": pl.String,
     "replacement_operation": pl.String,  # simplified | rewritten | null (none attempted); withdrawn: its operation
     "replacement_status": pl.String,  # ok | failed | duplicate | null; withdrawn: rolled_back
@@ -82,6 +90,26 @@ DUPLICATES_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
+UNREPAIRED_SCHEMA: dict[str, pl.DataType] = {
+    "sample_id": pl.String,
+    "instruction": pl.String,
+    "input": pl.String,
+    "output": pl.String,
+    "round": pl.Int64,  # the round that quarantined it
+    "origin_id": pl.String,  # its own id (the provenance columns of an export)
+    "operation": pl.String,  # the replacement that was tried (simplified | rewritten)
+    "reason": pl.String,  # why no candidate was accepted
+}
+
+
+def unrepaired_ids(refined: pl.DataFrame) -> set[str]:
+    """The samples whose replacement the gate judged and refused (status ``rejected``): the
+    optimizer answered, and no answer fixed the sample. A call that failed (a server error, an
+    unparseable answer, the prompt returned as it was) says nothing against the sample."""
+    rows = refined.filter(pl.col("operation").is_in(list(_REPLACING)) & (pl.col("status") == "rejected"))
+    return set(rows["origin_id"].to_list())
+
+
 @dataclass
 class MergeResult:
     dataset: pl.DataFrame  # canonical SAMPLE_SCHEMA table, D_{r+1}
@@ -90,6 +118,8 @@ class MergeResult:
     # DUPLICATES_SCHEMA: the rows removed as exact duplicates, with the row each repeats (the
     # optimized_dataset asset stores it beside its artifacts)
     duplicates: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=DUPLICATES_SCHEMA))
+    # UNREPAIRED_SCHEMA: the samples taken out of the data as unrepaired (quarantine), with why
+    quarantined: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=UNREPAIRED_SCHEMA))
 
 
 def _validate(samples: pl.DataFrame, refined: pl.DataFrame) -> None:
@@ -144,9 +174,11 @@ def merge_round(
     size_policy: SizePolicy = DEFAULT_SIZE_POLICY,
     max_growth: float = DEFAULT_MAX_GROWTH,
     sparse_order: list[str] | None = None,
+    quarantine: Collection[str] = (),
 ) -> MergeResult:
     """Build D_{r+1} from D_r (``samples``) and the round's ``refined_samples``; every row gets
-    ``round_number`` (r)."""
+    ``round_number`` (r). Samples in ``quarantine`` whose replacement was not accepted leave the
+    data (fate ``quarantined``; ``MergeResult.quarantined``)."""
     if size_policy not in SIZE_POLICIES:
         raise ValueError(f"size_policy must be one of {SIZE_POLICIES}, got {size_policy!r}")
     if size_policy == "keep" and not max_growth >= 0:
@@ -160,9 +192,10 @@ def merge_round(
         (replacement if r["operation"] in _REPLACING else extension)[r["origin_id"]] = r
     ledger = _Ledger(owner={r["sample_id"]: ("input", r["sample_id"]) for r in input_rows})
 
-    base = _base_rows(input_rows, replacement, ledger)
+    base = _base_rows(input_rows, replacement, ledger, set(quarantine))
     candidates = _extension_candidates(input_rows, extension, ledger)
-    allowed, dropped, cap = _size_policy(input_rows, len(base), candidates, size_policy, max_growth, sparse_order)
+    n_base = sum(row is not None for row in base)
+    allowed, dropped, cap = _size_policy(input_rows, n_base, candidates, size_policy, max_growth, sparse_order)
     for sid in dropped:
         ledger.acc[sid]["extension_status"] = "dropped_by_size_policy"
     for sid in allowed:
@@ -170,8 +203,21 @@ def merge_round(
 
     # assemble in order: base rows (replacements in place), each extension right after its origin
     out_rows: list[dict] = []
+    quarantined = []
     for src, row in zip(input_rows, base):
-        out_rows.append(row)
+        if row is None:
+            rep = replacement[src["sample_id"]]
+            quarantined.append(
+                {
+                    **src,
+                    "round": round_number,
+                    "origin_id": src["sample_id"],
+                    "operation": rep["operation"],
+                    "reason": rep["failure_reason"],
+                }
+            )
+        else:
+            out_rows.append(row)
         if src["sample_id"] in allowed:
             out_rows.append(candidates[src["sample_id"]])
     dataset = pl.DataFrame([{**r, "round": round_number} for r in out_rows], schema=SAMPLE_SCHEMA)
@@ -189,6 +235,7 @@ def merge_round(
         accounting=accounting,
         counts=counts,
         duplicates=pl.DataFrame(ledger.duplicates, schema=DUPLICATES_SCHEMA),
+        quarantined=pl.DataFrame(quarantined, schema=UNREPAIRED_SCHEMA),
     )
 
 
@@ -207,9 +254,11 @@ def _new_row(r: dict) -> dict:
     }
 
 
-def _base_rows(input_rows: list[dict], replacement: dict[str, dict], ledger: _Ledger) -> list[dict]:
-    """Phase 1: each input sample or its replacement, in input order (one row per input sample);
-    opens every sample's accounting row."""
+def _base_rows(
+    input_rows: list[dict], replacement: dict[str, dict], ledger: _Ledger, quarantine: set[str]
+) -> list[dict | None]:
+    """Phase 1: each input sample or its replacement, in input order (one row per input sample;
+    None for a sample quarantined); opens every sample's accounting row."""
     base: list[dict] = []
     for src in input_rows:
         sid = src["sample_id"]
@@ -237,6 +286,10 @@ def _base_rows(input_rows: list[dict], replacement: dict[str, dict], ledger: _Le
                 failure_reason=f"{rep['operation']}: {rep['failure_reason']}",
             )
             ledger.failures[f"{rep['operation']}: {rep['failure_reason']}"] += 1
+            if sid in quarantine:
+                a["primary"] = QUARANTINED
+                base.append(None)
+                continue
             base.append(kept)
             continue
         row = _new_row(rep)
@@ -331,6 +384,7 @@ def _counts(
         "max_growth": max_growth if size_policy == "keep" else None,
         "size_cap": cap,
         "fates": dict(sorted(Counter(accounting["fate"].to_list()).items())),
+        "quarantined": int(accounting["fate"].str.starts_with(QUARANTINED).sum()),
     }
 
 
@@ -396,6 +450,9 @@ def check_conservation(samples: pl.DataFrame, dataset: pl.DataFrame, accounting:
                 problems.append(f"{sid}: fate 'replaced' but still in the output")
             if not a.get("replacement_id") or derived.get((sid, op)) != a.get("replacement_id"):
                 problems.append(f"{sid}: replacement {a.get('replacement_id')!r} ({op}) not in the output")
+        elif primary == QUARANTINED:
+            if sid in out_count:
+                problems.append(f"{sid}: fate 'quarantined' but still in the output")
         elif primary == WITHDRAWN:
             if sid in out_count:
                 problems.append(f"{sid}: fate 'withdrawn' but still in the output")

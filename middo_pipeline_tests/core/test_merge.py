@@ -7,7 +7,14 @@ import json
 import polars as pl
 import pytest
 
-from middo_pipeline.core.merge import ACCOUNTING_SCHEMA, DUPLICATES_SCHEMA, check_conservation, merge_round
+from middo_pipeline.core.merge import (
+    ACCOUNTING_SCHEMA,
+    DUPLICATES_SCHEMA,
+    UNREPAIRED_SCHEMA,
+    check_conservation,
+    merge_round,
+    unrepaired_ids,
+)
 from middo_pipeline.core.optimizer.operations import REFINED_SCHEMA
 from middo_pipeline.core.schema import SAMPLE_SCHEMA, make_sample_id, make_samples, schema_problems
 
@@ -425,3 +432,42 @@ def test_rollback_verdict_is_decided_once_from_the_two_evaluations_and_the_polic
     assert rollback_verdict(after, before, made, "round-3", "round-2", lax).rollback is False
     with pytest.raises(ValueError, match="on_regression"):
         RollbackPolicy(on_regression="maybe")
+
+
+def test_quarantine_takes_out_only_unrepaired_samples_and_accounts_for_them(samples):
+    """``quarantine``: a sample whose replacement the gate refused leaves the data and is kept,
+    with its reason, in ``quarantined``; a failed call (no verdict) keeps its sample; an accepted
+    replacement is merged as usual; an extension beside a quarantined sample stays."""
+    rows = [
+        refined_row(samples, 1, "simplified"),
+        refined_row(samples, 2, "rewritten", ok=False, reason="verification: still low quality"),
+        refined_row(samples, 2, "extended"),
+        refined_row(samples, 4, "simplified", ok=False, reason="verification: still hard"),
+        refined_row(samples, 6, "rewritten", ok=False, reason="llm error: timeout"),
+    ]
+    for r in rows:
+        if r["failure_reason"] and r["failure_reason"].startswith("verification"):
+            r["status"] = "rejected"
+    refined = refined_table(rows)
+    ids = unrepaired_ids(refined)
+    assert ids == {sid(samples, 2), sid(samples, 4)}
+    kept = merge_round(samples, refined, round_number=2, size_policy="grow")
+    res = merge_round(samples, refined, round_number=2, size_policy="grow", quarantine=ids)
+    assert check_conservation(samples, res.dataset, res.accounting) == []
+    out = set(res.dataset["sample_id"].to_list())
+    assert not ids & out and ids <= set(kept.dataset["sample_id"].to_list())
+    assert sid(samples, 6) in out  # a failed call is no verdict on the sample
+    assert res.dataset.height == kept.dataset.height - 2
+    fates = dict(zip(res.accounting["sample_id"], res.accounting["fate"]))
+    assert fates[sid(samples, 2)] == "quarantined+extended" and fates[sid(samples, 4)] == "quarantined"
+    assert res.counts["quarantined"] == 2 and kept.counts["quarantined"] == 0
+    q = res.quarantined.sort("sample_id")
+    assert q.schema == pl.Schema(UNREPAIRED_SCHEMA)
+    assert set(q["sample_id"]) == ids
+    assert set(q["reason"]) == {"verification: still low quality", "verification: still hard"}
+    # the quarantined rows are the input rows, whole: restorable as they were
+    src = samples.filter(pl.col("sample_id").is_in(sorted(ids))).sort("sample_id")
+    assert q.select("instruction", "input", "output").equals(src.select("instruction", "input", "output"))
+    # conservation catches a quarantined sample left in the output
+    leaked = pl.concat([res.dataset, samples.filter(pl.col("sample_id") == sid(samples, 4))])
+    assert any("quarantined" in p for p in check_conservation(samples, leaked, res.accounting))
