@@ -30,12 +30,26 @@ SECTIONS = (
     "detection",
     "downstream",
     "gate",
+    "closed_loop",
     "ingest",
     "generation",
     "ray",
 )
 
+# closed_loop's top-level figures (benchmarks/closed_loop.py)
+CLOSED_LOOP_KEYS = (
+    "closed_loop_recovery",
+    "closed_loop_recovery_ci",
+    "closed_loop_junk_share",
+    "closed_loop_junk_accepted",
+    "closed_loop_repaired_by_kind",
+    "closed_loop_clean_vs_corrupted",
+    "unrepaired_policy",
+)
+
 GOALS = {
+    "closed_loop_recovery": (">=", 0.5, "p = 0.7: recovery >= 0.5 after round 2 (more sensitive measure)"),
+    "closed_loop_junk_share": ("<=", 0.02, "junk accepted <= 2 % of the stand-in's bad answers"),
     "signal_speedup_vs_reference": (">=", 5.0, "signal pass >= 5x the reference's way"),
     "knn_memory_ratio_vs_dense_100k": (">=", 10.0, "top-k memory >= 10x below dense at 100k"),
     "knn_memory_ratio_vs_dense_1m": (">=", 10.0, "top-k memory >= 10x below dense at 1M"),
@@ -136,6 +150,9 @@ def headline(sections: dict) -> dict:
         "downstream_by_operation",
     ):
         out[key] = down.get(key) if down and not down.get("skipped") else None
+    loop = sections.get("closed_loop") or {}
+    for key in CLOSED_LOOP_KEYS:
+        out[key] = loop.get(key) if loop and not loop.get("skipped") else None
     gate = sections.get("gate") or {}
     measured = gate and not gate.get("skipped") and not gate.get("error")
     # the gate on candidates of known kind: share of good refinements accepted, of bad ones let in
@@ -666,6 +683,7 @@ def main(argv=None) -> int:
         log(f"=== {name} done in {seconds[name]:.1f}s")
 
     from benchmarks import (
+        closed_loop,
         detection,
         downstream,
         gate_oracle,
@@ -710,6 +728,11 @@ def main(argv=None) -> int:
         "gate",
         lambda: gate_oracle.run(settings, models),
         "a whole round on the controlled set (about 20 minutes)",
+    )
+    whole_round(
+        "closed_loop",
+        lambda: closed_loop.run(settings, seeds=settings.down_seeds),
+        "several three-round loops and dozens of training runs (hours on 2 cores)",
     )
 
     section("ingest", lambda: ingest.run(settings))  # 1M rows in a child process (about 30 s, 1.5 GB today)

@@ -664,7 +664,8 @@ def run(
     lead = f"standin_p{ps[0]:g}"
     junk = sum(r["junk_accepted"] for loop in out["loops"].values() for r in loop["rounds"].values())
     bad = sum(r["standin_bad_answers"] for loop in out["loops"].values() for r in loop["rounds"].values())
-    out["closed_loop_junk_accepted"] = {"accepted": junk, "bad_answers": bad, "share": junk / bad if bad else None}
+    out["closed_loop_junk_accepted"] = {"accepted": junk, "bad_answers": bad}
+    out["closed_loop_junk_share"] = junk / bad if bad else None
     repaired: dict[str, int] = {}
     for r in out["loops"][lead]["rounds"].values():
         for kind, n in r["accepted_by_answer"].get("good", {}).items():
