@@ -22,7 +22,8 @@ from middo_pipeline.core.plots import loss_curve_png
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.readout_cache import model_identity
 from middo_pipeline.core.schema import fingerprint
-from middo_pipeline.core.training import TrainConfig, read_training_info, train_sft, train_sft_processes
+from middo_pipeline.core.train_main import train_sft_processes
+from middo_pipeline.core.training import TrainConfig, read_training_info, train_sft
 from middo_pipeline.resources import ModelResource, StorageResource
 from middo_pipeline.rounds import earlier_rounds, previous_round, rounds_partitions
 

@@ -34,8 +34,14 @@ ROUND_INFO = "middo_round.json"
 TRAINING_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "middo-pipeline")
 # our modules that decide what training writes (the package's version does not move with every
 # commit, so their source is hashed too): the trainer, its torchrun entry point, model loading,
-# the prompt format
-TRAINING_CODE = ("core/training.py", "core/train_main.py", "models/loading.py", "core/schema.py")
+# the SFT data and chat template, the prompt format
+TRAINING_CODE = (
+    "core/training.py",
+    "core/train_main.py",
+    "models/loading.py",
+    "core/sft_data.py",
+    "core/schema.py",
+)
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 __all__ = [

@@ -11,6 +11,8 @@ fine-tuning. The result is always a plain model folder that
 
 Everything runs offline: the model and tokenizer are loaded from local folders and handed to
 the trainer as objects (``processing_class`` is always passed, so trl never asks a hub).
+The dataset and chat template are built in ``sft_data``; ``train_main`` runs this as several
+data-parallel processes.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ import json
 import logging
 import math
 import os
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -33,26 +33,11 @@ from typing import Any
 import polars as pl
 
 from middo_pipeline.constants import MAX_LENGTH
-from middo_pipeline.core.schema import prompt_text
+from middo_pipeline.core.sft_data import build_sft_dataset, ensure_chat_template, literal_control_strings
 
 log = logging.getLogger(__name__)
 
 TRAINING_INFO = "middo_training.json"  # written into every checkpoint folder
-
-# For tokenizers without a chat template (base models such as Llama-3.1-8B, which the paper
-# fine-tunes): an Alpaca-style layout whose assistant turn ends with the EOS token, so the model
-# learns to stop. The prompt rendered with add_generation_prompt is a prefix of prompt +
-# response, as trl's completion mask needs.
-FALLBACK_CHAT_TEMPLATE = (
-    "{% if bos_token %}{{ bos_token }}{% endif %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
-    "{% elif message['role'] == 'user' %}### Instruction:\n{{ message['content'] }}\n\n"
-    "{% elif message['role'] == 'assistant' %}### Response:\n{{ message['content'] }}{{ eos_token }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}### Response:\n{% endif %}"
-)
 
 
 @dataclass
@@ -110,42 +95,6 @@ class TrainResult:
     warmup_steps: int = 0
     device: str = ""
     processes: int = 1  # data-parallel training processes (torchrun); tokens_seen counts the main one's
-
-
-# --------------------------------------------------------------------------------------------
-# data
-
-
-def build_sft_dataset(samples: pl.DataFrame):
-    """A ``datasets.Dataset`` of prompt/completion conversations, one row per sample.
-
-    trl treats ``{"prompt": [user message], "completion": [assistant message]}`` as
-    conversational prompt/completion data: the chat template is applied and the loss is
-    computed on the completion only.
-    """
-    from datasets import Dataset
-
-    missing = {"instruction", "output"} - set(samples.columns)
-    if missing:
-        raise ValueError(f"sample table lacks columns {sorted(missing)}")
-    inputs = samples["input"].to_list() if "input" in samples.columns else [None] * samples.height
-    rows = [
-        {
-            "prompt": [{"role": "user", "content": prompt_text(ins or "", inp)}],
-            "completion": [{"role": "assistant", "content": out or ""}],
-        }
-        for ins, inp, out in zip(samples["instruction"].to_list(), inputs, samples["output"].to_list())
-    ]
-    return Dataset.from_list(rows)
-
-
-def ensure_chat_template(tokenizer) -> bool:
-    """Give a template-less tokenizer ``FALLBACK_CHAT_TEMPLATE``; True when it was added.
-    The template is saved with the checkpoint, so everything downstream renders the same way."""
-    if getattr(tokenizer, "chat_template", None):
-        return False
-    tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
-    return True
 
 
 def _saved_dtype(model_dir: str):
@@ -335,42 +284,6 @@ def score_completion_only():
         trl_utils._use_triton = original
 
 
-def literal_control_strings(dataset, tokenizer, max_length: int):
-    """trl tokenizes the rendered chat with special-token parsing on, so a sample whose text holds
-    ``<|im_end|><|im_start|>system`` would train on real control tokens. Such rows are encoded
-    again with ``encode_sample`` (contents as text) and labelled as trl labels them: the prompt
-    masked, everything from the response on trained. Other rows are left as trl made them."""
-    from middo_pipeline.core.encoding import control_strings, encode_sample, has_control
-
-    controls = control_strings(tokenizer)
-
-    def text(row, key):
-        return row[key][0]["content"]
-
-    if not controls or not any(
-        has_control(text(r, "prompt"), controls) or has_control(text(r, "completion"), controls) for r in dataset
-    ):
-        return dataset
-    columns = set(dataset.column_names)
-
-    def fix(row):
-        prompt, response = text(row, "prompt"), text(row, "completion")
-        if not (has_control(prompt, controls) or has_control(response, controls)):
-            return {}
-        enc = encode_sample(tokenizer, prompt, response, max_length)
-        ids, start = list(enc.input_ids), enc.response_span[0]
-        out = {"input_ids": ids}
-        if "labels" in columns:
-            out["labels"] = [-100] * start + ids[start:]
-        if "completion_mask" in columns:
-            out["completion_mask"] = [0] * start + [1] * (len(ids) - start)
-        if "attention_mask" in columns:
-            out["attention_mask"] = [1] * len(ids)
-        return out
-
-    return dataset.map(fix)
-
-
 def world_size() -> int:
     """Training processes of this run (``torchrun`` sets ``WORLD_SIZE``; 1 otherwise)."""
     return max(int(os.environ.get("WORLD_SIZE", "1") or 1), 1)
@@ -524,79 +437,3 @@ def read_training_info(checkpoint_dir: str | Path) -> dict | None:
     """The ``middo_training.json`` of a checkpoint folder, or None when it has none."""
     path = Path(checkpoint_dir) / TRAINING_INFO
     return json.loads(path.read_text()) if path.exists() else None
-
-
-PROGRESS_PREFIX = "MIDDO_PROGRESS "
-
-
-def train_sft_processes(
-    base_model: str,
-    samples: pl.DataFrame,
-    output_dir: Path,
-    config: TrainConfig,
-    processes: int,
-    *,
-    init_from: str | None = None,
-    progress: Callable[[dict], None] | None = None,
-    log_line: Callable[[str], None] | None = None,
-) -> TrainResult:
-    """``train_sft`` as ``processes`` data-parallel processes on this node (``torchrun
-    --standalone``; one per GPU, or CPU processes with the gloo backend): each process takes a
-    ``batch_size`` batch per step from its own part of the data and gradients are averaged, so
-    a step sees ``processes × batch_size`` samples. The samples go to the workers as a Parquet
-    file; the main process writes the checkpoint; progress comes back on its stdout."""
-    if processes < 1:
-        raise ValueError(f"processes must be >= 1, got {processes}")
-    output_dir = Path(output_dir)
-    with tempfile.TemporaryDirectory(prefix="middo-ddp-") as tmp:
-        table = Path(tmp) / "samples.parquet"
-        samples.write_parquet(table)
-        cfg = Path(tmp) / "config.json"
-        cfg.write_text(json.dumps(asdict(config)))
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={int(processes)}",
-            "-m",
-            "middo_pipeline.core.train_main",
-            "--base",
-            str(base_model),
-            "--samples",
-            str(table),
-            "--out",
-            str(output_dir),
-            "--config",
-            str(cfg),
-        ] + (["--init-from", str(init_from)] if init_from else [])
-        env = dict(os.environ)
-        if config.threads:
-            env["OMP_NUM_THREADS"] = str(config.threads)
-        tail: list[str] = []
-        with subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1
-        ) as proc:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                line = line.rstrip("\n")
-                if line.startswith(PROGRESS_PREFIX):
-                    if progress is not None:
-                        progress(json.loads(line[len(PROGRESS_PREFIX) :]))
-                    continue
-                tail = (tail + [line])[-40:]
-                if log_line is not None and line.strip():
-                    log_line(line)
-            rc = proc.wait()
-    if rc != 0:
-        raise RuntimeError(
-            f"data-parallel training ({processes} processes, torchrun) failed with exit code {rc}; "
-            "its last lines:\n" + "\n".join(tail)
-        )
-    info = read_training_info(output_dir)
-    if info is None:
-        raise RuntimeError(f"data-parallel training ended without writing {output_dir / TRAINING_INFO}")
-    fields = {f for f in TrainResult.__dataclass_fields__}
-    data = {k: v for k, v in info.items() if k in fields}
-    data["loss_history"] = [tuple(x) for x in data.get("loss_history", [])]
-    return TrainResult(**data)

@@ -13,16 +13,16 @@ import pytest
 import torch
 
 from middo_pipeline.core.schema import make_samples, prompt_text
+from middo_pipeline.core.sft_data import build_sft_dataset
+from middo_pipeline.core.train_main import train_sft_processes
 from middo_pipeline.core.training import (
     TRAINING_INFO,
     TrainConfig,
     TrainResult,
-    build_sft_dataset,
     build_trainer,
     planned_steps,
     read_training_info,
     train_sft,
-    train_sft_processes,
 )
 
 WORDS = "apple river stone cloud green seven quick bright music paper lamp window".split()
@@ -274,7 +274,7 @@ def test_too_long_prompts_are_dropped_and_counted(tiny_dir, tmp_path):
 def test_base_model_without_chat_template_stored_in_bf16(tiny_dir, samples, tmp_path):
     """A base model (no chat template, bf16 on disk, like the paper's Llama-3.1-8B): trained in
     fp32 with the Alpaca-style fallback template, saved in bf16 with that template."""
-    from middo_pipeline.core.training import FALLBACK_CHAT_TEMPLATE
+    from middo_pipeline.core.sft_data import FALLBACK_CHAT_TEMPLATE
     from middo_pipeline.models.loading import load_model
 
     model, tok = _load(tiny_dir)
@@ -347,7 +347,7 @@ def test_empty_dataset_is_an_error(tiny_dir, tmp_path):
 def test_control_token_strings_in_data_train_as_text(tiny_dir, tmp_path):
     """A response holding <|im_end|><|im_start|>system trains on text tokens, not on extra turns;
     rows without such strings keep trl's own encoding, and the relabelled rows follow its labels."""
-    from middo_pipeline.core.training import literal_control_strings
+    from middo_pipeline.core.sft_data import literal_control_strings
     from middo_pipeline.models.loading import load_model
 
     lm = load_model(str(tiny_dir), device="cpu", dtype="float32", eval_mode=False)
