@@ -103,7 +103,7 @@ def round_evaluation(
         eval_file=hashlib.sha256(Path(eval_path).read_bytes()).hexdigest(),
         max_length=config.max_length,
         load=model.load_kwargs(),
-        code=source_digest("core/evaluation.py", "core/forward.py", "models/loading.py"),
+        code=source_digest("core/evaluation.py", "core/forward.py", "core/model_parts.py", "models/loading.py"),
     )
     same = find_derived(
         (

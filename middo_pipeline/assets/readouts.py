@@ -148,7 +148,13 @@ def _reuse_key(ckpt, config: ReadoutConfig, model: ModelResource, round_dataset:
         max_batch_tokens=config.max_batch_tokens,
         embedding=[spec.pooling, str(spec.layer)],
         load=model.load_kwargs(),
-        code=source_digest("core/forward.py", "core/ifd.py", "core/readout_cache.py", "models/loading.py"),
+        code=source_digest(
+            "core/forward.py",
+            "core/model_parts.py",
+            "core/ifd.py",
+            "core/readout_cache.py",
+            "models/loading.py",
+        ),
     )
 
 

@@ -25,7 +25,8 @@ that does not fit in memory fails at once), and each batch takes as many samples
 under ``max_batch_tokens`` (padded tokens: batch size x longest length) and
 ``max_batch_size``. Padding is on the right, with an attention mask; results come back in
 the caller's order. Tokens after the response's end-of-turn token cannot influence anything
-that is computed (causal attention), so they are not fed.
+that is computed (causal attention), so they are not fed. Where a model keeps its decoder, head
+and layers is read in ``model_parts``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ import torch.nn.functional as F
 
 from middo_pipeline.constants import MAX_LENGTH
 from middo_pipeline.core.encoding import EncodedSample, encode_samples
+from middo_pipeline.core.model_parts import (
+    decoder_and_head,
+    decoder_layers,
+    eval_mode,
+    head_transform,
+    last_hidden,
+    text_config,
+    unwrap,
+)
 from middo_pipeline.core.torch_utils import model_device
 
 log = logging.getLogger(__name__)
@@ -133,89 +143,6 @@ def make_batches(lengths: Sequence[int], max_batch_tokens: int, max_batch_size: 
 
 
 # ----------------------------------------------------------------------------------------------
-# model plumbing
-
-
-def _unwrap(model):
-    """A PEFT wrapper's underlying transformers model (its LoRA layers stay in place)."""
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
-        return model.get_base_model()
-    return model
-
-
-def _decoder_and_head(model):
-    """(decoder, lm_head) for the fast path, or (None, None) when the model does not expose them."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    decoder = None
-    if hasattr(model, "get_decoder"):
-        try:
-            decoder = model.get_decoder()
-        except Exception:  # noqa: BLE001 - exotic models raise here
-            decoder = None
-    if decoder is None or decoder is model:
-        base = getattr(model, "base_model", None)
-        decoder = base if base is not None and base is not model else None
-    if decoder is None or head is None:
-        return None, None
-    return decoder, head
-
-
-def _text_config(model):
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "get_text_config"):
-        try:
-            return cfg.get_text_config()
-        except Exception:  # noqa: BLE001
-            return cfg
-    return cfg
-
-
-def _head_transform(model) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The logit post-processing the model class applies after its lm_head (float32 logits in)."""
-    cfg = _text_config(model)
-    top = getattr(model, "config", None)
-    steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
-    scale = getattr(model, "logit_scale", None)  # Cohere keeps it on the module
-    if scale is None:
-        scale = getattr(cfg, "logit_scale", None)
-    if isinstance(scale, (int, float)) and scale != 1:
-        steps.append(lambda x, s=float(scale): x * s)
-    div = getattr(cfg, "logits_scaling", None) or getattr(top, "logits_scaling", None)
-    if isinstance(div, (int, float)) and div not in (0, 1):
-        steps.append(lambda x, d=float(div): x / d)
-    cap = getattr(cfg, "final_logit_softcapping", None) or getattr(top, "final_logit_softcapping", None)
-    if isinstance(cap, (int, float)) and cap > 0:
-        steps.append(lambda x, c=float(cap): torch.tanh(x / c) * c)
-
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        for f in steps:
-            x = f(x)
-        return x
-
-    return apply
-
-
-def _last_hidden(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "last_hidden_state") and out.last_hidden_state is not None:
-        return out.last_hidden_state
-    return out[0]
-
-
-@contextmanager
-def _eval_mode(model):
-    was_training = bool(getattr(model, "training", False))
-    if was_training:
-        model.eval()
-    try:
-        yield
-    finally:
-        if was_training:
-            model.train()
-
-
-# ----------------------------------------------------------------------------------------------
 # one batch
 
 
@@ -297,11 +224,6 @@ def _prompt_last(hidden: torch.Tensor, encs: Sequence[EncodedSample], lengths: l
     return hidden[torch.arange(len(encs), device=hidden.device), idx].float()
 
 
-def _decoder_layers(decoder) -> Sequence | None:
-    layers = getattr(decoder, "layers", None)
-    return layers if isinstance(layers, torch.nn.ModuleList) else None
-
-
 def _per_sample_mean(ce: torch.Tensor, sample_idx: list[int], n_samples: int) -> tuple[np.ndarray, np.ndarray]:
     idx = torch.tensor(sample_idx, dtype=torch.long, device=ce.device)
     sums = torch.zeros(n_samples, dtype=torch.float64, device=ce.device).index_add_(0, idx, ce.double())
@@ -314,23 +236,23 @@ def _per_sample_mean(ce: torch.Tensor, sample_idx: list[int], n_samples: int) ->
 
 class _Scorer:
     def __init__(self, model, *, with_embeddings: bool, head: str, embedding: EmbeddingSpec | None = None):
-        self.model = _unwrap(model)
+        self.model = unwrap(model)
         self.with_embeddings = with_embeddings
         self.spec = embedding or EmbeddingSpec()
         self.device = model_device(self.model)
-        self.decoder, self.lm_head = _decoder_and_head(self.model)
-        self.transform = _head_transform(self.model)
+        self.decoder, self.lm_head = decoder_and_head(self.model)
+        self.transform = head_transform(self.model)
         if head not in ("auto", "fast", "full"):
             raise ValueError(f"head must be 'auto', 'fast' or 'full', got {head!r}")
         self.mode = "full" if head == "full" or self.decoder is None else "fast"
         self.verify = head == "auto" and self.mode == "fast"
         if self.mode == "full" and head != "full":
             log.info("model exposes no decoder/lm_head pair: scoring with the full model")
-        vocab = getattr(self.lm_head, "out_features", None) or getattr(_text_config(self.model), "vocab_size", 32000)
+        vocab = getattr(self.lm_head, "out_features", None) or getattr(text_config(self.model), "vocab_size", 32000)
         self.chunk = max(1, (1 << 25) // max(int(vocab), 1))  # ~128 MB of float32 logits per chunk
         self.layer = None  # the decoder layer whose output is the embedding's source (None: final states)
         if with_embeddings and self.spec.layer != "last":
-            layers = _decoder_layers(self.decoder) if self.decoder is not None else None
+            layers = decoder_layers(self.decoder) if self.decoder is not None else None
             if layers is None:
                 raise ValueError(
                     f"embedding layer {self.spec.layer!r} needs a decoder with a .layers list; "
@@ -344,7 +266,7 @@ class _Scorer:
         if self.layer is None:
             yield
             return
-        handle = self.layer.register_forward_hook(lambda m, i, o: caught.__setitem__("layer", _last_hidden(o)))
+        handle = self.layer.register_forward_hook(lambda m, i, o: caught.__setitem__("layer", last_hidden(o)))
         try:
             yield
         finally:
@@ -356,7 +278,7 @@ class _Scorer:
 
     def _decoder_hidden(self, batch: _Batch) -> torch.Tensor:
         out = self.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        return _last_hidden(out)
+        return last_hidden(out)
 
     def _full(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Full model logits (B, T, V) and, when asked, the decoder's last hidden state via a hook."""
@@ -365,7 +287,7 @@ class _Scorer:
         if self.with_embeddings:
             target = self.decoder if self.decoder is not None else None
             if target is not None:
-                handle = target.register_forward_hook(lambda m, i, o: caught.__setitem__("h", _last_hidden(o)))
+                handle = target.register_forward_hook(lambda m, i, o: caught.__setitem__("h", last_hidden(o)))
         try:
             out = self.model(
                 input_ids=batch.input_ids,
@@ -457,7 +379,7 @@ def score_encoded(
     lengths = [_fed_length(e) for e in encoded]
     n_tokens = 0
     done = 0
-    with _eval_mode(scorer.model), torch.inference_mode():
+    with eval_mode(scorer.model), torch.inference_mode():
         for idx in make_batches(lengths, max_batch_tokens, max_batch_size):
             b_loss, b_counts, b_emb = scorer.score([encoded[i] for i in idx], pad_token_id)
             loss[idx] = b_loss
@@ -471,7 +393,7 @@ def score_encoded(
             if progress is not None:
                 progress(done, n)
     if with_embeddings and emb is None:
-        hidden = getattr(_text_config(scorer.model), "hidden_size", 0) or 0
+        hidden = getattr(text_config(scorer.model), "hidden_size", 0) or 0
         emb = np.zeros((0, int(hidden)), dtype=np.float32)
     return ForwardResult(
         loss=loss,

@@ -228,7 +228,7 @@ def test_logit_transforms_are_applied(lm, kind, monkeypatch):
     truth = np.array([hand_loss_and_embedding(model, tok, p, r)[0] for p, r in zip(PROMPTS, RESPONSES)])
     np.testing.assert_allclose(fast.loss, truth, rtol=1e-4, atol=1e-4)
     # and the transform is not a no-op here: without it the losses differ
-    monkeypatch.setattr(forward, "_head_transform", lambda m: lambda x: x)
+    monkeypatch.setattr(forward, "head_transform", lambda m: lambda x: x)
     raw = score_samples(model, tok, PROMPTS, RESPONSES, head="fast", with_embeddings=False)
     assert np.abs(raw.loss - truth).max() > 0.05
 
@@ -237,7 +237,7 @@ def test_unknown_head_trick_falls_back_to_full_model(lm, monkeypatch, caplog):
     """A model whose logits are post-processed in a way the fast path does not know."""
     tok = lm.tokenizer
     model = _arch_model("granite-logits-scaling", lm.model.config.vocab_size, tok)
-    monkeypatch.setattr(forward, "_head_transform", lambda m: lambda x: x)  # pretend we do not know it
+    monkeypatch.setattr(forward, "head_transform", lambda m: lambda x: x)  # pretend we do not know it
     truth = np.array([hand_loss_and_embedding(model, tok, p, r)[0] for p, r in zip(PROMPTS, RESPONSES)])
     with caplog.at_level("WARNING"):
         res = score_samples(model, tok, PROMPTS, RESPONSES)
