@@ -215,7 +215,7 @@ def test_every_isolated_item_has_a_written_paraphrase_of_the_same_task():
     """A paraphrase is the item's own task reworded (not the item, not a light edit), and the
     near-duplicate rule's text reading takes most of them for the same task and most written
     extensions for another one (the gate also needs the embedding to be that close)."""
-    from middo_pipeline.core.verify import same_task
+    from middo_pipeline.core.text_rules import same_task
 
     assert set(controlled.PARAPHRASES) == {q for q, _ in controlled.ISOLATED}
     same_para = same_ext = 0

@@ -76,7 +76,7 @@ def test_two_round_loop(two_rounds):
     # the gate re-scores exactly the generated candidates whose text passes its text rules, and
     # reads after training only those that their base-model readings do not already reject
     from middo_pipeline.core.refine import heldout_grams
-    from middo_pipeline.core.verify import text_reasons
+    from middo_pipeline.core.text_rules import text_reasons
 
     cands = pl.read_parquet(store.table_path("refinement_candidates", "round-1"))
     with DagsterInstance.get() as instance:  # the held-out file the round ran with

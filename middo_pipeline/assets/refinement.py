@@ -41,11 +41,11 @@ from middo_pipeline.core.refine import (
 )
 from middo_pipeline.core.rollback import RollbackVerdict
 from middo_pipeline.core.schema import fingerprint
+from middo_pipeline.core.text_rules import DEFAULT_NGRAM
 from middo_pipeline.core.verify import (
     DEFAULT_MAX_FLUENCY_LOSS,
     DEFAULT_MAX_IFD,
     DEFAULT_NEW_TASK_GAIN,
-    DEFAULT_NGRAM,
     DEFAULT_REPAIR_GAIN,
     DEFAULT_SAME_TASK_COSINE,
     GateRules,

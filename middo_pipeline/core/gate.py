@@ -19,14 +19,13 @@ from middo_pipeline.core import diversity
 from middo_pipeline.core.forward import EmbeddingSpec
 from middo_pipeline.core.rescore import RescoreSettings, rescore_candidates
 from middo_pipeline.core.schema import prompt_text
+from middo_pipeline.core.text_rules import DEFAULT_NGRAM, text_reasons
 from middo_pipeline.core.verify import (
-    DEFAULT_NGRAM,
     DEFAULT_RULES,
     GateRules,
     QualityScale,
     RoundThresholds,
     base_reasons,
-    text_reasons,
     verify_candidates,
 )
 

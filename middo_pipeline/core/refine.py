@@ -12,7 +12,8 @@ from middo_pipeline.core.evaluation import load_eval_set
 from middo_pipeline.core.optimizer.operations import plan_operations
 from middo_pipeline.core.optimizer.style import choose_style
 from middo_pipeline.core.rollback import RollbackVerdict
-from middo_pipeline.core.verify import ngram_set, resolve_acceptance_bar
+from middo_pipeline.core.text_rules import ngram_set
+from middo_pipeline.core.verify import resolve_acceptance_bar
 
 # new-prompt token limit when none is configured: a direct prompt is the prompt itself, a
 # stepwise one carries its plan and review before the final prompt

@@ -12,7 +12,7 @@ For every generated candidate (``status == "ok"``), with the new prompt and resp
   ``max_cosine`` is its highest cosine similarity to any of the round's samples and
   ``cosine_original`` its cosine similarity to the sample it was made from (when the round's
   sample ids are given); ``max_cosine_same_task`` its highest cosine similarity to a round
-  sample that reads as the same task (``verify.same_task``) among its ``SAME_TASK_NEAREST``
+  sample that reads as the same task (``text_rules.same_task``) among its ``SAME_TASK_NEAREST``
   nearest (null when none of them is: a same-task sample farther off is less like it than
   sixteen other tasks are) when the round's texts are given, else ``max_cosine``;
 - ``new_task_gain`` (extensions whose origin's texts are in the table: ``instruction_before``,
@@ -70,7 +70,8 @@ from middo_pipeline.core.diversity import TopComponents, cosine_to_rows, max_cos
 from middo_pipeline.core.forward import EmbeddingSpec
 from middo_pipeline.core.ifd import ifd_scores
 from middo_pipeline.core.schema import EXTENDED, prompt_text
-from middo_pipeline.core.verify import CANDIDATE_SIGNAL_COLUMNS, QualityScale, quality_value, same_task
+from middo_pipeline.core.text_rules import same_task
+from middo_pipeline.core.verify import CANDIDATE_SIGNAL_COLUMNS, QualityScale, quality_value
 
 __all__ = ["RescoreSettings", "rescore_candidates"]
 

@@ -8,16 +8,13 @@ import numpy as np
 import polars as pl
 import pytest
 
+from middo_pipeline.core.text_rules import has_control_tokens, meta_answer, ngram_set, same_task
 from middo_pipeline.core.verify import (
     GateRules,
     QualityScale,
     RoundThresholds,
     choose_candidates,
-    has_control_tokens,
-    meta_answer,
-    ngram_set,
     quality_value,
-    same_task,
     verify_candidates,
 )
 
@@ -339,7 +336,7 @@ def test_statements_and_echoes_are_not_tasks_and_no_written_row_is_one():
     interior angles of a polygon is always equal to 360 degrees.") and a response that copies
     its prompt back: what a 135M optimizer's candidates that passed the `typical` bar were, on
     a round served through llama.cpp (2026-12-06). Written tasks must not be caught."""
-    from middo_pipeline.core.verify import repeats_instruction, states_not_asks
+    from middo_pipeline.core.text_rules import repeats_instruction, states_not_asks
 
     assert states_not_asks("The sum of the interior angles of a polygon is always equal to 360 degrees.")
     assert states_not_asks("The Honeybees use the waggle dance to communicate about the location of flowers.")
@@ -366,7 +363,7 @@ def test_statements_and_echoes_are_not_tasks_and_no_written_row_is_one():
 def test_an_answer_given_in_the_prompt_is_rejected():
     """Seen accepted on a default round-2 (2026-12-04): a 'simplified' task that states its own
     answer, whose response loss is low for that reason alone."""
-    from middo_pipeline.core.verify import answer_in_prompt
+    from middo_pipeline.core.text_rules import answer_in_prompt
 
     ins = (
         "Choose one fruit from two boxes that don't have apples (one orange). The answer is the other blue box's fruit."
