@@ -141,7 +141,7 @@ EMBEDDING_VARIANTS = [
 def run(settings, models, with_judge: bool = True) -> dict:
     import polars as pl
 
-    from middo_pipeline.core import diversity, quality
+    from middo_pipeline.core import diversity, neighbours, quality
     from middo_pipeline.core.forward import EmbeddingSpec, score_samples
     from middo_pipeline.core.ifd import ifd_scores, unconditional_loss
     from middo_pipeline.core.schema import make_samples
@@ -234,7 +234,7 @@ def run(settings, models, with_judge: bool = True) -> dict:
         t0 = time.perf_counter()
         for pooling, layer, pcs in EMBEDDING_VARIANTS:
             emb = diversity.TopComponents(pcs).fit(embeddings[(pooling, layer)]).transform(embeddings[(pooling, layer)])
-            sims, _idx = diversity.topk_cosine(emb, k=2)
+            sims, _idx = neighbours.topk_cosine(emb, k=2)
             knn_by_variant[(pooling, layer, pcs)] = np.asarray(diversity.sparsity_scores(sims), dtype=np.float64)
         timings["knn"] = time.perf_counter() - t0
 

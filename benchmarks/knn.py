@@ -1,4 +1,4 @@
-"""Diversity top-k: ours (``diversity.topk_cosine``) against a dense N x N similarity.
+"""Diversity top-k: ours (``neighbours.topk_cosine``) against a dense N x N similarity.
 
 Random standard-normal embeddings of the default model's width (576), k = 2 (the reference's
 k), itself excluded. Each measurement runs in a fresh subprocess so that its peak memory is
@@ -76,7 +76,7 @@ def _dense_topk(emb, k: int, device: str):
 
 
 def _ours_topk(emb, k: int, device: str, block_size: int | None, knn_method: str = "auto", info: dict | None = None):
-    from middo_pipeline.core.diversity import topk_cosine
+    from middo_pipeline.core.neighbours import topk_cosine
 
     kwargs = {"k": k}
     params = inspect.signature(topk_cosine).parameters
@@ -101,7 +101,7 @@ def _recall_at_k(emb, idx, k: int, n_queries: int, seed: int, device: str) -> di
     against all N rows)."""
     import numpy as np
 
-    from middo_pipeline.core.diversity import topk_cosine_rows
+    from middo_pipeline.core.neighbours import topk_cosine_rows
 
     n = len(emb)
     rows = np.sort(np.random.default_rng(seed + 1).choice(n, min(n_queries, n), replace=False))
@@ -289,10 +289,10 @@ def _free_bytes(device: str) -> int:
 
 def _exact_max_rows() -> int:
     try:
-        from middo_pipeline.core.diversity import EXACT_MAX_ROWS
+        from middo_pipeline.core.neighbours import EXACT_MAX_ROWS
 
         return int(EXACT_MAX_ROWS)
-    except ImportError:  # pragma: no cover (an older diversity module: exact only)
+    except ImportError:  # pragma: no cover (a module without it: exact only)
         return 1 << 62
 
 

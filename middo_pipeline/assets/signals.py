@@ -8,7 +8,7 @@ from pydantic import Field
 
 from middo_pipeline.assets._checks import band_check, band_spec
 from middo_pipeline.assets._meta import image_md, json_md, preview_md, tidy
-from middo_pipeline.core import diversity
+from middo_pipeline.core import diversity, neighbours
 from middo_pipeline.core.plots import cluster_map_png, loss_scatter_png
 from middo_pipeline.core.schema import prompt_text
 from middo_pipeline.core.thresholds import ThresholdSpec, flag_below, flag_both_above
@@ -94,7 +94,7 @@ def loss_signals(
 # --------------------------------------------------------------------------------------
 class EmbeddingSignalConfig(ThresholdConfig):
     k: int = Field(default=2, description="Neighbours per sample (itself excluded)")
-    knn_method: diversity.KnnMethod = Field(
+    knn_method: neighbours.KnnMethod = Field(
         default="auto",
         description="Top-k neighbour search: exact (blockwise all-pairs), approx (faiss IVF; for very large N), "
         "or auto (exact up to 200k samples, approx above)",
@@ -135,7 +135,7 @@ def embedding_signals(
     emb = np.asarray(model_readouts["embedding"].to_list(), dtype=np.float32)
     emb = diversity.TopComponents(config.top_components).fit(emb).transform(emb)
     # the exact search runs where the model runs (a GPU when there is one)
-    sims, idx, knn_info = diversity.topk_cosine(
+    sims, idx, knn_info = neighbours.topk_cosine(
         emb,
         k=config.k,
         method=config.knn_method,

@@ -66,9 +66,10 @@ import polars as pl
 from middo_pipeline.constants import JUDGE_MAX_LENGTH, MAX_LENGTH
 from middo_pipeline.core import quality
 from middo_pipeline.core.distributed import LocalForward
-from middo_pipeline.core.diversity import TopComponents, cosine_to_rows, max_cosine_to, top_cosine_to
+from middo_pipeline.core.diversity import TopComponents
 from middo_pipeline.core.forward import EmbeddingSpec
 from middo_pipeline.core.ifd import ifd_scores
+from middo_pipeline.core.neighbours import cosine_to_rows, max_cosine_to, top_cosine_to
 from middo_pipeline.core.schema import EXTENDED, prompt_text
 from middo_pipeline.core.text_rules import same_task
 from middo_pipeline.core.verify import CANDIDATE_SIGNAL_COLUMNS, QualityScale, quality_value

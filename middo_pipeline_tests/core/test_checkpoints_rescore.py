@@ -114,9 +114,10 @@ def test_find_identical_and_copy(tmp_path):
 
 
 def test_rescore_candidates_matches_direct_scoring(tiny_model_dir):
-    from middo_pipeline.core.diversity import TopComponents, max_cosine_to
+    from middo_pipeline.core.diversity import TopComponents
     from middo_pipeline.core.forward import EmbeddingSpec, score_samples
     from middo_pipeline.core.ifd import ifd_scores, unconditional_loss
+    from middo_pipeline.core.neighbours import max_cosine_to
     from middo_pipeline.core.rescore import RescoreSettings, rescore_candidates
     from middo_pipeline.core.verify import QualityScale
     from middo_pipeline.models.loading import load_model

@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from middo_pipeline.core import diversity
+from middo_pipeline.core import diversity, neighbours
 from middo_pipeline.core.diversity import (
     cluster_dynamics,
     default_n_clusters,
     kmeans_clusters,
     sparsity_scores,
-    topk_cosine,
     umap_2d,
 )
+from middo_pipeline.core.neighbours import topk_cosine
 
 
 def _dense_topk(emb: np.ndarray, k: int):
@@ -285,8 +285,8 @@ def test_approx_small_n():
 
 def test_auto_is_exact_below_the_threshold_and_approx_above(clustered3k, monkeypatch):
     _, _, info = topk_cosine(clustered3k, k=2, return_info=True)
-    assert diversity.EXACT_MAX_ROWS >= 100_000 and info["method"] == "exact"
-    monkeypatch.setattr(diversity, "EXACT_MAX_ROWS", 1000)
+    assert neighbours.EXACT_MAX_ROWS >= 100_000 and info["method"] == "exact"
+    monkeypatch.setattr(neighbours, "EXACT_MAX_ROWS", 1000)
     sims, idx, info = topk_cosine(clustered3k, k=2, return_info=True)
     assert info["method"] == "approx"
     _, ex_i = topk_cosine(clustered3k, k=2, method="exact")
@@ -299,7 +299,7 @@ def test_auto_is_exact_below_the_threshold_and_approx_above(clustered3k, monkeyp
 
 def test_topk_cosine_rows_matches_full_exact(emb500):
     rows = np.array([3, 0, 499, 250, 3])
-    s, i = diversity.topk_cosine_rows(emb500, rows, k=3, block_size=64)
+    s, i = neighbours.topk_cosine_rows(emb500, rows, k=3, block_size=64)
     fs, fi = topk_cosine(emb500, k=3, block_size=64)
     np.testing.assert_allclose(s, fs[rows], atol=1e-6)
     np.testing.assert_allclose(np.take_along_axis(_dense_topk(emb500, 3)[2][rows], i, axis=1), s, atol=1e-5)
@@ -315,7 +315,7 @@ def test_embedding_config_validates_knn_method():
 
 
 def test_cosine_to_rows_pairs_each_query_with_its_row():
-    from middo_pipeline.core.diversity import cosine_to_rows
+    from middo_pipeline.core.neighbours import cosine_to_rows
 
     keys = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=np.float32)
     queries = np.array([[3.0, 0.0], [1.0, 0.0], [0.0, 5.0]], dtype=np.float32)

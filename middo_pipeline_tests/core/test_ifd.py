@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from middo_pipeline.core.diversity import TopComponents, max_cosine_to, top_cosine_to
+from middo_pipeline.core.diversity import TopComponents
 from middo_pipeline.core.forward import score_samples
 from middo_pipeline.core.ifd import ifd_scores, unconditional_loss
+from middo_pipeline.core.neighbours import max_cosine_to, top_cosine_to
 
 
 def test_ifd_ratio_and_missing():
