@@ -20,7 +20,7 @@ from pydantic import Field
 from middo_pipeline.assets._meta import bars_md, image_md, tidy
 from middo_pipeline.constants import MAX_LENGTH
 from middo_pipeline.core.checkpoints import derived_key, find_derived, source_digest
-from middo_pipeline.core.evaluation import compare_rounds, evaluate, load_eval_set
+from middo_pipeline.core.evaluation import METRICS, compare_rounds, evaluate, load_eval_set, metrics_by_round
 from middo_pipeline.core.plots import metric_by_round_png
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.readout_cache import model_identity
@@ -28,7 +28,6 @@ from middo_pipeline.core.rollback import worse_beyond_floor
 from middo_pipeline.resources import EvaluationResource, ModelResource, StorageResource
 from middo_pipeline.rounds import earlier_rounds, previous_table, round_number, rounds_partitions
 
-METRICS = ("mean_response_loss", "mc_accuracy")
 NO_REGRESSION = "no_regression"
 # what the downstream benchmark's placebo measured (docs/decisions/rollback-floor.md)
 RESOLUTION = (
@@ -90,14 +89,27 @@ def round_evaluation(
     storage: StorageResource,
     evaluation: EvaluationResource,
 ):
-    store = storage.get()
-    r = round_number(context.partition_key)
+    store, key = storage.get(), context.partition_key
     eval_path = evaluation.heldout_path
     eval_df = load_eval_set(eval_path)
-    ckpt = store.checkpoint_dir(context.partition_key)
-    # the same weights on the same items give the same figures: a round whose checkpoint is an
-    # earlier round's (sft_checkpoint reuse_identical) reads that round's evaluation
-    reuse_key = derived_key(
+    reuse_key = _reuse_key(store.checkpoint_dir(key), eval_path, config, model)
+    items, res, reused_from = _evaluate_or_reuse(context, store, model, eval_df, reuse_key, config.max_length)
+    base = _base_figures(store, model, eval_df, eval_path, config.max_length, context.log.info)
+    summary = {m: float(res[m]) for m in METRICS} | {"n_items": int(res["n_items"]), "reuse_key": reuse_key}
+    with store.atomic_path(store.ensure_dir(store.artifact_dir("round_evaluation", key)) / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary))
+    earlier = [(round_number(q), _summary(store, q)) for q in earlier_rounds(key)]
+    by_round = metrics_by_round(earlier, round_number(key), res)
+    prev_path = previous_table(store, "round_evaluation", key)
+    vs_prev = compare_rounds(pl.read_parquet(prev_path), items) if prev_path and prev_path.exists() else None
+    yield Output(items, metadata=_evaluation_metadata(res, base, eval_path, reused_from, by_round, vs_prev))
+    yield _regression_check(vs_prev)
+
+
+def _reuse_key(ckpt: Path, eval_path: str, config: EvalConfig, model: ModelResource) -> str | None:
+    """The same weights on the same items give the same figures: a round whose checkpoint is an
+    earlier round's (sft_checkpoint reuse_identical) reads that round's evaluation."""
+    return derived_key(
         ckpt,
         asset="round_evaluation",
         eval_file=hashlib.sha256(Path(eval_path).read_bytes()).hexdigest(),
@@ -105,100 +117,96 @@ def round_evaluation(
         load=model.load_kwargs(),
         code=source_digest("core/evaluation.py", "core/forward.py", "core/model_parts.py", "models/loading.py"),
     )
+
+
+def _summary(store, partition_key: str) -> dict | None:
+    """A round's recorded evaluation figures (``summary.json``), or None when it has none."""
+    path = store.artifact_dir("round_evaluation", partition_key) / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _evaluate_or_reuse(
+    context, store, model: ModelResource, eval_df: pl.DataFrame, reuse_key: str | None, max_length: int
+) -> tuple[pl.DataFrame, dict, str | None]:
+    """(per-item table, figures, the round read instead of evaluating, or None): an earlier
+    round's evaluation under the same reuse key, else this round's checkpoint evaluated."""
+    key = context.partition_key
     same = find_derived(
         (
             (q, store.artifact_dir("round_evaluation", q) / "summary.json", store.table_path("round_evaluation", q))
-            for q in reversed(earlier_rounds(context.partition_key))
+            for q in reversed(earlier_rounds(key))
         ),
         reuse_key,
     )
-    reused_from = None
     if same is not None and pl.read_parquet(same[1]).height == eval_df.height:
         reused_from, table, recorded = same
         context.log.info(
-            f"{context.partition_key}'s checkpoint has the weights {reused_from}'s was evaluated with (same training "
+            f"{key}'s checkpoint has the weights {reused_from}'s was evaluated with (same training "
             f"key), on the same held-out file and settings: its evaluation is read, not recomputed"
         )
-        items = pl.read_parquet(table)
-        res = {m: recorded[m] for m in METRICS} | {"n_items": recorded["n_items"]}
-    else:
-        lm = model.load(str(ckpt))
-        res = evaluate(
-            lm.model,
-            lm.tokenizer,
-            eval_df,
-            max_length=config.max_length,
-            progress=ProgressLogger(context.log.info, "held-out eval"),
-        )
-        del lm
-        items = res["items"]
-    base = _base_figures(store, model, eval_df, eval_path, config.max_length, context.log.info)
+        return pl.read_parquet(table), {m: recorded[m] for m in METRICS} | {"n_items": recorded["n_items"]}, reused_from
+    lm = model.load(str(store.checkpoint_dir(key)))
+    res = evaluate(
+        lm.model,
+        lm.tokenizer,
+        eval_df,
+        max_length=max_length,
+        progress=ProgressLogger(context.log.info, "held-out eval"),
+    )
+    return res["items"], res, None
 
-    # earlier rounds, for the plot across rounds
-    rounds, series = [], {m: [] for m in METRICS}
-    for prev in earlier_rounds(context.partition_key):
-        meta_path = store.artifact_dir("round_evaluation", prev) / "summary.json"
-        if meta_path.exists():
-            summary = json.loads(meta_path.read_text())
-            rounds.append(round_number(prev))
-            for m in METRICS:
-                series[m].append(summary[m])
-    rounds.append(r)
-    for m in METRICS:
-        series[m].append(float(res[m]))
-    summary = {m: float(res[m]) for m in METRICS} | {"n_items": int(res["n_items"]), "reuse_key": reuse_key}
-    with store.atomic_path(
-        store.ensure_dir(store.artifact_dir("round_evaluation", context.partition_key)) / "summary.json"
-    ) as tmp:
-        tmp.write_text(json.dumps(summary))
 
-    prev_path = previous_table(store, "round_evaluation", context.partition_key)
-    vs_prev = compare_rounds(pl.read_parquet(prev_path), items) if prev_path and prev_path.exists() else None
-    change = {}
-    if vs_prev and vs_prev["items"]:
-        mc, loss = vs_prev["mc_accuracy"], vs_prev["response_loss"]
-        change = {
-            "mc_accuracy_change_vs_previous_round": mc["mean"],
-            "mc_accuracy_change_vs_previous_round_ci95": json.dumps([round(x, 4) for x in mc["ci95"]]),
-            "loss_change_vs_previous_round": loss["mean"],  # previous − this: > 0 better
-            "worse_than_previous_round": bool(vs_prev["worse"]),
-        }
-    yield Output(
-        items,
-        metadata=tidy(
-            {
-                "mean_response_loss": float(res["mean_response_loss"]),
-                "mc_accuracy": float(res["mc_accuracy"]),
-                "base_mean_response_loss": base["mean_response_loss"],
-                "base_mc_accuracy": base["mc_accuracy"],
-                "delta_mc_accuracy_vs_base": float(res["mc_accuracy"]) - base["mc_accuracy"],
-                "delta_loss_vs_base": float(res["mean_response_loss"]) - base["mean_response_loss"],
-                "n_items": int(res["n_items"]),
-                "eval_set": MetadataValue.path(str(Path(eval_path).resolve())),
-                **({"reused_from": reused_from} if reused_from else {}),
-                "by_round": image_md(
-                    metric_by_round_png(rounds, series | {f"base_{m}": [base[m]] * len(rounds) for m in METRICS}),
-                    "held-out metrics by round",
-                ),
-                "mc_accuracy_by_round": bars_md(
-                    [("base model", base["mc_accuracy"])]
-                    + [(f"round-{n}", v) for n, v in zip(rounds, series["mc_accuracy"])],
-                    "held-out accuracy",
-                    fmt="{:.3f}",
-                ),
-                **change,
-            },
-            first=(
-                "mc_accuracy",
-                "mc_accuracy_change_vs_previous_round",
-                "delta_mc_accuracy_vs_base",
-                "mean_response_loss",
-                "delta_loss_vs_base",
-                "mc_accuracy_by_round",
+def _change_vs_previous(vs_prev: dict | None) -> dict:
+    """The metadata entries that compare this round with the previous one (none in round 1)."""
+    if not (vs_prev and vs_prev["items"]):
+        return {}
+    mc, loss = vs_prev["mc_accuracy"], vs_prev["response_loss"]
+    return {
+        "mc_accuracy_change_vs_previous_round": mc["mean"],
+        "mc_accuracy_change_vs_previous_round_ci95": json.dumps([round(x, 4) for x in mc["ci95"]]),
+        "loss_change_vs_previous_round": loss["mean"],  # previous − this: > 0 better
+        "worse_than_previous_round": bool(vs_prev["worse"]),
+    }
+
+
+def _evaluation_metadata(
+    res: dict, base: dict, eval_path: str, reused_from: str | None, by_round: tuple, vs_prev: dict | None
+) -> dict:
+    """round_evaluation's metadata: the figures beside the base model's, across rounds, and the
+    change since the previous round."""
+    rounds, series = by_round
+    return tidy(
+        {
+            "mean_response_loss": float(res["mean_response_loss"]),
+            "mc_accuracy": float(res["mc_accuracy"]),
+            "base_mean_response_loss": base["mean_response_loss"],
+            "base_mc_accuracy": base["mc_accuracy"],
+            "delta_mc_accuracy_vs_base": float(res["mc_accuracy"]) - base["mc_accuracy"],
+            "delta_loss_vs_base": float(res["mean_response_loss"]) - base["mean_response_loss"],
+            "n_items": int(res["n_items"]),
+            "eval_set": MetadataValue.path(str(Path(eval_path).resolve())),
+            **({"reused_from": reused_from} if reused_from else {}),
+            "by_round": image_md(
+                metric_by_round_png(rounds, series | {f"base_{m}": [base[m]] * len(rounds) for m in METRICS}),
+                "held-out metrics by round",
             ),
+            "mc_accuracy_by_round": bars_md(
+                [("base model", base["mc_accuracy"])]
+                + [(f"round-{n}", v) for n, v in zip(rounds, series["mc_accuracy"])],
+                "held-out accuracy",
+                fmt="{:.3f}",
+            ),
+            **_change_vs_previous(vs_prev),
+        },
+        first=(
+            "mc_accuracy",
+            "mc_accuracy_change_vs_previous_round",
+            "delta_mc_accuracy_vs_base",
+            "mean_response_loss",
+            "delta_loss_vs_base",
+            "mc_accuracy_by_round",
         ),
     )
-    yield _regression_check(vs_prev)
 
 
 def _regression_check(vs_prev: dict | None) -> AssetCheckResult:

@@ -27,7 +27,7 @@ Metrics (``evaluate``):
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +37,20 @@ from middo_pipeline.constants import MAX_LENGTH
 from middo_pipeline.core.forward import score_samples
 from middo_pipeline.core.schema import make_sample_id, prompt_text
 
-__all__ = ["N_CHOICES", "EVAL_SCHEMA", "load_eval_set", "evaluate", "choose", "paired_difference", "compare_rounds"]
+__all__ = [
+    "N_CHOICES",
+    "EVAL_SCHEMA",
+    "METRICS",
+    "load_eval_set",
+    "evaluate",
+    "choose",
+    "paired_difference",
+    "compare_rounds",
+    "metrics_by_round",
+]
 
 N_CHOICES = 4
+METRICS = ("mean_response_loss", "mc_accuracy")  # the figures a round's evaluation records
 EVAL_SCHEMA: dict[str, pl.DataType] = {
     "id": pl.String,
     "instruction": pl.String,
@@ -298,3 +309,19 @@ def compare_rounds(previous: pl.DataFrame, current: pl.DataFrame) -> dict:
     loss = paired_difference(both["loss"].cast(pl.Float64), both["loss_now"].cast(pl.Float64))
     worse = any(m["significant"] and m["mean"] < 0 for m in (mc, loss))
     return {"items": both.height, "mc_accuracy": mc, "response_loss": loss, "worse": worse}
+
+
+def metrics_by_round(
+    earlier: Iterable[tuple[int, dict]], current_round: int, current: dict
+) -> tuple[list[int], dict[str, list[float]]]:
+    """The rounds, in order, and each of ``METRICS`` by round: the ``earlier`` rounds' recorded
+    summaries ((round, summary) pairs, ``None`` for a round that has none) and this round's."""
+    rounds: list[int] = []
+    series: dict[str, list[float]] = {m: [] for m in METRICS}
+    for number, summary in [*earlier, (current_round, current)]:
+        if summary is None:
+            continue
+        rounds.append(number)
+        for m in METRICS:
+            series[m].append(float(summary[m]))
+    return rounds, series
