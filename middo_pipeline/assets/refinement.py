@@ -23,20 +23,20 @@ from middo_pipeline.assets._rollback import round_verdict
 from middo_pipeline.core.checkpoints import require_checkpoint
 from middo_pipeline.core.gate import gate_round, stage_counts
 from middo_pipeline.core.optimizer.operations import run_operations
-from middo_pipeline.core.optimizer.prompts import PromptConfig, PromptStyle
+from middo_pipeline.core.optimizer.prompts import PromptStyle
 from middo_pipeline.core.progress import ProgressLogger
 from middo_pipeline.core.refine import (
     RefinementPlan,
     acceptance_bar,
     failure_counts,
-    first_candidates,
+    gate_and_choose,
     heldout_grams,
-    max_prompt_tokens,
+    none_accepted,
     outcomes_by_operation,
     plan_refinements,
+    prompt_config,
     prompt_style,
     rejections_by_reason,
-    round_seed,
     withhold_for_rollback,
 )
 from middo_pipeline.core.rollback import RollbackVerdict
@@ -49,7 +49,6 @@ from middo_pipeline.core.verify import (
     DEFAULT_REPAIR_GAIN,
     DEFAULT_SAME_TASK_COSINE,
     GateRules,
-    choose_candidates,
 )
 from middo_pipeline.resources import (
     EvaluationResource,
@@ -209,42 +208,16 @@ def refined_samples(
     embedding_signals: pl.DataFrame,
     quality_signals: pl.DataFrame,
 ):
-    key = context.partition_key
-    store = storage.get()
-    plan = plan_refinements(
-        round_dataset,
-        loss_signals,
-        quality_signals,
-        embedding_signals,
-        simplify=config.simplify,
-        rewrite=config.rewrite,
-        extend=config.extend,
+    key, store = context.partition_key, storage.get()
+    signals = dict(
+        model_readouts=model_readouts,
+        loss_signals=loss_signals,
+        quality_signals=quality_signals,
+        embedding_signals=embedding_signals,
     )
-    context.log.info(plan.summary())
-    verdict = round_verdict(store, key, round_dataset, evaluation)
-    skipped = withhold_for_rollback(plan, verdict)
-    if skipped:
-        context.log.warning(
-            f"{key}: {skipped} planned operations not generated: {verdict.reason}. optimized_dataset will hand on "
-            f"{previous_round(key)}'s data, so this round's refinements would not be merged (the evaluation "
-            "resource's on_regression: keep merges them)"
-        )
-    planned = plan.operations.height > 0
-
+    plan, verdict, skipped = _plan(context, config, store, evaluation, round_dataset, signals)
     backend = optimizer.make_backend(store, ray=ray, log=context.log.info)
-    style, style_reason = prompt_style(config.prompt_style, backend, optimizer.default_style(), planned)
-    if config.prompt_style == "auto" and planned:
-        context.log.info(f"prompt style {style} ({style_reason})")
-    bar, bar_reason = acceptance_bar(config.acceptance_bar, config.prompt_style, backend, style, style_reason, planned)
-    if planned:
-        context.log.info(f"acceptance bar {bar} ({bar_reason})")
-    prompt_cfg = PromptConfig(
-        style=style,
-        max_prompt_tokens=max_prompt_tokens(style, config.max_prompt_tokens),
-        max_response_tokens=config.max_response_tokens,
-        temperature=config.temperature,
-        seed=round_seed(config.seed, round_number(key)),
-    )
+    style, bar, prompt_cfg = _settings(context, config, optimizer, backend, plan.operations.height > 0)
     t0 = time.perf_counter()
     candidates = run_operations(
         round_dataset,
@@ -262,45 +235,75 @@ def refined_samples(
         close()  # free the Ray workers' CPUs/GPUs for the re-scoring pools
 
     t0 = time.perf_counter()
-    if candidates.height:
-        signals = dict(
-            model_readouts=model_readouts,
-            loss_signals=loss_signals,
-            quality_signals=quality_signals,
-            embedding_signals=embedding_signals,
-        )
-        heldout = evaluation.heldout_path
-        verified, th = _gate(context, config, model, ray, store, candidates, round_dataset, bar, heldout, signals)
-        chosen = choose_candidates(verified)
-    else:  # nothing generated: the empty tables, with the gate's columns
-        th = None
-        verified, chosen = first_candidates(candidates, config.candidates)
+    verified, chosen, th = gate_and_choose(
+        candidates,
+        config.candidates,
+        lambda: _gate(
+            context, config, model, ray, store, candidates, round_dataset, bar[0], evaluation.heldout_path, signals
+        ),
+    )
     gate_seconds = time.perf_counter() - t0
-
-    accepted = int((chosen["status"] == "ok").sum()) if chosen.height else 0
-    if accepted == 0 and chosen.height:
-        context.log.warning(
-            f"{key}: no refinement was accepted ({int((chosen['status'] == 'rejected').sum())} rejected, "
-            f"{int((chosen['status'] == 'failed').sum())} failed): the round keeps its samples unchanged"
-        )
-    stats = backend.stats()
+    if warning := none_accepted(chosen):
+        context.log.warning(f"{key}: {warning}")
     seconds = {"generation_seconds": round(gen_seconds, 1), "verification_seconds": round(gate_seconds, 1)}
     context.add_output_metadata(
         output_name="refinement_candidates", metadata=_candidates_metadata(config, verified, th, seconds)
     )
-    run = dict(
-        plan=plan, verdict=verdict, skipped=skipped, style=(style, style_reason), bar=(bar, bar_reason), stats=stats
-    )
+    run = dict(plan=plan, verdict=verdict, skipped=skipped, style=style, bar=bar, stats=backend.stats())
     context.add_output_metadata(
         output_name="refined_samples",
         metadata=_refined_metadata(config, optimizer, chosen, run, seconds, gen_seconds),
     )
     yield Output(verified, output_name="refinement_candidates")
     yield Output(chosen, output_name="refined_samples")
-    check = optimizer_calls_check(candidates, style)
+    check = optimizer_calls_check(candidates, style[0])
     if not check.passed:
         context.log.warning(f"{key}: {check.description}")
     yield check
+
+
+def _plan(context, config: RefineConfig, store, evaluation, round_dataset: pl.DataFrame, signals: dict) -> tuple:
+    """(the plan, the rollback verdict, how many planned operations it withholds): nothing is
+    generated for a round whose data the merge will roll back."""
+    key = context.partition_key
+    plan = plan_refinements(
+        round_dataset,
+        signals["loss_signals"],
+        signals["quality_signals"],
+        signals["embedding_signals"],
+        simplify=config.simplify,
+        rewrite=config.rewrite,
+        extend=config.extend,
+    )
+    context.log.info(plan.summary())
+    verdict = round_verdict(store, key, round_dataset, evaluation)
+    skipped = withhold_for_rollback(plan, verdict)
+    if skipped:
+        context.log.warning(
+            f"{key}: {skipped} planned operations not generated: {verdict.reason}. optimized_dataset will hand on "
+            f"{previous_round(key)}'s data, so this round's refinements would not be merged (the evaluation "
+            "resource's on_regression: keep merges them)"
+        )
+    return plan, verdict, skipped
+
+
+def _settings(context, config: RefineConfig, optimizer: OptimizerResource, backend, planned: bool) -> tuple:
+    """((prompt style, why), (acceptance bar, why), the prompts' settings), each logged when chosen."""
+    style, style_reason = prompt_style(config.prompt_style, backend, optimizer.default_style(), planned)
+    if config.prompt_style == "auto" and planned:
+        context.log.info(f"prompt style {style} ({style_reason})")
+    bar, bar_reason = acceptance_bar(config.acceptance_bar, config.prompt_style, backend, style, style_reason, planned)
+    if planned:
+        context.log.info(f"acceptance bar {bar} ({bar_reason})")
+    prompt_cfg = prompt_config(
+        style,
+        round_number(context.partition_key),
+        seed=config.seed,
+        temperature=config.temperature,
+        max_response_tokens=config.max_response_tokens,
+        max_prompt_tokens_configured=config.max_prompt_tokens,
+    )
+    return (style, style_reason), (bar, bar_reason), prompt_cfg
 
 
 def _gate(context, config, model, ray, store, candidates, round_dataset, bar, heldout, signals) -> tuple:

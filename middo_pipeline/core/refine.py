@@ -3,6 +3,7 @@ acceptance bar, and how the chosen candidates add up. Plain Python; ``refined_sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,10 +11,11 @@ import polars as pl
 
 from middo_pipeline.core.evaluation import load_eval_set
 from middo_pipeline.core.optimizer.operations import plan_operations
+from middo_pipeline.core.optimizer.prompts import PromptConfig
 from middo_pipeline.core.optimizer.style import choose_style
 from middo_pipeline.core.rollback import RollbackVerdict
 from middo_pipeline.core.text_rules import ngram_set
-from middo_pipeline.core.verify import resolve_acceptance_bar
+from middo_pipeline.core.verify import RoundThresholds, choose_candidates, resolve_acceptance_bar
 
 # new-prompt token limit when none is configured: a direct prompt is the prompt itself, a
 # stepwise one carries its plan and review before the final prompt
@@ -118,6 +120,48 @@ def acceptance_bar(
         style, style_reason = choose_style(backend)
     strength = "a strong optimizer" if style == "stepwise" else "a small optimizer"
     return resolve_acceptance_bar("auto", style), f"auto: {strength} ({style_reason})"
+
+
+def prompt_config(
+    style: str,
+    round_number: int,
+    *,
+    seed: int,
+    temperature: float,
+    max_response_tokens: int,
+    max_prompt_tokens_configured: int | None = None,
+) -> PromptConfig:
+    """The optimizer prompts' settings for round ``round_number`` in ``style``."""
+    return PromptConfig(
+        style=style,
+        max_prompt_tokens=max_prompt_tokens(style, max_prompt_tokens_configured),
+        max_response_tokens=max_response_tokens,
+        temperature=temperature,
+        seed=round_seed(seed, round_number),
+    )
+
+
+def gate_and_choose(
+    candidates: pl.DataFrame, k: int, gate: Callable[[], tuple[pl.DataFrame, RoundThresholds]]
+) -> tuple[pl.DataFrame, pl.DataFrame, RoundThresholds | None]:
+    """(verified candidates, one chosen row per operation, the gate's thresholds): ``gate()``
+    verifies the candidates when there are any; with none, the empty tables with the gate's
+    columns and no thresholds."""
+    if candidates.height:
+        verified, th = gate()
+        return verified, choose_candidates(verified), th
+    verified, chosen = first_candidates(candidates, k)
+    return verified, chosen, None
+
+
+def none_accepted(chosen: pl.DataFrame) -> str | None:
+    """What to warn about when operations were attempted and not one was accepted, else None."""
+    if not chosen.height or int((chosen["status"] == "ok").sum()):
+        return None
+    return (
+        f"no refinement was accepted ({int((chosen['status'] == 'rejected').sum())} rejected, "
+        f"{int((chosen['status'] == 'failed').sum())} failed): the round keeps its samples unchanged"
+    )
 
 
 def first_candidates(candidates: pl.DataFrame, k: int) -> tuple[pl.DataFrame, pl.DataFrame]:
