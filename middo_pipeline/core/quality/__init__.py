@@ -31,15 +31,17 @@ import numpy as np
 # the private names re-exported here (``x as x``) are the ones the tests reach for
 from middo_pipeline.core.quality.expected import (
     DEFAULT_MIN_MASS,
-    _packed_supported as _packed_supported,
-    _PackedReader as _PackedReader,
     _Reader as _Reader,
     _returned_cache as _returned_cache,
     cache_param,
     expected_scores,
-    packed_unsupported_reason,
 )
 from middo_pipeline.core.quality.generated import generated_scores, parse_score
+from middo_pipeline.core.quality.packed import (
+    _packed_supported as _packed_supported,
+    _PackedReader as _PackedReader,
+    packed_unsupported_reason,
+)
 from middo_pipeline.core.quality.prompts import (
     COLUMNS,
     DEFAULT_PREFILL,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from middo_pipeline.core.quality.prompts import DEFAULT_PREFILL, _encode, _render, judge_messages
 
 
@@ -59,3 +61,22 @@ def find_score_tokens(tokenizer, prefill: str = DEFAULT_PREFILL) -> ScoreTokens 
         if len(tail10) == 2 and tail10[0] == digits[1]:
             return ScoreTokens(pre, tuple(digits), ten_id=None, one_id=digits[1], zero_id=tail10[1])
     return None
+
+
+def _score_probs(first: torch.Tensor, second: torch.Tensor | None, st: ScoreTokens, min_mass: float):
+    """(B, V) log-probs at the score position (+ at the position after "1") -> expected scores (B,)."""
+    p_first = first.exp()
+    digits = p_first[:, list(st.digit_ids)]  # (B, 10)
+    if st.ten_id is not None:
+        p10 = p_first[:, st.ten_id]
+        mass = digits.sum(dim=1) + p10
+        probs = torch.cat([digits, p10[:, None]], dim=1)
+    else:
+        q = second.exp()[:, st.zero_id]  # P("0" | "1")
+        mass = digits.sum(dim=1)
+        p1 = digits[:, 1]
+        probs = torch.cat([digits[:, :1], (p1 * (1 - q))[:, None], digits[:, 2:], (p1 * q)[:, None]], dim=1)
+    total = probs.sum(dim=1)
+    scores = (probs * torch.arange(11, dtype=probs.dtype, device=probs.device)).sum(dim=1) / total.clamp_min(1e-30)
+    scores = torch.where((mass >= min_mass) & (total > 0), scores, torch.full_like(scores, float("nan")))
+    return scores, mass
