@@ -337,7 +337,7 @@ def train_sft(
     """
     import torch
 
-    from middo_pipeline.models.loading import load_model, pick_device, resolve_model_path
+    from middo_pipeline.models.loading import pick_device, resolve_model_path
 
     t_all = time.monotonic()
     if samples.height == 0:
@@ -348,31 +348,12 @@ def train_sft(
     device = pick_device(config.device)
     source = resolve_model_path(init_from) if init_from else resolve_model_path(base_model)
 
-    # fp32 master weights everywhere; on CUDA the trainer adds bf16 autocast when supported
-    loaded = load_model(source, device="cpu", dtype="float32", threads=config.threads, eval_mode=False)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    template_added = ensure_chat_template(tokenizer)
-    if template_added:
-        log.warning("%s has no chat template: using the Alpaca-style fallback (saved with the checkpoint)", source)
+    model, tokenizer, template_added, use_cache = _load_for_training(source, config)
     store_dtype = _saved_dtype(source)  # the trained weights are saved as the source was (fp32 when unknown)
-    use_cache = getattr(model.config, "use_cache", None)
-    if use_cache:
-        model.config.use_cache = False  # no KV cache while training; restored before saving
 
     with tempfile.TemporaryDirectory(prefix="middo-sft-") as scratch:
         trainer = build_trainer(model, tokenizer, samples, config, Path(scratch), device=device, progress=progress)
-        prepared = trainer.train_dataset
-        samples_trained = len(prepared)
-        completion_tokens = int(sum(sum(1 for t in row if t != -100) for row in prepared["labels"]))
-        if samples_trained < samples.height:
-            log.warning(
-                "%d of %d samples dropped: their prompt alone fills max_length=%d",
-                samples.height - samples_trained,
-                samples.height,
-                config.max_length,
-            )
-        if samples_trained == 0:
-            raise ValueError(f"no sample fits max_length={config.max_length}: every prompt fills it")
+        samples_trained, completion_tokens = _prepared_counts(trainer.train_dataset, samples.height, config)
         warmup_steps = trainer.args.warmup_steps
         t0 = time.monotonic()
         with score_completion_only():
@@ -386,14 +367,7 @@ def train_sft(
     history = [(int(e["step"]), float(e["loss"])) for e in state.log_history if "loss" in e]
     tokens_seen = int(state.num_input_tokens_seen or 0)
 
-    if config.lora:
-        trained = trained.merge_and_unload()  # plain weights: no adapter, no peft needed to load
-    trained = trained.to("cpu")
-    if store_dtype is not None and store_dtype != torch.float32:
-        trained = trained.to(store_dtype)
-    trained.eval()
-    if use_cache:
-        trained.config.use_cache = True
+    trained = _plain_weights(trained, config, store_dtype, use_cache)
     if main:  # under data parallelism every process holds the same weights: one writes them
         output_dir.mkdir(parents=True, exist_ok=True)
         trained.save_pretrained(output_dir)
@@ -418,6 +392,68 @@ def train_sft(
         device=str(device),
         processes=world_size(),
     )
+    if main:
+        _write_training_info(output_dir, result, config, source, template_added, store_dtype)
+    del trainer, trained, model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def _load_for_training(source: str, config: TrainConfig) -> tuple:
+    """(model, tokenizer, whether the fallback chat template was added, the model's use_cache
+    setting): fp32 master weights on the CPU (on CUDA the trainer adds bf16 autocast when
+    supported), the KV cache off while training."""
+    from middo_pipeline.models.loading import load_model
+
+    loaded = load_model(source, device="cpu", dtype="float32", threads=config.threads, eval_mode=False)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    template_added = ensure_chat_template(tokenizer)
+    if template_added:
+        log.warning("%s has no chat template: using the Alpaca-style fallback (saved with the checkpoint)", source)
+    use_cache = getattr(model.config, "use_cache", None)
+    if use_cache:
+        model.config.use_cache = False  # no KV cache while training; restored before saving
+    return model, tokenizer, template_added, use_cache
+
+
+def _prepared_counts(prepared, n_samples: int, config: TrainConfig) -> tuple[int, int]:
+    """(rows trl kept, response tokens per epoch) of the prepared dataset; a warning for the rows
+    it dropped, an error when none is left."""
+    samples_trained = len(prepared)
+    completion_tokens = int(sum(sum(1 for t in row if t != -100) for row in prepared["labels"]))
+    if samples_trained < n_samples:
+        log.warning(
+            "%d of %d samples dropped: their prompt alone fills max_length=%d",
+            n_samples - samples_trained,
+            n_samples,
+            config.max_length,
+        )
+    if samples_trained == 0:
+        raise ValueError(f"no sample fits max_length={config.max_length}: every prompt fills it")
+    return samples_trained, completion_tokens
+
+
+def _plain_weights(trained, config: TrainConfig, store_dtype, use_cache):
+    """The trained model as it is saved: LoRA merged, on the CPU, in the source's dtype, in eval
+    mode, its KV cache setting restored."""
+    import torch
+
+    if config.lora:
+        trained = trained.merge_and_unload()  # plain weights: no adapter, no peft needed to load
+    trained = trained.to("cpu")
+    if store_dtype is not None and store_dtype != torch.float32:
+        trained = trained.to(store_dtype)
+    trained.eval()
+    if use_cache:
+        trained.config.use_cache = True
+    return trained
+
+
+def _write_training_info(output_dir: Path, result: TrainResult, config, source, template_added, store_dtype) -> None:
+    """``middo_training.json``: the result, the settings, where the weights came from."""
+    import torch
+
     info = {
         **asdict(result),
         "config": asdict(config),
@@ -425,12 +461,7 @@ def train_sft(
         "chat_template": "fallback (added)" if template_added else "the model's own",
         "saved_dtype": str(store_dtype or torch.float32).replace("torch.", ""),
     }
-    if main:
-        (output_dir / TRAINING_INFO).write_text(json.dumps(info, indent=2, default=str))
-    del trainer, trained, model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return result
+    (output_dir / TRAINING_INFO).write_text(json.dumps(info, indent=2, default=str))
 
 
 def read_training_info(checkpoint_dir: str | Path) -> dict | None:
