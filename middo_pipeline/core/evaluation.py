@@ -51,6 +51,16 @@ __all__ = [
 
 N_CHOICES = 4
 METRICS = ("mean_response_loss", "mc_accuracy")  # the figures a round's evaluation records
+# the per-item table ``evaluate`` returns (round_evaluation's table)
+ITEMS_SCHEMA: dict[str, pl.DataType] = {
+    "id": pl.String,
+    "correct": pl.Boolean,
+    "chosen": pl.Int64,
+    "answer_index": pl.Int64,
+    "loss": pl.Float32,
+    "n_response_tokens": pl.Int64,
+    "choice_losses": pl.List(pl.Float32),
+}
 EVAL_SCHEMA: dict[str, pl.DataType] = {
     "id": pl.String,
     "instruction": pl.String,
@@ -208,12 +218,7 @@ def evaluate(
     chosen_sum = choose(choice_loss, choice_tokens, normalize=False)
     correct = chosen == answers
     finite = np.isfinite(ref_loss)
-    mean_loss = float(ref_loss[finite].mean()) if finite.any() else float("nan")
-    tok_mean = (
-        float((ref_loss[finite] * ref_tokens[finite]).sum() / ref_tokens[finite].sum())
-        if finite.any()
-        else float("nan")
-    )
+    mean_loss, tok_mean = _mean_losses(ref_loss, ref_tokens, finite)
     items = pl.DataFrame(
         {
             "id": eval_df["id"].to_list() if "id" in eval_df.columns else [str(i) for i in range(n)],
@@ -224,15 +229,7 @@ def evaluate(
             "n_response_tokens": ref_tokens.astype(np.int64),
             "choice_losses": choice_loss.astype(np.float32).tolist(),
         },
-        schema={
-            "id": pl.String,
-            "correct": pl.Boolean,
-            "chosen": pl.Int64,
-            "answer_index": pl.Int64,
-            "loss": pl.Float32,
-            "n_response_tokens": pl.Int64,
-            "choice_losses": pl.List(pl.Float32),
-        },
+        schema=ITEMS_SCHEMA,
     )
     return {
         "mean_response_loss": mean_loss,
@@ -245,6 +242,13 @@ def evaluate(
         "seconds": float(res.seconds),
         "items": items,
     }
+
+
+def _mean_losses(loss: np.ndarray, tokens: np.ndarray, finite: np.ndarray) -> tuple[float, float]:
+    """(mean over items, mean over response tokens) of the items' finite losses; NaN when none is."""
+    if not finite.any():
+        return float("nan"), float("nan")
+    return float(loss[finite].mean()), float((loss[finite] * tokens[finite]).sum() / tokens[finite].sum())
 
 
 def paired_difference(a, b, n_boot: int = 2000, seed: int = 0) -> dict:
