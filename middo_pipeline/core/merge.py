@@ -397,23 +397,9 @@ def check_conservation(samples: pl.DataFrame, dataset: pl.DataFrame, accounting:
     the output (a kept sample is in it, a replaced one is not and its replacement is, an added
     extension is, a withdrawn one is not and the original it had replaced is).
     """
-    problems: list[str] = []
     in_ids = samples["sample_id"].to_list()
-    in_set = set(in_ids)
-    acc_ids = accounting["sample_id"].to_list()
-    acc_count = Counter(acc_ids)
-    missing = [s for s in in_ids if s not in acc_count]
-    if missing:
-        problems.append(f"{len(missing)} input samples without an accounting row, e.g. {missing[:3]}")
-    extra = sorted(set(acc_ids) - in_set)
-    if extra:
-        problems.append(f"{len(extra)} accounting rows for ids not in the input, e.g. {extra[:3]}")
-    repeated = sorted(s for s, n in acc_count.items() if n > 1)
-    if repeated:
-        problems.append(f"{len(repeated)} input samples accounted for more than once, e.g. {repeated[:3]}")
-
-    out_ids = dataset["sample_id"].to_list()
-    out_count = Counter(out_ids)
+    problems = _accounting_problems(in_ids, accounting["sample_id"].to_list())
+    out_count = Counter(dataset["sample_id"].to_list())
     dup = sorted(s for s, n in out_count.items() if n > 1)
     if dup:
         problems.append(f"{len(dup)} sample ids appear more than once in the output, e.g. {dup[:3]}")
@@ -423,6 +409,35 @@ def check_conservation(samples: pl.DataFrame, dataset: pl.DataFrame, accounting:
         for a in accounting.iter_rows(named=True)
         if a["fate"] == WITHDRAWN and a["replacement_operation"] in _REPLACING and a["replacement_id"]
     }
+    kept_ids = _output_row_problems(dataset, set(in_ids), restored, problems)
+    derived = {
+        (r["origin_id"], r["operation"]): r["sample_id"]
+        for r in dataset.filter(pl.col("operation") != KEPT).iter_rows(named=True)
+    }
+    for a in accounting.iter_rows(named=True):
+        problems += _fate_problems(a, kept_ids, out_count, derived)
+    return problems
+
+
+def _accounting_problems(in_ids: list[str], acc_ids: list[str]) -> list[str]:
+    """Input samples without an accounting row, rows for other ids, samples accounted twice."""
+    problems = []
+    acc_count = Counter(acc_ids)
+    missing = [s for s in in_ids if s not in acc_count]
+    if missing:
+        problems.append(f"{len(missing)} input samples without an accounting row, e.g. {missing[:3]}")
+    extra = sorted(set(acc_ids) - set(in_ids))
+    if extra:
+        problems.append(f"{len(extra)} accounting rows for ids not in the input, e.g. {extra[:3]}")
+    repeated = sorted(s for s, n in acc_count.items() if n > 1)
+    if repeated:
+        problems.append(f"{len(repeated)} input samples accounted for more than once, e.g. {repeated[:3]}")
+    return problems
+
+
+def _output_row_problems(dataset: pl.DataFrame, in_set: set, restored: set, problems: list[str]) -> set:
+    """Adds to ``problems`` every output row that is neither a kept input (or restored) row nor
+    derived from an input sample; returns the ids of the kept rows."""
     kept_ids = set()
     for r in dataset.select("sample_id", "origin_id", "operation").iter_rows(named=True):
         if r["operation"] == KEPT:
@@ -433,39 +448,39 @@ def check_conservation(samples: pl.DataFrame, dataset: pl.DataFrame, accounting:
             kept_ids.add(r["sample_id"])
         elif r["origin_id"] not in in_set:
             problems.append(f"{r['operation']} row {r['sample_id']} has origin {r['origin_id']!r}, not an input sample")
+    return kept_ids
 
-    derived = {
-        (r["origin_id"], r["operation"]): r["sample_id"]
-        for r in dataset.filter(pl.col("operation") != KEPT).iter_rows(named=True)
-    }
-    for a in accounting.iter_rows(named=True):
-        sid, fate = a["sample_id"], a["fate"] or ""
-        primary, _, extended = fate.partition("+")
-        if primary in ("kept", "kept_failed", "kept_duplicate"):
-            if sid not in kept_ids:
-                problems.append(f"{sid}: fate {fate!r} but not in the output as a kept row")
-        elif primary == "replaced":
-            op = a.get("replacement_operation")
-            if sid in kept_ids:
-                problems.append(f"{sid}: fate 'replaced' but still in the output")
-            if not a.get("replacement_id") or derived.get((sid, op)) != a.get("replacement_id"):
-                problems.append(f"{sid}: replacement {a.get('replacement_id')!r} ({op}) not in the output")
-        elif primary == QUARANTINED:
-            if sid in out_count:
-                problems.append(f"{sid}: fate 'quarantined' but still in the output")
-        elif primary == WITHDRAWN:
-            if sid in out_count:
-                problems.append(f"{sid}: fate 'withdrawn' but still in the output")
-            if a.get("replacement_operation") in _REPLACING and a.get("replacement_id") not in kept_ids:
-                problems.append(
-                    f"{sid}: withdrawn, but the original it replaced ({a.get('replacement_id')!r}) is not restored"
-                )
-        else:
-            problems.append(f"{sid}: unknown fate {fate!r}")
-        if extended == "extended" and derived.get((sid, EXTENDED)) != a.get("extension_id"):
-            problems.append(f"{sid}: extension {a.get('extension_id')!r} not in the output")
-        if extended not in ("", "extended"):
-            problems.append(f"{sid}: unknown fate {fate!r}")
-        if extended == "" and (sid, EXTENDED) in derived:
-            problems.append(f"{sid}: an extension is in the output but the fate does not say so")
+
+def _fate_problems(a: dict, kept_ids: set, out_count: Counter, derived: dict) -> list[str]:
+    """Where one accounting row's fate disagrees with the output."""
+    problems = []
+    sid, fate = a["sample_id"], a["fate"] or ""
+    primary, _, extended = fate.partition("+")
+    if primary in ("kept", "kept_failed", "kept_duplicate"):
+        if sid not in kept_ids:
+            problems.append(f"{sid}: fate {fate!r} but not in the output as a kept row")
+    elif primary == "replaced":
+        op = a.get("replacement_operation")
+        if sid in kept_ids:
+            problems.append(f"{sid}: fate 'replaced' but still in the output")
+        if not a.get("replacement_id") or derived.get((sid, op)) != a.get("replacement_id"):
+            problems.append(f"{sid}: replacement {a.get('replacement_id')!r} ({op}) not in the output")
+    elif primary == QUARANTINED:
+        if sid in out_count:
+            problems.append(f"{sid}: fate 'quarantined' but still in the output")
+    elif primary == WITHDRAWN:
+        if sid in out_count:
+            problems.append(f"{sid}: fate 'withdrawn' but still in the output")
+        if a.get("replacement_operation") in _REPLACING and a.get("replacement_id") not in kept_ids:
+            problems.append(
+                f"{sid}: withdrawn, but the original it replaced ({a.get('replacement_id')!r}) is not restored"
+            )
+    else:
+        problems.append(f"{sid}: unknown fate {fate!r}")
+    if extended == "extended" and derived.get((sid, EXTENDED)) != a.get("extension_id"):
+        problems.append(f"{sid}: extension {a.get('extension_id')!r} not in the output")
+    if extended not in ("", "extended"):
+        problems.append(f"{sid}: unknown fate {fate!r}")
+    if extended == "" and (sid, EXTENDED) in derived:
+        problems.append(f"{sid}: an extension is in the output but the fate does not say so")
     return problems
