@@ -572,9 +572,12 @@ def run(
     bundled: bool = True,
     workroot: Path | None = None,
     one_round: tuple[float, ...] = (),
+    only_datasets: tuple[str, ...] = (),
 ) -> dict:
     """The corrupted seed, the loop at each ``p`` (``rounds`` rounds; ``p = ps[0]`` is the one
-    followed downstream round by round), the bundled optimizer, and the downstream comparison."""
+    followed downstream round by round), the bundled optimizer, and the downstream comparison.
+    ``only_datasets``: run no loop, train only these datasets (of the loops already done), e.g.
+    ``clean,corrupted`` beside a running loop."""
     import polars as pl
 
     seed_rows = load_seed_rows(SEED_PATH)
@@ -614,6 +617,8 @@ def run(
         name = f"standin_p{p:g}"
         work = root / name
         n_rounds = 1 if p in one_round else rounds
+        if only_datasets and not (work / "done.json").exists():
+            continue
         if not (work / "done.json").exists():
             if work.exists():
                 import shutil
@@ -638,7 +643,7 @@ def run(
             if (work / "middo" / "tables" / "optimized_dataset" / f"round-{r}.parquet").exists()
         }
         out["loops"][name] = {"p": p, **res, "rounds": reports}
-    if bundled:
+    if bundled and not (only_datasets and not (root / "bundled" / "done.json").exists()):
         work = root / "bundled"
         if not (work / "done.json").exists():
             res = run_loop(
@@ -667,12 +672,12 @@ def run(
     out["closed_loop_junk_accepted"] = {"accepted": junk, "bad_answers": bad}
     out["closed_loop_junk_share"] = junk / bad if bad else None
     repaired: dict[str, int] = {}
-    for r in out["loops"][lead]["rounds"].values():
+    for r in out["loops"].get(lead, {}).get("rounds", {}).values():
         for kind, n in r["accepted_by_answer"].get("good", {}).items():
             repaired[kind] = repaired.get(kind, 0) + n
     out["closed_loop_repaired_by_kind"] = repaired
 
-    if smoke and not seeds:
+    if not seeds:
         return out
     # the comparisons the goals rest on first: clean vs corrupted, then the followed loop's round 2
     tables = {
@@ -687,11 +692,14 @@ def run(
     for key in [*order, *sorted(tables)]:
         if key in tables and key not in datasets:
             datasets[key] = pl.read_parquet(tables[key])
-    d = downstream(datasets, tuple(seeds), settings, root / "train", partial=root / "downstream_partial.json")
+    if only_datasets:
+        datasets = {k: v for k, v in datasets.items() if k in only_datasets}
+    partial = root / ("downstream_partial.json" if not only_datasets else f"partial_{'_'.join(only_datasets)}.json")
+    d = downstream(datasets, tuple(seeds), settings, root / "train", partial=partial)
     out["downstream"] = d
     m = d["sensitive_measure"]
     key = f"{lead}_round-2"
-    if key in d["recovery"][m]:
+    if key in d["recovery"].get(m, {}):
         out["closed_loop_recovery"] = d["recovery"][m][key]["ratio"]
         out["closed_loop_recovery_ci"] = d["recovery"][m][key]["ci95"]
     out["closed_loop_clean_vs_corrupted"] = {k: d["vs_corrupted"][k]["clean"] for k in d["vs_corrupted"]}
@@ -707,12 +715,14 @@ def main(argv=None) -> int:
     ap.add_argument("--ps", default="0.7,1,0", help="stand-in p values; the first is followed round by round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--one-round", default="", help="stand-in p values whose loop runs one round only")
+    ap.add_argument("--only-datasets", default="", help="run no loop; train only these datasets (e.g. clean,corrupted)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of the downstream training runs")
     ap.add_argument("--seeds", default="0,1,2,3,4", help="training seeds downstream ('' = no downstream)")
     ap.add_argument("--no-bundled", action="store_true", help="skip the loop with the bundled optimizer")
     ap.add_argument("--work", default=None, help="work folder (kept: finished loops are reused)")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/closed_loop.json)")
     args = ap.parse_args(argv)
-    settings = Settings.quick(device="cpu")
+    settings = Settings.quick(device="cpu", threads=args.threads)
     if args.smoke:
         settings.model = "tiny-llama"
     seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
@@ -725,6 +735,7 @@ def main(argv=None) -> int:
         bundled=not args.no_bundled,
         workroot=Path(args.work) if args.work else None,
         one_round=tuple(float(p) for p in args.one_round.split(",") if p.strip()),
+        only_datasets=tuple(d.strip() for d in args.only_datasets.split(",") if d.strip()),
     )
     default = RESULTS_DIR / ("closed_loop_smoke.json" if args.smoke else "closed_loop.json")
     path = write_json_atomic(Path(args.out) if args.out else default, res)
