@@ -183,38 +183,12 @@ def _topk_ivf(
     own list, can be dropped by index). Work ≈ N·(nlist + nprobe·N/nlist)·dim, memory
     O(N·(nprobe + k) + threads × query_chunk × dim) beyond the normalised copy; never N×N."""
     faiss = _faiss()
-    n, d = x.shape
+    n = x.shape[0]
     nl, npb, nt = _ivf_params(n, nlist, nprobe, train_size)
     t0 = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    sample = x if nt >= n else x[np.sort(rng.choice(n, nt, replace=False))]
-    km = faiss.Kmeans(
-        d,
-        nl,
-        niter=APPROX_KMEANS_ITERS,
-        spherical=True,
-        seed=int(seed),
-        min_points_per_centroid=1,
-        max_points_per_centroid=max(1, -(-nt // nl)),
-        verbose=False,
-    )
-    km.train(sample)
-    del sample
+    centroids = _ivf_centroids(faiss, x, nl, nt, seed)
     t1 = time.perf_counter()
-    quant = faiss.IndexFlatIP(d)
-    quant.add(km.centroids)
-    assign = np.empty((n, npb), dtype=np.int64)  # the lists each row probes, nearest first
-    for c0 in range(0, n, chunk):
-        _, assign[c0 : c0 + chunk] = quant.search(x[c0 : c0 + chunk], npb)
-    # members of each list (by nearest centroid) and the queries that probe it, as CSR
-    primary = assign[:, 0]
-    member_order = np.argsort(primary, kind="stable")
-    member_lims = np.searchsorted(primary[member_order], np.arange(nl + 1))
-    flat = assign.ravel()
-    probe_order = np.argsort(flat, kind="stable")
-    probe_lims = np.searchsorted(flat[probe_order], np.arange(nl + 1))
-    probe_queries = probe_order // npb
-    del assign, flat, probe_order, primary
+    member_order, member_lims, probe_lims, probe_queries = _ivf_lists(faiss, x, centroids, npb, chunk)
     t2 = time.perf_counter()
     kq = kk + 1  # room for the self match
     heap = faiss.ResultHeap(n, kq, keep_max=True)
@@ -247,15 +221,7 @@ def _topk_ivf(
         for task in tasks:
             heap.add_result_subset(*scan(task))
     heap.finalize()
-    sims, idx = heap.D, heap.I  # best first; unfilled slots have id -1
-    # drop the self match (by index) and empty slots, keep the best kk of what is left
-    valid = (idx >= 0) & (idx != np.arange(n)[:, None])
-    order = np.argsort(~valid, axis=1, kind="stable")[:, :kk]
-    sims = np.take_along_axis(sims, order, axis=1)
-    idx = np.take_along_axis(idx, order, axis=1)
-    ok = np.take_along_axis(valid, order, axis=1)
-    sims[~ok] = np.nan
-    idx[~ok] = -1
+    sims, idx = _without_self(heap.D, heap.I, kk)
     info = {
         "method": "approx",
         "index": "ivf_flat_ip",
@@ -267,6 +233,58 @@ def _topk_ivf(
         "scan_seconds": time.perf_counter() - t2,
     }
     return sims.astype(np.float32), idx.astype(np.int64), info
+
+
+def _ivf_centroids(faiss, x: np.ndarray, nl: int, nt: int, seed: int) -> np.ndarray:
+    """``nl`` centroids from faiss spherical k-means on ``nt`` rows of ``x`` (all when nt ≥ N)."""
+    n, d = x.shape
+    rng = np.random.default_rng(seed)
+    sample = x if nt >= n else x[np.sort(rng.choice(n, nt, replace=False))]
+    km = faiss.Kmeans(
+        d,
+        nl,
+        niter=APPROX_KMEANS_ITERS,
+        spherical=True,
+        seed=int(seed),
+        min_points_per_centroid=1,
+        max_points_per_centroid=max(1, -(-nt // nl)),
+        verbose=False,
+    )
+    km.train(sample)
+    return km.centroids
+
+
+def _ivf_lists(faiss, x: np.ndarray, centroids: np.ndarray, npb: int, chunk: int) -> tuple:
+    """The members of each list (by nearest centroid) and the queries that probe it (their
+    ``npb`` nearest lists), as CSR: (member_order, member_lims, probe_lims, probe_queries)."""
+    n, d = x.shape
+    nl = centroids.shape[0]
+    quant = faiss.IndexFlatIP(d)
+    quant.add(centroids)
+    assign = np.empty((n, npb), dtype=np.int64)  # the lists each row probes, nearest first
+    for c0 in range(0, n, chunk):
+        _, assign[c0 : c0 + chunk] = quant.search(x[c0 : c0 + chunk], npb)
+    primary = assign[:, 0]
+    member_order = np.argsort(primary, kind="stable")
+    member_lims = np.searchsorted(primary[member_order], np.arange(nl + 1))
+    flat = assign.ravel()
+    probe_order = np.argsort(flat, kind="stable")
+    probe_lims = np.searchsorted(flat[probe_order], np.arange(nl + 1))
+    return member_order, member_lims, probe_lims, probe_order // npb
+
+
+def _without_self(sims: np.ndarray, idx: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """The heap's rows (best first; unfilled slots have id -1) without the self match (by index)
+    and empty slots: the best ``kk`` of what is left, NaN / -1 where fewer are."""
+    n = idx.shape[0]
+    valid = (idx >= 0) & (idx != np.arange(n)[:, None])
+    order = np.argsort(~valid, axis=1, kind="stable")[:, :kk]
+    sims = np.take_along_axis(sims, order, axis=1)
+    idx = np.take_along_axis(idx, order, axis=1)
+    ok = np.take_along_axis(valid, order, axis=1)
+    sims[~ok] = np.nan
+    idx[~ok] = -1
+    return sims, idx
 
 
 def topk_cosine(
