@@ -192,13 +192,35 @@ def run_operations(
             f"{candidates} candidates per operation need sampling: set a temperature > 0 "
             "(greedy decoding would give the same candidate k times)"
         )
-    neighbors = neighbors or {}
+    ops = _operations(samples, plan, neighbors or {}, config, candidates)
+    n = len(ops)
+    # stage 1: the new prompts (one batched call)
+    completions = _complete(backend, [o["request"] for o in ops], _stage_progress(progress, 0, lambda t: 2 * t))
+    for o, c in zip(ops, completions):
+        _read_prompt(o, c, config.style)
+    # stage 2: the responses to the prompts that parsed (one batched call)
+    pending = [o for o in ops if o["failure"] is None]
+    responses = _complete(
+        backend,
+        [response_request(o["new_prompt"], o["config"]) for o in pending],
+        _stage_progress(progress, n, lambda t: n + t),
+    )
+    for o, c in zip(pending, responses):
+        _read_response(o, c)
+    return pl.DataFrame([_refined_row(o) for o in ops], schema=REFINED_SCHEMA)
+
+
+def _operations(
+    samples: pl.DataFrame, plan: pl.DataFrame, neighbors: Mapping[str, Sequence[str]], config: PromptConfig, k: int
+) -> list[dict]:
+    """One dict per planned operation and candidate (``k`` each), in (operation, origin) order:
+    its source sample, the escaped source prompt, the texts a new prompt must not repeat, and
+    the stage-1 request (candidate c samples with seed + c)."""
     by_id = {
         r["sample_id"]: r for r in samples.select("sample_id", "instruction", "input", "output").iter_rows(named=True)
     }
-    plan = plan.sort(["operation", "origin_id"])
     ops = []
-    for row in plan.iter_rows(named=True):
+    for row in plan.sort(["operation", "origin_id"]).iter_rows(named=True):
         op, oid = row["operation"], row["origin_id"]
         if op not in OPTIMIZER_OPERATIONS:
             raise ValueError(f"plan has unknown operation {op!r}")
@@ -213,7 +235,7 @@ def run_operations(
                 if nid != oid and nid in by_id:
                     nb = by_id[nid]
                     hint_prompts.append(escape_controls(prompt_text(nb["instruction"], nb["input"])))
-        for c in range(candidates):
+        for c in range(k):
             cfg = dataclasses.replace(config, seed=config.seed + c) if c else config
             ops.append(
                 {
@@ -228,77 +250,71 @@ def run_operations(
                     "candidate": c,
                 }
             )
+    return ops
 
-    n = len(ops)
-    # stage 1: the new prompts (one batched call)
-    completions = _complete(backend, [o["request"] for o in ops], _stage_progress(progress, 0, lambda t: 2 * t))
-    for o, c in zip(ops, completions):
-        o["prompt_cached"] = bool(c.cached)
-        o["response_cached"] = False
-        o["raw"] = None if c.text is None else c.text[:_RAW_CHARS]
-        o["new_prompt"] = None
-        o["failure"] = None
-        o["truncated"] = c.truncated if c.ok else None
-        if not c.ok:
-            o["failure"] = f"llm error: {c.error or 'no text'}"
-            continue
-        new_prompt, reason = parse_final_prompt(c.text, config.style, o["originals"])
-        if reason == "same as original" and o["operation"] == REWRITTEN:
-            # a rewrite may keep a sound prompt when the fault is the answer (a wrong fact): the
-            # response step writes a new answer, and an answer left as it was fails below
-            new_prompt, reason, o["kept_prompt"] = o["source_prompt"], None, True
-        if new_prompt is None:
-            o["failure"] = _PROMPT_REASONS.get(reason, f"unparseable: {reason}")
-        else:
-            o["new_prompt"] = normalize_text(new_prompt)
 
-    # stage 2: the responses to the prompts that parsed (one batched call)
-    pending = [o for o in ops if o["failure"] is None]
-    responses = _complete(
-        backend,
-        [response_request(o["new_prompt"], o["config"]) for o in pending],
-        _stage_progress(progress, n, lambda t: n + t),
-    )
-    for o, c in zip(pending, responses):
-        o["response_cached"] = bool(c.cached)
-        o["truncated"] = bool(o["truncated"]) or c.truncated if c.ok else o["truncated"]
-        if not c.ok:
-            o["failure"] = f"response llm error: {c.error or 'no text'}"
-            continue
-        response, reason = clean_response(c.text)
-        if response is None:
-            o["failure"] = _RESPONSE_REASONS.get(reason, f"response rejected: {reason}")
-            continue
-        if o.get("kept_prompt") and normalize_for_compare(response) == normalize_for_compare(o["source"]["output"]):
-            o["failure"] = _PROMPT_REASONS["same as original"]
-            continue
-        o["response"] = normalize_text(response)
+def _read_prompt(o: dict, c, style: str) -> None:
+    """Stage 1 of one operation: its new prompt from completion ``c``, or why there is none."""
+    o["prompt_cached"] = bool(c.cached)
+    o["response_cached"] = False
+    o["raw"] = None if c.text is None else c.text[:_RAW_CHARS]
+    o["new_prompt"] = None
+    o["failure"] = None
+    o["truncated"] = c.truncated if c.ok else None
+    if not c.ok:
+        o["failure"] = f"llm error: {c.error or 'no text'}"
+        return
+    new_prompt, reason = parse_final_prompt(c.text, style, o["originals"])
+    if reason == "same as original" and o["operation"] == REWRITTEN:
+        # a rewrite may keep a sound prompt when the fault is the answer (a wrong fact): the
+        # response step writes a new answer, and an answer left as it was fails below
+        new_prompt, reason, o["kept_prompt"] = o["source_prompt"], None, True
+    if new_prompt is None:
+        o["failure"] = _PROMPT_REASONS.get(reason, f"unparseable: {reason}")
+    else:
+        o["new_prompt"] = normalize_text(new_prompt)
 
-    rows = []
-    for o in ops:
-        src, ok = o["source"], o["failure"] is None
-        rows.append(
-            {
-                "origin_id": o["origin_id"],
-                "operation": o["operation"],
-                "flags": o["flags"],
-                "instruction_before": src["instruction"],
-                "input_before": src["input"],
-                "output_before": src["output"],
-                "instruction_after": o["new_prompt"] if ok else None,
-                "input_after": "" if ok else None,
-                "output_after": o["response"] if ok else None,
-                "new_sample_id": make_sample_id(o["new_prompt"], "", o["response"]) if ok else None,
-                "status": "ok" if ok else "failed",
-                "failure_reason": None if ok else o["failure"],
-                "prompt_cached": o["prompt_cached"],
-                "response_cached": o["response_cached"],
-                "optimizer_text": o["raw"],
-                "candidate": o["candidate"],
-                "truncated": o["truncated"],
-            }
-        )
-    return pl.DataFrame(rows, schema=REFINED_SCHEMA)
+
+def _read_response(o: dict, c) -> None:
+    """Stage 2 of one operation whose prompt parsed: its response from completion ``c``, or why
+    there is none."""
+    o["response_cached"] = bool(c.cached)
+    o["truncated"] = bool(o["truncated"]) or c.truncated if c.ok else o["truncated"]
+    if not c.ok:
+        o["failure"] = f"response llm error: {c.error or 'no text'}"
+        return
+    response, reason = clean_response(c.text)
+    if response is None:
+        o["failure"] = _RESPONSE_REASONS.get(reason, f"response rejected: {reason}")
+        return
+    if o.get("kept_prompt") and normalize_for_compare(response) == normalize_for_compare(o["source"]["output"]):
+        o["failure"] = _PROMPT_REASONS["same as original"]
+        return
+    o["response"] = normalize_text(response)
+
+
+def _refined_row(o: dict) -> dict:
+    """One operation's row of the ``refined_samples`` table."""
+    src, ok = o["source"], o["failure"] is None
+    return {
+        "origin_id": o["origin_id"],
+        "operation": o["operation"],
+        "flags": o["flags"],
+        "instruction_before": src["instruction"],
+        "input_before": src["input"],
+        "output_before": src["output"],
+        "instruction_after": o["new_prompt"] if ok else None,
+        "input_after": "" if ok else None,
+        "output_after": o["response"] if ok else None,
+        "new_sample_id": make_sample_id(o["new_prompt"], "", o["response"]) if ok else None,
+        "status": "ok" if ok else "failed",
+        "failure_reason": None if ok else o["failure"],
+        "prompt_cached": o["prompt_cached"],
+        "response_cached": o["response_cached"],
+        "optimizer_text": o["raw"],
+        "candidate": o["candidate"],
+        "truncated": o["truncated"],
+    }
 
 
 def empty_refined() -> pl.DataFrame:
