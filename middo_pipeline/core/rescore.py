@@ -139,30 +139,8 @@ def rescore_candidates(
         kw = dict(max_length=st.max_length, max_batch_tokens=st.max_batch_tokens)
         step = progress or (lambda name: None)
         with _opener(base)() as fwd:
-            before = fwd.score_samples(
-                prompts, responses, with_embeddings=False, progress=step("candidates: loss before training"), **kw
-            )
-            uncond = fwd.unconditional_loss(responses, progress=step("candidates: prompt-free loss"), **kw)
-            ifd = ifd_scores(before.loss, uncond.loss)
-            cols["loss_before"][ok] = before.loss
-            cols["loss_unconditional"][ok] = uncond.loss
-            cols["ifd"][ok] = ifd
-            if scale.mode == "ifd":  # the quality value is the IFD's: known now
-                cols["quality_value"][ok] = quality_value(scale, None, ifd)
-            live = np.arange(len(ok))
-            if early_reject is not None:
-                settled = np.asarray(
-                    [
-                        bool(early_reject(candidates.row(int(i), named=True) | {c: _num(cols[c][i]) for c in cols}))
-                        for i in ok
-                    ],
-                    dtype=bool,
-                )
-                live = np.flatnonzero(~settled)
-                for i in ok[settled]:
-                    stage[i] = "base"
-            for i in ok[live]:
-                stage[i] = "full"
+            before = _base_readings(fwd, prompts, responses, ok, cols, scale, kw, step)
+            live = _settle_early(candidates, ok, cols, early_reject, stage)
             ok, prompts, responses = ok[live], [prompts[j] for j in live], [responses[j] for j in live]
             loss_before = np.asarray(before.loss, dtype=np.float64)[live]
             gains = _cross_gains(fwd, candidates, ok, prompts, responses, loss_before, kw, step, new_task, repair)
@@ -178,20 +156,7 @@ def rescore_candidates(
             )
         judge = None
         if scale.mode in ("judge", "combined"):
-            info: dict = {}
-            six = quality.expected_scores(
-                judge_model.model,
-                judge_model.tokenizer,
-                prompts,
-                responses,
-                max_length=st.judge_max_length,
-                max_batch_size=st.judge_batch_size,
-                progress=step("candidates: self-judgements"),
-                info=info,
-            )
-            judge = np.asarray(quality.combine_scores(six)["quality_score"], dtype=np.float64)
-            if log and info.get("judge_path") != "packed":
-                log(f"candidate judge fell back to one pass per judgement: {info.get('fallback_reason')}")
+            judge = _self_judge(judge_model, prompts, responses, st, step, log)
         emb = components.transform(after.embedding)
         cols["loss_after"][ok] = after.loss
         for name, (rows, gain) in gains.items():
@@ -199,16 +164,8 @@ def rescore_candidates(
         if judge is not None:
             cols["judge_score"][ok] = judge
         cols["quality_value"][ok] = quality_value(scale, judge, cols["ifd"][ok])
-        cols["max_cosine"][ok] = max_cosine_to(emb, round_embeddings)
-        cols["max_cosine_same_task"][ok] = (
-            _max_cosine_same_task(emb, round_embeddings, prompts, responses, round_texts)
-            if round_texts is not None
-            else cols["max_cosine"][ok]
-        )
-        if round_ids is not None:
-            cols["cosine_original"][ok] = cosine_to_rows(
-                emb, round_embeddings, _row_of(round_ids, candidates["origin_id"].to_list(), ok)
-            )
+        origin_rows = _row_of(round_ids, candidates["origin_id"].to_list(), ok) if round_ids is not None else None
+        _similarities(cols, ok, emb, round_embeddings, prompts, responses, round_texts, origin_rows)
     return candidates.with_columns(
         [
             pl.Series(name, np.where(np.isfinite(v), v, np.nan), dtype=pl.Float64).fill_nan(None)
@@ -216,6 +173,71 @@ def rescore_candidates(
         ]
         + [pl.Series("gate_stage", stage, dtype=pl.String)]
     )
+
+
+def _base_readings(fwd, prompts, responses, ok, cols: dict, scale: QualityScale, kw: dict, step):
+    """The base model's readings of the candidates at ``ok`` into ``cols``: loss before training,
+    prompt-free loss, IFD (and the quality value when it is the IFD's). Returns the loss pass."""
+    before = fwd.score_samples(
+        prompts, responses, with_embeddings=False, progress=step("candidates: loss before training"), **kw
+    )
+    uncond = fwd.unconditional_loss(responses, progress=step("candidates: prompt-free loss"), **kw)
+    ifd = ifd_scores(before.loss, uncond.loss)
+    cols["loss_before"][ok] = before.loss
+    cols["loss_unconditional"][ok] = uncond.loss
+    cols["ifd"][ok] = ifd
+    if scale.mode == "ifd":  # the quality value is the IFD's: known now
+        cols["quality_value"][ok] = quality_value(scale, None, ifd)
+    return before
+
+
+def _settle_early(candidates: pl.DataFrame, ok: np.ndarray, cols: dict, early_reject, stage: list) -> np.ndarray:
+    """Positions in ``ok`` of the candidates read further: those ``early_reject`` (when given)
+    does not reject on their base-model readings. Marks ``stage`` "base" for the others and
+    "full" for these."""
+    live = np.arange(len(ok))
+    if early_reject is not None:
+        settled = np.asarray(
+            [bool(early_reject(candidates.row(int(i), named=True) | {c: _num(cols[c][i]) for c in cols})) for i in ok],
+            dtype=bool,
+        )
+        live = np.flatnonzero(~settled)
+        for i in ok[settled]:
+            stage[i] = "base"
+    for i in ok[live]:
+        stage[i] = "full"
+    return live
+
+
+def _self_judge(judge_model, prompts, responses, st: RescoreSettings, step, log) -> np.ndarray:
+    """The self-judge's combined quality score of each candidate (float64)."""
+    info: dict = {}
+    six = quality.expected_scores(
+        judge_model.model,
+        judge_model.tokenizer,
+        prompts,
+        responses,
+        max_length=st.judge_max_length,
+        max_batch_size=st.judge_batch_size,
+        progress=step("candidates: self-judgements"),
+        info=info,
+    )
+    if log and info.get("judge_path") != "packed":
+        log(f"candidate judge fell back to one pass per judgement: {info.get('fallback_reason')}")
+    return np.asarray(quality.combine_scores(six)["quality_score"], dtype=np.float64)
+
+
+def _similarities(cols, ok, emb, round_embeddings, prompts, responses, round_texts, origin_rows) -> None:
+    """Fills ``max_cosine``, ``max_cosine_same_task`` (the cosine itself without ``round_texts``)
+    and, given the origins' rows (``origin_rows``), ``cosine_original`` at ``ok``."""
+    cols["max_cosine"][ok] = max_cosine_to(emb, round_embeddings)
+    cols["max_cosine_same_task"][ok] = (
+        _max_cosine_same_task(emb, round_embeddings, prompts, responses, round_texts)
+        if round_texts is not None
+        else cols["max_cosine"][ok]
+    )
+    if origin_rows is not None:
+        cols["cosine_original"][ok] = cosine_to_rows(emb, round_embeddings, origin_rows)
 
 
 def _num(x: float) -> float | None:
