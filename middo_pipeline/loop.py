@@ -331,82 +331,96 @@ def run_rounds(
         defs = build_defs(env)
     except ValueError as exc:  # a MIDDO_* variable that cannot be used
         raise PreflightError([str(exc)]) from None
-    # progress lines at INFO; the step-by-step DEBUG events stay in the instance (and the UI)
-    quiet = {"loggers": {"console": {"config": {"log_level": os.environ.get("MIDDO_LOG_LEVEL", "INFO")}}}}
     source = config_source or "run config"
+    seed_cfg, round_cfg = _run_configs(config, source, seed_path)
+    # before anything is materialized: resources resolvable, run config valid, storage writable
+    preflight(defs, {SEED_JOB: seed_cfg, ROUND_JOB: round_cfg}, source=source, env=env)
+    ensure_dagster_home()
+    store = Storage((env or os.environ).get("MIDDO_HOME") or None)
+    with DagsterInstance.get() as instance:
+        _ensure_seed(instance, defs, seed_cfg, seed_path, source, log)
+        done = existing_rounds(instance)
+        start = (max(done) + 1) if done else 1
+        if done and latest_materialization(instance, "optimized_dataset", round_key(max(done))) is None:
+            start = max(done)  # the last round did not finish: resume it (cached LLM calls are reused)
+            log(f"{round_key(start)} did not finish before: resuming it")
+        job = defs.resolve_job_def(ROUND_JOB).with_logger_defs({"console": loop_console_logger})
+        return [_run_round(instance, job, store, round_key(r), round_cfg, log) for r in range(start, start + n)]
+
+
+def _run_configs(config: dict | None, source: str, seed_path: str | None) -> tuple[dict, dict]:
+    """The seed job's and the round job's run config from ``config`` (progress lines at INFO; the
+    step-by-step DEBUG events stay in the instance and the UI), the seed file path filled in."""
+    quiet = {"loggers": {"console": {"config": {"log_level": os.environ.get("MIDDO_LOG_LEVEL", "INFO")}}}}
     try:
         seed_cfg, round_cfg = ({**quiet, **c} for c in split_config(config or {}))
     except ValueError as exc:
         raise PreflightError([f"{source}: {exc}"]) from None
     if seed_path:
         seed_cfg["ops"].setdefault("seed_dataset", {}).setdefault("config", {})["path"] = str(Path(seed_path).resolve())
-    # before anything is materialized: resources resolvable, run config valid, storage writable
-    preflight(defs, {SEED_JOB: seed_cfg, ROUND_JOB: round_cfg}, source=source, env=env)
-    ensure_dagster_home()
-    store = Storage((env or os.environ).get("MIDDO_HOME") or None)
-    with DagsterInstance.get() as instance:
-        seed_done = instance.get_latest_materialization_event(AssetKey("seed_dataset")) is not None
-        if seed_path and existing_rounds(instance):
-            problem = seed_conflict(instance, seed_path)
-            if problem:
-                raise PreflightError([problem])
-            log(f"seed {seed_path} is the one the rounds grew from: not ingested again")
-            seed_path, seed_cfg["ops"] = None, {k: v for k, v in seed_cfg["ops"].items() if k != "seed_dataset"}
-        elif seed_cfg["ops"] and existing_rounds(instance):
-            raise PreflightError(
-                [
-                    f"{source}: ops.seed_dataset would ingest a seed again on an instance that already "
-                    "has rounds; remove it (the rounds continue from their own data), or start a "
-                    "fresh instance (another DAGSTER_HOME and MIDDO_HOME)"
-                ]
-            )
-        if seed_path or not seed_done or seed_cfg["ops"]:
-            log("materializing seed_dataset …")
-            seed_job = defs.resolve_job_def(SEED_JOB).with_logger_defs({"console": loop_console_logger})
-            res = seed_job.execute_in_process(instance=instance, run_config=seed_cfg, raise_on_error=False)
-            if not res.success:
-                raise RuntimeError(_failure_message(res, "seed_dataset"))
-            md = latest_metadata(instance, "seed_dataset", None)
-            log(f"seed_dataset: {md.get('rows')} rows, {md.get('rejected')} rejected ({md.get('format')})")
-        done = existing_rounds(instance)
-        start = (max(done) + 1) if done else 1
-        if done and latest_materialization(instance, "optimized_dataset", round_key(max(done))) is None:
-            start = max(done)  # the last round did not finish: resume it (cached LLM calls are reused)
-            log(f"{round_key(start)} did not finish before: resuming it")
-        summaries = []
-        job = defs.resolve_job_def(ROUND_JOB).with_logger_defs({"console": loop_console_logger})
-        for r in range(start, start + n):
-            key = round_key(r)
-            if not instance.has_dynamic_partition(ROUNDS, key):
-                instance.add_dynamic_partitions(ROUNDS, [key])
-            log(f"=== {key}: running {ROUND_JOB} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
-            lock = store.lock("round", key)
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                raise RoundBusy(
-                    f"{key} is being run by another process right now (lock {lock.lock_file}); wait for it to finish"
-                ) from None
-            try:
-                res = job.execute_in_process(
-                    instance=instance, partition_key=key, run_config=round_cfg, raise_on_error=False
-                )
-            finally:
-                lock.release()
-            summary = RoundSummary(key, res.success, res.run_id, summarize_round(instance, key))
-            summaries.append(summary)
-            log(
-                f"{key}: "
-                + ", ".join(
-                    f"{k}={_fmt(v)}" for k, v in summary.metadata.items() if k not in ("step_seconds", "warnings")
-                )
-            )
-            log(f"{key} seconds: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.metadata["step_seconds"].items()))
-            for w in summary.metadata["warnings"]:
-                log(w)
-            if not res.success:
-                raise RuntimeError(_failure_message(res, key))
-        return summaries
+    return seed_cfg, round_cfg
+
+
+def _ensure_seed(instance: DagsterInstance, defs, seed_cfg: dict, seed_path: str | None, source: str, log) -> None:
+    """Materialize seed_dataset when it is missing, a seed file is given or the run config sets it;
+    on an instance that has rounds, only the seed they grew from is accepted (and not ingested again)."""
+    seed_done = instance.get_latest_materialization_event(AssetKey("seed_dataset")) is not None
+    if seed_path and existing_rounds(instance):
+        problem = seed_conflict(instance, seed_path)
+        if problem:
+            raise PreflightError([problem])
+        log(f"seed {seed_path} is the one the rounds grew from: not ingested again")
+        seed_path, seed_cfg["ops"] = None, {k: v for k, v in seed_cfg["ops"].items() if k != "seed_dataset"}
+    elif seed_cfg["ops"] and existing_rounds(instance):
+        raise PreflightError(
+            [
+                f"{source}: ops.seed_dataset would ingest a seed again on an instance that already "
+                "has rounds; remove it (the rounds continue from their own data), or start a "
+                "fresh instance (another DAGSTER_HOME and MIDDO_HOME)"
+            ]
+        )
+    if seed_path or not seed_done or seed_cfg["ops"]:
+        from middo_pipeline.jobs import SEED_JOB
+
+        log("materializing seed_dataset …")
+        job = defs.resolve_job_def(SEED_JOB).with_logger_defs({"console": loop_console_logger})
+        res = job.execute_in_process(instance=instance, run_config=seed_cfg, raise_on_error=False)
+        if not res.success:
+            raise RuntimeError(_failure_message(res, "seed_dataset"))
+        md = latest_metadata(instance, "seed_dataset", None)
+        log(f"seed_dataset: {md.get('rows')} rows, {md.get('rejected')} rejected ({md.get('format')})")
+
+
+def _run_round(instance: DagsterInstance, job, store: Storage, key: str, round_cfg: dict, log) -> RoundSummary:
+    """One round: its partition added, run under the round's lock, its summary logged; a failed
+    round raises."""
+    from middo_pipeline.jobs import ROUND_JOB
+
+    if not instance.has_dynamic_partition(ROUNDS, key):
+        instance.add_dynamic_partitions(ROUNDS, [key])
+    log(f"=== {key}: running {ROUND_JOB} (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
+    lock = store.lock("round", key)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RoundBusy(
+            f"{key} is being run by another process right now (lock {lock.lock_file}); wait for it to finish"
+        ) from None
+    try:
+        res = job.execute_in_process(instance=instance, partition_key=key, run_config=round_cfg, raise_on_error=False)
+    finally:
+        lock.release()
+    summary = RoundSummary(key, res.success, res.run_id, summarize_round(instance, key))
+    log(
+        f"{key}: "
+        + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.metadata.items() if k not in ("step_seconds", "warnings"))
+    )
+    log(f"{key} seconds: " + ", ".join(f"{k}={_fmt(v)}" for k, v in summary.metadata["step_seconds"].items()))
+    for w in summary.metadata["warnings"]:
+        log(w)
+    if not res.success:
+        raise RuntimeError(_failure_message(res, key))
+    return summary
 
 
 def seed_conflict(instance: DagsterInstance, seed_path: str) -> str | None:
