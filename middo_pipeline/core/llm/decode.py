@@ -100,11 +100,7 @@ def decode_batch(
     device = input_ids.device
     limits = [int(max_new_tokens)] * n if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
     temps = [float(temperature)] * n if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
-    gens: list = [None] * n
-    if seeds is not None:
-        for r in range(n):
-            if temps[r] > 0:
-                gens[r] = torch.Generator(device=device).manual_seed(int(seeds[r]))
+    gens = _row_generators(temps, seeds, device)
     cache_name = cache_param(model)
     keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     eos = torch.tensor(sorted(set(int(e) for e in eos_ids)), dtype=torch.long, device=device)
@@ -134,18 +130,7 @@ def decode_batch(
                 logits = _penalize(logits, seqs, repetition_penalty)
             nxt = _next_tokens(logits, rows.tolist(), temps, gens)
             ended = torch.isin(nxt, eos).tolist() if eos.numel() else [False] * len(nxt)
-            running = []
-            for j, (r, t) in enumerate(zip(rows.tolist(), nxt.tolist())):
-                if ended[j]:
-                    out[r] = Decoded(generated[r], "eos")
-                    continue
-                generated[r].append(t)
-                if stop is not None and stop(r, generated[r]):
-                    out[r] = Decoded(generated[r], "stop")
-                elif len(generated[r]) >= limits[r]:
-                    out[r] = Decoded(generated[r], "length")
-                else:
-                    running.append(j)
+            running = _take_tokens(rows.tolist(), nxt.tolist(), ended, generated, limits, stop, out)
             if not running:
                 break
             seqs = torch.cat([seqs, nxt[:, None]], 1)
@@ -166,6 +151,35 @@ def decode_batch(
             cache = _returned_cache(res) or cache
             logits = res.logits[:, -1, :].float()
         return out  # type: ignore[return-value]
+
+
+def _row_generators(temps: list[float], seeds: Sequence[int] | None, device) -> list:
+    """Each sampling row's own ``torch.Generator`` seeded with its seed (None: greedy rows, or
+    no ``seeds``: the global torch RNG)."""
+    gens: list = [None] * len(temps)
+    if seeds is not None:
+        for r in range(len(temps)):
+            if temps[r] > 0:
+                gens[r] = torch.Generator(device=device).manual_seed(int(seeds[r]))
+    return gens
+
+
+def _take_tokens(rows, tokens, ended, generated, limits, stop, out) -> list[int]:
+    """One step's tokens into the rows' texts; a row that ended (end-of-turn token, a stop, its
+    token limit) gets its ``Decoded`` in ``out``. Returns the batch positions still running."""
+    running = []
+    for j, (r, t) in enumerate(zip(rows, tokens)):
+        if ended[j]:
+            out[r] = Decoded(generated[r], "eos")
+            continue
+        generated[r].append(t)
+        if stop is not None and stop(r, generated[r]):
+            out[r] = Decoded(generated[r], "stop")
+        elif len(generated[r]) >= limits[r]:
+            out[r] = Decoded(generated[r], "length")
+        else:
+            running.append(j)
+    return running
 
 
 @contextmanager
