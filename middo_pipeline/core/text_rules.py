@@ -89,12 +89,14 @@ def meta_answer(instruction: str, output: str) -> str | None:
 def answer_in_prompt(instruction: str, output: str, min_words: int = 4) -> bool:
     """The whole response (at least ``min_words`` words) stands in the instruction: a task that
     gives its own answer away teaches nothing, and its response loss is low for that reason
-    alone, so the loss checks would take it for an easy, clean sample. (Only the instruction:
-    an answer found in the input can be a legitimate extraction.)"""
+    alone, so the loss checks would take it for an easy, clean sample. Only the task itself,
+    its first paragraph, is read: an answer found in the material after it (an input, which a
+    new prompt carries folded in after a blank line) can be a legitimate extraction."""
     words = _WORD.findall((output or "").lower())
     if len(words) < min_words:
         return False
-    return " ".join(words) in " ".join(_WORD.findall((instruction or "").lower()))
+    task = (instruction or "").strip().split("\n\n", 1)[0]
+    return " ".join(words) in " ".join(_WORD.findall(task.lower()))
 
 
 # A new instruction that is a claim, not a task: it opens with a determiner, states something

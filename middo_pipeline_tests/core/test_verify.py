@@ -372,6 +372,11 @@ def test_an_answer_given_in_the_prompt_is_rejected():
     assert answer_in_prompt(ins, out)
     assert not answer_in_prompt("Name the colour of the sky.", "Blue.")  # too short to tell
     assert not answer_in_prompt("Summarize: the cat sat on the mat all day.", "A cat sat on a mat.")
+    # an extraction whose passage is folded into the new prompt after a blank line (prompt_text)
+    passage = "Strong winds knocked a tree onto a main transmission line on Tuesday."
+    extracted = "Strong winds knocked a tree onto a main transmission line."
+    assert not answer_in_prompt(f"What caused the power outage?\n\n{passage}", extracted)
+    assert answer_in_prompt(f"{passage} What caused the outage?\n\nAnswer briefly.", extracted)
     got = run([cand(text=ins, out=out)])
     assert got["reasons"][0] == "answer given in the prompt" and not got["passed"][0]
     rows = _shipped_rows()  # no written row gives its answer in its instruction
