@@ -676,6 +676,17 @@ def run(
         for kind, n in r["accepted_by_answer"].get("good", {}).items():
             repaired[kind] = repaired.get(kind, 0) + n
     out["closed_loop_repaired_by_kind"] = repaired
+    # what each unrepaired-sample rule would take out of each round's data (docs/decisions/unrepaired.md)
+    from middo_pipeline.core.merge import DEFAULT_UNREPAIRED
+
+    out["unrepaired_policy"] = {
+        "default": DEFAULT_UNREPAIRED,
+        "rules": {
+            f"{name}_{rk}": unrepaired_study(root / name, rk, cs)
+            for name, loop in out["loops"].items()
+            for rk in loop["rounds"]
+        },
+    }
 
     if not seeds:
         return out
