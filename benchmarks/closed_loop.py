@@ -715,7 +715,30 @@ def run(
         out["closed_loop_recovery_ci"] = d["recovery"][m][key]["ci95"]
     out["closed_loop_clean_vs_corrupted"] = {k: d["vs_corrupted"][k]["clean"] for k in d["vs_corrupted"]}
     out["seconds"] = round(time.perf_counter() - t0, 1)
+    out["goals"] = goals(out)
     return out
+
+
+def goals(out: dict) -> dict:
+    """The issue's targets, in the shape the results table reads."""
+
+    def goal(text: str, op: str, target: float, value) -> dict:
+        met = None if value is None else (value >= target if op == ">=" else value <= target)
+        return {"goal": text, "target": f"{op} {target:g}", "value": value, "met": met}
+
+    recovery = goal(
+        "p = 0.7: recovery after round 2 on the more sensitive measure", ">=", 0.5, out.get("closed_loop_recovery")
+    )
+    gap = (out.get("closed_loop_clean_vs_corrupted") or {}).get((out.get("downstream") or {}).get("sensitive_measure"))
+    if recovery["met"] and not (gap or {}).get("significant"):
+        # a ratio over a gap that is not told from zero says nothing: the goal is not shown
+        recovery.update(met=False, why="clean is not significantly better than corrupted: the ratio is undefined")
+    return {
+        "closed_loop_recovery": recovery,
+        "closed_loop_junk_share": goal(
+            "junk accepted, share of the stand-in's bad answers", "<=", 0.02, out.get("closed_loop_junk_share")
+        ),
+    }
 
 
 def main(argv=None) -> int:

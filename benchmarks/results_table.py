@@ -50,6 +50,9 @@ HEADLINE = (
     "downstream_response_loss_improvement",
     "gate_accepts_good",
     "gate_accepts_bad",
+    "closed_loop_recovery",
+    "closed_loop_junk_share",
+    "closed_loop_clean_vs_corrupted",
     "mc_dropout0_minus_005",
 )
 
