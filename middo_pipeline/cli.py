@@ -177,21 +177,34 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write a round's optimized dataset with provenance on every row."""
+    """Write a round's optimized dataset (or, with --quarantined, the samples its merge
+    quarantined as unrepaired) with provenance on every row."""
+    from middo_pipeline.core.merge import UNREPAIRED_TABLE
+    from middo_pipeline.core.storage import Storage
+    from middo_pipeline.loop import ensure_dagster_home
+
+    ensure_dagster_home(create=False)
+    if args.quarantined:
+        return _export(args, UNREPAIRED_TABLE, "samples quarantined as unrepaired")
+    code = _export(args, "optimized_dataset", "rows")
+    note = _verified_note(Storage(), args.round) if code == 0 else None
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    return code
+
+
+def _export(args: argparse.Namespace, table: str, what: str) -> int:
+    """Write round R's ``table`` to ``args.out``: 0 written, 2 nothing written (said why)."""
     import polars as pl
 
     from middo_pipeline.core.export import ExportError, export_table
     from middo_pipeline.core.storage import Storage
-    from middo_pipeline.loop import ensure_dagster_home
     from middo_pipeline.rounds import round_key
 
-    ensure_dagster_home(create=False)
-    if args.quarantined:
-        return _export_quarantined(args)
-    path = Storage().table_path("optimized_dataset", round_key(args.round))
+    path = Storage().table_path(table, round_key(args.round))
     if not path.exists():
         print(
-            f"error: round {args.round} has no optimized_dataset at {path}; run `middo loop` first "
+            f"error: round {args.round} has no {table} at {path}; run `middo loop` first "
             f"(and use the same DAGSTER_HOME / MIDDO_HOME)",
             file=sys.stderr,
         )
@@ -204,37 +217,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 2
     where = "standard output" if out == "-" else out
     print(
-        f"wrote {df.height} rows of round-{args.round} to {where} ({args.format}, {args.layout} layout)",
-        file=sys.stderr if out == "-" else sys.stdout,
-    )
-    note = _verified_note(Storage(), args.round)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
-    return 0
-
-
-def _export_quarantined(args: argparse.Namespace) -> int:
-    """Write the samples round R's merge quarantined as unrepaired (MergeConfig unrepaired)."""
-    import polars as pl
-
-    from middo_pipeline.core.export import ExportError, export_table
-    from middo_pipeline.core.merge import UNREPAIRED_TABLE
-    from middo_pipeline.core.storage import Storage
-    from middo_pipeline.rounds import round_key
-
-    path = Storage().table_path(UNREPAIRED_TABLE, round_key(args.round))
-    if not path.exists():
-        print(f"error: round {args.round} has no quarantine table at {path}; run `middo loop` first", file=sys.stderr)
-        return 2
-    df = pl.read_parquet(path)
-    try:
-        out = export_table(df, args.out, fmt=args.format, layout=args.layout)
-    except ExportError as e:
-        print(f"error: {e}; nothing written", file=sys.stderr)
-        return 2
-    where = "standard output" if out == "-" else out
-    print(
-        f"wrote the {df.height} samples round-{args.round} quarantined as unrepaired to {where}",
+        f"wrote {df.height} {what} of round-{args.round} to {where} ({args.format}, {args.layout} layout)",
         file=sys.stderr if out == "-" else sys.stdout,
     )
     return 0
