@@ -247,7 +247,7 @@ def round_config(eval_path: str, **quality) -> str:
     from middo_pipeline.loop import load_run_config
 
     cfg = load_run_config("tiny")
-    cfg["ops"]["round_evaluation"]["config"]["path"] = eval_path
+    cfg.setdefault("resources", {})["evaluation"] = {"config": {"heldout_path": eval_path}}
     cfg["ops"]["quality_signals"]["config"].update(quality)
     cfg["execution"] = {"config": {"in_process": {}}}  # one process: no per-step interpreter start
     return yaml.safe_dump(cfg, sort_keys=False)
